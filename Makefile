@@ -2,7 +2,6 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO_DIR ?= demo_out
 
 .PHONY: demo test install clean
 
@@ -17,13 +16,11 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/clip-data synth --out $(DEMO_DIR)/data
-	$(BIN)/clip-train train --config configs/demo.yaml \
-		data.train=$(DEMO_DIR)/data/train data.zeroshot=$(DEMO_DIR)/data/zeroshot \
-		data.retrieval=$(DEMO_DIR)/data/retrieval run.output_dir=$(DEMO_DIR)/runs
+	$(BIN)/clip-data synth --out demo_out/data
+	$(BIN)/clip-train train --config configs/demo.yaml
 
 test: install
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(DEMO_DIR) runs .pytest_cache
+	rm -rf demo_out runs .pytest_cache

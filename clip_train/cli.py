@@ -1,0 +1,139 @@
+"""`clip-train`: train, resume and export. The CLI decides what the user sees.
+
+    clip-train train --config configs/demo.yaml data.train=data/train train.steps=500
+    clip-train resume runs/demo
+    clip-train export runs/demo --out exports/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from data_tools.errors import ClipTrainError
+
+log = logging.getLogger("clip_train")
+
+
+def _setup_logging(verbose: bool) -> None:
+    main_process = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if (verbose and main_process) else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def format_summary(summary: Dict[str, Any]) -> str:
+    """The few lines a user reads after a run."""
+    lines = [f"run:           {summary['run_dir']}",
+             f"steps:         {summary['steps']}  (samples seen {summary['samples_seen']:,}, "
+             f"{summary['train_seconds']} s training)"]
+    if summary.get("final_loss") is not None:
+        lines.append(f"final loss:    {summary['final_loss']:.4f}")
+    results = summary.get("eval", {})
+    zs = results.get("zeroshot")
+    if zs:
+        chance = 1.0 / zs["num_classes"] if zs.get("num_classes") else None
+        ratio = f"  ({zs['acc1'] / chance:.1f}x chance {chance:.3f})" if chance else ""
+        lines.append(f"zero-shot:     top-1 {zs['acc1']:.3f}  top-5 {zs['acc5']:.3f}{ratio}")
+    rt = results.get("retrieval")
+    if rt:
+        lines.append(f"retrieval:     image->text R@1 {rt['text_retrieval_recall@1']:.3f} R@5 {rt['text_retrieval_recall@5']:.3f}"
+                     f" | text->image R@1 {rt['image_retrieval_recall@1']:.3f} R@5 {rt['image_retrieval_recall@5']:.3f}"
+                     + (f"  (chance R@1 {1 / rt['num_images']:.4f})" if rt.get("num_images") else ""))
+    lines.append(f"checkpoint:    {summary['checkpoint']}")
+    if summary.get("export_dir"):
+        lines.append(f"export:        {summary['export_dir']}  (load with clip_train.load)")
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from clip_train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    return _run(cfg, resume=args.resume, as_json=args.json)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from clip_train.config import load_config
+
+    run_dir = Path(args.run_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ClipTrainError(f"{run_dir} is not a run directory (no config.yaml); start it with `clip-train train`")
+    cfg = load_config(saved, args.overrides)
+    return _run(cfg, resume=True, as_json=args.json)
+
+
+def _run(cfg, resume: bool, as_json: bool) -> int:
+    from clip_train.train import train
+
+    summary = train(cfg, resume=resume)
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary, indent=1) if as_json else format_summary(summary))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from clip_train.export import export_model, load_model
+
+    model = load_model(args.path)
+    out = Path(args.out) if args.out else Path(args.path) / "export"
+    export_model(model, out)
+    info = json.loads((out / "export_info.json").read_text())
+    print(f"exported to {out}")
+    if not info["open_clip"]:
+        print(f"no open_clip export: {info['open_clip_reason']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clip-train", description="Contrastive image-text pretraining.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("train", help="train a model from a YAML config", formatter_class=fmt,
+                       epilog="example:\n  clip-train train --config configs/demo.yaml data.train=demo_out/data/train "
+                              "train.steps=200 run.name=try1")
+    p.add_argument("--config", required=True, help="YAML preset (configs/*.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint if there is one")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("resume", help="continue a run exactly from its latest checkpoint", formatter_class=fmt,
+                       epilog="example:\n  clip-train resume runs/demo            # same config\n"
+                              "  clip-train resume runs/demo train.steps=2000   # extend the run")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("export", help="write the towers (ours, timm, open_clip formats)", formatter_class=fmt,
+                       epilog="example:\n  clip-train export runs/demo --out exports/demo\n"
+                              "  python -c \"import clip_train; enc = clip_train.load('exports/demo')\"")
+    p.add_argument("path", help="run dir, checkpoint dir or export dir")
+    p.add_argument("--out", help="output dir (default: <path>/export)")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(verbose=not args.quiet)
+    try:
+        return args.func(args)
+    except ClipTrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last complete checkpoint is intact; continue with `clip-train resume`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Typed run configuration: YAML presets plus `section.key=value` overrides.
+
+The schema is a tree of dataclasses turned into an OmegaConf structured config, so a typo or a
+wrong type is caught before any work starts, with one line that names the key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data_tools.errors import ConfigError
+
+
+@dataclass
+class ImageTowerConfig:
+    """A timm ViT: a registered name, optionally resized by explicit sizes (None = as registered)."""
+
+    timm_name: str = "vit_base_patch16_224"
+    img_size: Optional[int] = 64
+    patch_size: Optional[int] = 8
+    width: Optional[int] = 192
+    depth: Optional[int] = 6
+    heads: Optional[int] = 3
+    mlp_ratio: Optional[float] = 4.0
+    pool: str = "token"  # timm global_pool: "token" (class token) or "avg"
+
+
+@dataclass
+class TextTowerConfig:
+    """Causal transformer over open_clip's BPE tokens, pooled at the EOT token."""
+
+    context_length: int = 32
+    vocab_size: int = 49408
+    width: int = 256
+    heads: int = 4
+    layers: int = 4
+    mlp_ratio: float = 4.0
+    trim_padding: bool = True  # exact for a causal tower pooled at EOT; saves compute
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 256
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = 100.0  # clamp on exp(logit_scale), as in CLIP
+    lock_image: bool = False  # freeze the image trunk (LiT); its projection still trains
+    lock_text: bool = False  # freeze the text tower except its projection
+
+
+@dataclass
+class DataConfig:
+    train: str = MISSING  # shard spec: a directory, brace pattern, glob or `a::b` list
+    zeroshot: Optional[str] = None  # labelled shards with classnames.txt / templates.txt
+    retrieval: Optional[str] = None
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class LossConfig:
+    name: str = "clip"  # registry key in clip_train.losses
+    local_loss: bool = False  # each process computes only its own rows of the logits
+    gather_with_grad: bool = True  # exact gradients across processes (False: open_clip's cheaper default)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    schedule: str = "cosine"  # registry key in clip_train.optim: cosine | constant | const-cooldown
+    warmup_steps: int = 100
+    cooldown_steps: int = 0  # const-cooldown: linear decay to min_lr over the last N steps
+    min_lr_ratio: float = 0.0
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64  # per process and micro-batch
+    accum_steps: int = 1  # micro-batches per step, all in one contrastive batch (GradCache)
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model
+    max_nonfinite: int = 5  # stop after this many steps in a row with non-finite loss or gradients
+    peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU; None: known GPUs only
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 500  # 0: only at the end
+    keep_last: int = 2
+
+
+@dataclass
+class EvalConfig:
+    at_end: bool = True
+    batch_size: int = 128
+    num_workers: int = 0
+
+
+@dataclass
+class ExportConfig:
+    at_end: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    progress: bool = True  # tqdm bar on the main process
+    trackers: List[str] = field(default_factory=list)  # tensorboard, wandb (Accelerate trackers)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+def _one_line(exc: OmegaConfBaseException, source: str) -> str:
+    key = getattr(exc, "full_key", None) or ""
+    msg = str(exc).splitlines()[0]
+    if "Key '" in msg and "not in" in msg:
+        return f"unknown config key '{key}' in {source}; check the spelling against configs/*.yaml"
+    if key:
+        return f"bad value for config key '{key}' in {source}: {msg}"
+    return f"bad config in {source}: {msg}"
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """YAML preset (optional) + dotted overrides -> validated `Config`."""
+    schema = OmegaConf.structured(Config)
+    layers: list[tuple[Any, str]] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            layers.append((OmegaConf.load(path), str(path)))
+        except Exception as exc:  # YAML syntax errors come in several types
+            raise ConfigError(f"cannot parse {path}: {str(exc).splitlines()[0]}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        try:
+            layers.append((OmegaConf.from_dotlist([item]), f"override '{item}'"))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(_one_line(exc, f"override '{item}'")) from None
+    cfg = schema
+    for layer, source in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(_one_line(exc, source)) from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"config key '{missing[0]}' is required (set it in the YAML or as {missing[0]}=...)")
+    obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(obj)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Combinations the types cannot express; each failure names the key."""
+    img, txt = cfg.model.image, cfg.model.text
+    if img.width and img.heads and img.width % img.heads:
+        raise ConfigError(f"model.image.width={img.width} is not divisible by model.image.heads={img.heads}")
+    if img.img_size and img.patch_size and img.img_size % img.patch_size:
+        raise ConfigError(f"model.image.img_size={img.img_size} is not divisible by model.image.patch_size={img.patch_size}")
+    if txt.width % txt.heads:
+        raise ConfigError(f"model.text.width={txt.width} is not divisible by model.text.heads={txt.heads}")
+    if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, not '{cfg.train.mixed_precision}'")
+    for key in ("train.steps", "train.batch_size", "train.log_every", "model.embed_dim"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) <= 0:
+            raise ConfigError(f"{key} must be positive")
+    if cfg.train.accum_steps < 1:
+        raise ConfigError("train.accum_steps must be at least 1")
+    if cfg.train.max_nonfinite < 1:
+        raise ConfigError("train.max_nonfinite must be at least 1")
+    unknown = set(cfg.run.trackers) - {"tensorboard", "wandb"}
+    if unknown:
+        raise ConfigError(f"run.trackers: unknown tracker(s) {sorted(unknown)}; use tensorboard and/or wandb")
+    if cfg.optim.schedule == "const-cooldown" and not 0 < cfg.optim.cooldown_steps <= cfg.train.steps:
+        raise ConfigError("optim.cooldown_steps must be in (0, train.steps] with optim.schedule=const-cooldown")
+    if cfg.train.keep_last < 1:
+        raise ConfigError("train.keep_last must be at least 1")
+    if cfg.optim.warmup_steps < 0:
+        raise ConfigError("optim.warmup_steps must be >= 0")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        raise ConfigError("optim.min_lr_ratio must be in [0, 1]")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]

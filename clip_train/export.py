@@ -1,0 +1,181 @@
+"""Export a trained model, and load it back as an encoder.
+
+An export directory holds:
+  config.json, model.safetensors        our format: `clip_train.load(dir)` rebuilds the encoder
+  image_tower.safetensors, text_tower.safetensors   each tower alone (keys without the tower prefix)
+  timm/config.json, timm/model.safetensors           the image trunk: `timm.create_model("local-dir:<dir>/timm", pretrained=True)`
+  open_clip/open_clip_config.json, open_clip/open_clip_model.safetensors
+                                        when the architecture is expressible in open_clip:
+                                        `open_clip.create_model_and_transforms("local-dir:<dir>/open_clip")`
+The directory is built under a temporary name and renamed into place, so a crash leaves either
+the previous export or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import timm
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from clip_train.checkpoint import CheckpointManager, MODEL_FILE
+from clip_train.config import Config, ModelConfig, config_to_dict
+from clip_train.encoder import ClipEncoder
+from clip_train.model import CLIPModel, build_model, timm_overrides
+from data_tools.errors import ClipTrainError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "clip-train/1"
+
+
+def _tensors(state: Dict[str, torch.Tensor], prefix: str = "") -> Dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith(prefix)}
+
+
+def open_clip_incompatibility(cfg: ModelConfig) -> Optional[str]:
+    """Why open_clip cannot build this architecture, or None if it can.
+
+    open_clip's timm adapter calls `timm.create_model(name)` without size arguments, so the image
+    trunk must be the registered timm model exactly.
+    """
+    registered = timm.create_model(cfg.image.timm_name, pretrained=False, num_classes=0)
+    defaults = {"img_size": registered.patch_embed.img_size[0], "patch_size": registered.patch_embed.patch_size[0],
+                "embed_dim": registered.embed_dim, "depth": len(registered.blocks),
+                "num_heads": registered.blocks[0].attn.num_heads,
+                "mlp_ratio": registered.blocks[0].mlp.fc1.out_features / registered.embed_dim}
+    differing = [f"{k}={v} (registered {defaults[k]})" for k, v in timm_overrides(cfg.image).items()
+                 if k in defaults and float(v) != float(defaults[k])]
+    if differing:
+        return (f"open_clip builds timm '{cfg.image.timm_name}' at its registered sizes, but this model sets "
+                + ", ".join(differing) + "; use model.image sizes equal to the registered ones (or null)")
+    return None
+
+
+def open_clip_config(cfg: ModelConfig, image_size: int) -> Dict[str, Any]:
+    text = cfg.text
+    return {
+        "model_cfg": {
+            "embed_dim": cfg.embed_dim,
+            "custom_text": True,
+            "vision_cfg": {"timm_model_name": cfg.image.timm_name, "timm_model_pretrained": False,
+                           "timm_pool": cfg.image.pool, "timm_proj": "linear", "image_size": image_size},
+            "text_cfg": {"context_length": text.context_length, "vocab_size": text.vocab_size,
+                         "width": text.width, "heads": text.heads, "layers": text.layers,
+                         "mlp_ratio": text.mlp_ratio},
+        },
+        "preprocess_cfg": {"size": image_size, "mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD),
+                           "interpolation": "bicubic", "resize_mode": "shortest"},
+    }
+
+
+def timm_config(cfg: ModelConfig, trunk: torch.nn.Module, image_size: int) -> Dict[str, Any]:
+    model_args = dict(timm_overrides(cfg.image), num_classes=0, global_pool=cfg.image.pool)
+    return {
+        "architecture": cfg.image.timm_name,
+        "num_features": int(trunk.num_features),
+        "num_classes": 0,
+        "model_args": model_args,
+        "pretrained_cfg": {"input_size": [3, image_size, image_size], "interpolation": "bicubic",
+                           "mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD),
+                           "crop_pct": 1.0, "crop_mode": "center", "num_classes": 0,
+                           "fixed_input_size": True},
+    }
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def export_model(model: CLIPModel, out_dir: str | Path) -> Path:
+    """Write every export format of `model` to `out_dir` (replaced atomically)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    cfg = model.cfg
+    state = model.state_dict()
+    size = model.image_size
+
+    _write_json(tmp / "config.json", {"format": FORMAT, "model": config_to_dict(cfg)})
+    save_file(_tensors(state), str(tmp / "model.safetensors"))
+    save_file(_tensors(state, "visual."), str(tmp / "image_tower.safetensors"))
+    save_file(_tensors(state, "text."), str(tmp / "text_tower.safetensors"))
+
+    (tmp / "timm").mkdir()
+    _write_json(tmp / "timm" / "config.json", timm_config(cfg, model.visual.trunk, size))
+    save_file(_tensors(state, "visual.trunk."), str(tmp / "timm" / "model.safetensors"))
+
+    reason = open_clip_incompatibility(cfg)
+    if reason is None:
+        (tmp / "open_clip").mkdir()
+        _write_json(tmp / "open_clip" / "open_clip_config.json", open_clip_config(cfg, size))
+        save_file(_tensors(state), str(tmp / "open_clip" / "open_clip_model.safetensors"))
+    else:
+        log.info("no open_clip export: %s", reason)
+    _write_json(tmp / "export_info.json", {"open_clip": reason is None, "open_clip_reason": reason})
+
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out_dir)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------ loading
+def _model_from(cfg: ModelConfig, weights: Dict[str, torch.Tensor], source: Path) -> CLIPModel:
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ClipTrainError(f"{source} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()
+
+
+def _model_config(raw: Dict[str, Any]) -> ModelConfig:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))  # type: ignore[return-value]
+
+
+def load_model(path: str | Path) -> CLIPModel:
+    """A `CLIPModel` from an export dir, a run dir (its latest checkpoint) or a checkpoint dir."""
+    path = Path(path)
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        meta = json.loads((path / "config.json").read_text())
+        if meta.get("format") != FORMAT:
+            raise ClipTrainError(f"{path / 'config.json'} is not a clip-train export (format {meta.get('format')!r})")
+        return _model_from(_model_config(meta["model"]), load_file(str(path / "model.safetensors")), path)
+    if (path / "config.yaml").is_file() and (path / MODEL_FILE).is_file():  # one checkpoint dir
+        cfg = _run_config(path / "config.yaml")
+        return _model_from(cfg.model, load_file(str(path / MODEL_FILE)), path)
+    if (path / "checkpoints").is_dir() and (path / "config.yaml").is_file():  # a run dir
+        ckpt = CheckpointManager(path / "checkpoints").load_latest(with_training_state=False)
+        if ckpt is None:
+            raise ClipTrainError(f"run {path} has no complete checkpoint yet")
+        return _model_from(_run_config(ckpt.path / "config.yaml").model, ckpt.model, ckpt.path)
+    if not path.exists():
+        raise ClipTrainError(f"model path not found: {path}")
+    raise ClipTrainError(f"{path} is neither a clip-train export (config.json + model.safetensors), "
+                         "a run directory nor a checkpoint directory")
+
+
+def _run_config(path: Path) -> Config:
+    """The resolved config a run saved (the schema fills keys added since)."""
+    saved = OmegaConf.load(path)
+    merged = OmegaConf.merge(OmegaConf.structured(Config), saved)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> ClipEncoder:
+    """An encoder (`encode_image`, `encode_text`, `tokenizer`, `preprocess`) in eval mode."""
+    return ClipEncoder(load_model(path)).to(device).eval()

@@ -1,0 +1,140 @@
+"""The CLIP model: a timm ViT image tower and a causal text tower projected into one space.
+
+Module and parameter names follow open_clip's `CustomTextCLIP` with a timm vision tower
+(`visual.trunk`, `visual.head.proj`, `text.*`, `logit_scale`), so export to open_clip is a copy
+of the state dict, not a translation. The model knows nothing of losses, data or processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Optional
+
+import timm
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import TextTransformer
+from torch import nn
+
+from clip_train.config import ImageTowerConfig, ModelConfig, TextTowerConfig
+
+# Our size names -> timm VisionTransformer keyword arguments.
+_TIMM_KWARGS = {"img_size": "img_size", "patch_size": "patch_size", "width": "embed_dim",
+                "depth": "depth", "heads": "num_heads", "mlp_ratio": "mlp_ratio"}
+
+
+def timm_overrides(cfg: ImageTowerConfig) -> dict:
+    """The explicit sizes in `cfg`, as timm keyword arguments."""
+    return {timm_key: getattr(cfg, ours) for ours, timm_key in _TIMM_KWARGS.items()
+            if getattr(cfg, ours) is not None}
+
+
+class ImageTower(nn.Module):
+    """timm ViT trunk without classifier, then a bias-free linear projection."""
+
+    def __init__(self, cfg: ImageTowerConfig, embed_dim: int):
+        super().__init__()
+        self.trunk = timm.create_model(cfg.timm_name, pretrained=False, num_classes=0,
+                                       global_pool=cfg.pool, **timm_overrides(cfg))
+        self.head = nn.Sequential(OrderedDict(proj=nn.Linear(self.trunk.num_features, embed_dim, bias=False)))
+        nn.init.normal_(self.head.proj.weight, std=self.trunk.num_features ** -0.5)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.trunk.patch_embed.img_size[0])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.trunk.set_grad_checkpointing(enable)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(images))
+
+
+class TextTower(TextTransformer):
+    """open_clip's text transformer, run only over the columns up to the longest caption.
+
+    Tokens after a caption's EOT are padding; with a causal mask no earlier position attends to
+    them, and pooling reads the EOT position, so dropping the all-padding tail of a batch gives the
+    same features for a fraction of the compute (captions are usually far shorter than the context).
+    """
+
+    def __init__(self, cfg: TextTowerConfig, embed_dim: int):
+        super().__init__(context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.width,
+                         heads=cfg.heads, layers=cfg.layers, mlp_ratio=cfg.mlp_ratio, output_dim=embed_dim)
+        self.trim_padding = cfg.trim_padding
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        # open_clip's tokenizer puts the EOT token (the largest id) last; argmax finds it.
+        eot = text.argmax(dim=-1)
+        if self.trim_padding:
+            text = text[:, : int(eot.max()) + 1]
+        seq_len = text.shape[1]
+        x = self.token_embedding(text) + self.positional_embedding[:seq_len]
+        x = self.transformer(x, attn_mask=self.attn_mask[:seq_len, :seq_len])
+        x = self.ln_final(x)
+        pooled = x[torch.arange(x.shape[0], device=x.device), eot]
+        return pooled @ self.text_projection
+
+
+class CLIPModel(nn.Module):
+    """Two towers and a learned temperature; `encode_*` match open_clip's signatures."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = ImageTower(cfg.image, cfg.embed_dim)
+        self.text = TextTower(cfg.text, cfg.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+
+    @property
+    def image_size(self) -> int:
+        return self.visual.image_size
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.visual(images)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.text(tokens)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        self.logit_scale.clamp_(0, math.log(self.cfg.max_logit_scale))
+
+    def forward(self, images: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None) -> dict:
+        out = {"logit_scale": self.logit_scale.exp()}
+        if images is not None:
+            out["image_features"] = self.encode_image(images, normalize=True)
+        if tokens is not None:
+            out["text_features"] = self.encode_text(tokens, normalize=True)
+        return out
+
+
+def build_model(cfg: ModelConfig) -> CLIPModel:
+    return CLIPModel(cfg)
+
+
+def lock_towers(model: CLIPModel, cfg: ModelConfig) -> None:
+    """Freeze the trunks chosen in `cfg` (as open_clip's lock-image/lock-text): their projections,
+    and the temperature, keep training so the joint space can still align."""
+    frozen = []
+    if cfg.lock_image:
+        frozen.append(model.visual.trunk)
+    if cfg.lock_text:
+        frozen += [m for name, m in model.text.named_children()]
+        for name, p in model.text.named_parameters(recurse=False):
+            p.requires_grad_(name == "text_projection")
+    for module in frozen:
+        module.requires_grad_(False)
+        module.eval()
+
+
+def locked_modules(model: CLIPModel, cfg: ModelConfig) -> list:
+    """Modules that must stay in eval mode while the rest trains."""
+    return ([model.visual.trunk] if cfg.lock_image else []) + (list(model.text.children()) if cfg.lock_text else [])

@@ -1,0 +1,75 @@
+"""AdamW with decay only where it regularises, and learning-rate schedules chosen by name."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+
+from clip_train.config import OptimConfig
+from data_tools.errors import ConfigError
+
+# Parameters that are scales, offsets or lookup tables: decaying them towards zero hurts.
+_NO_DECAY_NAMES = ("logit_scale", "logit_bias", "pos_embed", "positional_embedding", "cls_token",
+                   "token_embedding", "reg_token")
+
+
+def is_no_decay(name: str, param: torch.Tensor) -> bool:
+    """Biases, norm weights (all 1-d) and embeddings/temperature get no weight decay."""
+    return param.ndim < 2 or any(key in name for key in _NO_DECAY_NAMES)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if is_no_decay(name, param) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def _warmup(step: int, warmup: int) -> float:
+    return (step + 1) / warmup if step < warmup else 1.0
+
+
+def cosine(step: int, total: int, cfg: OptimConfig) -> float:
+    """Linear warmup, then half a cosine from 1 down to `min_lr_ratio` at the last step."""
+    if step < cfg.warmup_steps:
+        return _warmup(step, cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def constant(step: int, total: int, cfg: OptimConfig) -> float:
+    return _warmup(step, cfg.warmup_steps)
+
+
+def const_cooldown(step: int, total: int, cfg: OptimConfig) -> float:
+    """Constant after warmup, then linear to `min_lr_ratio` over the last `cooldown_steps`.
+
+    Lets a run be extended or branched from any checkpoint before its cooldown.
+    """
+    start = total - cfg.cooldown_steps
+    if step < start:
+        return _warmup(step, cfg.warmup_steps)
+    progress = min(1.0, (step - start) / max(1, cfg.cooldown_steps))
+    return 1.0 - (1.0 - cfg.min_lr_ratio) * progress
+
+
+SCHEDULES: Dict[str, Callable[[int, int, OptimConfig], float]] = {
+    "cosine": cosine, "constant": constant, "const-cooldown": const_cooldown}
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR (its state is a step counter, so resume is exact) over a named schedule."""
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule '{cfg.schedule}' is not one of: {', '.join(sorted(SCHEDULES))}")
+    fn = SCHEDULES[cfg.schedule]
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: fn(step, total_steps, cfg))

@@ -1,0 +1,93 @@
+"""One optimisation step's forward and backward, with or without cached micro-batches.
+
+A contrastive loss couples every sample of the batch, so plain gradient accumulation would shrink
+the set of negatives to one micro-batch. With `accum_steps > 1` we follow GradCache (Gao et al.,
+2021): embed every micro-batch without a graph, compute the loss once on the whole batch with the
+embeddings as leaves, then re-run each micro-batch with a graph and backpropagate the cached
+embedding gradients through it. Activations of one micro-batch at a time are kept, and the
+gradients equal those of the whole batch at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager, Dict, List
+
+import torch
+from torch import nn
+
+Backward = Callable[[torch.Tensor], None]
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def forward_backward(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
+                     accum_steps: int = 1, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                     backward: Backward = lambda loss: loss.backward(),
+                     no_sync: Callable[[], ContextManager] = contextlib.nullcontext) -> Dict[str, torch.Tensor]:
+    """Forward and backward of one step; returns the (detached) loss terms.
+
+    `autocast`, `backward` and `no_sync` come from Accelerate (mixed precision, loss scaling, DDP
+    gradient sync); the defaults run plain PyTorch.
+    """
+    if accum_steps == 1:
+        with autocast():
+            out = model(images, tokens)
+            losses = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        backward(losses["loss"])
+        return {k: v.detach() for k, v in losses.items()}
+
+    image_chunks, token_chunks = images.chunk(accum_steps), tokens.chunk(accum_steps)
+    if len(image_chunks) != accum_steps or images.shape[0] % accum_steps:
+        raise ValueError(f"batch of {images.shape[0]} does not split into {accum_steps} equal micro-batches")
+    device = images.device
+
+    # 1. embeddings of every micro-batch, no graph; remember the RNG so step 3 replays it exactly
+    rng_states: List[tuple] = []
+    image_feats, text_feats = [], []
+    with torch.no_grad():
+        for im, tok in zip(image_chunks, token_chunks):
+            rng_states.append(_rng_state(device))
+            with autocast():
+                out = model(im, tok)
+            image_feats.append(out["image_features"])
+            text_feats.append(out["text_features"])
+        scale_value = out["logit_scale"]
+    rng_after = _rng_state(device)
+
+    # 2. the loss on the whole batch, with the embeddings (and the temperature) as leaves
+    all_image = torch.cat(image_feats).detach().requires_grad_()
+    all_text = torch.cat(text_feats).detach().requires_grad_()
+    scale = scale_value.detach().requires_grad_()
+    with autocast():
+        losses = loss_fn(all_image, all_text, scale)
+    backward(losses["loss"])  # grads land on the leaves (scaled, under fp16 loss scaling)
+    image_grads = all_image.grad.split([c.shape[0] for c in image_chunks])
+    text_grads = all_text.grad.split([c.shape[0] for c in token_chunks])
+
+    # 3. each micro-batch again with a graph; gradients sync across processes on the last one only.
+    # The temperature's gradient rides on the last micro-batch so it passes through the same
+    # (DDP-wrapped) forward as every other parameter.
+    for k, (im, tok) in enumerate(zip(image_chunks, token_chunks)):
+        last = k == accum_steps - 1
+        _set_rng_state(rng_states[k], device)
+        with (contextlib.nullcontext() if last else no_sync()):
+            with autocast():
+                out = model(im, tok)
+            outputs = [out["image_features"], out["text_features"]]
+            grads = [image_grads[k], text_grads[k]]
+            if last:
+                outputs.append(out["logit_scale"])
+                grads.append(scale.grad)
+            torch.autograd.backward(outputs, grads)
+    _set_rng_state(rng_after, device)
+    return {k: v.detach() for k, v in losses.items()}

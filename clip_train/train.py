@@ -1,0 +1,292 @@
+"""The training loop: read top to bottom, in sections.
+
+Launch:
+    clip-train train --config configs/demo.yaml data.train=/data/shards        # one process
+    accelerate launch -m clip_train train --config configs/bench_tiny.yaml ...  # multi-GPU / node
+    torchrun --nproc_per_node 2 -m clip_train train --config ...                 # 2 CPU processes (gloo)
+    clip-train resume runs/<name>                                               # continue exactly
+
+Sections: set-up, model, resume, data, loop, evaluate/save/export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from clip_train.checkpoint import CheckpointManager, atomic_write_text, set_rng_state
+from clip_train.config import Config, config_to_dict, to_yaml
+from clip_train.encoder import ClipEncoder, make_tokenizer
+from clip_train.losses import build_loss
+from clip_train.model import build_model, lock_towers, locked_modules
+from clip_train.optim import build_optimizer, build_scheduler
+from clip_train.step import forward_backward
+from clip_train.throughput import device_peak_flops, train_flops_per_sample
+from data_tools.errors import ClipTrainError, ConfigError, DataError
+from data_tools.loader import expand_shards, make_loader
+from data_tools.transforms import image_transform
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(ClipTrainError):
+    """Too many steps in a row had a non-finite loss or gradient."""
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON line per log step) plus Accelerate's trackers; main process only."""
+
+    def __init__(self, path: Path, accelerator: Accelerator):
+        self.path, self.accelerator = path, accelerator
+        self.enabled = accelerator.is_main_process
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines the interrupted run wrote after the checkpoint it resumes from."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.accelerator.trackers:
+            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+def _accelerator(cfg: Config) -> Accelerator:
+    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on the CPU")
+    if "wandb" in cfg.run.trackers:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("run.trackers has wandb but the wandb package is not installed: pip install wandb "
+                              "(set WANDB_MODE=offline to log without network)") from None
+    return Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=cfg.run.trackers or None,
+                       project_dir=str(cfg.run_dir))
+
+
+def train(cfg: Config, resume: bool = False) -> Dict[str, Any]:
+    """Train (or resume) the run described by `cfg`; returns the summary the CLI prints."""
+    # ---------------------------------------------------------------- set-up
+    accelerator = _accelerator(cfg)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    is_main, device = accelerator.is_main_process, accelerator.device
+    run_dir = cfg.run_dir
+    shards = expand_shards(cfg.data.train)  # a bad path fails here, before any work
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    if cfg.run.trackers:
+        accelerator.init_trackers(cfg.run.name, config=_flat(config_to_dict(cfg)))
+    set_seed(cfg.train.seed)
+    step_batch = cfg.train.batch_size * cfg.train.accum_steps  # per process, one contrastive batch
+    log.info("run %s: %d processes on %s, %d train shards, contrastive batch %d",
+             run_dir, world, device, len(shards), step_batch * world)
+
+    # ---------------------------------------------------------------- model
+    model = build_model(cfg.model)
+    lock_towers(model, cfg.model)
+    if cfg.train.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    tokenizer = make_tokenizer(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    # The scheduler stays unprepared: Accelerate's wrapper would step it once per process.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    if cfg.train.compile:
+        unwrapped.compile()  # in place: parameter names and checkpoints are unchanged
+    loss_fn = build_loss(cfg.loss.name, rank=rank, world_size=world, local_loss=cfg.loss.local_loss,
+                         gather_with_grad=cfg.loss.gather_with_grad)
+    peak = device_peak_flops(device, cfg.train.peak_flops)
+    image_tokens = unwrapped.visual.trunk.patch_embed.num_patches + 1
+
+    # ---------------------------------------------------------------- resume
+    ckpts = CheckpointManager(run_dir / "checkpoints", cfg.train.keep_last, rank, world,
+                              barrier=accelerator.wait_for_everyone)
+    state = {"step": 0, "samples_seen": 0, "epoch": 0, "batch_in_epoch": 0, "nonfinite_skipped": 0}
+    metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator)
+    if resume:
+        ckpt = ckpts.load_latest()
+        if ckpt is None:
+            log.info("no checkpoint in %s: starting from step 0", ckpts.root)
+        else:
+            unwrapped.load_state_dict(ckpt.model)
+            optimizer.load_state_dict(ckpt.training["optimizer"])
+            scheduler.load_state_dict(ckpt.training["scheduler"])
+            if accelerator.scaler is not None and ckpt.training.get("scaler"):
+                accelerator.scaler.load_state_dict(ckpt.training["scaler"])
+            if ckpt.rng is not None:
+                set_rng_state(ckpt.rng)
+            state.update({k: ckpt.trainer_state.get(k, v) for k, v in state.items()})
+            metrics.truncate_after(state["step"])
+            log.info("resumed from %s at step %d", ckpt.path, state["step"])
+    elif is_main and (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()
+
+    def save() -> Path:
+        training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
+        return ckpts.save(state["step"], unwrapped.state_dict(), training, dict(state), to_yaml(cfg))
+
+    # ---------------------------------------------------------------- data
+    train_transform = image_transform(unwrapped.image_size, train=True)
+
+    def batches(epoch: int, skip: int) -> Iterator[Dict[str, Any]]:
+        """One epoch of batches; `skip` batches already trained on are read and dropped (exact)."""
+        loader = make_loader(shards, batch_size=step_batch, image_transform=train_transform,
+                             tokenizer=tokenizer, mode="epoch", num_workers=cfg.data.num_workers,
+                             shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed, epoch=epoch,
+                             rank=rank, world_size=world, drop_last=True, pin_memory=device.type == "cuda")
+        for i, batch in enumerate(loader):
+            if i >= skip:
+                yield batch
+
+    # ---------------------------------------------------------------- loop
+    model.train()
+    for module in locked_modules(unwrapped, cfg.model):
+        module.eval()
+    data_iter = batches(state["epoch"], state["batch_in_epoch"])
+    loss_sums: Dict[str, torch.Tensor] = {}
+    window = {"steps": 0, "data_time": 0.0, "flops": 0.0, "start": time.perf_counter()}
+    last_loss: Optional[float] = None
+    nonfinite_in_a_row = 0
+    progress = tqdm(total=cfg.train.steps, initial=state["step"], disable=not (is_main and cfg.run.progress),
+                    desc=f"train {cfg.run.name}", unit="step", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    while state["step"] < cfg.train.steps:
+        t0 = time.perf_counter()
+        batch = next(data_iter, None)
+        if batch is None:  # end of epoch: reshuffle and go on
+            if state["batch_in_epoch"] == 0:
+                raise DataError(f"data.train '{cfg.data.train}' gave no full batch of {step_batch} on process "
+                                f"{rank}; use fewer processes, a smaller train.batch_size or more data")
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+            data_iter = batches(state["epoch"], 0)
+            continue
+        window["data_time"] += time.perf_counter() - t0
+        images = batch["image"].to(device, non_blocking=True)
+        tokens = batch["text"].to(device, non_blocking=True)
+
+        losses = forward_backward(model, loss_fn, images, tokens, accum_steps=cfg.train.accum_steps,
+                                  autocast=accelerator.autocast, backward=accelerator.backward,
+                                  no_sync=lambda: accelerator.no_sync(model))
+        grad_norm = _grad_norm(model, accelerator, cfg.optim.grad_clip)
+        finite = torch.isfinite(grad_norm) & torch.isfinite(losses["loss"])
+        if world > 1:  # every process must take the same decision
+            finite = accelerator.reduce(finite.float(), reduction="sum") == world
+        if bool(finite):
+            optimizer.step()
+            nonfinite_in_a_row = 0
+        else:
+            state["nonfinite_skipped"] += 1
+            nonfinite_in_a_row += 1
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                        state["step"] + 1, nonfinite_in_a_row)
+            if nonfinite_in_a_row >= cfg.train.max_nonfinite:
+                raise TrainingDiverged(
+                    f"loss or gradients were not finite for {nonfinite_in_a_row} steps in a row (up to step "
+                    f"{state['step'] + 1}); lower optim.lr, set optim.grad_clip, or use bf16 instead of fp16; "
+                    f"the last good checkpoint is in {ckpts.root}")
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        unwrapped.clamp_logit_scale()
+
+        state["step"] += 1
+        state["batch_in_epoch"] += 1
+        state["samples_seen"] += images.shape[0] * world
+        for k, v in losses.items():
+            if bool(finite):
+                loss_sums[k] = loss_sums.get(k, 0.0) + v.float()
+        window["steps"] += 1
+        window["flops"] += images.shape[0] * train_flops_per_sample(unwrapped, image_tokens, int(tokens.argmax(-1).max()) + 1)
+        progress.update(1)
+
+        if state["step"] % cfg.train.log_every == 0 or state["step"] == cfg.train.steps:
+            elapsed = time.perf_counter() - window["start"]
+            record = {"step": state["step"], "samples_seen": state["samples_seen"], "epoch": state["epoch"],
+                      **{k: (v / window["steps"]).item() for k, v in loss_sums.items()},
+                      "lr": scheduler.get_last_lr()[0], "logit_scale": unwrapped.logit_scale.exp().item(),
+                      "samples_per_s": window["steps"] * images.shape[0] * world / elapsed,
+                      "data_wait_frac": window["data_time"] / elapsed,
+                      "nonfinite_skipped": state["nonfinite_skipped"]}
+            if peak:
+                record["mfu"] = window["flops"] / elapsed / peak
+            last_loss = record.get("loss", last_loss)
+            metrics.write(record)
+            progress.set_postfix(loss=f"{last_loss:.3f}" if last_loss is not None else "nan",
+                                 scale=f"{record['logit_scale']:.1f}")
+            loss_sums = {}
+            window.update(steps=0, data_time=0.0, flops=0.0, start=time.perf_counter())
+        if cfg.train.save_every and state["step"] % cfg.train.save_every == 0 and state["step"] < cfg.train.steps:
+            save()
+    progress.close()
+    train_time = time.perf_counter() - t_start
+
+    # ---------------------------------------------------------------- evaluate / save / export
+    final_ckpt = save()
+    summary: Dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": str(final_ckpt), "steps": state["step"],
+                               "samples_seen": state["samples_seen"], "final_loss": last_loss,
+                               "train_seconds": round(train_time, 1), "nonfinite_skipped": state["nonfinite_skipped"]}
+    if is_main and cfg.eval.at_end:
+        summary["eval"] = evaluate(unwrapped, cfg, device)
+        atomic_write_text(run_dir / "eval_results.json", json.dumps(summary["eval"], indent=1) + "\n")
+        metrics.write({"step": state["step"], "samples_seen": state["samples_seen"], **_flat(summary["eval"], "eval")})
+    if is_main and cfg.export.at_end:
+        from clip_train.export import export_model
+
+        summary["export_dir"] = str(export_model(unwrapped, run_dir / "export"))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def _grad_norm(model: torch.nn.Module, accelerator: Accelerator, clip: Optional[float]) -> torch.Tensor:
+    """Total gradient norm (clipping to `clip` when set); non-finite when any gradient is."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip:
+        return torch.as_tensor(accelerator.clip_grad_norm_(params, clip))
+    if accelerator.scaler is not None:
+        accelerator.unscale_gradients()
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+
+
+def evaluate(model: torch.nn.Module, cfg: Config, device: torch.device) -> Dict[str, Dict[str, float]]:
+    """Zero-shot classification and retrieval on the configured held-out splits."""
+    from eval.tasks import retrieval_task, zero_shot_task
+
+    encoder = ClipEncoder(model)
+    results: Dict[str, Dict[str, float]] = {}
+    opts = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers, device=device)
+    if cfg.data.zeroshot:
+        results["zeroshot"] = zero_shot_task(encoder, cfg.data.zeroshot, **opts)
+    if cfg.data.retrieval:
+        results["retrieval"] = retrieval_task(encoder, cfg.data.retrieval, **opts)
+    return results
+
+
+def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a/b": 1}: tracker and metrics.jsonl keys."""
+    out: Dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(_flat(value, name))
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            out[name] = value
+        else:
+            out[name] = str(value)
+    return out

@@ -1,0 +1,5 @@
+"""`python -m data_tools ...` is `clip-data ...`."""
+
+from data_tools.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""Image preprocessing: PIL image -> normalised float tensor, run inside loader workers.
+
+A small picklable class rather than a torchvision `Compose` of lambdas so DataLoader workers
+can receive it under any start method, and so its augmentation draws from its own seeded RNG
+(never the global one): the loader reseeds it per (seed, epoch, rank, worker).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+
+import torch
+import torchvision.transforms.functional as TF
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+__all__ = ["ImageTransform", "image_transform", "OPENAI_DATASET_MEAN", "OPENAI_DATASET_STD"]
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB without the palette-transparency warning PIL gives for some PNG/GIF files."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+class ImageTransform:
+    """Resize the shorter side to `image_size` (bicubic), center-crop, normalise.
+
+    `train=True` adds a mild random-resized crop (area 90-100%). There is deliberately no
+    horizontal flip: captions say "left" and "right".
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        train: bool = False,
+        mean: Sequence[float] = OPENAI_DATASET_MEAN,
+        std: Sequence[float] = OPENAI_DATASET_STD,
+        scale: tuple[float, float] = (0.9, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        seed: int = 0,
+    ) -> None:
+        if image_size < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        self.image_size = int(image_size)
+        self.train = bool(train)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.scale = scale
+        self.ratio = ratio
+        self.rng = random.Random(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentation RNG (the loader calls this once per worker and epoch)."""
+        self.rng = random.Random(seed)
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageTransform(image_size={self.image_size}, train={self.train}, "
+            f"mean={self.mean}, std={self.std})"
+        )
+
+    def _crop_box(self, w: int, h: int) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of a random crop with area in `scale`, aspect in `ratio`."""
+        area = w * h
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for _ in range(10):
+            target = area * self.rng.uniform(*self.scale)
+            aspect = math.exp(self.rng.uniform(log_lo, log_hi))
+            cw = int(round(math.sqrt(target * aspect)))
+            ch = int(round(math.sqrt(target / aspect)))
+            if 0 < cw <= w and 0 < ch <= h:
+                return self.rng.randint(0, h - ch), self.rng.randint(0, w - cw), ch, cw
+        side = min(w, h)
+        return (h - side) // 2, (w - side) // 2, side, side
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        size = self.image_size
+        if img.format == "JPEG" and min(img.size) > size:
+            # Decode at 1/2, 1/4 or 1/8 scale when that still covers the target: big JPEGs
+            # then cost a fraction of a full decode. Ask for margin when we will crop.
+            want = int(math.ceil(size / 0.85)) if self.train else size
+            img.draft("RGB", (want, want))
+        img = to_rgb(img)
+        if self.train:
+            top, left, ch, cw = self._crop_box(*img.size)
+            img = img.resize(
+                (size, size), Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch)
+            )
+        elif img.size != (size, size):  # already the right size: nothing to resample
+            img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC)
+            img = TF.center_crop(img, [size, size])
+        x = TF.to_tensor(img)
+        return TF.normalize(x, self.mean, self.std)
+
+
+def image_transform(
+    image_size: int,
+    train: bool = False,
+    mean: Sequence[float] = OPENAI_DATASET_MEAN,
+    std: Sequence[float] = OPENAI_DATASET_STD,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The preprocessing used for training (`train=True`) and evaluation."""
+    return ImageTransform(image_size, train=train, mean=mean, std=std)

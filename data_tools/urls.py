@@ -1,0 +1,119 @@
+"""Turn a user's shard spec (dir, brace pattern, glob, file, `::` list) into shard paths.
+
+One function so that training, eval and `clip-data inspect` accept exactly the same specs
+and fail the same way, before any worker starts, with the path that is wrong.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+from data_tools.errors import DataError
+
+_HINT = "check the path or run `clip-data synth`/`clip-data build` first"
+_REMOTE = re.compile(r"^([a-z][a-z0-9+.-]*://|pipe:)", re.IGNORECASE)
+
+
+def is_remote(url: str) -> bool:
+    """True for `s3://`, `https://`, `pipe:` ... specs, which are read by webdataset's gopen."""
+    return bool(_REMOTE.match(url))
+
+
+def _expand_one(part: str) -> list[str]:
+    if is_remote(part):
+        return list(braceexpand(part))
+    path = Path(os.path.expanduser(part))
+    if path.is_dir():
+        found = sorted(str(p) for p in path.glob("*.tar") if p.is_file())
+        if not found:
+            raise DataError(f"no .tar shards in directory: {part} ({_HINT})")
+        return found
+    if "{" in part and "}" in part:
+        out = list(braceexpand(os.path.expanduser(part)))
+        missing = [item for item in out if not Path(item).is_file()]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise DataError(f"shard not found: {missing[0]}{more} (from {part}; {_HINT})")
+        return out
+    if glob.has_magic(part):
+        found = sorted(p for p in glob.glob(os.path.expanduser(part)) if Path(p).is_file())
+        if not found:
+            raise DataError(f"no shards match: {part} ({_HINT})")
+        return found
+    if path.is_file():
+        return [str(path)]
+    raise DataError(f"shard not found: {part} ({_HINT})")
+
+
+def expand_shards(spec: str | Path | Sequence[str | Path]) -> list[str]:
+    """Expand a shard spec into a list of shard paths, in a stable order.
+
+    Accepts a directory (its `*.tar`, sorted), a brace pattern (`train-{000000..000009}.tar`),
+    a glob, a single file, a `::`-separated string of those, or a list of any of them.
+    Remote URLs (`s3://`, `pipe:`) are brace-expanded and passed through unchecked.
+    """
+    if isinstance(spec, (str, Path)):
+        parts = [p for p in str(spec).split("::") if p.strip()]
+    else:
+        parts = []
+        for item in spec:
+            parts.extend(p for p in str(item).split("::") if p.strip())
+    if not parts:
+        raise DataError(
+            f"no shards given: {spec!r} (pass a directory, pattern or list of .tar files)"
+        )
+    out: list[str] = []
+    for part in parts:
+        out.extend(_expand_one(part.strip()))
+    if not out:
+        raise DataError(f"no shards found for: {spec!r} ({_HINT})")
+    return out
+
+
+def sample_key(member_name: str) -> tuple[str, str] | None:
+    """Split a tar member name into (sample key, extension) the way webdataset groups them.
+
+    The key is everything up to the first '.' of the last path component.
+    """
+    head, _, base = member_name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem:
+        return None
+    return (f"{head}/{stem}" if head else stem), ext
+
+
+def shard_sample_counts(shards: str | Path | Sequence[str | Path]) -> list[tuple[str, int]]:
+    """Samples per shard, from tar headers only (no member data is read)."""
+    counts = []
+    for shard in expand_shards(shards):
+        if is_remote(shard):
+            raise DataError(f"cannot count samples of a remote shard: {shard} (copy it locally)")
+        n = 0
+        last = None
+        try:
+            with tarfile.open(shard, "r:") as tf:
+                for info in tf:
+                    if not info.isreg() or info.name.startswith("__"):
+                        continue
+                    split = sample_key(info.name)
+                    if split is None:
+                        continue
+                    if split[0] != last:
+                        n += 1
+                        last = split[0]
+        except (tarfile.TarError, OSError) as e:
+            raise DataError(f"unreadable shard: {shard} ({e}; rebuild it)") from e
+        counts.append((shard, n))
+    return counts
+
+
+def count_samples(shards: str | Path | Sequence[str | Path]) -> int:
+    """Total samples in a shard spec, read from tar headers (fast; used for logging)."""
+    return sum(n for _, n in shard_sample_counts(shards))

@@ -1,0 +1,88 @@
+"""Helpers shared by the evaluators: inference mode, autocast, progress bars and atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, TypeVar
+
+import torch
+from torch import nn
+
+from data_tools.errors import DataError
+
+T = TypeVar("T")
+
+
+class EvalDataError(DataError):
+    """Bad or missing evaluation data found while evaluating; tasks prefix it with the data spec."""
+
+
+@contextlib.contextmanager
+def inference(encoder: object) -> Iterator[None]:
+    """No gradients and eval mode; every submodule's own mode restored afterwards.
+
+    The trainer evaluates mid-run, so a frozen tower kept in eval mode must stay in eval mode and
+    the rest must go back to training: restoring per module (not `train(was_training)`) does that.
+    """
+    modules = list(encoder.modules()) if isinstance(encoder, nn.Module) else []
+    modes = [m.training for m in modules]
+    try:
+        if isinstance(encoder, nn.Module):
+            encoder.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in zip(modules, modes):
+            module.training = mode
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (what the trainer uses); full precision elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def precision_name(device: torch.device) -> str:
+    """The numeric precision `autocast` gives on `device`; part of the classifier cache key."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def progress_bar(iterable: Iterable[T], enabled: bool, desc: str, total: int | None = None, unit: str = "it") -> Iterable[T]:
+    """A tqdm bar on stderr when asked for and stderr is a terminal; the iterable itself otherwise."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    # disable=None: tqdm turns itself off when stderr is not a TTY (CI logs, captured output).
+    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=None, leave=False, dynamic_ncols=True)
+
+
+def _atomic_write(path: str | os.PathLike, data: str, what: str) -> None:
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise DataError(f"{what} {path}: cannot write there ({exc.strerror or exc})") from exc
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: object, what: str = "output") -> None:
+    """Temp file in the same directory, then `os.replace`: readers see old or whole new content."""
+    _atomic_write(path, json.dumps(obj, indent=2) + "\n", what)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, what: str = "output") -> None:
+    """Like `write_json_atomic`, for text (the suite's Markdown table)."""
+    _atomic_write(path, text, what)

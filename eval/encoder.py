@@ -1,0 +1,117 @@
+"""The encoder protocol that evaluation runs on, and an adapter for open_clip models.
+
+Evaluation needs only four things from a model: image and text embeddings, a tokenizer and the
+image preprocessing it was trained with. Our checkpoints (`clip_train.load`) and open_clip models
+(through `OpenClipEncoder`) both provide them, so one code path evaluates either.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from data_tools.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """What `eval` needs from a model; `nn.Module` encoders are switched to eval mode while used."""
+
+    tokenizer: Callable[[list[str]], Tensor]
+    preprocess: Callable[[Image.Image], Tensor]
+
+    def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
+        """Embeddings [B, D] of preprocessed images [B, 3, H, W]."""
+        ...
+
+    def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
+        """Embeddings [B, D] of token ids [B, L] from `tokenizer`."""
+        ...
+
+
+class OpenClipEncoder(nn.Module):
+    """An open_clip model with its tokenizer and eval preprocessing, as an `Encoder`.
+
+    A module itself, so `.to(device)` and train/eval switching reach the wrapped model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Callable[[list[str]], Tensor],
+        preprocess: Callable[[Image.Image], Tensor],
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+
+    def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
+        """Image embeddings from the wrapped model."""
+        return self.model.encode_image(images, normalize=normalize)
+
+    def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
+        """Text embeddings from the wrapped model."""
+        return self.model.encode_text(tokens, normalize=normalize)
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """A library exception squeezed to one line, so the CLI can show it as `error: ...`."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_open_clip(
+    model_name: str,
+    pretrained: str | os.PathLike | None,
+    device: str | torch.device = "cpu",
+) -> OpenClipEncoder:
+    """Build an open_clip architecture with weights from a LOCAL file (or random weights if None).
+
+    Never downloads: pretrained tags ('openai', 'laion2b_...') and 'hf-hub:' names are refused,
+    because evaluation must be reproducible offline from files the user names.
+    """
+    import open_clip
+
+    if model_name.startswith("hf-hub:"):
+        raise ConfigError(
+            f"--model {model_name}: hf-hub models are not downloaded; pass an open_clip architecture "
+            f"name and --pretrained with a local weight file, or 'local-dir:DIR'"
+        )
+    if not model_name.startswith("local-dir:") and model_name.replace("/", "-") not in open_clip.list_models():
+        raise ConfigError(
+            f"--model {model_name}: not an open_clip architecture (see open_clip.list_models()) "
+            f"and not a run or export directory"
+        )
+    if pretrained is not None:
+        if not os.path.isfile(pretrained):
+            raise DataError(
+                f"--pretrained {pretrained}: no such file; clip-eval loads only local weight files "
+                f"(download a checkpoint yourself and pass its path)"
+            )
+        # An absolute path can never be mistaken for a pretrained tag (which would download).
+        pretrained = os.path.abspath(pretrained)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name,
+            pretrained=pretrained,
+            device=device,
+            pretrained_image=False,
+            pretrained_text=False,
+            weights_only=True,
+        )
+        tokenizer = open_clip.get_tokenizer(model_name)
+    except (RuntimeError, ValueError, KeyError, FileNotFoundError, OSError) as exc:
+        what = f"weights {pretrained}" if pretrained else "model"
+        raise ConfigError(f"--model {model_name}: could not load {what}: {_one_line(exc)}") from exc
+    logger.info("loaded open_clip %s (weights: %s)", model_name, pretrained or "random init")
+    encoder = OpenClipEncoder(model, tokenizer, preprocess)
+    encoder.eval()
+    return encoder
