@@ -1,8 +1,9 @@
-"""`clip-train`: train, resume and export. The CLI decides what the user sees.
+"""`clip-train`: train, resume, export and report. The CLI decides what the user sees.
 
     clip-train train --config configs/demo.yaml data.train=data/train train.steps=500
     clip-train resume runs/demo
     clip-train export runs/demo --out exports/demo
+    clip-train report runs/demo
 """
 
 from __future__ import annotations
@@ -90,6 +91,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from clip_train.report import write_report
+
+    paths = write_report(args.run_dir, args.out)
+    print(f"wrote {len(paths)} files to {paths[-1].parent}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clip-train", description="Contrastive image-text pretraining.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
@@ -119,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="run dir, checkpoint dir or export dir")
     p.add_argument("--out", help="output dir (default: <path>/export)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("report", help="PNG plots and a summary of a run's metrics.jsonl", formatter_class=fmt,
+                       epilog="example:\n  clip-train report runs/demo\n  clip-train report runs/demo --out /tmp/demo_report")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="output dir (default: <run_dir>/report)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

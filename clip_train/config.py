@@ -68,7 +68,8 @@ class DataConfig:
 class LossConfig:
     name: str = "clip"  # registry key in clip_train.losses
     local_loss: bool = False  # each process computes only its own rows of the logits
-    gather_with_grad: bool = True  # exact gradients across processes (False: open_clip's cheaper default)
+    gather_with_grad: bool = True  # exact full-batch gradients; False (open_clip's default) scales them by
+    # 1/processes with the full loss and is wrong with local_loss
 
 
 @dataclass
@@ -197,6 +198,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be positive")
     if cfg.train.accum_steps < 1:
         raise ConfigError("train.accum_steps must be at least 1")
+    if cfg.loss.local_loss and not cfg.loss.gather_with_grad:
+        raise ConfigError("loss.local_loss=true needs loss.gather_with_grad=true: without it the gradients are "
+                          "not those of the contrastive loss")
     if cfg.train.max_nonfinite < 1:
         raise ConfigError("train.max_nonfinite must be at least 1")
     unknown = set(cfg.run.trackers) - {"tensorboard", "wandb"}

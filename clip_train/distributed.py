@@ -16,9 +16,12 @@ def gather_features(features: torch.Tensor, rank: int, world_size: int, with_gra
     """Concatenate `features` from every process along dim 0, in rank order.
 
     with_grad=True backpropagates through the all-gather, so each process gets the gradient of the
-    whole-batch loss w.r.t. its own features. with_grad=False gathers detached copies and puts the
-    local tensor (with its graph) back in its slot: cheaper, and exact when each process computes
-    the loss rows of its own samples (the "local loss" variant).
+    whole-batch loss w.r.t. its own features, from every process's loss terms: with DDP's gradient
+    averaging this equals one process on the whole batch, with or without the local loss.
+    with_grad=False gathers detached copies and puts the local tensor (with its graph) back in its
+    slot, so only this process's own loss terms reach its features: with the full loss that is the
+    single-process gradient divided by the number of processes (open_clip's default); with the local
+    loss it is not the full-batch gradient at all.
     """
     if world_size == 1:
         return features

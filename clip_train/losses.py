@@ -22,7 +22,8 @@ class ClipInfoNCE(nn.Module):
 
     local_loss=False: every process computes the full (world*B) x (world*B) logits (as in
     open_clip's ClipLoss default). local_loss=True: each process computes only its own B rows
-    against all world*B columns, and the gradients still sum to those of the full loss.
+    against all world*B columns; with gather_with_grad=True the gradients still equal those of the
+    full loss (see `clip_train.distributed.gather_features`).
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1, local_loss: bool = False, gather_with_grad: bool = True):

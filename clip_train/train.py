@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterator, Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -73,8 +74,13 @@ def _accelerator(cfg: Config) -> Accelerator:
         except ImportError:
             raise ConfigError("run.trackers has wandb but the wandb package is not installed: pip install wandb "
                               "(set WANDB_MODE=offline to log without network)") from None
-    return Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=cfg.run.trackers or None,
-                       project_dir=str(cfg.run_dir))
+    # Accelerate keeps process-wide state; drop a previous run's precision settings so `train` can
+    # be called again in one process (notebooks, sweeps, tests). The process group is kept.
+    AcceleratorState._reset_state()
+    # cpu=True on GPU-less machines: Accelerate only forms a multi-process CPU group (gloo) under
+    # torchrun when told so; otherwise every process would silently train alone.
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
+                       log_with=cfg.run.trackers or None, project_dir=str(cfg.run_dir))
 
 
 def train(cfg: Config, resume: bool = False) -> Dict[str, Any]:
@@ -185,22 +191,29 @@ def train(cfg: Config, resume: bool = False) -> Dict[str, Any]:
                                   autocast=accelerator.autocast, backward=accelerator.backward,
                                   no_sync=lambda: accelerator.no_sync(model))
         grad_norm = _grad_norm(model, accelerator, cfg.optim.grad_clip)
-        finite = torch.isfinite(grad_norm) & torch.isfinite(losses["loss"])
-        if world > 1:  # every process must take the same decision
-            finite = accelerator.reduce(finite.float(), reduction="sum") == world
-        if bool(finite):
+        if accelerator.scaler is not None:
+            # fp16: the loss scaler skips overflowing steps and lowers its scale by itself; such a
+            # skip is routine, so it is counted but never stops the run.
             optimizer.step()
-            nonfinite_in_a_row = 0
+            finite = torch.tensor(not accelerator.optimizer_step_was_skipped)
+            state["nonfinite_skipped"] += int(not finite)
         else:
-            state["nonfinite_skipped"] += 1
-            nonfinite_in_a_row += 1
-            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
-                        state["step"] + 1, nonfinite_in_a_row)
-            if nonfinite_in_a_row >= cfg.train.max_nonfinite:
-                raise TrainingDiverged(
-                    f"loss or gradients were not finite for {nonfinite_in_a_row} steps in a row (up to step "
-                    f"{state['step'] + 1}); lower optim.lr, set optim.grad_clip, or use bf16 instead of fp16; "
-                    f"the last good checkpoint is in {ckpts.root}")
+            finite = torch.isfinite(grad_norm) & torch.isfinite(losses["loss"])
+            if world > 1:  # every process must take the same decision
+                finite = accelerator.reduce(finite.float(), reduction="sum") == world
+            if bool(finite):
+                optimizer.step()
+                nonfinite_in_a_row = 0
+            else:
+                state["nonfinite_skipped"] += 1
+                nonfinite_in_a_row += 1
+                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                            state["step"] + 1, nonfinite_in_a_row)
+                if nonfinite_in_a_row >= cfg.train.max_nonfinite:
+                    raise TrainingDiverged(
+                        f"loss or gradients were not finite for {nonfinite_in_a_row} steps in a row (up to step "
+                        f"{state['step'] + 1}); lower optim.lr or set optim.grad_clip; "
+                        f"the last good checkpoint is in {ckpts.root}")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         unwrapped.clamp_logit_scale()

@@ -11,6 +11,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -52,6 +53,8 @@ class ImageTransform:
         self.train = bool(train)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self._mean_t = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
+        self._std_t = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
         self.scale = scale
         self.ratio = ratio
         self.rng = random.Random(seed)
@@ -80,24 +83,46 @@ class ImageTransform:
         side = min(w, h)
         return (h - side) // 2, (w - side) // 2, side, side
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def resize_pil(self, img: Image.Image) -> Image.Image:
+        """The geometric part: an RGB image of exactly `image_size` x `image_size`.
+
+        Big JPEGs are decoded at 1/2, 1/4 or 1/8 scale when that still covers the target
+        (PIL draft mode), so a 512 px shard feeding a 64 px model costs a fraction of a
+        full decode. Training draws its crop from the transform's own RNG.
+        """
         size = self.image_size
         if img.format == "JPEG" and min(img.size) > size:
-            # Decode at 1/2, 1/4 or 1/8 scale when that still covers the target: big JPEGs
-            # then cost a fraction of a full decode. Ask for margin when we will crop.
+            # Ask for margin when we will crop (the crop may take 90% of the area).
             want = int(math.ceil(size / 0.85)) if self.train else size
             img.draft("RGB", (want, want))
         img = to_rgb(img)
         if self.train:
             top, left, ch, cw = self._crop_box(*img.size)
-            img = img.resize(
+            return img.resize(
                 (size, size), Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch)
             )
-        elif img.size != (size, size):  # already the right size: nothing to resample
+        if img.size != (size, size):  # already the right size: nothing to resample
             img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC)
             img = TF.center_crop(img, [size, size])
-        x = TF.to_tensor(img)
-        return TF.normalize(x, self.mean, self.std)
+        return img
+
+    def to_tensor_into(self, img: Image.Image, out: torch.Tensor) -> None:
+        """Write `img` (RGB, `image_size` square) normalised into `out` ([3, H, W] float32).
+
+        The loader calls this on a slot of a batch tensor that already lives in shared
+        memory, so an image is converted once, while it is in cache, and never copied again.
+        The values are bit-identical to torchvision's `to_tensor` + `normalize`.
+        """
+        arr = np.asarray(img)
+        if arr.shape != (self.image_size, self.image_size, 3):
+            raise ValueError(f"expected a {self.image_size}px RGB image, got array {arr.shape}")
+        np.copyto(out.numpy(), arr.transpose(2, 0, 1), casting="unsafe")
+        out.div_(255).sub_(self._mean_t).div_(self._std_t)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        out = torch.empty(3, self.image_size, self.image_size)
+        self.to_tensor_into(self.resize_pil(img), out)
+        return out
 
 
 def image_transform(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import glob
 import os
 import re
-import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -90,26 +89,25 @@ def sample_key(member_name: str) -> tuple[str, str] | None:
 
 
 def shard_sample_counts(shards: str | Path | Sequence[str | Path]) -> list[tuple[str, int]]:
-    """Samples per shard, from tar headers only (no member data is read)."""
+    """Samples per shard, from tar headers only (no member data is read).
+
+    Counts what the loader will read: rejected (unsafe) members are not samples, and the
+    last sample of a truncated shard is not counted.
+    """
+    from data_tools.tario import ReadMode, iter_shard
+
     counts = []
     for shard in expand_shards(shards):
         if is_remote(shard):
             raise DataError(f"cannot count samples of a remote shard: {shard} (copy it locally)")
-        n = 0
-        last = None
-        try:
-            with tarfile.open(shard, "r:") as tf:
-                for info in tf:
-                    if not info.isreg() or info.name.startswith("__"):
-                        continue
-                    split = sample_key(info.name)
-                    if split is None:
-                        continue
-                    if split[0] != last:
-                        n += 1
-                        last = split[0]
-        except (tarfile.TarError, OSError) as e:
-            raise DataError(f"unreadable shard: {shard} ({e}; rebuild it)") from e
+        problems: list[str] = []
+
+        def problem(reason: str, key: str, url: str, detail: str) -> None:
+            if reason == "unreadable_shard":
+                raise DataError(f"unreadable shard: {url} ({detail}; rebuild it)")
+            problems.append(reason)
+
+        n = sum(1 for _ in iter_shard(shard, mode=ReadMode(False), on_problem=problem))
         counts.append((shard, n))
     return counts
 

@@ -1,7 +1,11 @@
-"""`clip-eval`: zero-shot classification and retrieval of a trained or open_clip model.
+"""`clip-eval`: zero-shot classification, retrieval, linear probe, few-shot and suites.
 
     clip-eval zero-shot --model runs/demo --data demo_out/data/zeroshot
-    clip-eval retrieval --model ViT-B-32 --pretrained ~/weights/vit_b32.pt --data coco/{000..004}.tar
+    clip-eval zero-shot --model ViT-B-32 --pretrained ~/weights/vit_b32.bin --data imagenet/val --dataset imagenet
+    clip-eval retrieval --model runs/demo --data coco/captions_val.csv
+    clip-eval probe --model runs/demo --train pets/train --test pets/test
+    clip-eval few-shot --model runs/demo --data pets/test --n-way 5 --k-shot 1
+    clip-eval suite --model runs/demo --suite suite.yaml --output-dir results/
 
 `--model` is our run or export directory (loaded with `clip_train.load`), or an open_clip
 architecture name together with `--pretrained FILE` (a local weight file; nothing is downloaded).
@@ -11,17 +15,18 @@ Metrics go to stdout as JSON, and atomically to `--output` when given.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from data_tools.errors import ClipTrainError, DataError
+from data_tools.errors import ClipTrainError, ConfigError, DataError
+from eval._common import write_json_atomic
+from eval.cache import ENV_VAR, default_cache_dir
 from eval.encoder import Encoder, load_open_clip
-from eval.tasks import retrieval_task, zero_shot_task
 
 logger = logging.getLogger(__name__)
 
@@ -29,63 +34,143 @@ _EPILOGS = {
     "zero-shot": (
         "examples:\n"
         "  clip-eval zero-shot --model runs/demo --data demo_out/data/zeroshot\n"
-        "  clip-eval zero-shot --model ViT-B-32 --pretrained vit_b32.pt --data imagenet_val/ \\\n"
-        "      --classnames imagenet_classes.txt --templates imagenet_templates.txt --output in1k.json\n"
-        "class names and templates default to classnames.txt and templates.txt next to the shards;\n"
-        "templates hold one '{}' for the class name, e.g. 'a photo of a {}.'"
+        "  clip-eval zero-shot --model ViT-B-32 --pretrained vit_b32.bin --data imagenet/val --dataset imagenet\n"
+        "  clip-eval zero-shot --model runs/demo --data imagenet/val_flat --labels val_labels.txt --dataset imagenet \\\n"
+        "      --templates simple\n"
+        "  clip-eval zero-shot --model runs/demo --data pets/test --classnames pets.txt --templates pets_templates.txt\n"
+        "--data is labelled shards, a class folder (ROOT/<class>/<image>; ImageNet synset folders map to the\n"
+        "standard indices) or, with --labels, a flat folder of images. Class names and templates default to\n"
+        "classnames.txt and templates.txt next to the shards or in the folder; templates hold one '{}'.\n"
+        f"Classifiers are cached in --cache-dir (default ${ENV_VAR}/classifiers or ~/.cache/clip-train/classifiers)."
     ),
     "retrieval": (
         "examples:\n"
         "  clip-eval retrieval --model runs/demo --data demo_out/data/retrieval\n"
-        "  clip-eval retrieval --model ViT-B-32 --pretrained vit_b32.pt --data 'coco/val-{000000..000004}.tar'\n"
-        "captions come from each sample's json \"captions\" list when present, else its .txt"
+        "  clip-eval retrieval --model ViT-B-32 --pretrained vit_b32.bin --data coco/captions_val.csv\n"
+        "  clip-eval retrieval --model runs/demo --data flickr30k/test.jsonl --image-column file --caption-column captions\n"
+        "shards: captions from each sample's json \"captions\" list when present, else its .txt;\n"
+        "tables (.csv/.tsv with a header, .jsonl): one row per caption, or a list of captions per row;\n"
+        "image paths are relative to the table's folder"
+    ),
+    "probe": (
+        "examples:\n"
+        "  clip-eval probe --model runs/demo --train pets/train --test pets/test\n"
+        "  clip-eval probe --model ViT-B-32 --pretrained vit_b32.bin --train cifar/train-{0000..0009}.tar \\\n"
+        "      --test cifar/test --weight-decays 1e-5,1e-4,1e-3 --val-fraction 0.1\n"
+        "features are extracted once; logistic regression (L-BFGS) per weight decay on a seeded validation split,\n"
+        "then refit on all of --train and scored on --test"
+    ),
+    "few-shot": (
+        "examples:\n"
+        "  clip-eval few-shot --model runs/demo --data pets/test --n-way 5 --k-shot 1\n"
+        "  clip-eval few-shot --model runs/demo --data demo_out/data/zeroshot --n-way 5 --k-shot 5 --episodes 1000\n"
+        "prototype classifier (nearest class mean of normalized features); mean accuracy +- 95% CI"
+    ),
+    "suite": (
+        "examples:\n"
+        "  clip-eval suite --model runs/demo --suite suite.yaml --output-dir eval_results/\n"
+        "  clip-eval suite --model ViT-B-32 --pretrained vit_b32.bin --suite suite.yaml --output-dir eval_results/b32\n"
+        "writes <task name>.json per task and results.md; see docs/eval.md for the YAML format"
     ),
 }
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="run/export directory, or an open_clip architecture name with --pretrained")
     p.add_argument("--pretrained", default=None, metavar="FILE", help="local open_clip weight file for --model NAME")
-    p.add_argument("--data", required=True, metavar="SHARDS", help="shard directory, brace pattern, glob or file")
     p.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128)")
     p.add_argument("--num-workers", type=int, default=0, help="data loader worker processes (default 0)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
-    p.add_argument("--output", default=None, metavar="FILE.json", help="also write the metrics here (atomically)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu; bf16 autocast on cuda)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal anyway)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+
+
+def _add_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", default=None, metavar="FILE.json", help="also write the metrics here (atomically)")
+
+
+def _add_classes(p: argparse.ArgumentParser, labels: str = "--labels") -> None:
+    p.add_argument("--dataset", choices=["imagenet"], default=None, help="imagenet: open_clip's 1000 class names (and templates)")
+    p.add_argument("--classnames", default=None, metavar="FILE", help="class names, one per line ('name' or 'folder<TAB>name')")
+    if labels:
+        p.add_argument(labels, default=None, metavar="FILE", help="labels of a flat image folder: one index per line in sorted filename order, or 'filename,label' rows")
+
+
+def _add_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", default=None, metavar="DIR", help=f"classifier cache (default ${ENV_VAR}/classifiers or ~/.cache/clip-train/classifiers)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write cached classifiers")
+
+
+def _subparser(sub: argparse._SubParsersAction, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description, epilog=_EPILOGS[name],
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (separate so tests and docs can inspect it)."""
     parser = argparse.ArgumentParser(
         prog="clip-eval",
-        description="Evaluate a CLIP-style encoder: zero-shot classification or image-text retrieval.",
+        description="Evaluate a CLIP-style encoder: zero-shot classification, retrieval, probes, suites.",
         epilog=(
             "examples:\n"
             "  clip-eval zero-shot --model runs/demo --data demo_out/data/zeroshot\n"
-            "  clip-eval retrieval --model ViT-B-32 --pretrained vit_b32.pt --data demo_out/data/retrieval\n"
+            "  clip-eval retrieval --model ViT-B-32 --pretrained vit_b32.bin --data demo_out/data/retrieval\n"
+            "  clip-eval suite --model runs/demo --suite suite.yaml --output-dir eval_results/\n"
             "run 'clip-eval SUBCOMMAND --help' for its options"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{zero-shot,retrieval}")
-    zs = sub.add_parser(
-        "zero-shot",
-        help="zero-shot classification accuracy on labelled shards",
-        description="Zero-shot classification: acc1, acc5, mean per-class recall.",
-        epilog=_EPILOGS["zero-shot"],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_common(zs)
-    zs.add_argument("--classnames", default=None, metavar="FILE", help="class names, one per line (default: DATA/classnames.txt)")
-    zs.add_argument("--templates", default=None, metavar="FILE", help="prompt templates with '{}', one per line (default: DATA/templates.txt)")
-    rt = sub.add_parser(
-        "retrieval",
-        help="image<->text recall@1/5/10 on caption shards",
-        description="Zero-shot retrieval: image_retrieval_recall@k (text->image), text_retrieval_recall@k (image->text).",
-        epilog=_EPILOGS["retrieval"],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_common(rt)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{zero-shot,retrieval,probe,few-shot,suite}")
+
+    zs = _subparser(sub, "zero-shot", "zero-shot classification (acc1, acc5, mean per-class recall)",
+                    "Zero-shot classification: acc1, acc5, mean_per_class_recall.")
+    _add_model(zs)
+    zs.add_argument("--data", required=True, metavar="DATA", help="labelled shards, a class folder, or a flat folder with --labels")
+    _add_classes(zs)
+    zs.add_argument("--templates", default=None, metavar="openai|simple|FILE", help="prompt templates: open_clip's OpenAI 80, its short 7, or a file with one '{}' per line")
+    _add_cache(zs)
+    _add_output(zs)
+
+    rt = _subparser(sub, "retrieval", "image<->text recall@1/5/10",
+                    "Zero-shot retrieval: image_retrieval_recall@k (text->image), text_retrieval_recall@k (image->text).")
+    _add_model(rt)
+    rt.add_argument("--data", required=True, metavar="DATA", help="caption shards, or a .csv/.tsv/.jsonl table of image paths and captions")
+    rt.add_argument("--image-column", default=None, help="table column with the image path (default: image, filepath, ...)")
+    rt.add_argument("--caption-column", default=None, help="table column with the caption(s) (default: captions, caption, text, title)")
+    _add_output(rt)
+
+    pr = _subparser(sub, "probe", "linear probe on frozen image features",
+                    "Linear probe: lp_acc1, lp_acc5, lp_mean_per_class_recall on --test.")
+    _add_model(pr)
+    pr.add_argument("--train", required=True, metavar="DATA", help="labelled training data (shards or class folder)")
+    pr.add_argument("--test", required=True, metavar="DATA", help="labelled test data with the same classes")
+    _add_classes(pr, labels="")
+    pr.add_argument("--train-labels", default=None, metavar="FILE", help="labels file when --train is a flat folder")
+    pr.add_argument("--test-labels", default=None, metavar="FILE", help="labels file when --test is a flat folder")
+    pr.add_argument("--weight-decays", default=None, metavar="LIST", help="comma-separated sweep (default 1e-6,1e-5,...,1e-1)")
+    pr.add_argument("--val-fraction", type=float, default=0.2, help="part of --train held out to pick the weight decay (default 0.2)")
+    pr.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit (default 1000)")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the validation split (default 0)")
+    _add_output(pr)
+
+    fs = _subparser(sub, "few-shot", "N-way K-shot episodes with a prototype classifier",
+                    "Few-shot: fewshot_acc and fewshot_acc_ci95 over seeded episodes.")
+    _add_model(fs)
+    fs.add_argument("--data", required=True, metavar="DATA", help="labelled shards or a class folder")
+    _add_classes(fs)
+    fs.add_argument("--n-way", type=int, default=5, help="classes per episode (default 5)")
+    fs.add_argument("--k-shot", type=int, default=1, help="support images per class (default 1)")
+    fs.add_argument("--n-query", type=int, default=15, help="query images per class (default 15)")
+    fs.add_argument("--episodes", type=int, default=600, help="episodes (default 600)")
+    fs.add_argument("--seed", type=int, default=0, help="seed of the episode sampler (default 0)")
+    _add_output(fs)
+
+    su = _subparser(sub, "suite", "several tasks from a YAML file", "Run a suite of evaluation tasks from YAML.")
+    _add_model(su)
+    su.add_argument("--suite", required=True, metavar="FILE.yaml", help="the suite (tasks: name, task, data, options)")
+    su.add_argument("--output-dir", default=None, metavar="DIR", help="write <task>.json per task and results.md here")
+    _add_cache(su)
+    _add_output(su)
     return parser
 
 
@@ -100,29 +185,48 @@ def load_encoder(model: str, pretrained: str | None, device: str) -> Encoder:
         )
     import clip_train  # only here: eval knows nothing of training except how to load its output
 
-    return clip_train.load(model, device=device)
+    encoder = clip_train.load(model, device=device)
+    encoder.name = model
+    return encoder
 
 
-def _write_json_atomic(path: str, obj: dict) -> None:
-    """Temp file in the same directory, then `os.replace`: readers see old or whole new content."""
-    target = Path(path)
+def _check_data(option: str, data: str) -> None:
+    """Fail on a mistyped data path before loading a possibly large model."""
+    from eval.datasets import folder_kind, is_table
+
+    if is_table(data):
+        if not Path(data).is_file():
+            raise DataError(f"{option} {data}: no such caption table")
+        return
+    if Path(data).is_dir() and folder_kind(data) is not None:
+        return
+    from data_tools.loader import expand_shards
+
+    expand_shards(data)
+
+
+def _cache_dir(args: argparse.Namespace) -> Path | None:
+    if args.no_cache:
+        return None
+    return Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+
+
+def _weight_decays(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise DataError(f"--output {path}: cannot write there ({exc.strerror or exc})") from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--weight-decays {text}: expected comma-separated numbers, e.g. 1e-5,1e-4,1e-3") from exc
+    if not values:
+        raise ConfigError("--weight-decays: give at least one number")
+    return values
 
 
 def _run(args: argparse.Namespace) -> dict:
     import torch
+
+    from eval.tasks import few_shot_task, linear_probe_task, retrieval_task, zero_shot_task
 
     try:
         device = torch.device(args.device)
@@ -132,15 +236,50 @@ def _run(args: argparse.Namespace) -> dict:
         raise DataError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
     if args.batch_size < 1 or args.num_workers < 0:
         raise DataError("--batch-size must be >= 1 and --num-workers >= 0")
-    # Resolve the data before loading a possibly large model, so a typo fails fast.
-    from data_tools.loader import expand_shards
+    suite = None
+    if args.command == "suite":
+        from eval.suite import load_suite
 
-    expand_shards(args.data)
+        suite = load_suite(args.suite)
+        if not args.no_cache and args.cache_dir is None and suite.cache_dir is not None:
+            args.cache_dir = suite.cache_dir
+        suite = dataclasses.replace(suite, cache_dir=None if args.no_cache else str(_cache_dir(args)))
+    elif args.command == "probe":
+        _check_data("--train", args.train)
+        _check_data("--test", args.test)
+    else:
+        _check_data("--data", args.data)
+    weight_decays = _weight_decays(args.weight_decays) if args.command == "probe" else None
+
     encoder = load_encoder(args.model, args.pretrained, str(device))
-    opts = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device)
+    opts = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device, progress=not args.no_progress)
     if args.command == "zero-shot":
-        return zero_shot_task(encoder, args.data, classnames=args.classnames, templates=args.templates, **opts)
-    return retrieval_task(encoder, args.data, **opts)
+        return zero_shot_task(
+            encoder, args.data, classnames=args.classnames, templates=args.templates, dataset=args.dataset,
+            labels=args.labels, cache_dir=_cache_dir(args), **opts,
+        )
+    if args.command == "retrieval":
+        return retrieval_task(encoder, args.data, image_column=args.image_column, caption_column=args.caption_column, **opts)
+    if args.command == "probe":
+        extra = {"weight_decays": weight_decays} if weight_decays else {}
+        return linear_probe_task(
+            encoder, args.train, args.test, classnames=args.classnames, dataset=args.dataset,
+            train_labels=args.train_labels, test_labels=args.test_labels, val_fraction=args.val_fraction,
+            max_iter=args.max_iter, seed=args.seed, **extra, **opts,
+        )
+    if args.command == "few-shot":
+        return few_shot_task(
+            encoder, args.data, classnames=args.classnames, dataset=args.dataset, labels=args.labels,
+            n_way=args.n_way, k_shot=args.k_shot, n_query=args.n_query, episodes=args.episodes, seed=args.seed, **opts,
+        )
+    from eval.suite import run_suite
+
+    assert suite is not None
+    # Suite tasks carry their own batch_size/num_workers; the command line's apply to the rest.
+    defaults = {"batch_size": args.batch_size, "num_workers": args.num_workers}
+    tasks = tuple(dataclasses.replace(t, options={**defaults, **t.options}) for t in suite.tasks)
+    suite = dataclasses.replace(suite, tasks=tasks)
+    return run_suite(encoder, suite, device, output_dir=args.output_dir, progress=not args.no_progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         metrics = _run(args)
         if args.output:
-            _write_json_atomic(args.output, metrics)
+            write_json_atomic(args.output, metrics, what="--output")
     except ClipTrainError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ image preprocessing it was trained with. Our checkpoints (`clip_train.load`) and
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Callable, Protocol, runtime_checkable
@@ -52,6 +53,9 @@ class OpenClipEncoder(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.preprocess = preprocess
+        self.name: str | None = None  # shown in suite results
+        # Set when the weights come from a file: cheaper than hashing them for the classifier cache.
+        self.weights_identity: str | None = None
 
     def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
         """Image embeddings from the wrapped model."""
@@ -113,5 +117,10 @@ def load_open_clip(
         raise ConfigError(f"--model {model_name}: could not load {what}: {_one_line(exc)}") from exc
     logger.info("loaded open_clip %s (weights: %s)", model_name, pretrained or "random init")
     encoder = OpenClipEncoder(model, tokenizer, preprocess)
+    encoder.name = f"{model_name} ({pretrained})" if pretrained else model_name
+    if pretrained is not None:
+        stat = os.stat(pretrained)
+        config = json.dumps(open_clip.get_model_config(model_name), sort_keys=True, default=str)
+        encoder.weights_identity = f"open_clip|{model_name}|{pretrained}|{stat.st_size}|{stat.st_mtime_ns}|{config}"
     encoder.eval()
     return encoder

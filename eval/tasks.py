@@ -1,7 +1,12 @@
-"""Evaluation tasks on shard sets: what the trainer (in-training eval) and `clip-eval` call.
+"""Evaluation tasks on data specs: what the trainer, suites and `clip-eval` call.
 
-A task takes an encoder and a shard spec, streams the shards with the encoder's own
-preprocessing (one ordered pass, no shuffling) and returns a flat dict of numbers.
+A task takes an encoder and where the data is, reads it with the encoder's own preprocessing
+(one ordered pass, no shuffling) and returns a flat dict of numbers. Data is any of:
+- WebDataset shards (a directory of .tar, a brace pattern, a glob, a list): labels from `.cls`,
+  captions from each sample's JSON "captions" or its `.txt`;
+- a class folder `ROOT/<class>/<image>` (ImageNet val with synset folders, or any class tree);
+- a flat folder of images plus `labels=FILE`;
+- for retrieval, a CSV/TSV/JSONL table of image paths and captions.
 """
 
 from __future__ import annotations
@@ -10,21 +15,43 @@ import logging
 import os
 import tarfile
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 
-from data_tools.errors import DataError
+from data_tools.errors import ConfigError, DataError
 from data_tools.loader import expand_shards, make_loader
 from data_tools.urls import is_remote, sample_key
 from eval._common import EvalDataError
+from eval.datasets import (
+    FileLoader,
+    ImageSet,
+    caption_table,
+    class_folder,
+    flat_folder,
+    folder_kind,
+    is_table,
+    split_classname_lines,
+)
 from eval.encoder import Encoder
+from eval.probe import DEFAULT_WEIGHT_DECAYS, extract_features, few_shot, linear_probe
+from eval.prompts import (
+    DATASETS,
+    DEFAULT_TEMPLATE,
+    Template,
+    imagenet_classnames,
+    imagenet_synsets,
+    is_synset,
+    resolve_classnames,
+    resolve_templates,
+)
 from eval.retrieval import evaluate_retrieval
-from eval.zero_shot import Template, build_zero_shot_classifier, evaluate_zero_shot
+from eval.zero_shot import build_zero_shot_classifier, evaluate_zero_shot
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
+DataSpec = Union[PathLike, Sequence[PathLike]]
 
 
 def _spec_name(data: object) -> str:
@@ -38,103 +65,311 @@ def _data_dir(data: object, shards: list[str]) -> Path:
     return Path(shards[0]).parent
 
 
-def _read_lines(path: Path, option: str) -> list[str]:
-    """Non-blank lines of a UTF-8 text file (class names, templates), surrounding space removed."""
+def _check_dataset(dataset: str | None) -> None:
+    if dataset is not None and dataset not in DATASETS:
+        raise ConfigError(f"dataset {dataset!r}: unknown (known: {', '.join(DATASETS)}; others take --classnames and --templates)")
+
+
+def _check_loader_args(batch_size: int, num_workers: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ConfigError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+
+
+class _Labelled:
+    """An ordered labelled image stream from shards or folders, with what is known of its classes."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        data: DataSpec,
+        *,
+        classnames: Sequence[str] | PathLike | None,
+        dataset: str | None,
+        labels: PathLike | None,
+        batch_size: int,
+        num_workers: int,
+        device: torch.device,
+    ) -> None:
+        _check_dataset(dataset)
+        _check_loader_args(batch_size, num_workers)
+        self.where = _spec_name(data)
+        self.remap: torch.Tensor | None = None
+        self.total: int | None = None
+        kind = "flat-folder" if labels is not None else folder_kind(data)
+        self.kind = kind or "shards"
+        pin = device.type == "cuda"
+        if kind is not None:
+            folder = Path(data)  # type: ignore[arg-type]
+            given = classnames
+            if given is None and dataset is None and (folder / "classnames.txt").is_file():
+                given = folder / "classnames.txt"
+            names, source = resolve_classnames(given, None)
+            if kind == "flat-folder":
+                if labels is None:
+                    raise DataError(f"{folder} holds images but no class sub-folders: pass --labels FILE for a flat folder")
+                self.images: ImageSet | None = flat_folder(folder, labels, names, dataset, source)
+            else:
+                self.images = class_folder(folder, names, dataset, source)
+            self.classnames: list[str] | None = self.images.classnames
+            self.source = self.images.source
+            self.default_dir = folder
+            self.loader: Any = FileLoader(self.images, encoder.preprocess, batch_size, num_workers, pin)
+            self.total = len(self.loader)
+            return
+        self.images = None
+        shards = expand_shards(data)
+        self.default_dir = _data_dir(data, shards)
+        if dataset == "imagenet":
+            names, self.source = resolve_classnames(classnames, imagenet_classnames())
+            if classnames is None:
+                self.source = "open_clip ImageNet names"
+                self.remap = _synset_remap(self.default_dir / "classnames.txt")
+        else:
+            default_names = self.default_dir / "classnames.txt"
+            # Probes do without class names; zero-shot says what is missing.
+            names, self.source = resolve_classnames(classnames, default_names if default_names.is_file() else None)
+            self.source = self.source if names is not None else str(default_names)
+        self.classnames = split_classname_lines(names)[1] if names is not None else None
+        self.loader = make_loader(
+            shards,
+            batch_size=batch_size,
+            image_transform=encoder.preprocess,
+            mode="epoch",
+            num_workers=num_workers,
+            with_label=True,
+            pin_memory=pin,
+        )
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.loader:
+            if self.remap is not None and "label" in batch:
+                labels = torch.as_tensor(batch["label"]).long()
+                if labels.numel() and (labels.min() < 0 or labels.max() >= len(self.remap)):
+                    raise EvalDataError(f"a label is outside the {len(self.remap)} synsets of classnames.txt")
+                batch["label"] = self.remap[labels]
+            yield batch
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+def _synset_remap(path: Path) -> torch.Tensor | None:
+    """Shard label -> ImageNet index, when the shards' classnames.txt lists synsets (from-imagefolder).
+
+    A tree of only some synset folders is labelled 0..k-1 by folder order; its class-name file
+    says which synset each label is, so labels are mapped back to the standard 1000 indices.
+    """
     if not path.is_file():
-        raise DataError(f"{path.name} not found: {path} (pass {option} FILE, or put it next to the shards)")
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc} (it must be UTF-8 text, one entry per line)") from exc
-    lines = [line for line in lines if line]
-    if not lines:
-        raise DataError(f"{path} is empty; it needs one entry per line")
-    return lines
-
-
-def _resolve(
-    value: Sequence | PathLike | None, default_dir: Path, filename: str, option: str
-) -> tuple[list, str]:
-    """A list given directly, read from a file path, or read from `default_dir/filename`."""
-    if value is None:
-        path = default_dir / filename
-        return _read_lines(path, option), str(path)
-    if isinstance(value, (str, os.PathLike)):
-        return _read_lines(Path(value), option), str(value)
-    return list(value), f"the given {option.lstrip('-')}"
+        return None
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    keys = [line.split("\t")[0].strip() for line in lines]
+    if not keys or not all(is_synset(k) for k in keys):
+        return None
+    index = {s: i for i, s in enumerate(imagenet_synsets())}
+    unknown = [k for k in keys if k not in index]
+    if unknown:
+        raise DataError(f"{path}: {unknown[0]!r} is not an ImageNet-1k synset; this is not an ImageNet-1k shard set")
+    logger.info("%s lists synsets: mapping shard labels to ImageNet-1k indices", path)
+    return torch.tensor([index[k] for k in keys], dtype=torch.long)
 
 
 def zero_shot_task(
     encoder: Encoder,
-    data: PathLike | Sequence[PathLike],
+    data: DataSpec,
     *,
     classnames: Sequence[str] | PathLike | None = None,
     templates: Sequence[Template] | PathLike | None = None,
+    dataset: str | None = None,
+    labels: PathLike | None = None,
     batch_size: int = 128,
     num_workers: int = 0,
     device: str | torch.device = "cpu",
+    cache_dir: PathLike | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
-    """Zero-shot classification accuracy on labelled shards (`.cls` per sample).
+    """Zero-shot classification: acc1, acc5, mean_per_class_recall, num_samples, num_classes.
 
-    `classnames`/`templates` are lists or text files (one per line); by default
-    `classnames.txt` and `templates.txt` next to the shards. The encoder must be on `device`.
+    `dataset="imagenet"` takes open_clip's ImageNet class names and the OpenAI 80 templates
+    (`templates="simple"` for the short set). Otherwise `classnames`/`templates` are lists, files
+    (one per line) or, for templates, 'openai'/'simple'; by default `classnames.txt` and
+    `templates.txt` next to the shards or inside the folder (a folder without them uses its
+    sub-folder names and 'a photo of a {}.'). `labels` is the labels file of a flat folder.
+    With `cache_dir` the classifier is cached there. The encoder must be on `device`.
     """
-    shards = expand_shards(data)
-    where = _spec_name(data)
-    names, names_source = _resolve(classnames, _data_dir(data, shards), "classnames.txt", "--classnames")
-    prompts, _ = _resolve(templates, _data_dir(data, shards), "templates.txt", "--templates")
-    classifier = build_zero_shot_classifier(encoder, names, prompts, device)
-    loader = make_loader(
-        shards,
-        batch_size=batch_size,
-        image_transform=encoder.preprocess,
-        mode="epoch",
-        num_workers=num_workers,
-        with_label=True,
-        pin_memory=torch.device(device).type == "cuda",
+    device = torch.device(device)
+    stream = _Labelled(
+        encoder, data, classnames=classnames, dataset=dataset, labels=labels,
+        batch_size=batch_size, num_workers=num_workers, device=device,
     )
     try:
-        metrics = evaluate_zero_shot(encoder, loader, classifier, device)
-    except EvalDataError as exc:
-        raise DataError(f"{where}: {exc} (class names from {names_source})") from exc
+        names = stream.classnames
+        if names is None:
+            raise DataError(
+                f"{stream.where}: no class names: {stream.source} not found "
+                f"(pass --classnames FILE or --dataset imagenet, or put classnames.txt next to the shards)"
+            )
+        if templates is None and dataset == "imagenet":
+            default: Sequence[Template] | PathLike = "openai"
+        elif templates is None and (stream.default_dir / "templates.txt").is_file():
+            default = stream.default_dir / "templates.txt"
+        elif templates is None and stream.kind != "shards":
+            logger.warning("%s: no templates given and no templates.txt; using %r", stream.where, DEFAULT_TEMPLATE)
+            default = [DEFAULT_TEMPLATE]
+        else:
+            default = stream.default_dir / "templates.txt"
+        prompts, _ = resolve_templates(templates, default)
+        classifier = build_zero_shot_classifier(
+            encoder, names, prompts, device, cache_dir=cache_dir, progress=progress
+        )
+        try:
+            metrics = evaluate_zero_shot(encoder, stream, classifier, device, progress=progress, total=stream.total)
+        except EvalDataError as exc:
+            raise DataError(f"{stream.where}: {exc} (class names from {stream.source})") from exc
     finally:
-        loader.close()
+        stream.close()
     metrics["num_classes"] = len(names)
-    logger.info("zero-shot on %s: %s", where, metrics)
+    logger.info("zero-shot on %s: %s", stream.where, metrics)
     return metrics
 
 
 def retrieval_task(
     encoder: Encoder,
-    data: PathLike | Sequence[PathLike],
+    data: DataSpec,
     *,
     batch_size: int = 128,
     num_workers: int = 0,
     device: str | torch.device = "cpu",
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
-    """Image-text retrieval recall@1/5/10 on caption shards (JSON "captions" or `.txt`).
+    """Image-text retrieval recall@1/5/10 (CLIP_benchmark names), num_images, num_texts.
 
-    The encoder must be on `device`.
+    `data` is caption shards (JSON "captions" or `.txt`) or a CSV/TSV/JSONL table of image
+    paths and captions (columns picked by name, or given). The encoder must be on `device`.
     """
-    shards = expand_shards(data)
+    _check_loader_args(batch_size, num_workers)
+    device = torch.device(device)
     where = _spec_name(data)
-    # Only ask for .json when the shards carry it: the loader skips samples lacking a requested field.
-    loader = make_loader(
-        shards,
-        batch_size=batch_size,
-        image_transform=encoder.preprocess,
-        mode="epoch",
-        num_workers=num_workers,
-        with_json=_has_json(shards[0]),
-        pin_memory=torch.device(device).type == "cuda",
-    )
+    loader: Any
+    total = None
+    if is_table(data):
+        images = caption_table(data, image_column, caption_column)  # type: ignore[arg-type]
+        loader = FileLoader(images, encoder.preprocess, batch_size, num_workers, device.type == "cuda")
+        total = len(loader)
+    else:
+        if image_column is not None or caption_column is not None:
+            raise ConfigError("image_column/caption_column apply to CSV/TSV/JSONL tables, not to shards")
+        shards = expand_shards(data)
+        # Only ask for .json when the shards carry it: the loader skips samples lacking a requested field.
+        loader = make_loader(
+            shards,
+            batch_size=batch_size,
+            image_transform=encoder.preprocess,
+            mode="epoch",
+            num_workers=num_workers,
+            with_json=_has_json(shards[0]),
+            pin_memory=device.type == "cuda",
+        )
     try:
-        metrics = evaluate_retrieval(encoder, loader, device)
+        metrics = evaluate_retrieval(encoder, loader, device, progress=progress, total=total)
     except EvalDataError as exc:
         raise DataError(f"{where}: {exc}") from exc
     finally:
         loader.close()
     logger.info("retrieval on %s: %s", where, metrics)
+    return metrics
+
+
+def _features(
+    encoder: Encoder, data: DataSpec, device: torch.device, progress: bool, **opts: Any
+) -> tuple[torch.Tensor, torch.Tensor, _Labelled]:
+    stream = _Labelled(encoder, data, device=device, **opts)
+    try:
+        features, labels = extract_features(encoder, stream, device, progress=progress, total=stream.total)
+    except EvalDataError as exc:
+        raise DataError(f"{stream.where}: {exc}") from exc
+    finally:
+        stream.close()
+    return features, labels, stream
+
+
+def linear_probe_task(
+    encoder: Encoder,
+    train: DataSpec,
+    test: DataSpec,
+    *,
+    classnames: Sequence[str] | PathLike | None = None,
+    dataset: str | None = None,
+    train_labels: PathLike | None = None,
+    test_labels: PathLike | None = None,
+    weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    max_iter: int = 1000,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict[str, float]:
+    """Linear probe on frozen image features: lp_acc1, lp_acc5, lp_mean_per_class_recall, ...
+
+    `train` and `test` are labelled shards or folders with the same classes; folder classes of
+    the test set are matched to the training set's by name. See `eval.probe.linear_probe`.
+    """
+    device = torch.device(device)
+    opts = dict(dataset=dataset, batch_size=batch_size, num_workers=num_workers)
+    train_x, train_y, stream = _features(
+        encoder, train, device, progress, classnames=classnames, labels=train_labels, **opts
+    )
+    test_names = classnames
+    if classnames is None and stream.images is not None and dataset is None:
+        test_names = stream.images.class_keys  # match test folders to the training classes by name
+    test_x, test_y, _ = _features(encoder, test, device, progress, classnames=test_names, labels=test_labels, **opts)
+    num_classes = len(stream.classnames) if stream.classnames else None
+    if num_classes is not None and int(max(train_y.max(), test_y.max())) >= num_classes:
+        raise DataError(f"{_spec_name(test)}: a label is >= the {num_classes} classes of {stream.source}")
+    try:
+        metrics = linear_probe(
+            train_x, train_y, test_x, test_y, num_classes=num_classes, weight_decays=weight_decays,
+            val_fraction=val_fraction, seed=seed, max_iter=max_iter,
+        )
+    except EvalDataError as exc:
+        raise DataError(f"{_spec_name(train)}: {exc}") from exc
+    logger.info("linear probe %s -> %s: %s", _spec_name(train), _spec_name(test), metrics)
+    return metrics
+
+
+def few_shot_task(
+    encoder: Encoder,
+    data: DataSpec,
+    *,
+    n_way: int = 5,
+    k_shot: int = 1,
+    n_query: int = 15,
+    episodes: int = 600,
+    seed: int = 0,
+    classnames: Sequence[str] | PathLike | None = None,
+    dataset: str | None = None,
+    labels: PathLike | None = None,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict[str, float]:
+    """N-way K-shot prototype episodes on frozen image features: fewshot_acc +- fewshot_acc_ci95."""
+    device = torch.device(device)
+    features, targets, stream = _features(
+        encoder, data, device, progress, classnames=classnames, dataset=dataset, labels=labels,
+        batch_size=batch_size, num_workers=num_workers,
+    )
+    try:
+        metrics = few_shot(features, targets, n_way=n_way, k_shot=k_shot, n_query=n_query, episodes=episodes, seed=seed)
+    except EvalDataError as exc:
+        raise DataError(f"{stream.where}: {exc}") from exc
+    logger.info("few-shot on %s: %s", stream.where, metrics)
     return metrics
 
 
@@ -158,3 +393,6 @@ def _has_json(shard: str) -> bool:
     except (tarfile.TarError, OSError) as exc:
         raise DataError(f"unreadable shard: {shard} ({exc}; rebuild it)") from exc
     return False
+
+
+__all__ = ["few_shot_task", "linear_probe_task", "retrieval_task", "zero_shot_task"]

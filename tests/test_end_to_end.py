@@ -13,31 +13,9 @@ from safetensors.torch import load_file
 import clip_train
 from clip_train.config import load_config
 from clip_train.train import train
-from data_tools.synth import SynthConfig, write_synth
 
-TINY = ["model.embed_dim=32", "model.image.img_size=32", "model.image.patch_size=8", "model.image.width=48",
-        "model.image.depth=2", "model.image.heads=2", "model.text.context_length=32", "model.text.width=48",
-        "model.text.heads=2", "model.text.layers=2", "train.batch_size=16", "train.log_every=2",
-        "data.num_workers=0", "data.shuffle_buffer=50", "optim.warmup_steps=2", "run.progress=false",
-        "eval.batch_size=64"]
-
-
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    write_synth(out, SynthConfig(seed=0, train_samples=200, zeroshot_per_class=2, retrieval_samples=40,
-                                 image_size=32, samples_per_shard=64))
-    return out
-
-
-def _cfg(synth_dir, run_root, name, *extra):
-    return load_config("configs/demo.yaml", [
-        f"data.train={synth_dir}/train", f"data.zeroshot={synth_dir}/zeroshot",
-        f"data.retrieval={synth_dir}/retrieval", f"run.output_dir={run_root}", f"run.name={name}", *TINY, *extra])
-
-
-def test_train_eval_export_reload(synth_dir, tmp_path):
-    cfg = _cfg(synth_dir, tmp_path, "e2e", "train.steps=6", "train.save_every=3")
+def test_train_eval_export_reload(synth_dir, tmp_path, make_cfg):
+    cfg = make_cfg(synth_dir, tmp_path, "e2e", "train.steps=6", "train.save_every=3")
     summary = train(cfg)
     run = tmp_path / "e2e"
     assert summary["steps"] == 6 and summary["samples_seen"] == 96
@@ -70,12 +48,12 @@ def test_train_eval_export_reload(synth_dir, tmp_path):
     assert json.loads(proc.stdout)["acc1"] == pytest.approx(zs["acc1"])
 
 
-def test_sigkill_then_resume_is_exact(synth_dir, tmp_path):
+def test_sigkill_then_resume_is_exact(synth_dir, tmp_path, make_cfg, tiny_overrides):
     """SIGKILL a training process mid-run, resume it: same weights as an uninterrupted run, bit for bit."""
     common = ["train.steps=24", "train.save_every=4", "train.keep_last=2", "eval.at_end=false", "export.at_end=false"]
-    train(_cfg(synth_dir, tmp_path, "straight", *common))
+    train(make_cfg(synth_dir, tmp_path, "straight", *common))
 
-    args = [f"data.train={synth_dir}/train", f"run.output_dir={tmp_path}", "run.name=killed", *TINY, *common]
+    args = [f"data.train={synth_dir}/train", f"run.output_dir={tmp_path}", "run.name=killed", *tiny_overrides, *common]
     proc = subprocess.Popen([sys.executable, "-m", "clip_train", "-q", "train", "--config", "configs/demo.yaml", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpts = tmp_path / "killed" / "checkpoints"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from data_tools.errors import DataError
-from data_tools.loader import count_samples, make_loader
+from data_tools.loader import SKIP_REASONS, count_samples, make_loader
 from data_tools.shards import ShardWriter
 from data_tools.transforms import image_transform
 
@@ -23,7 +23,9 @@ def test_batch_shapes_dtypes_and_keys(make_shards, char_tokenizer):
                                with_label=True, with_json=True))
     assert [len(b["key"]) for b in batches] == [4, 4, 4, 1]  # batches span shards; partial kept
     b = batches[0]
-    assert set(b) == {"image", "key", "caption", "text", "label", "json"}
+    assert {k for k in b if not k.startswith("_")} == {"image", "key", "caption", "text",
+                                                        "label", "json"}
+    assert b["_skipped"] == dict.fromkeys(SKIP_REASONS, 0) and b["_seen"] == 4
     assert b["image"].shape == (4, 3, 16, 16) and b["image"].dtype == torch.float32
     assert b["text"].shape == (4, 16) and b["text"].dtype == torch.long
     assert b["label"].dtype == torch.long and b["label"].tolist() == [0, 1, 2, 0]
@@ -32,7 +34,7 @@ def test_batch_shapes_dtypes_and_keys(make_shards, char_tokenizer):
     torch.testing.assert_close(b["text"], char_tokenizer(b["caption"]))
     assert _keys(batches) == [f"s{i:05d}" for i in range(13)]
     plain = next(iter(make_loader(d, batch_size=2, image_transform=T)))
-    assert set(plain) == {"image", "key", "caption"}
+    assert {k for k in plain if not k.startswith("_")} == {"image", "key", "caption"}
 
 
 def test_drop_last(make_shards):

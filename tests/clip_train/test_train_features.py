@@ -1,0 +1,76 @@
+"""Engine features through the real loop on a tiny model: precision, skipping, trackers, MFU, locks."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import clip_train.train as train_module
+from clip_train.train import TrainingDiverged, train
+
+QUIET = ("eval.at_end=false", "export.at_end=false")
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_bf16_accumulated_run_with_tensorboard_and_mfu(synth_dir, tmp_path, make_cfg):
+    cfg = make_cfg(synth_dir, tmp_path, "bf16", *QUIET, "train.steps=4", "train.mixed_precision=bf16",
+                   "train.accum_steps=2", "train.batch_size=8", "train.grad_checkpointing=true",
+                   "optim.grad_clip=1.0", "run.trackers=[tensorboard]", "train.peak_flops=1e12")
+    summary = train(cfg)
+    records = _metrics(tmp_path / "bf16")
+    assert summary["samples_seen"] == 4 * 16  # contrastive batch = 8 x 2 micro-batches
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert all(0 < r["mfu"] < 1 for r in records)
+    assert list((tmp_path / "bf16").rglob("events.out.tfevents.*"))
+
+
+def test_nonfinite_steps_are_skipped_then_stop(synth_dir, tmp_path, make_cfg, monkeypatch):
+    real = train_module.forward_backward
+    calls = {"n": 0}
+
+    def poisoned(model, *args, **kwargs):
+        calls["n"] += 1
+        losses = real(model, *args, **kwargs)
+        if calls["n"] in (2, 3):  # two bad steps, then healthy again
+            next(model.parameters()).grad.fill_(float("nan"))
+        return losses
+
+    monkeypatch.setattr(train_module, "forward_backward", poisoned)
+    cfg = make_cfg(synth_dir, tmp_path, "skip", *QUIET, "train.steps=4", "train.max_nonfinite=3")
+    summary = train(cfg)
+    assert summary["nonfinite_skipped"] == 2
+    weights = load_file(str(tmp_path / "skip" / "checkpoints" / "step_4" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert _metrics(tmp_path / "skip")[-1]["nonfinite_skipped"] == 2
+
+    calls["n"] = 0
+    monkeypatch.setattr(train_module, "forward_backward",
+                        lambda model, *a, **k: (real(model, *a, **k), next(model.parameters()).grad.fill_(float("inf")))[0])
+    cfg = make_cfg(synth_dir, tmp_path, "diverge", *QUIET, "train.steps=10", "train.max_nonfinite=3")
+    with pytest.raises(TrainingDiverged, match="3 steps in a row"):
+        train(cfg)
+
+
+def test_locked_image_tower_does_not_change(synth_dir, tmp_path, make_cfg):
+    cfg = make_cfg(synth_dir, tmp_path, "lit", *QUIET, "train.steps=2", "model.lock_image=true",
+                   "train.save_every=1", "train.keep_last=5")
+    train(cfg)
+    first = load_file(str(tmp_path / "lit" / "checkpoints" / "step_1" / "model.safetensors"))
+    last = load_file(str(tmp_path / "lit" / "checkpoints" / "step_2" / "model.safetensors"))
+    trunk = [k for k in first if k.startswith("visual.trunk.")]
+    assert trunk and all(torch.equal(first[k], last[k]) for k in trunk)
+    assert not torch.equal(first["visual.head.proj.weight"], last["visual.head.proj.weight"])
+    assert not torch.equal(first["text.text_projection"], last["text.text_projection"])
+
+
+def test_fp16_on_cpu_is_a_config_error(synth_dir, tmp_path, make_cfg):
+    from data_tools.errors import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is valid with a GPU")
+    with pytest.raises(ConfigError, match="fp16"):
+        train(make_cfg(synth_dir, tmp_path, "fp16", *QUIET, "train.mixed_precision=fp16"))

@@ -1,0 +1,109 @@
+"""Bad samples: skipped, counted per reason with their keys, bounded by a budget."""
+
+import io
+import tarfile
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+from data_tools.errors import DataError
+from data_tools.loader import SKIP_REASONS, BadSampleBudget, make_loader
+from data_tools.shards import ShardWriter
+from data_tools.transforms import ImageTransform
+
+T = ImageTransform(16)
+
+
+def _png(w, h):
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (1, 2, 3)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add(tf, name, data, kind=tarfile.REGTYPE):
+    info = tarfile.TarInfo(name)
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    info.type = kind
+    if kind == tarfile.SYMTYPE:
+        info.linkname = "/etc/passwd"
+    tf.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+@pytest.fixture
+def bad_shards(tmp_path, jpeg):
+    d = tmp_path / "bad"
+    with ShardWriter(d, "a", samples_per_shard=100) as w:
+        good = lambda i: {"__key__": f"g{i}", "jpg": jpeg(i), "txt": f"caption {i}"}  # noqa: E731
+        for i in range(8):
+            w.write(good(i))
+        w.write({"__key__": "corrupt", "jpg": b"\xff\xd8\xff\xe0 not a jpeg", "txt": "x"})
+        w.write({"__key__": "truncjpg", "jpg": jpeg(1)[:40], "txt": "x"})
+        w.write({"__key__": "notxt", "jpg": jpeg(2)})
+        w.write({"__key__": "emptytxt", "jpg": jpeg(2), "txt": "  "})
+        w.write({"__key__": "latin1", "jpg": jpeg(2), "txt": "caf\xe9".encode("latin-1")})
+        w.write({"__key__": "noimage", "txt": "only text"})
+        w.write({"__key__": "bomb", "png": _png(300, 300), "txt": "big"})
+    with tarfile.open(d / "b-000000.tar", "w") as tf:
+        _add(tf, "g100.jpg", jpeg(100))
+        _add(tf, "g100.txt", b"fine")
+        _add(tf, "../escape.jpg", jpeg(3))
+        _add(tf, "/abs/path.txt", b"x")
+        _add(tf, "link.jpg", b"", tarfile.SYMTYPE)
+        _add(tf, "g101.jpg", jpeg(101))
+        _add(tf, "g101.txt", b"fine too")
+    # a shard cut in the middle of its third sample
+    with ShardWriter(tmp_path / "c", "c", samples_per_shard=100) as w:
+        for i in range(4):
+            w.write({"__key__": f"t{i}", "jpg": jpeg(200 + i), "txt": f"t {i}"})
+    full = (tmp_path / "c" / "c-000000.tar").read_bytes()
+    cut = full.index(b"t2.txt") + 600
+    (d / "c-000000.tar").write_bytes(full[:cut])
+    return d
+
+
+def test_bad_samples_are_skipped_counted_and_named(bad_shards, char_tokenizer):
+    batches = list(make_loader(bad_shards, batch_size=4, image_transform=T,
+                               tokenizer=char_tokenizer, max_pixels=200 * 200))
+    keys = [k for b in batches for k in b["key"]]
+    assert keys == [f"g{i}" for i in range(8)] + ["g100", "g101", "t0", "t1"]
+    skipped = Counter()
+    for b in batches:
+        assert set(b["_skipped"]) == set(SKIP_REASONS)
+        skipped.update(b["_skipped"])
+    assert +skipped == {"decode": 2, "missing_txt": 2, "bad_utf8": 1, "missing_image": 1,
+                        "too_large": 1, "unsafe_member": 3, "truncated_tar": 1}
+    assert sum(b["_seen"] for b in batches) == len(keys) + sum(skipped.values())
+    named = " ".join(k for b in batches for k in b["_bad_keys"])
+    for key in ("corrupt (decode)", "truncjpg (decode)", "notxt (missing_txt)",
+                "latin1 (bad_utf8)", "bomb (too_large)", "../escape (unsafe_member)",
+                "t2 (truncated_tar)"):
+        assert key in named
+
+
+def test_budget_stops_with_one_line(bad_shards, char_tokenizer):
+    budget = BadSampleBudget(0.2, min_samples=5, shards=str(bad_shards))
+    with pytest.raises(DataError) as e:
+        for b in make_loader(bad_shards, batch_size=4, image_transform=T,
+                             tokenizer=char_tokenizer, max_pixels=200 * 200):
+            budget.update(b)
+    msg = str(e.value)
+    assert "samples bad" in msg and "> data.max_bad_fraction=0.2" in msg
+    assert "first bad keys: corrupt (decode)" in msg
+    assert f"run `clip-data validate {bad_shards}`" in msg and "\n" not in msg
+    # the same bound inside the loader
+    with pytest.raises(DataError, match="max_bad_fraction=0.2"):
+        list(make_loader(bad_shards, batch_size=4, image_transform=T, tokenizer=char_tokenizer,
+                         max_bad_fraction=0.2, bad_min_samples=5))
+    # a generous bound lets the pass finish; the budget's counts survive a checkpoint
+    ok = BadSampleBudget(0.9, min_samples=5)
+    for b in make_loader(bad_shards, batch_size=4, image_transform=T, tokenizer=char_tokenizer):
+        ok.update(b)
+    again = BadSampleBudget(0.9)
+    again.load_state_dict(ok.state_dict())
+    assert (again.seen, again.bad) == (ok.seen, ok.bad) and 0.4 < ok.fraction < 0.6
+
+
+def test_budget_needs_a_sane_bound():
+    with pytest.raises(DataError, match="must be in"):
+        BadSampleBudget(1.5)
