@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import io
 import os
+import tarfile
 import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-
-import webdataset as wds
 
 from data_tools.errors import DataError
 
@@ -75,12 +75,15 @@ def encode_field(key: str, ext: str, value: Any) -> bytes:
 class ShardWriter:
     """Write samples into numbered tar shards `{prefix}-{idx:06d}.tar`, each atomically.
 
+    Numbering starts at `start_index` (a resumable builder writes one shard per writer).
+
     Use as a context manager. On a clean exit the last (partial) shard is finalised; on an
     exception inside the `with`, the shard in progress is deleted and earlier, complete
     shards are kept.
     """
 
-    def __init__(self, out_dir: str | Path, prefix: str, samples_per_shard: int = 1000) -> None:
+    def __init__(self, out_dir: str | Path, prefix: str, samples_per_shard: int = 1000,
+                 start_index: int = 0) -> None:
         if samples_per_shard < 1:
             raise DataError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
         self.out_dir = Path(out_dir)
@@ -89,10 +92,10 @@ class ShardWriter:
         self._shards: list[Path] = []
         self._shard_counts: list[int] = []
         self._num_samples = 0
-        self._idx = 0
+        self._idx = start_index
         self._tmp: Path | None = None
         self._file: Any = None
-        self._tar: wds.TarWriter | None = None
+        self._tar: tarfile.TarFile | None = None
         self._in_shard = 0
         self._closed = False
 
@@ -150,7 +153,11 @@ class ShardWriter:
         if self._tar is None:
             self._open_shard()
         assert self._tar is not None
-        self._tar.write({"__key__": key, **fields})
+        for ext, data in fields.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), _MTIME, 0o644
+            info.uname = info.gname = "clip-train"
+            self._tar.addfile(info, io.BytesIO(data))
         self._in_shard += 1
         self._num_samples += 1
         if self._in_shard >= self.samples_per_shard:
@@ -187,11 +194,9 @@ class ShardWriter:
         final = self.final_path(self._idx)
         self._tmp = final.with_name(f".{final.name}.tmp")
         self._file = open(self._tmp, "wb")
-        # encoder=False: fields are already bytes; fixed owner/mtime for reproducible bytes.
-        self._tar = wds.TarWriter(
-            self._file, encoder=False, mtime=_MTIME, user="clip-train", group="clip-train",
-            mode=0o644,
-        )
+        # Fixed owner/mtime/mode so the same samples give the same bytes. Plain tarfile
+        # rather than webdataset's TarWriter: importing webdataset imports torch (seconds).
+        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT)
         self._in_shard = 0
 
     def _finish_shard(self) -> None:

@@ -2,7 +2,8 @@
 
 A small picklable class rather than a torchvision `Compose` of lambdas so DataLoader workers
 can receive it under any start method, and so its augmentation draws from its own seeded RNG
-(never the global one): the loader reseeds it per (seed, epoch, rank, worker).
+(never the global one): the loader reseeds it at every batch from (seed, epoch, rank, worker,
+batch index), which is what makes a resumed epoch augment exactly like an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -18,16 +19,11 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-__all__ = ["ImageTransform", "image_transform", "OPENAI_DATASET_MEAN", "OPENAI_DATASET_STD"]
+from data_tools.images import to_rgb
 
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB without the palette-transparency warning PIL gives for some PNG/GIF files."""
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    return img.convert("RGB")
+__all__ = [
+    "ImageTransform", "image_transform", "to_rgb", "OPENAI_DATASET_MEAN", "OPENAI_DATASET_STD",
+]
 
 
 class ImageTransform:
@@ -60,7 +56,7 @@ class ImageTransform:
         self.rng = random.Random(seed)
 
     def reseed(self, seed: int) -> None:
-        """Restart the augmentation RNG (the loader calls this once per worker and epoch)."""
+        """Restart the augmentation RNG (the loader calls this at the start of every batch)."""
         self.rng = random.Random(seed)
 
     def __repr__(self) -> str:

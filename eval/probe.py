@@ -62,18 +62,25 @@ def extract_features(
 
 
 def fit_logistic_regression(
-    features: Tensor, labels: Tensor, num_classes: int, weight_decay: float, max_iter: int = 1000
+    features: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    weight_decay: float,
+    max_iter: int = 1000,
+    device: str | torch.device | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Weights [D, C] and bias [C] minimizing mean cross-entropy + weight_decay/2 * ||W||^2.
 
     Solved in float64 when the features fit in 1 GiB that way: float32 stalls L-BFGS once the
-    loss stops changing in its last bit, well before the gradient is small.
+    loss stops changing in its last bit, well before the gradient is small. Runs on `device`
+    (default: where the features are); returns float32 tensors on the CPU.
     """
+    device = torch.device(device) if device is not None else features.device
     dtype = torch.float64 if features.numel() <= _FLOAT64_ELEMENTS else torch.float32
-    x = features.to(dtype)
-    y = labels.long()
-    weight = torch.zeros(x.shape[1], num_classes, dtype=dtype, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=dtype, requires_grad=True)
+    x = features.to(device=device, dtype=dtype)
+    y = labels.to(device).long()
+    weight = torch.zeros(x.shape[1], num_classes, dtype=dtype, device=device, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=dtype, device=device, requires_grad=True)
     optimizer = torch.optim.LBFGS(
         [weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
         tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe",
@@ -87,7 +94,7 @@ def fit_logistic_regression(
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return weight.detach().float(), bias.detach().float()
+    return weight.detach().float().cpu(), bias.detach().float().cpu()
 
 
 def _standardizer(features: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,6 +114,7 @@ def linear_probe(
     val_fraction: float = 0.2,
     seed: int = 0,
     max_iter: int = 1000,
+    device: str | torch.device | None = None,
 ) -> dict[str, float]:
     """Sweep weight decay on a seeded validation split of train, refit on all of train, test.
 
@@ -132,7 +140,7 @@ def linear_probe(
     val_x = (train_features[val_idx] - mean) / std
     sweep: list[tuple[float, float]] = []
     for wd in weight_decays:
-        weight, bias = fit_logistic_regression(fit_x, train_labels[fit_idx], num_classes, wd, max_iter)
+        weight, bias = fit_logistic_regression(fit_x, train_labels[fit_idx], num_classes, wd, max_iter, device)
         acc = classification_metrics(val_x @ weight + bias, train_labels[val_idx])["acc1"]
         sweep.append((acc, wd))
         logger.info("linear probe: weight decay %g -> val acc1 %.4f", wd, acc)
@@ -140,7 +148,9 @@ def linear_probe(
     best_acc, best_wd = max(sweep, key=lambda item: (item[0], item[1]))
 
     mean, std = _standardizer(train_features)
-    weight, bias = fit_logistic_regression((train_features - mean) / std, train_labels, num_classes, best_wd, max_iter)
+    weight, bias = fit_logistic_regression(
+        (train_features - mean) / std, train_labels, num_classes, best_wd, max_iter, device
+    )
     logits = ((test_features - mean) / std) @ weight + bias
     test = classification_metrics(logits, test_labels)
     return {

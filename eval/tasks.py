@@ -334,7 +334,7 @@ def linear_probe_task(
     try:
         metrics = linear_probe(
             train_x, train_y, test_x, test_y, num_classes=num_classes, weight_decays=weight_decays,
-            val_fraction=val_fraction, seed=seed, max_iter=max_iter,
+            val_fraction=val_fraction, seed=seed, max_iter=max_iter, device=device,
         )
     except EvalDataError as exc:
         raise DataError(f"{_spec_name(train)}: {exc}") from exc

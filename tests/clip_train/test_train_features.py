@@ -74,3 +74,22 @@ def test_fp16_on_cpu_is_a_config_error(synth_dir, tmp_path, make_cfg):
         pytest.skip("fp16 is valid with a GPU")
     with pytest.raises(ConfigError, match="fp16"):
         train(make_cfg(synth_dir, tmp_path, "fp16", *QUIET, "train.mixed_precision=fp16"))
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_saves_plain_names(synth_dir, tmp_path, make_cfg):
+    """torch.compile in place: the loop runs and checkpoints keep the uncompiled parameter names."""
+    summary = train(make_cfg(synth_dir, tmp_path, "compiled", *QUIET, "train.steps=2", "train.compile=true"))
+    weights = load_file(str(tmp_path / "compiled" / "checkpoints" / "step_2" / "model.safetensors"))
+    assert summary["steps"] == 2 and "logit_scale" in weights
+    assert not any("_orig_mod" in k for k in weights)
+
+
+def test_wandb_offline_logs_without_network(synth_dir, tmp_path, make_cfg, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(make_cfg(synth_dir, tmp_path, "wb", *QUIET, "train.steps=2", "run.trackers=[wandb]"))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and list(runs[0].glob("*.wandb"))

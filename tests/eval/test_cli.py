@@ -1,0 +1,123 @@
+"""`clip-eval` subcommands end to end: folders, caches, probes, and one-line errors."""
+
+import json
+
+import pytest
+import torch
+
+from eval.cli import main
+
+SUBCOMMANDS = ["zero-shot", "retrieval", "probe", "few-shot", "suite"]
+
+
+@pytest.fixture
+def weights(tiny_encoder, tmp_path):
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny_encoder.model.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path, write_images):
+    for i, name in enumerate(["cat", "dog", "car", "bus", "sun", "sea"]):
+        write_images(tmp_path / "tree" / name, 3, seed=i)
+    return tmp_path / "tree"
+
+
+def _model(tiny_model_name, weights):
+    return ["--model", tiny_model_name, "--pretrained", str(weights)]
+
+
+def test_help_of_every_subcommand_has_an_example(capsys):
+    for argv in [["--help"]] + [[name, "--help"] for name in SUBCOMMANDS]:
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 0
+        assert "clip-eval" in capsys.readouterr().out.split("examples:")[1]
+
+
+def test_zero_shot_folder_and_cache(tiny_model_name, weights, tree, tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("a photo of a {}.\nart of the {}\n")
+    argv = ["zero-shot", *_model(tiny_model_name, weights), "--data", str(tree), "--templates", str(tmp_path / "t.txt"),
+            "--cache-dir", str(tmp_path / "cache"), "--batch-size", "4"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["num_samples"] == 18 and first["num_classes"] == 6
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out) == first
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1  # reused, not rebuilt
+    (tmp_path / "t.txt").write_text("a photo of a {}.\n")
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # other templates: a miss
+    assert main(argv[:-4] + ["--no-cache"]) == 0
+
+
+def test_zero_shot_default_cache_dir_from_env(tiny_model_name, weights, tree, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CLIP_TRAIN_CACHE", str(tmp_path / "env_cache"))
+    assert main(["zero-shot", *_model(tiny_model_name, weights), "--data", str(tree)]) == 0
+    assert list((tmp_path / "env_cache" / "classifiers").glob("*.safetensors"))
+
+
+def test_probe_and_few_shot(tiny_model_name, weights, tree, tmp_path, capsys):
+    out = tmp_path / "probe.json"
+    assert main(["probe", *_model(tiny_model_name, weights), "--train", str(tree), "--test", str(tree),
+                 "--weight-decays", "1e-3,1e-1", "--max-iter", "50", "--output", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == printed and printed["weight_decay"] in (1e-3, 1e-1)
+    assert main(["few-shot", *_model(tiny_model_name, weights), "--data", str(tree), "--n-way", "3",
+                 "--k-shot", "1", "--n-query", "2", "--episodes", "7"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["episodes"] == 7 and 0 <= printed["fewshot_acc"] <= 1
+
+
+def test_retrieval_from_csv(tiny_model_name, weights, tmp_path, write_images, capsys):
+    paths = write_images(tmp_path / "imgs", 5)
+    rows = ["image,caption"] + [f"imgs/{p.name},caption {i} {j}" for i, p in enumerate(paths) for j in range(5)]
+    (tmp_path / "c.csv").write_text("\n".join(rows))
+    assert main(["retrieval", *_model(tiny_model_name, weights), "--data", str(tmp_path / "c.csv")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["num_images"] == 5 and printed["num_texts"] == 25
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("folder_not_in_classnames", "'sea'"),
+        ("empty_dataset", "no images"),
+        ("template_without_braces", "'a photo'"),
+        ("caption_table_mismatch", "line 2: image 'imgs/none.png' not found"),
+        ("missing_table", "no such caption table"),
+        ("bad_suite_key", "tasks[0] (a).dataa: unknown key"),
+        ("bad_weight_decays", "--weight-decays"),
+        ("few_shot_too_few_classes", "only 6 have"),
+    ],
+)
+def test_user_errors_are_one_line(case, expected, tiny_model_name, weights, tree, tmp_path, capsys):
+    model = _model(tiny_model_name, weights)
+    if case == "folder_not_in_classnames":
+        (tmp_path / "names.txt").write_text("cat\ndog\ncar\nbus\nsun\n")
+        argv = ["zero-shot", *model, "--data", str(tree), "--classnames", str(tmp_path / "names.txt")]
+    elif case == "empty_dataset":
+        (tmp_path / "empty" / "cat").mkdir(parents=True)
+        argv = ["zero-shot", *model, "--data", str(tmp_path / "empty")]
+    elif case == "template_without_braces":
+        (tmp_path / "t.txt").write_text("a photo\n")
+        argv = ["zero-shot", *model, "--data", str(tree), "--templates", str(tmp_path / "t.txt")]
+    elif case == "caption_table_mismatch":
+        (tmp_path / "c.csv").write_text("image,caption\nimgs/none.png,a cat\n")
+        argv = ["retrieval", *model, "--data", str(tmp_path / "c.csv")]
+    elif case == "missing_table":
+        argv = ["retrieval", *model, "--data", str(tmp_path / "nope.jsonl")]
+    elif case == "bad_suite_key":
+        (tmp_path / "s.yaml").write_text("tasks:\n  - {name: a, task: retrieval, dataa: x}\n")
+        argv = ["suite", *model, "--suite", str(tmp_path / "s.yaml")]
+    elif case == "bad_weight_decays":
+        argv = ["probe", *model, "--train", str(tree), "--test", str(tree), "--weight-decays", "1e-3,big"]
+    else:
+        argv = ["few-shot", *model, "--data", str(tree), "--n-way", "7", "--k-shot", "1", "--n-query", "2"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], captured.err
