@@ -61,3 +61,46 @@ def test_python_dash_m(tmp_path):
     r = subprocess.run([sys.executable, "-m", "data_tools", "inspect", str(tmp_path / "x.tar")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: shard not found")
+
+
+@pytest.mark.parametrize("cmd", ["build", "from-imagefolder", "reshard", "validate"])
+def test_builder_help_has_example(cmd, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([cmd, "--help"])
+    assert f"example:\n  clip-data {cmd}" in capsys.readouterr().out
+
+
+def test_validate_lists_bad_samples_and_exits_1(bad_shards, tmp_path, capsys):
+    report = tmp_path / "bad.jsonl"
+    rc = main(["validate", str(bad_shards), "--max-pixels", "40000", "--report", str(report),
+               "-q"])
+    assert rc == 1
+    out = capsys.readouterr()
+    assert "bad samples (" in out.out and "invalid:" in out.err
+    rows = [json.loads(line) for line in report.read_text().splitlines()]
+    got = {(r["key"], r["reason"]) for r in rows}
+    assert got >= {("corrupt", "decode"), ("truncjpg", "decode"), ("notxt", "missing_txt"),
+                   ("emptytxt", "empty_caption"), ("latin1", "bad_utf8"),
+                   ("noimage", "missing_image"), ("bomb", "too_large"),
+                   ("../escape", "unsafe_member"), ("t2", "truncated_tar")}
+    for key in ("corrupt", "truncjpg", "bomb", "t2"):
+        assert f"  {key}  " in out.out
+
+
+def test_inspect_histograms_duplicates_and_clean_validate(make_shards, jpeg, capsys):
+    d = make_shards([4, 3])
+    assert main(["validate", str(d), "-q"]) == 0
+    assert "valid: 7 samples in 2 shards" in capsys.readouterr().out
+    # the same key in two shards, found without decoding
+    from data_tools.shards import ShardWriter
+
+    with ShardWriter(d, "zdup", 10) as w:
+        w.write({"__key__": "s00001", "jpg": jpeg(1), "txt": "again"})
+    assert main(["inspect", str(d), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "caption length (chars):" in out and "image size (shorter side, px):" in out
+    assert "  16-31" not in out and "  0-31" in out  # shorter side 16 px
+    assert "problems: 1 bad samples (duplicate_key 1)" in out
+    assert main(["inspect", str(d), "--json", "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["total"] == 8 and summary["problems"] == {"duplicate_key": 1}

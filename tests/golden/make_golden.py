@@ -16,7 +16,7 @@ STEPS = 8
 
 
 def smoke_losses(tmp: Path) -> list:
-    from conftest import TINY, _make_cfg
+    from smoke_config import TINY, make_cfg as _make_cfg
     from clip_train.train import train
     from data_tools.synth import SynthConfig, write_synth
 
