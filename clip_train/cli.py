@@ -4,6 +4,8 @@
     clip-train resume runs/demo
     clip-train export runs/demo --out exports/demo
     clip-train report runs/demo
+    clip-train embed runs/demo/export --data demo_out/data/retrieval --out emb/demo
+    clip-train index emb/demo && clip-train search emb/demo --text "a red circle"
 """
 
 from __future__ import annotations
@@ -91,6 +93,54 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    import clip_train
+    from clip_train.embed import embed_shards
+    from data_tools.loader import count_samples
+
+    encoder = clip_train.load(args.model, device=args.device)
+    with tqdm(total=count_samples(args.data), unit="sample", desc="embed", disable=args.quiet) as bar:
+        info = embed_shards(encoder, args.data, args.out, model_path=str(Path(args.model).resolve()),
+                            batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+                            progress=bar)
+    print(f"{info['count']} image and text embeddings (dim {info['dim']}) in {args.out}")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from clip_train.embed import build_index
+
+    for path in build_index(args.emb_dir, args.modality, kind=args.kind):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+
+    import clip_train
+    from clip_train.embed import read_info, search
+
+    if (args.text is None) == (args.image is None):
+        raise ClipTrainError("give exactly one query: --text 'a caption' or --image path/to/image.jpg")
+    encoder = clip_train.load(args.model or read_info(args.emb_dir)["model"])
+    with torch.no_grad():
+        if args.text is not None:
+            query, default_target = encoder.embed_texts([args.text])[0], "image"
+        else:
+            path = Path(args.image)
+            if not path.is_file():
+                raise ClipTrainError(f"query image not found: {path}")
+            query, default_target = encoder.embed_images([Image.open(path)])[0], "text"
+    hits = search(args.emb_dir, query, target=args.target or default_target, k=args.k)
+    for hit in hits:
+        print(json.dumps(hit) if args.json else f"{hit['rank']:>3}  {hit['score']:.4f}  {hit['key']}  {hit['caption']}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from clip_train.report import write_report
 
@@ -128,6 +178,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="run dir, checkpoint dir or export dir")
     p.add_argument("--out", help="output dir (default: <path>/export)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("embed", help="image and text embeddings of a shard set (.npy + metadata)",
+                       formatter_class=fmt,
+                       epilog="example:\n  clip-train embed runs/demo/export --data demo_out/data/retrieval --out emb/demo")
+    p.add_argument("model", help="export dir, run dir or checkpoint dir")
+    p.add_argument("--data", required=True, help="shard spec: dir, brace pattern, glob or a::b")
+    p.add_argument("--out", required=True, help="output dir")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("index", help="faiss index over an embedding dir", formatter_class=fmt,
+                       epilog="example:\n  clip-train index emb/demo\n  clip-train index emb/demo --kind ivf --modality image")
+    p.add_argument("emb_dir")
+    p.add_argument("--kind", choices=["flat", "ivf"], default="flat", help="flat: exact; ivf: faster, approximate")
+    p.add_argument("--modality", nargs="+", choices=["image", "text"], default=["image", "text"])
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="nearest images (or captions) to a text or image query", formatter_class=fmt,
+                       epilog="example:\n  clip-train search emb/demo --text 'two small red circles on the left' -k 5\n"
+                              "  clip-train search emb/demo --image query.jpg --target image")
+    p.add_argument("emb_dir")
+    p.add_argument("--text", help="text query")
+    p.add_argument("--image", help="image query (path)")
+    p.add_argument("--target", choices=["image", "text"], help="what to search (default: the other modality)")
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--model", help="model path (default: the one that made the embeddings)")
+    p.add_argument("--json", action="store_true", help="one JSON object per hit")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("report", help="PNG plots and a summary of a run's metrics.jsonl", formatter_class=fmt,
                        epilog="example:\n  clip-train report runs/demo\n  clip-train report runs/demo --out /tmp/demo_report")
