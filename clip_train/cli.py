@@ -88,6 +88,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     export_model(model, out)
     info = json.loads((out / "export_info.json").read_text())
     print(f"exported to {out}")
+    if args.onnx:
+        from clip_train.onnx_export import export_onnx
+
+        for path in export_onnx(model, out / "onnx").values():
+            print(f"wrote {path}")
     if not info["open_clip"]:
         print(f"no open_clip export: {info['open_clip_reason']}")
     return 0
@@ -173,10 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("export", help="write the towers (ours, timm, open_clip formats)", formatter_class=fmt,
-                       epilog="example:\n  clip-train export runs/demo --out exports/demo\n"
+                       epilog="example:\n  clip-train export runs/demo --out exports/demo\n  clip-train export runs/demo --onnx\n"
                               "  python -c \"import clip_train; enc = clip_train.load('exports/demo')\"")
     p.add_argument("path", help="run dir, checkpoint dir or export dir")
     p.add_argument("--out", help="output dir (default: <path>/export)")
+    p.add_argument("--onnx", action="store_true", help="also write onnx/image_encoder.onnx and onnx/text_encoder.onnx")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("embed", help="image and text embeddings of a shard set (.npy + metadata)",
