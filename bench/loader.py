@@ -14,7 +14,8 @@ its own venv because open_clip_train needs webdataset<=0.2.86 (see bench/opencli
 
 Prints one JSON line per (round, size) and a summary line per size with medians:
 {"bench": "loader", "image_size": 64, "ours": ..., "openclip": ..., "ratio": ...} (samples/s;
-ratio = ours / OpenCLIP, > 1 means we are faster). `--profile` runs our worker pipeline
+ratio = ours / OpenCLIP, > 1 means we are faster; the summary's ratio is the median of the
+per-round ratios). `--profile` runs our worker pipeline
 in-process under cProfile for one size and prints where the time goes.
 """
 
@@ -97,11 +98,10 @@ def profile(shards: str, size: int, batch_size: int, batches: int) -> None:
     import pstats
 
     import open_clip
+    import torch
 
     from data_tools.loader import make_loader
     from data_tools.transforms import ImageTransform
-
-    import torch
 
     torch.set_num_threads(1)
     loader = make_loader(shards, batch_size=batch_size,
@@ -172,11 +172,18 @@ def main() -> None:
                 row["ratio"] = round(row["ours"] / row["openclip"], 2)
             print(json.dumps(row), flush=True)
     for size in a.sizes:
+        if not results[size]["ours"]:
+            continue
         o = statistics.median(results[size]["ours"])
-        row = {"bench": "loader-summary", "image_size": size, "ours": round(o, 1)}
+        row = {"bench": "loader-summary", "image_size": size, "rounds": a.rounds,
+               "ours": round(o, 1)}
         if results[size]["openclip"]:
             c = statistics.median(results[size]["openclip"])
-            row.update({"openclip": round(c, 1), "ratio": round(o / c, 2)})
+            ratios = [x / y for x, y in zip(results[size]["ours"], results[size]["openclip"])]
+            # the median of per-round ratios: each pair ran back to back, so it is the
+            # figure least moved by other load on the machine
+            row.update({"openclip": round(c, 1), "ratio": round(statistics.median(ratios), 2),
+                        "ratio_min": round(min(ratios), 2)})
         print(json.dumps(row), flush=True)
     if a.profile:
         profile(shards, a.sizes[0], a.batch_size, 8)

@@ -87,6 +87,7 @@ class Checkpoint:
     training: Dict[str, Any]  # optimizer, scheduler, scaler state dicts
     rng: Optional[Dict[str, Any]]
     trainer_state: Dict[str, Any]
+    rank_state: Optional[Dict[str, Any]] = None  # this process's data position (JSON)
 
 
 class CheckpointManager:
@@ -107,7 +108,7 @@ class CheckpointManager:
 
     # -- save -----------------------------------------------------------------------------------
     def save(self, step: int, model_state: Dict[str, torch.Tensor], training_state: Dict[str, Any],
-             trainer_state: Dict[str, Any], config_yaml: str) -> Path:
+             trainer_state: Dict[str, Any], config_yaml: str, rank_state: Optional[Dict[str, Any]] = None) -> Path:
         final = self.root / f"step_{step}"
         tmp = self.root / f".tmp_step_{step}"
         if self.is_main:
@@ -117,6 +118,8 @@ class CheckpointManager:
             tmp.mkdir()
         self.barrier()
         torch.save(rng_state(), tmp / f"rng_{self.rank}.pt")
+        if rank_state is not None:  # every process has its own loader position
+            (tmp / f"rank_{self.rank}.json").write_text(json.dumps(rank_state))
         if self.is_main:
             save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
             torch.save(training_state, tmp / OPTIM_FILE)
@@ -194,7 +197,9 @@ def load_checkpoint_dir(path: Path, rank: int = 0, with_training_state: bool = T
         training = torch.load(path / OPTIM_FILE, weights_only=True) if with_training_state else {}
         rng_file = path / f"rng_{rank}.pt"
         rng = torch.load(rng_file, weights_only=True) if with_training_state and rng_file.is_file() else None
+        rank_file = path / f"rank_{rank}.json"
+        rank_state = json.loads(rank_file.read_text()) if with_training_state and rank_file.is_file() else None
     except Exception as exc:  # corrupt files raise many types; report the directory and the cause
         raise CheckpointError(f"{path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     return Checkpoint(path=path, step=int(trainer_state["step"]), model=model, training=training,
-                      rng=rng, trainer_state=trainer_state)
+                      rng=rng, trainer_state=trainer_state, rank_state=rank_state)

@@ -62,6 +62,10 @@ class DataConfig:
     retrieval: Optional[str] = None
     num_workers: int = 2
     shuffle_buffer: int = 1000
+    mode: str = "epoch"  # epoch: each sample once per pass; resampled: shards drawn with replacement
+    weights: Optional[List[float]] = None  # one per '::'-separated source of data.train (resampled)
+    samples_per_epoch: Optional[int] = None  # resampled: samples in one pass (for epochs in the log)
+    max_bad_fraction: float = 0.01  # stop when more of the samples read than this are unusable
 
 
 @dataclass
@@ -196,6 +200,15 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:
             raise ConfigError(f"{key} must be positive")
+    if cfg.data.mode not in ("epoch", "resampled"):
+        raise ConfigError(f"data.mode must be epoch or resampled, not '{cfg.data.mode}'")
+    if cfg.data.mode == "epoch" and (cfg.data.weights or cfg.data.samples_per_epoch):
+        raise ConfigError("data.weights and data.samples_per_epoch need data.mode=resampled")
+    if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.train.split("::")):
+        raise ConfigError(f"data.weights has {len(cfg.data.weights)} entries but data.train has "
+                          f"{len(cfg.data.train.split('::'))} '::'-separated sources")
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        raise ConfigError("data.max_bad_fraction must be in [0, 1]")
     if cfg.train.accum_steps < 1:
         raise ConfigError("train.accum_steps must be at least 1")
     if cfg.loss.local_loss and not cfg.loss.gather_with_grad:

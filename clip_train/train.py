@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from accelerate import Accelerator
@@ -32,7 +32,7 @@ from clip_train.optim import build_optimizer, build_scheduler
 from clip_train.step import forward_backward
 from clip_train.throughput import device_peak_flops, train_flops_per_sample
 from data_tools.errors import ClipTrainError, ConfigError, DataError
-from data_tools.loader import expand_shards, make_loader
+from data_tools.loader import BadSampleBudget, epoch_batches, expand_shards, make_loader
 from data_tools.transforms import image_transform
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ def train(cfg: Config, resume: bool = False) -> Dict[str, Any]:
                               barrier=accelerator.wait_for_everyone)
     state = {"step": 0, "samples_seen": 0, "epoch": 0, "batch_in_epoch": 0, "nonfinite_skipped": 0}
     metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator)
+    rank_state: Dict[str, Any] = {}
     if resume:
         ckpt = ckpts.load_latest()
         if ckpt is None:
@@ -137,6 +138,7 @@ def train(cfg: Config, resume: bool = False) -> Dict[str, Any]:
             if ckpt.rng is not None:
                 set_rng_state(ckpt.rng)
             state.update({k: ckpt.trainer_state.get(k, v) for k, v in state.items()})
+            rank_state = ckpt.rank_state or {}
             metrics.truncate_after(state["step"])
             log.info("resumed from %s at step %d", ckpt.path, state["step"])
     elif is_main and (run_dir / "metrics.jsonl").exists():
@@ -145,26 +147,38 @@ def train(cfg: Config, resume: bool = False) -> Dict[str, Any]:
     def save() -> Path:
         training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
-        return ckpts.save(state["step"], unwrapped.state_dict(), training, dict(state), to_yaml(cfg))
+        position = {"loader": loader.state_dict(), "bad_samples": budget.state_dict()}
+        return ckpts.save(state["step"], unwrapped.state_dict(), training, dict(state), to_yaml(cfg), position)
 
     # ---------------------------------------------------------------- data
     train_transform = image_transform(unwrapped.image_size, train=True)
+    # Epoch mode: every process stops a pass after the same number of batches, or DDP would hang.
+    max_batches = None
+    if cfg.data.mode == "epoch":
+        max_batches = min(epoch_batches(cfg.data.train, batch_size=step_batch, world_size=world,
+                                        num_workers=cfg.data.num_workers, drop_last=True))
+        if max_batches == 0:
+            raise DataError(f"data.train '{cfg.data.train}' has too few samples for one batch of {step_batch} on "
+                            f"each of {world} processes; use a smaller train.batch_size or more data")
+    budget = BadSampleBudget(cfg.data.max_bad_fraction, shards=cfg.data.train)
+    if rank_state.get("bad_samples"):
+        budget.load_state_dict(rank_state["bad_samples"])
 
-    def batches(epoch: int, skip: int) -> Iterator[Dict[str, Any]]:
-        """One epoch of batches; `skip` batches already trained on are read and dropped (exact)."""
-        loader = make_loader(shards, batch_size=step_batch, image_transform=train_transform,
-                             tokenizer=tokenizer, mode="epoch", num_workers=cfg.data.num_workers,
-                             shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed, epoch=epoch,
-                             rank=rank, world_size=world, drop_last=True, pin_memory=device.type == "cuda")
-        for i, batch in enumerate(loader):
-            if i >= skip:
-                yield batch
+    def open_loader(epoch: int, position: Optional[Dict[str, Any]] = None):
+        """One pass of batches; `position` (a loader state) resumes mid-pass without decoding the rest."""
+        return make_loader(cfg.data.train, batch_size=step_batch, image_transform=train_transform,
+                           tokenizer=tokenizer, mode=cfg.data.mode, num_workers=cfg.data.num_workers,
+                           shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed, epoch=epoch,
+                           rank=rank, world_size=world, drop_last=True, pin_memory=device.type == "cuda",
+                           weights=cfg.data.weights, samples_per_epoch=cfg.data.samples_per_epoch,
+                           max_batches=max_batches, state=position)
 
     # ---------------------------------------------------------------- loop
     model.train()
     for module in locked_modules(unwrapped, cfg.model):
         module.eval()
-    data_iter = batches(state["epoch"], state["batch_in_epoch"])
+    loader = open_loader(state["epoch"], rank_state.get("loader"))
+    data_iter = iter(loader)
     loss_sums: Dict[str, torch.Tensor] = {}
     window = {"steps": 0, "data_time": 0.0, "flops": 0.0, "start": time.perf_counter()}
     last_loss: Optional[float] = None
@@ -181,9 +195,12 @@ def train(cfg: Config, resume: bool = False) -> Dict[str, Any]:
                                 f"{rank}; use fewer processes, a smaller train.batch_size or more data")
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
-            data_iter = batches(state["epoch"], 0)
+            loader.close()
+            loader = open_loader(state["epoch"])
+            data_iter = iter(loader)
             continue
         window["data_time"] += time.perf_counter() - t0
+        budget.update(batch)  # stops the run, naming bad keys, past data.max_bad_fraction
         images = batch["image"].to(device, non_blocking=True)
         tokens = batch["text"].to(device, non_blocking=True)
 
@@ -251,6 +268,7 @@ def train(cfg: Config, resume: bool = False) -> Dict[str, Any]:
 
     # ---------------------------------------------------------------- evaluate / save / export
     final_ckpt = save()
+    loader.close()
     summary: Dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": str(final_ckpt), "steps": state["step"],
                                "samples_seen": state["samples_seen"], "final_loss": last_loss,
                                "train_seconds": round(train_time, 1), "nonfinite_skipped": state["nonfinite_skipped"]}

@@ -45,7 +45,6 @@ from data_tools.errors import DataError
 from data_tools.images import IMAGE_FILE_EXTS, BadImage, encode_image
 from data_tools.shards import ShardWriter, write_json_atomic
 from data_tools.tario import FieldLoader, RawSample, ReadMode, iter_shard
-from data_tools.urls import sample_key
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +244,8 @@ def _read_rows(path: Path) -> Iterator[dict[str, Any]]:
                     try:
                         row = json.loads(line)
                     except ValueError as e:
-                        raise DataError(f"{path}:{lineno}: invalid JSON ({e}); fix that line") from e
+                        raise DataError(
+                            f"{path}:{lineno}: invalid JSON ({e}); fix that line") from e
                     if not isinstance(row, dict):
                         raise DataError(f"{path}:{lineno}: expected a JSON object per line")
                     yield row

@@ -50,12 +50,15 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
 def _print_build_summary(manifest: dict, out: str, took: float, what: str = "wrote") -> None:
     splits = manifest["splits"]
     parts = ", ".join(f"{name} {info['samples']}" for name, info in splits.items())
     n_shards = sum(len(info["shards"]) for info in splits.values())
-    print(f"{what} {manifest['written']} samples in {n_shards} shard{'' if n_shards == 1 else 's'} "
-          f"to {out} ({parts}) "
+    print(f"{what} {manifest['written']} samples in {_n(n_shards, 'shard')} to {out} ({parts}) "
           f"in {took:.1f}s")
     skipped = manifest.get("skipped") or {}
     if skipped:
@@ -161,7 +164,7 @@ def _print_stats(stats) -> None:
     width = max(len(s) for s, _ in stats.shards)
     for shard, n in stats.shards:
         print(f"{shard:<{width}}  {n:>8d}")
-    print(f"{'total':<{width}}  {stats.total:>8d}  ({len(stats.shards)} shards)")
+    print(f"{'total':<{width}}  {stats.total:>8d}  ({_n(len(stats.shards), 'shard')})")
     if stats.chars is None:
         print("captions: none (no .txt members)")
     else:
@@ -224,7 +227,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             json.dumps({"shard": p.shard, "key": p.key, "reason": p.reason, "detail": p.detail})
             + "\n" for p in bad))
     if not bad:
-        print(f"valid: {stats.total} samples in {len(stats.shards)} shards")
+        print(f"valid: {stats.total} samples in {_n(len(stats.shards), 'shard')}")
         return 0
     print(f"bad samples ({len(bad)}):")
     for p in bad[: args.max_list]:
@@ -295,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/train/ (and OUT/val/ with --val-fraction) and OUT/manifest.json. A rerun with "
         "the same inputs and options skips the shards already complete.",
         formatter_class=fmt,
-        epilog="example:\n  clip-data build photos/ --out data/mine --max-side 512 --num-workers 2\n"
+        epilog="example:\n  clip-data build photos/ --out data/mine --max-side 512 "
+        "--num-workers 2\n"
         "  clip-data build pairs.csv --out data/mine --image-col filepath --caption-col title "
         "--val-fraction 0.01 --shuffle\n"
         "  clip-data build laion_part/ --out data/laion --reuse",
@@ -305,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="this fraction of samples (by seeded key hash) goes to OUT/val/")
     p.add_argument("--min-caption-len", type=int, default=1, help="in characters; shorter: skipped")
-    p.add_argument("--max-caption-len", type=int, default=None, help="in characters; longer: skipped")
+    p.add_argument("--max-caption-len", type=int, default=None,
+                   help="in characters; longer: skipped")
     p.add_argument("--image-col", default=None, help="table column of image paths "
                    "(default: image, image_path, filepath, file, path, filename or img)")
     p.add_argument("--caption-col", default=None,

@@ -99,7 +99,7 @@ def classes_of(root: Path, classnames_file: str | Path | None) -> dict[str, Any]
                  if ln.strip()]
         if len(given) != len(names):
             raise DataError(f"{classnames_file}: {len(given)} class names for {len(names)} "
-                            f"classes ({'ImageNet-1k labels' if kind == 'imagenet-1k' else 'folders'}"
+                            f"classes ({'ImageNet-1k' if kind == 'imagenet-1k' else 'folders'}"
                             "); give one name per line in label order")
         names = given
     return {"kind": kind, "labels": labels, "names": names, "templates": templates,

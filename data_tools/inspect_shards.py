@@ -134,7 +134,8 @@ def _check_shard(args: tuple[str, bool, int]) -> tuple[ShardStats, list[str]]:
                 st.caption_chars.append(len(text))
                 st.caption_words.append(len(text.split()))
                 if not text:
-                    st.problems.append(Problem(name, s.key, "empty_caption", "the caption is empty"))
+                    st.problems.append(Problem(name, s.key, "empty_caption",
+                                               "the caption is empty"))
         else:
             st.missing_caption.append(Problem(name, s.key, "missing_txt", "no caption (.txt)"))
         if "cls" in f:

@@ -85,7 +85,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -176,8 +175,11 @@ class _Pending:
     skipped: Counter = field(default_factory=Counter)
     bad_keys: list[str] = field(default_factory=list)
     total_bad: int = 0
+    silent: bool = False  # a resumed worker's replay: these were reported before
 
     def bad(self, reason: str, key: str, url: str, detail: str) -> None:
+        if self.silent:
+            return
         self.seen += reason in ("truncated_tar", "unsafe_member", "unreadable_shard")
         self.skipped[reason] += 1
         self.total_bad += 1
@@ -313,7 +315,7 @@ class _ShardStream(IterableDataset):
         # Sample-split workers read only the headers of samples that are not theirs and
         # load the rest on demand; a resumed worker reads headers only until it catches up.
         mode = ReadMode(read_data=not (p.sample_split or replaying))
-        quiet = _Pending(where="replay")  # problems met while replaying were reported before
+        quiet = _Pending(where="replay", silent=True)
         raw = self._raw(worker, mode, _Switch(lambda: quiet if replaying else pending))
         stream: Iterable[RawSample] = raw
         if p.shuffle_buffer > 0:

@@ -7,9 +7,9 @@ owner and member order), so shards can be compared and cached by hash.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import io
 import os
 import tarfile
 import tempfile

@@ -23,6 +23,7 @@ import os
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from data_tools.urls import is_remote, sample_key
 
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 # Called for a problem in a shard: (reason, sample key, url, detail).
 Problem = Callable[[str, str, str, str], None]
 
-_END_BLOCKS = 2 * tarfile.BLOCKSIZE  # a complete tar ends with two zero blocks
 
 
 @dataclass
@@ -65,6 +65,93 @@ class ReadMode:
         self.read_data = read_data
 
 
+class _DamagedTar(Exception):
+    """A header that is not a tar header (bad checksum or number field)."""
+
+
+_ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
+_REGULAR = (b"0", b"\0", b"7")
+_DIRECTORY = b"5"
+
+
+def _number(field: bytes, where: int) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256, for sizes of 8 GiB and more
+        return int.from_bytes(field[1:], "big")
+    digits = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        raise _DamagedTar(f"bad number field in the header at byte {where}") from None
+
+
+def _pax(payload: bytes) -> dict[str, str]:
+    """PAX extended header records: b"%d key=value\n" ..."""
+    out, i = {}, 0
+    while i < len(payload):
+        sp = payload.find(b" ", i)
+        if sp < 0:
+            break
+        try:
+            length = int(payload[i:sp])
+        except ValueError:
+            break
+        key, _, value = payload[sp + 1: i + length - 1].partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        i += max(length, 1)
+    return out
+
+
+def _headers(f: BinaryIO, file_size: int) -> Iterator[tuple[str, bytes, int, int]]:
+    """(name, type flag, data offset, data size) of each member, reading headers only.
+
+    Our own parser rather than `tarfile`: it is several times faster (a shard of small
+    images has three members per sample), and it never builds a member list. Handles
+    ustar prefixes, PAX `path`/`size` records and GNU long names. Raises `EOFError` when
+    the file ends before its end-of-archive block, `_DamagedTar` on a damaged header.
+    """
+    pos = 0
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    while True:
+        f.seek(pos)
+        hdr = f.read(tarfile.BLOCKSIZE)
+        if len(hdr) < tarfile.BLOCKSIZE:
+            raise EOFError
+        if hdr == _ZERO_BLOCK:
+            return
+        if _number(hdr[148:156], pos) != sum(hdr) - sum(hdr[148:156]) + 256:
+            raise _DamagedTar(f"bad header checksum at byte {pos}")
+        size = _number(hdr[124:136], pos)
+        kind = hdr[156:157]
+        data = pos + tarfile.BLOCKSIZE
+        if kind in (b"x", b"g", b"L", b"K"):  # metadata for the next member
+            if data + size > file_size:
+                raise EOFError
+            f.seek(data)
+            payload = f.read(size)
+            if kind == b"x":
+                pax = _pax(payload)
+            elif kind == b"L":
+                long_name = payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            pos = data + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            continue
+        raw = hdr[:100].split(b"\0", 1)[0]
+        if hdr[257:262] == b"ustar":
+            prefix = hdr[345:500].split(b"\0", 1)[0]
+            if prefix:
+                raw = prefix + b"/" + raw
+        name = raw.decode("utf-8", "surrogateescape")
+        if long_name is not None:
+            name, long_name = long_name, None
+        if pax:
+            name = pax.get("path", name)
+            if "size" in pax:
+                size = int(pax["size"])
+            pax = {}
+        pos = data + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        yield name, kind, data, size
+
+
 def iter_shard(
     url: str,
     *,
@@ -88,32 +175,24 @@ def iter_shard(
         return
     with f:
         size = os.fstat(f.fileno()).st_size
-        try:
-            tf = tarfile.open(fileobj=f, mode="r:")
-        except (tarfile.TarError, OSError) as e:
-            report("unreadable_shard", "", url, f"not a tar file ({e})")
-            return
         pending: RawSample | None = None
         truncated = ""
+        members = 0
         try:
-            while True:
-                info = tf.next()
-                if info is None:
-                    break
-                tf.members = []  # keep memory flat on big shards
-                name = info.name
-                if info.isdir():
+            for name, kind, offset, length in _headers(f, size):
+                members += 1
+                if kind == _DIRECTORY:
                     continue
                 split = sample_key(name)
-                if not info.isreg() or unsafe_member_name(name):
-                    what = "a link or special file" if not info.isreg() else "an unsafe path"
+                if kind not in _REGULAR or unsafe_member_name(name):
+                    what = "a link or special file" if kind not in _REGULAR else "an unsafe path"
                     report("unsafe_member", split[0] if split else name, url,
                            f"member {name!r} is {what}; rejected")
                     continue
                 if split is None or os.path.basename(name).startswith("__"):
                     continue
                 key, ext = split[0], split[1].lower()
-                if info.offset_data + info.size > size:
+                if offset + length > size:
                     if pending is not None and pending.key != key:
                         yield pending  # complete: the cut member starts the next sample
                     pending = RawSample(key, url)
@@ -124,17 +203,23 @@ def iter_shard(
                     pending = None
                 if pending is None:
                     pending = RawSample(key, url)
-                pending.refs[ext] = (info.offset_data, info.size)
+                pending.refs[ext] = (offset, length)
                 if mode.read_data:
-                    f.seek(info.offset_data)
-                    pending.fields[ext] = f.read(info.size)
-            if not truncated and size < tf.offset + _END_BLOCKS:
-                truncated = "the file ends before the tar end-of-archive blocks"
-        except (tarfile.TarError, OSError) as e:
-            truncated = f"{type(e).__name__}: {e}"
+                    f.seek(offset)
+                    pending.fields[ext] = f.read(length)
+        except EOFError:
+            if members == 0:
+                report("unreadable_shard", "", url, "empty or not a tar file")
+                return
+            truncated = "the file ends before the tar end-of-archive blocks"
+        except (_DamagedTar, OSError) as e:
+            if members == 0:
+                report("unreadable_shard", "", url, f"not a tar file ({e})")
+                return
+            truncated = str(e)
         if truncated:
             key = pending.key if pending is not None else ""
-            report("truncated_tar", key, url, f"shard is truncated ({truncated}); "
+            report("truncated_tar", key, url, f"shard is truncated or damaged ({truncated}); "
                    "the last sample is dropped")
         elif pending is not None:
             yield pending

@@ -96,17 +96,14 @@ def shard_sample_counts(shards: str | Path | Sequence[str | Path]) -> list[tuple
     """
     from data_tools.tario import ReadMode, iter_shard
 
+    def problem(reason: str, key: str, url: str, detail: str) -> None:
+        if reason == "unreadable_shard":
+            raise DataError(f"unreadable shard: {url} ({detail}; rebuild it)")
+
     counts = []
     for shard in expand_shards(shards):
         if is_remote(shard):
             raise DataError(f"cannot count samples of a remote shard: {shard} (copy it locally)")
-        problems: list[str] = []
-
-        def problem(reason: str, key: str, url: str, detail: str) -> None:
-            if reason == "unreadable_shard":
-                raise DataError(f"unreadable shard: {url} ({detail}; rebuild it)")
-            problems.append(reason)
-
         n = sum(1 for _ in iter_shard(shard, mode=ReadMode(False), on_problem=problem))
         counts.append((shard, n))
     return counts

@@ -49,8 +49,12 @@ def test_train_eval_export_reload(synth_dir, tmp_path, make_cfg):
 
 
 def test_sigkill_then_resume_is_exact(synth_dir, tmp_path, make_cfg, tiny_overrides):
-    """SIGKILL a training process mid-run, resume it: same weights as an uninterrupted run, bit for bit."""
-    common = ["train.steps=24", "train.save_every=4", "train.keep_last=2", "eval.at_end=false", "export.at_end=false"]
+    """SIGKILL a training process mid-run, resume it: same weights as an uninterrupted run, bit for bit.
+
+    Two loader workers and a shuffle buffer: the resumed run must continue each worker's stream,
+    and the workers' round-robin, where the checkpoint left them (24 steps = 2 epochs + a bit)."""
+    common = ["train.steps=28", "train.save_every=4", "train.keep_last=2", "eval.at_end=false", "export.at_end=false",
+              "data.num_workers=2"]
     train(make_cfg(synth_dir, tmp_path, "straight", *common))
 
     args = [f"data.train={synth_dir}/train", f"run.output_dir={tmp_path}", "run.name=killed", *tiny_overrides, *common]
@@ -65,12 +69,12 @@ def test_sigkill_then_resume_is_exact(synth_dir, tmp_path, make_cfg, tiny_overri
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert not (ckpts / "step_24").exists()
+    assert not (ckpts / "step_28").exists()
 
     summary = train(load_config(tmp_path / "killed" / "config.yaml"), resume=True)
-    assert summary["steps"] == 24
-    a = load_file(str(tmp_path / "straight" / "checkpoints" / "step_24" / "model.safetensors"))
-    b = load_file(str(ckpts / "step_24" / "model.safetensors"))
+    assert summary["steps"] == 28
+    a = load_file(str(tmp_path / "straight" / "checkpoints" / "step_28" / "model.safetensors"))
+    b = load_file(str(ckpts / "step_28" / "model.safetensors"))
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name

@@ -36,3 +36,21 @@ def test_two_processes_equal_one(tmp_path):
         for name, grad in reference.items():
             torch.testing.assert_close(result["grads"][name], grad, rtol=1e-5, atol=1e-5,
                                        msg=lambda m: f"{result['variant']} {name}: {m}")
+
+
+def test_two_process_training_run_completes_epochs(synth_dir, tmp_path, tiny_overrides):
+    """The real loop under torchrun: ranks stop each epoch together (no DDP hang), checkpoints once."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = [f"data.train={synth_dir}/train", f"run.output_dir={tmp_path}", "run.name=ddp", *tiny_overrides,
+            "train.steps=9", "train.save_every=4", "eval.at_end=false", "export.at_end=false", "data.num_workers=1"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "clip_train", "-q", "train", "--config", "configs/demo.yaml", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 9 and records[-1]["samples_seen"] == 9 * 16 * 2
+    assert records[-1]["epoch"] >= 1  # 200 samples / (16 x 2) per step: the run crossed an epoch boundary
+    ckpt = tmp_path / "ddp" / "checkpoints" / "step_9"
+    assert (ckpt / "rank_0.json").is_file() and (ckpt / "rank_1.json").is_file()

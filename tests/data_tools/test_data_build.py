@@ -200,7 +200,8 @@ def test_build_from_img2dataset_resharded_and_reused(img2dataset_dir, tmp_path, 
                  "-q"]) == 0
     assert "reused 6 samples in 2 shards" in capsys.readouterr().out
     m = json.loads((tmp_path / "r" / "manifest.json").read_text())
-    assert m["splits"]["train"]["shard_counts"] == [3, 3] and not list((tmp_path / "r").glob("*.tar"))
+    assert m["splits"]["train"]["shard_counts"] == [3, 3]
+    assert not list((tmp_path / "r").glob("*.tar"))
 
 
 def test_build_is_resumable_and_never_half_written(photo_folder, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from collections import Counter
 
 import pytest
+
 from data_tools.errors import DataError
 from data_tools.loader import SKIP_REASONS, BadSampleBudget, make_loader
 from data_tools.transforms import ImageTransform

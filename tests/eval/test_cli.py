@@ -62,7 +62,7 @@ def test_zero_shot_default_cache_dir_from_env(tiny_model_name, weights, tree, tm
 def test_probe_and_few_shot(tiny_model_name, weights, tree, tmp_path, capsys):
     out = tmp_path / "probe.json"
     assert main(["probe", *_model(tiny_model_name, weights), "--train", str(tree), "--test", str(tree),
-                 "--weight-decays", "1e-3,1e-1", "--max-iter", "50", "--output", str(out)]) == 0
+                 "--weight-decays", "1e-3,1e-1", "--max-iter", "20", "--output", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text()) == printed and printed["weight_decay"] in (1e-3, 1e-1)
     assert main(["few-shot", *_model(tiny_model_name, weights), "--data", str(tree), "--n-way", "3",

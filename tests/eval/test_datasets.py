@@ -33,15 +33,26 @@ def test_synset_folders_map_to_standard_indices(imagenet_tree):
 
 
 def test_zero_shot_on_imagenet_folder(tiny_encoder, imagenet_tree):
-    m = zero_shot_task(tiny_encoder, imagenet_tree, dataset="imagenet", templates="simple", batch_size=4)
+    # one template keeps this quick: 1000 prompts (the named sets are checked below)
+    m = zero_shot_task(tiny_encoder, imagenet_tree, dataset="imagenet", templates=["a photo of a {}."], batch_size=4)
     assert m["num_samples"] == 6 and m["num_classes"] == 1000
     assert 0 <= m["acc1"] <= m["acc5"] <= 1
+
+
+def test_named_template_sets(tmp_path):
+    from eval.prompts import resolve_templates
+
+    openai, source = resolve_templates("openai", None)
+    assert openai == list(open_clip.OPENAI_IMAGENET_TEMPLATES) and len(openai) == 80 and "openai" in source
+    assert resolve_templates(None, "simple")[0] == list(open_clip.SIMPLE_IMAGENET_TEMPLATES)
+    (tmp_path / "t.txt").write_text("a {}\n\nart of {}\n")
+    assert resolve_templates(tmp_path / "t.txt", "openai")[0] == ["a {}", "art of {}"]
 
 
 def test_folder_not_a_synset_is_one_line(tiny_encoder, imagenet_tree, write_images):
     write_images(imagenet_tree / "cats", 1)
     with pytest.raises(DataError) as info:
-        zero_shot_task(tiny_encoder, imagenet_tree, dataset="imagenet", templates="simple")
+        zero_shot_task(tiny_encoder, imagenet_tree, dataset="imagenet", templates=["{}"])
     message = str(info.value)
     assert "'cats'" in message and "\n" not in message
 

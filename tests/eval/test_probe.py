@@ -111,7 +111,7 @@ def synth_zeroshot(tmp_path_factory):
 
 
 def test_probe_and_few_shot_tasks_on_shards(tiny_encoder, synth_zeroshot):
-    m = linear_probe_task(tiny_encoder, synth_zeroshot, synth_zeroshot, weight_decays=(1e-3,), batch_size=64)
+    m = linear_probe_task(tiny_encoder, synth_zeroshot, synth_zeroshot, weight_decays=(1e-3,), max_iter=50, batch_size=64)
     assert m["num_train"] == m["num_test"] == 6 * len(class_names())
     assert m["num_classes"] == len(class_names()) and 0 <= m["lp_acc1"] <= 1
     f = few_shot_task(tiny_encoder, synth_zeroshot, n_way=3, k_shot=1, n_query=2, episodes=20, batch_size=64)
@@ -123,7 +123,7 @@ def test_probe_task_matches_test_folders_by_name(tiny_encoder, tmp_path, write_i
         write_images(tmp_path / "train" / name, 4, seed=i)
     for i, name in enumerate(["cow", "ant"]):  # a subset, in another order
         write_images(tmp_path / "test" / name, 2, seed=10 + i)
-    m = linear_probe_task(tiny_encoder, tmp_path / "train", tmp_path / "test", weight_decays=(1e-3,), batch_size=8)
+    m = linear_probe_task(tiny_encoder, tmp_path / "train", tmp_path / "test", weight_decays=(1e-3,), max_iter=50, batch_size=8)
     assert m["num_classes"] == 3 and m["num_test"] == 4
     write_images(tmp_path / "test" / "dog", 1)
     with pytest.raises(DataError, match="'dog'"):
