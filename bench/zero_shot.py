@@ -49,7 +49,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--templates", type=int, default=80, help="OpenAI templates to use (first N; default 80)")
     p.add_argument("--images", type=int, default=1024, help="images in the eval folder (default 1024)")
     p.add_argument("--batch-size", type=int, default=128, help="eval images per batch (default 128)")
-    p.add_argument("--text-batch-size", type=int, default=256, help="our prompts per text forward (default 256)")
+    p.add_argument("--text-batch-size", type=int, default=1024, help="our prompts per text forward (default 1024, as in eval)")
     p.add_argument("--num-workers", type=int, default=0, help="eval loader workers, both sides (default 0)")
     p.add_argument("--repeats", type=int, default=1, help="alternating repeats; best time is kept (default 1)")
     p.add_argument("--device", default="cpu")

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from data_tools.errors import ClipTrainError
+from data_tools.shards import write_text_atomic as atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> Dict[str, Any]:

@@ -10,6 +10,7 @@ Every file is written to a temporary name and renamed, so an interrupted run lea
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from data_tools.errors import ClipTrainError, DataError
+from data_tools.shards import write_bytes_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -27,22 +29,10 @@ INFO = "info.json"
 MODALITIES = ("image", "text")
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 @torch.no_grad()
@@ -70,11 +60,11 @@ def embed_shards(encoder: torch.nn.Module, shards: str, out_dir: str | Path, *, 
     if not meta:
         raise DataError(f"no samples with an image and a caption in {shards}; check it with `clip-data inspect`")
     image_emb, text_emb = np.concatenate(images), np.concatenate(texts)
-    _atomic_save_npy(out_dir / "image_embeddings.npy", image_emb)
-    _atomic_save_npy(out_dir / "text_embeddings.npy", text_emb)
-    _atomic_write(out_dir / "metadata.jsonl", "\n".join(meta) + "\n")
+    _save_npy(out_dir / "image_embeddings.npy", image_emb)
+    _save_npy(out_dir / "text_embeddings.npy", text_emb)
+    write_text_atomic(out_dir / "metadata.jsonl", "\n".join(meta) + "\n")
     info = {"model": model_path, "shards": str(shards), "count": len(meta), "dim": int(image_emb.shape[1])}
-    _atomic_write(out_dir / INFO, json.dumps(info, indent=1) + "\n")
+    write_text_atomic(out_dir / INFO, json.dumps(info, indent=1) + "\n")
     return info
 
 

@@ -40,6 +40,11 @@ def _atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write `data` so `path` holds either the old or the whole new content."""
+    _atomic_write_bytes(path, data)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write `text` (UTF-8) so `path` holds either the old or the whole new content."""
     _atomic_write_bytes(path, text.encode("utf-8"))

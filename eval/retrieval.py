@@ -39,7 +39,7 @@ def evaluate_retrieval(
     encoder: Encoder,
     batches: Iterable[dict],
     device: str | torch.device,
-    batch_size: int = 256,
+    batch_size: int = 1024,
     ks: Sequence[int] = (1, 5, 10),
     progress: bool = False,
     total: int | None = None,

@@ -136,7 +136,7 @@ def encode_texts(
     encoder: object,
     texts: Sequence[str],
     device: str | torch.device,
-    batch_size: int = 256,
+    batch_size: int = 1024,
     progress: bool = False,
     desc: str = "texts",
 ) -> Tensor:

@@ -195,3 +195,29 @@ def test_retrieval_from_table_matches_metric(tiny_encoder, tmp_path, write_image
     assert got["num_images"] == 6 and got["num_texts"] == len(texts)
     for key, value in want.items():
         assert got[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_imagenet_shards_with_synset_classnames_are_remapped(tiny_encoder, tmp_path, write_images):
+    """Shards of a partial synset tree (labels 0..k-1 + classnames.txt of synsets) map back to 0..999."""
+    import io
+    import tarfile
+
+    import eval.tasks as tasks
+
+    paths = write_images(tmp_path / "imgs", 4)
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    with tarfile.open(shard_dir / "val-000000.tar", "w") as tf:
+        for i, path in enumerate(paths):
+            for name, data in ((f"s{i}.png", path.read_bytes()), (f"s{i}.cls", str(i % 2).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    (shard_dir / "classnames.txt").write_text("n01443537\nn15075141\n")
+    stream = tasks._Labelled(tiny_encoder, shard_dir, classnames=None, dataset="imagenet", labels=None,
+                             batch_size=2, num_workers=0, device=torch.device("cpu"))
+    labels = torch.cat([b["label"] for b in stream]).tolist()
+    stream.close()
+    assert labels == [1, 999, 1, 999] and len(stream.classnames) == 1000
+    m = zero_shot_task(tiny_encoder, shard_dir, dataset="imagenet", templates=["{}"])
+    assert m["num_samples"] == 4 and m["num_classes"] == 1000
