@@ -11,6 +11,7 @@ Sections: set-up, model, resume, data, loop, evaluate/save/export.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import time
@@ -68,12 +69,12 @@ class MetricsLog:
 def _accelerator(cfg: Config) -> Accelerator:
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on the CPU")
-    if "wandb" in cfg.run.trackers:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise ConfigError("run.trackers has wandb but the wandb package is not installed: pip install wandb "
-                              "(set WANDB_MODE=offline to log without network)") from None
+    for tracker, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        # Accelerate only warns about a missing tracker package and then logs nothing.
+        if tracker in cfg.run.trackers and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"run.trackers has {tracker} but the {module} package is not installed: "
+                              f"pip install 'clip-train[{tracker}]'"
+                              + (" (set WANDB_MODE=offline to log without network)" if tracker == "wandb" else ""))
     # Accelerate keeps process-wide state; drop a previous run's precision settings so `train` can
     # be called again in one process (notebooks, sweeps, tests). The process group is kept.
     AcceleratorState._reset_state()
