@@ -47,6 +47,11 @@ def format_summary(summary: Dict[str, Any]) -> str:
         lines.append(f"retrieval:     image->text R@1 {rt['text_retrieval_recall@1']:.3f} R@5 {rt['text_retrieval_recall@5']:.3f}"
                      f" | text->image R@1 {rt['image_retrieval_recall@1']:.3f} R@5 {rt['image_retrieval_recall@5']:.3f}"
                      + (f"  (chance R@1 {1 / rt['num_images']:.4f})" if rt.get("num_images") else ""))
+    for name, metrics in results.items():
+        if name not in ("zeroshot", "retrieval"):  # eval suite tasks
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                              if isinstance(v, float) and not k.startswith("num_"))
+            lines.append(f"{name + ':':<15}{shown}")
     lines.append(f"checkpoint:    {summary['checkpoint']}")
     if summary.get("export_dir"):
         lines.append(f"export:        {summary['export_dir']}  (load with clip_train.load)")

@@ -109,6 +109,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     at_end: bool = True
+    every: int = 0  # also evaluate every N steps (0: only at the end)
+    suite: Optional[str] = None  # eval suite YAML (eval/suite.py) run with data.zeroshot/retrieval
     batch_size: int = 128
     num_workers: int = 0
 
@@ -209,6 +211,11 @@ def validate(cfg: Config) -> None:
                           f"{len(cfg.data.train.split('::'))} '::'-separated sources")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError("data.max_bad_fraction must be in [0, 1]")
+    if cfg.eval.every < 0:
+        raise ConfigError("eval.every must be >= 0")
+    if cfg.eval.every and not (cfg.data.zeroshot or cfg.data.retrieval or cfg.eval.suite):
+        raise ConfigError("eval.every is set but there is nothing to evaluate: set data.zeroshot, "
+                          "data.retrieval or eval.suite")
     if cfg.train.accum_steps < 1:
         raise ConfigError("train.accum_steps must be at least 1")
     if cfg.loss.local_loss and not cfg.loss.gather_with_grad:

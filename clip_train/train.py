@@ -97,6 +97,11 @@ def train(cfg: Config, resume: bool = False) -> Dict[str, Any]:
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     if cfg.run.trackers:
         accelerator.init_trackers(cfg.run.name, config=_flat(config_to_dict(cfg)))
+    suite = None
+    if cfg.eval.suite:
+        from eval.suite import load_suite
+
+        suite = load_suite(cfg.eval.suite)  # a bad suite file fails now, not hours into the run
     set_seed(cfg.train.seed)
     step_batch = cfg.train.batch_size * cfg.train.accum_steps  # per process, one contrastive batch
     log.info("run %s: %d processes on %s, %d train shards, contrastive batch %d",
@@ -264,6 +269,13 @@ def train(cfg: Config, resume: bool = False) -> Dict[str, Any]:
             window.update(steps=0, data_time=0.0, flops=0.0, start=time.perf_counter())
         if cfg.train.save_every and state["step"] % cfg.train.save_every == 0 and state["step"] < cfg.train.steps:
             save()
+        if cfg.eval.every and state["step"] % cfg.eval.every == 0 and state["step"] < cfg.train.steps:
+            if is_main:  # the others wait at the barrier (long suites: raise the NCCL timeout)
+                results = evaluate(unwrapped, cfg, device, suite, run_dir / "eval" / f"step_{state['step']}")
+                metrics.write({"step": state["step"], "samples_seen": state["samples_seen"], **_flat(results, "eval")})
+            accelerator.wait_for_everyone()
+            window.update(steps=0, data_time=0.0, flops=0.0, start=time.perf_counter())
+            loss_sums = {}
     progress.close()
     train_time = time.perf_counter() - t_start
 
@@ -274,7 +286,7 @@ def train(cfg: Config, resume: bool = False) -> Dict[str, Any]:
                                "samples_seen": state["samples_seen"], "final_loss": last_loss,
                                "train_seconds": round(train_time, 1), "nonfinite_skipped": state["nonfinite_skipped"]}
     if is_main and cfg.eval.at_end:
-        summary["eval"] = evaluate(unwrapped, cfg, device)
+        summary["eval"] = evaluate(unwrapped, cfg, device, suite, run_dir / "eval" / f"step_{state['step']}")
         atomic_write_text(run_dir / "eval_results.json", json.dumps(summary["eval"], indent=1) + "\n")
         metrics.write({"step": state["step"], "samples_seen": state["samples_seen"], **_flat(summary["eval"], "eval")})
     if is_main and cfg.export.at_end:
@@ -296,8 +308,9 @@ def _grad_norm(model: torch.nn.Module, accelerator: Accelerator, clip: Optional[
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
 
 
-def evaluate(model: torch.nn.Module, cfg: Config, device: torch.device) -> Dict[str, Dict[str, float]]:
-    """Zero-shot classification and retrieval on the configured held-out splits."""
+def evaluate(model: torch.nn.Module, cfg: Config, device: torch.device, suite: Any = None,
+             output_dir: Optional[Path] = None) -> Dict[str, Dict[str, float]]:
+    """Zero-shot and retrieval on the configured held-out splits, then the eval suite if any."""
     from eval.tasks import retrieval_task, zero_shot_task
 
     encoder = ClipEncoder(model)
@@ -307,6 +320,10 @@ def evaluate(model: torch.nn.Module, cfg: Config, device: torch.device) -> Dict[
         results["zeroshot"] = zero_shot_task(encoder, cfg.data.zeroshot, **opts)
     if cfg.data.retrieval:
         results["retrieval"] = retrieval_task(encoder, cfg.data.retrieval, **opts)
+    if suite is not None:
+        from eval.suite import run_suite
+
+        results.update(run_suite(encoder, suite, device, output_dir=output_dir))
     return results
 
 

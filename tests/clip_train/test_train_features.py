@@ -93,3 +93,27 @@ def test_wandb_offline_logs_without_network(synth_dir, tmp_path, make_cfg, monke
     train(make_cfg(synth_dir, tmp_path, "wb", *QUIET, "train.steps=2", "run.trackers=[wandb]"))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs and list(runs[0].glob("*.wandb"))
+
+
+def test_eval_suite_every_n_steps(synth_dir, tmp_path, make_cfg):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"tasks:\n  - {{name: shapes, task: zero-shot, data: {synth_dir}/zeroshot}}\n")
+    cfg = make_cfg(synth_dir, tmp_path, "evals", "train.steps=4", "eval.every=2", f"eval.suite={suite}",
+                   "data.retrieval=null", "export.at_end=false")
+    summary = train(cfg)
+    evals = [r for r in _metrics(tmp_path / "evals") if "eval/shapes/acc1" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(0 <= r["eval/zeroshot/acc1"] <= 1 for r in evals)
+    assert summary["eval"]["shapes"]["acc1"] == summary["eval"]["zeroshot"]["acc1"]
+    assert (tmp_path / "evals" / "eval" / "step_2" / "shapes.json").is_file()
+    assert (tmp_path / "evals" / "eval" / "step_4" / "results.md").is_file()
+
+
+def test_bad_suite_fails_before_training(synth_dir, tmp_path, make_cfg):
+    from data_tools.errors import ConfigError
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("tasks:\n  - {name: x, task: zero-shot, data: /x, colour: red}\n")
+    with pytest.raises(ConfigError, match="colour"):
+        train(make_cfg(synth_dir, tmp_path, "bad", "train.steps=2", f"eval.suite={suite}"))
+    assert not (tmp_path / "bad" / "checkpoints").exists()
