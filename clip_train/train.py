@@ -102,6 +102,11 @@ def train(cfg: Config, resume: bool = False) -> Dict[str, Any]:
         from eval.suite import load_suite
 
         suite = load_suite(cfg.eval.suite)  # a bad suite file fails now, not hours into the run
+        taken = {"zeroshot": cfg.data.zeroshot, "retrieval": cfg.data.retrieval}
+        clash = [t.name for t in suite.tasks if taken.get(t.name)]
+        if clash:
+            raise ConfigError(f"eval.suite task name(s) {clash} are used by data.zeroshot/data.retrieval results; "
+                              f"rename them in {cfg.eval.suite}")
     set_seed(cfg.train.seed)
     step_batch = cfg.train.batch_size * cfg.train.accum_steps  # per process, one contrastive batch
     log.info("run %s: %d processes on %s, %d train shards, contrastive batch %d",

@@ -14,9 +14,10 @@ width of its 95% confidence interval (1.96 * sample std / sqrt(episodes)).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,22 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 _FLOAT64_ELEMENTS = 1 << 27
+# Below this many multiply-adds per logits matmul an L-BFGS fit is a long chain of tiny ops;
+# threads only add synchronisation, which costs 100x on a busy machine, so it runs on one.
+_SINGLE_THREAD_MACS = 1 << 24
+
+
+@contextlib.contextmanager
+def _cpu_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `count` for the block (None: unchanged), then restored."""
+    before = torch.get_num_threads()
+    if count is not None and count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def extract_features(
@@ -92,7 +109,8 @@ def fit_logistic_regression(
         loss.backward()
         return loss
 
-    with torch.enable_grad():
+    small = device.type == "cpu" and x.numel() * num_classes <= _SINGLE_THREAD_MACS
+    with torch.enable_grad(), _cpu_threads(1 if small else None):
         optimizer.step(closure)
     return weight.detach().float().cpu(), bias.detach().float().cpu()
 
@@ -168,6 +186,33 @@ def linear_probe(
 # ------------------------------------------------------------------------------- few-shot
 
 
+def _episodes(
+    features: Tensor,
+    labels: Tensor,
+    eligible: Tensor,
+    members: dict[int, Tensor],
+    n_way: int,
+    k_shot: int,
+    n_query: int,
+    generator: torch.Generator,
+    accuracies: Tensor,
+) -> None:
+    """Fill `accuracies[e]` with episode e's prototype-classifier accuracy."""
+    truth = torch.arange(n_way).repeat_interleave(n_query)
+    for e in range(accuracies.numel()):
+        classes = eligible[torch.randperm(eligible.numel(), generator=generator)[:n_way]]
+        support, query = [], []
+        for c in classes.tolist():
+            pool = members[c]
+            pick = pool[torch.randperm(pool.numel(), generator=generator)[: k_shot + n_query]]
+            support.append(features[pick[:k_shot]])
+            query.append(features[pick[k_shot:]])
+        prototypes = torch.stack([s.mean(dim=0) for s in support])  # [N, D]
+        queries = torch.cat(query)  # [N*Q, D], class-major
+        predicted = torch.cdist(queries, prototypes).argmin(dim=1)
+        accuracies[e] = (predicted == truth).double().mean()
+
+
 def few_shot(
     features: Tensor,
     labels: Tensor,
@@ -193,19 +238,8 @@ def few_shot(
     members = {int(c): (labels == c).nonzero().squeeze(1) for c in eligible}
     generator = torch.Generator().manual_seed(seed)
     accuracies = torch.empty(episodes, dtype=torch.float64)
-    for e in range(episodes):
-        classes = eligible[torch.randperm(eligible.numel(), generator=generator)[:n_way]]
-        support, query = [], []
-        for c in classes.tolist():
-            pool = members[c]
-            pick = pool[torch.randperm(pool.numel(), generator=generator)[: k_shot + n_query]]
-            support.append(features[pick[:k_shot]])
-            query.append(features[pick[k_shot:]])
-        prototypes = torch.stack([s.mean(dim=0) for s in support])  # [N, D]
-        queries = torch.cat(query)  # [N*Q, D], class-major
-        truth = torch.arange(n_way).repeat_interleave(n_query)
-        predicted = torch.cdist(queries, prototypes).argmin(dim=1)
-        accuracies[e] = (predicted == truth).double().mean()
+    with _cpu_threads(1):  # episodes are many tiny ops: threads only add synchronisation
+        _episodes(features, labels, eligible, members, n_way, k_shot, n_query, generator, accuracies)
     mean = accuracies.mean().item()
     ci95 = 1.96 * accuracies.std(unbiased=True).item() / math.sqrt(episodes) if episodes > 1 else 0.0
     return {

@@ -16,6 +16,7 @@ texts by length first makes every batch nearly free of padding.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 # path on this model; the bound is far above float32 noise and far below any real bug.
 _CHECK_ROWS = 4
 _CHECK_TOLERANCE = 1e-4
+# Verdicts of the check per model object: it depends on the architecture, not on the weights.
+_CONFIRMED: "weakref.WeakKeyDictionary[object, bool]" = weakref.WeakKeyDictionary()
 
 
 def _unwrap(encoder: object) -> object:
@@ -120,7 +123,23 @@ def token_lengths(tokens: Tensor) -> Tensor:
 
 
 def _confirm_trimmed(encoder: object, forward: Callable[[Tensor], Tensor], tokens: Tensor) -> bool:
-    """Whether the trimmed forward reproduces the model's own encode_text on a few rows."""
+    """Whether the trimmed forward reproduces the model's own encode_text on a few rows (once per model)."""
+    model = _unwrap(encoder)
+    try:
+        known = _CONFIRMED.get(model)
+    except TypeError:  # not weak-referenceable: check every time
+        known = None
+    if known is not None:
+        return known
+    verdict = _check_trimmed(encoder, forward, tokens)
+    try:
+        _CONFIRMED[model] = verdict
+    except TypeError:
+        pass
+    return verdict
+
+
+def _check_trimmed(encoder: object, forward: Callable[[Tensor], Tensor], tokens: Tensor) -> bool:
     rows = tokens[:_CHECK_ROWS]
     with torch.no_grad():
         want = F.normalize(encoder.encode_text(rows).float(), dim=-1)

@@ -35,9 +35,11 @@ def test_logistic_regression_matches_sklearn():
 def test_linear_probe_separable_and_deterministic():
     x, y = _blobs(spread=0.3)
     tx, ty = _blobs(spread=0.3, seed=1)
+    threads = torch.get_num_threads()
     a = linear_probe(x, y, tx, ty, weight_decays=(1e-4, 1e-2), seed=3)
     b = linear_probe(x, y, tx, ty, weight_decays=(1e-4, 1e-2), seed=3)
     assert a == b
+    assert torch.get_num_threads() == threads  # small fits run on one thread, then restore
     assert a["lp_acc1"] == 1.0 and a["lp_mean_per_class_recall"] == 1.0
     assert a["weight_decay"] == 1e-2  # ties on validation go to the stronger regularization
     assert a["num_train"] == 120 and a["num_classes"] == 4
