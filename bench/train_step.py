@@ -1,7 +1,7 @@
 """Training step: ours vs OpenCLIP of the same sizes, same captions, same run.
 
     python bench/train_step.py                    # bench_tiny on CPU: speed, memory at 512, largest batch in 8 GiB
-    python bench/train_step.py --quick            # short sanity run of every code path (~2-5 min on 2 cores)
+    python bench/train_step.py --quick            # sanity run of every code path (~3 min on 2 quiet cores)
     python bench/train_step.py --only speed --steps 20 --profile
     python bench/train_step.py --device cuda --preset vit_b16 --precision bf16 --batch 256
 
@@ -21,27 +21,35 @@ Three measurements:
 1. speed: both models in this process, steps alternated A B A B ... (and `ours_no_trim`, our
    model with `model.text.trim_padding=false`, as a third contestant unless --no-ablation), warmup
    steps dropped, medians of the timed steps -> samples/s. Batch --batch (64), accum_steps 1.
+   Also reported: the pairwise ratio (each OpenCLIP step over the ours step next to it), the
+   fastest step of each side, and process CPU seconds per step.
 2. memory at --mem-batch (512): each run in a FRESH subprocess (peaks do not mix): one warmup step
    and one measured step at that batch; peak RSS of the worker at the end, absolute (nothing
    subtracted), plus the RSS after building model + optimizer. The peak is read as VmHWM from
-   /proc/self/status: `ru_maxrss` is the same figure for a process started from a shell, but Linux
-   carries the parent's high-water mark over fork + exec into it (each worker also reports it). Ours uses
-   micro-batches of --micro (64) with cached features (GradCache: the contrastive batch stays 512).
-   On CUDA the figure is `torch.cuda.max_memory_allocated` (RSS is reported too).
+   /proc/self/status: `ru_maxrss` is the same figure for a process started from a shell, but
+   Linux carries the parent's high-water mark over fork + exec into it (workers report it too).
+   Ours uses micro-batches of --micro (64) with cached features (GradCache: the contrastive batch
+   stays 512). On CUDA the figure is `torch.cuda.max_memory_allocated` (RSS is reported too).
 3. largest batch under --budget-gib (8): peak memory at a few batch sizes in fresh subprocesses
-   (warmup step at batch 64 to create the optimiser state, then one step at B), a fit, a prediction
-   and a verification run at the predicted batch (and at 5% more). OpenCLIP: affine in B. Ours:
-   affine in B from full steps at --mem-batch and twice that, per micro-batch in --micros, plus
-   c*B^2 for the logits of the loss, c measured by running the loss alone at two large batches
-   (a full step at a batch where B^2 shows would take many minutes on a CPU). The prediction adds
-   the two, which over-estimates a little (the loss's peak and the micro-batch activations'
-   peak happen at different times), so it errs towards fitting. Ours' verification runs at most
-   at --max-batch (8192 on CPU; 0 = no cap): beyond that it reports the cap as a verified lower
-   bound next to the prediction.
+   (warmup step at batch 64 to create the optimiser state, then one step at B), a fit, a
+   prediction and a verification run at the predicted batch (stepping down 5% if it does not fit;
+   also 5% above it when a step there took under --larger-max-s). OpenCLIP: affine in B from
+   --fit-batches-openclip and --mem-batch. Ours: c*B^2 for the logits of the loss, c from the loss
+   alone at two large batches (--loss-batches; a full step at a batch where B^2 shows takes
+   minutes on a CPU), plus a + b*B from full steps at --mem-batch and twice that for each
+   micro-batch in --micros (one slope, one intercept per micro-batch); the micro-batch with the
+   largest prediction is verified. Adding the two over-estimates (the loss's peak and the
+   micro-batch activations' peak come at different times), so the prediction errs towards
+   fitting and the verified figure is a lower bound on the true one. --max-batch caps our
+   verification run (the cap is then reported as a verified lower bound).
 
 JSON lines on stdout, one per figure, each with both numbers, the ratio and what it means, the
-machine and the command. Timings on a shared machine move with its load: the alternation keeps
-the ratio fair, absolute samples/s are only as good as the machine was quiet.
+machine and the command; progress on stderr. Timings on a shared machine move with its load: the
+alternation keeps the ratio fair, absolute samples/s are only as good as the machine was quiet.
+On a CPU that other jobs also use, 2 OpenMP threads spin-wait for a descheduled partner: steps
+then take 3-10x longer and CPU time rises with wall time, which shows in the CPU-seconds field.
+The --device cuda path (synchronize around timings, max_memory_allocated, bf16 autocast, the
+vit_b16 preset) is written for a GPU but has not been run on one.
 """
 
 from __future__ import annotations
@@ -221,15 +229,23 @@ def machine(device: torch.device) -> dict:
             "python": platform.python_version()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        info["loadavg_1m"] = round(os.getloadavg()[0], 2)
-    except OSError:
-        pass
     return info
 
 
+def load_now() -> dict:
+    """Load of the machine when a figure is printed: other jobs slow every timing down."""
+    out = {}
+    try:
+        out["loadavg_1m"] = round(os.getloadavg()[0], 2)
+        with open("/proc/pressure/cpu") as f:  # share of time some task waited for a CPU
+            out["cpu_pressure_avg60"] = float(f.readline().split()[2].split("=")[1])
+    except (OSError, IndexError, ValueError):
+        pass
+    return out
+
+
 def emit(record: dict, common: dict) -> None:
-    print(json.dumps({"bench": "train_step", **record, **common}), flush=True)
+    print(json.dumps({"bench": "train_step", **record, **common, "load": load_now()}), flush=True)
 
 
 def log(msg: str) -> None:
@@ -267,13 +283,16 @@ def bench_speed(args, device: torch.device, common: dict) -> None:
         "ratio_meaning": "ours / OpenCLIP samples/s (median step time); >1 = ours faster",
         "pairwise_ratio_median": round(statistics.median(pair), 3),
         # on a loaded machine the fastest step is the least disturbed one
-        "ours_best": round(args.batch / min(times["ours"]), 1), "openclip_best": round(args.batch / min(times["openclip"]), 1),
+        "ours_best": round(args.batch / min(times["ours"]), 1),
+        "openclip_best": round(args.batch / min(times["openclip"]), 1),
         "best_ratio": round(min(times["openclip"]) / min(times["ours"]), 3),
-        # CPU seconds of the process (all threads) per step: the work done, less sensitive to waiting for a core
+        # CPU seconds of the process (all threads) per step; OpenMP threads spinning for a
+        # descheduled partner inflate it too on a busy machine
         "ours_cpu_s_per_step": round(statistics.median(cpu["ours"]), 3),
         "openclip_cpu_s_per_step": round(statistics.median(cpu["openclip"]), 3),
         "cpu_time_ratio": round(statistics.median(cpu["openclip"]) / statistics.median(cpu["ours"]), 3),
-        "ours_step_s": [round(t, 3) for t in times["ours"]], "openclip_step_s": [round(t, 3) for t in times["openclip"]],
+        "ours_step_s": [round(t, 3) for t in times["ours"]],
+        "openclip_step_s": [round(t, 3) for t in times["openclip"]],
         "mean_longest_caption_tokens": statistics.mean(longest(t) for _, t in pool),
         "context_length": cfg.model.text.context_length,
         "params_ours": contestants[0].num_params(), "params_openclip": contestants[1].num_params(),
@@ -404,7 +423,7 @@ def _point(r: dict) -> dict:
 
 
 def memory_unit(args) -> str:
-    return "cuda max_memory_allocated" if args.device.startswith("cuda") else "peak RSS (ru_maxrss)"
+    return "cuda max_memory_allocated" if args.device.startswith("cuda") else "peak RSS (VmHWM)"
 
 
 def bench_memory(args, common: dict) -> Dict[str, dict]:
@@ -441,29 +460,38 @@ def _round_down(x: float, multiple: int) -> int:
 
 
 def _verify(args, impl: str, predicted: int, multiple: int, cap: Optional[int], micro: Optional[int],
-            points: List[dict]) -> tuple[int, bool]:
-    """Run at the prediction (and 5% above it); step down 5% at a time if it does not fit.
-    Returns (largest batch seen to fit, whether that batch is the cap)."""
+            points: List[dict]) -> tuple[int, Optional[int], bool]:
+    """Run at the prediction; if it fits, also 5% above it (when a step there is affordable), if
+    not, 5% below until one fits; a bracket (fits, does not) is then halved down to ~2%.
+    Returns (largest batch seen to fit, smallest seen not to fit or None, whether capped)."""
     budget = args.budget_gib * GIB
     capped = cap is not None and predicted > cap
     batch = _round_down(min(predicted, cap) if capped else predicted, multiple)
-    best = 0
-    for _ in range(4):
+    fits, fails = 0, None
+    for _ in range(6):
         r = measure(args, impl, batch, micro=micro, warmup_batch=min(WARMUP_BATCH, batch))
         points.append(_point(r))
         if r["peak"] <= budget:
-            best = max(best, batch)
-            if capped or batch > predicted:  # fitted at the cap, or 5% above the prediction: stop
-                break
-            larger = _round_down(batch * 1.05, multiple)
-            if larger == batch or (cap is not None and larger > cap):
-                break
-            batch = larger
+            fits = max(fits, batch)
         else:
-            if best:
+            fails = batch if fails is None else min(fails, batch)
+        if fits and r["step_s"] > args.larger_max_s:  # another run as long: not affordable
+            log(f"{impl}: stopping at {batch} (its step took {r['step_s']:.0f}s > --larger-max-s)")
+            break
+        if fits and fails:
+            if fails - fits <= max(multiple, fits // 50):
                 break
-            batch = _round_down(batch * 0.95, multiple)
-    return best, capped and best == batch
+            nxt = _round_down((fits + fails) / 2, multiple)
+            if nxt <= fits:
+                break
+        elif fits:
+            nxt = _round_down(batch * 1.05, multiple)
+            if capped or nxt == batch or (cap is not None and nxt > cap):
+                break
+        else:
+            nxt = _round_down(batch * 0.95, multiple)
+        batch = nxt
+    return fits, fails, capped and fits == _round_down(cap, multiple)
 
 
 def bench_largest(args, common: dict, mem_runs: Dict[str, dict]) -> None:
@@ -479,7 +507,7 @@ def bench_largest(args, common: dict, mem_runs: Dict[str, dict]) -> None:
     a, b = _lstsq([[1.0, r["batch"]] for r in oc_runs], [r["peak"] for r in oc_runs])
     oc_pred = int((budget - a) / b)
     log(f"openclip fit: {a / GIB:.3f} GiB + {b / 2**20:.2f} MiB * B -> predicted {oc_pred}")
-    oc_verified, _ = _verify(args, "openclip", oc_pred, 8, None, None, points)
+    oc_verified, oc_fails, _ = _verify(args, "openclip", oc_pred, 8, None, None, points)
 
     # Ours: c * B^2 from the loss alone, then affine in B from full steps, for each micro-batch
     loss_runs = [measure(args, "loss", n, warmup_batch=min(WARMUP_BATCH, n)) for n in args.loss_batches]
@@ -487,36 +515,46 @@ def bench_largest(args, common: dict, mem_runs: Dict[str, dict]) -> None:
     (n1, p1), (n2, p2) = [(r["batch"], r["peak"]) for r in loss_runs[:2]]
     c = max(0.0, (p2 - p1) / (n2 ** 2 - n1 ** 2))
     log(f"loss alone: {c:.1f} bytes * B^2")
-    best = None
+    # Full steps at mem_batch and twice that for each micro-batch; one slope for all (the per-sample
+    # part: the batch itself, features and their gradients), one intercept per micro-batch (its
+    # activations). Differences of ~0.1 GiB are near the allocator's noise: the joint fit is steadier.
+    runs = []
     for micro in args.micros:
-        runs = []
         for n in (args.mem_batch, 2 * args.mem_batch):
             old = mem_runs.get("ours")
             if old is not None and old["batch"] == n and old["micro"] == micro:
                 runs.append(old)
             else:
                 runs.append(measure(args, "ours", n, micro=micro, warmup_batch=min(WARMUP_BATCH, n)))
-        points += [_point(r) for r in runs if r is not mem_runs.get("ours")]
-        a0, b0 = _lstsq([[1.0, r["batch"]] for r in runs], [r["peak"] - c * r["batch"] ** 2 for r in runs])
-        b0 = max(b0, 0.0)
+    points += [_point(r) for r in runs]
+    rows = [[float(r["micro"] == m) for m in args.micros] + [float(r["batch"])] for r in runs]
+    sol = _lstsq(rows, [r["peak"] - c * r["batch"] ** 2 for r in runs])
+    cfg = our_config(args.preset)
+    # the batch itself (fp32 images + int64 tokens) is a floor under the fitted slope
+    floor = 3 * cfg.model.image.img_size ** 2 * 4 + cfg.model.text.context_length * 8
+    b0 = max(sol[-1], floor)
+    best = None
+    for micro, a0 in zip(args.micros, sol[:-1]):
         if c > 0:
-            pred = int((-b0 + math.sqrt(b0 * b0 + 4 * c * (budget - a0))) / (2 * c))
+            pred = int((-b0 + math.sqrt(b0 * b0 + 4 * c * max(0.0, budget - a0))) / (2 * c))
         else:
             pred = int((budget - a0) / b0) if b0 > 0 else 10 ** 9
         pred = _round_down(pred, micro)
         log(f"ours micro {micro}: {a0 / GIB:.3f} GiB + {b0 / 2**10:.1f} KiB * B + {c:.1f} B * B^2 -> predicted {pred}")
-        if best is None or pred > best[1]:
-            best = (micro, pred, a0, b0)
-    micro, ours_pred, a0, b0 = best
+        if best is None or pred > best[1] or (pred == best[1] and micro > best[0]):
+            best = (micro, pred, a0)
+    micro, ours_pred, a0 = best
     cap = args.max_batch or None
-    ours_verified, at_cap = _verify(args, "ours", ours_pred, micro, cap, micro, points)
+    ours_verified, ours_fails, at_cap = _verify(args, "ours", ours_pred, micro, cap, micro, points)
+    lower_bound = at_cap or ours_fails is None
     emit({
         "metric": "largest_batch", "budget_gib": args.budget_gib, "memory": memory_unit(args),
         "ours": ours_verified, "openclip": oc_verified,
         "ratio": round(ours_verified / oc_verified, 2) if oc_verified else None,
-        "ratio_meaning": "ours / OpenCLIP largest verified batch; >1 = ours fits more"
-                         + (" (ours is a lower bound: verified at --max-batch)" if at_cap else ""),
-        "ours_is_lower_bound": at_cap, "ours_predicted": ours_pred, "openclip_predicted": oc_pred,
+        "ratio_meaning": "ours / OpenCLIP largest batch verified to fit; >1 = ours fits more"
+                         + (" (ours: a lower bound, no larger batch was tried)" if lower_bound else ""),
+        "ours_is_lower_bound": lower_bound, "openclip_smallest_failing": oc_fails,
+        "ours_smallest_failing": ours_fails, "ours_predicted": ours_pred, "openclip_predicted": oc_pred,
         "ours_micro_batch": micro, "ours_fit": {"const_gib": round(a0 / GIB, 3), "per_sample_kib": round(b0 / 1024, 1),
                                                 "per_sample_sq_bytes": round(c, 2)},
         "openclip_fit": {"const_gib": round(a / GIB, 3), "per_sample_mib": round(b / 2**20, 3)},
@@ -552,15 +590,19 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--micros", type=_ints, help="largest batch: our micro-batches to try (default 64,128)")
     p.add_argument("--fit-batches-openclip", type=_ints, help="largest batch: OpenCLIP fit points (default 128,256)")
     p.add_argument("--loss-batches", type=_ints, help="largest batch: loss-alone points (default 4096,8192)")
-    p.add_argument("--max-batch", type=int, help="largest batch: cap on our verification run; 0 = none (default 8192)")
+    p.add_argument("--max-batch", type=int, help="largest batch: cap on our verification run; 0 = none (default none)")
+    p.add_argument("--larger-max-s", type=float, default=240.0,
+                   help="largest batch: also verify 5%% above the prediction when a step at it took less (default 240)")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
+    big = args.preset == "vit_b16"  # ViT-B/16: a GPU preset; smaller fit points and micro-batches
     defaults = {
         "batch": 32 if quick else 64, "warmup": 1 if quick else 3, "steps": 3 if quick else 20,
         "mem_batch": 128 if quick else 512, "micro": 32 if quick else 64, "budget_gib": 2.0 if quick else 8.0,
-        "micros": [32, 64] if quick else [64, 128], "fit_batches_openclip": [32, 64] if quick else [128, 256],
-        "loss_batches": [1024, 2048] if quick else [4096, 8192], "max_batch": 512 if quick else 8192,
+        "micros": [32, 64] if quick or big else [64, 128],
+        "fit_batches_openclip": [32, 64] if quick or big else [128, 256],
+        "loss_batches": [1024, 2048] if quick else [4096, 8192], "max_batch": 512 if quick else 0,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
