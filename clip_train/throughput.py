@@ -20,18 +20,25 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L
 def _matmul_params(module: nn.Module) -> int:
     """Parameters that take part in a matmul per token (embedding tables are lookups)."""
     return sum(p.numel() for name, p in module.named_parameters()
-               if p.ndim >= 2 and "embed" not in name.split(".")[-1] and "pos_embed" not in name)
+               if p.ndim >= 2 and not any("embed" in part for part in name.split(".")))
 
 
-def train_flops_per_sample(model: nn.Module, image_tokens: int, text_tokens: int) -> float:
-    """Forward + backward FLOPs of one image-caption pair through both towers."""
-    total = 0.0
-    for tower, tokens in ((model.visual, image_tokens), (model.text, text_tokens)):
-        blocks = getattr(getattr(tower, "trunk", tower), "blocks", None) or tower.transformer.resblocks
-        width = blocks[0].norm1.normalized_shape[0] if hasattr(blocks[0], "norm1") else blocks[0].ln_1.normalized_shape[0]
-        attention = 2 * 2 * len(blocks) * tokens * tokens * width  # QK^T and AV, 2 FLOPs per MAC
-        total += 3 * (2 * _matmul_params(tower) * tokens + attention)  # backward = 2 x forward
-    return total
+class TrainFlops:
+    """Forward + backward FLOPs per image-caption pair; the towers' sizes are read once."""
+
+    def __init__(self, model: nn.Module):
+        self.towers = []
+        for tower in (model.visual, model.text):
+            blocks = getattr(getattr(tower, "trunk", tower), "blocks", None) or tower.transformer.resblocks
+            norm = blocks[0].norm1 if hasattr(blocks[0], "norm1") else blocks[0].ln_1
+            self.towers.append((_matmul_params(tower), len(blocks), norm.normalized_shape[0]))
+
+    def per_sample(self, image_tokens: int, text_tokens: int) -> float:
+        total = 0.0
+        for (params, layers, width), tokens in zip(self.towers, (image_tokens, text_tokens)):
+            attention = 2 * 2 * layers * tokens * tokens * width  # QK^T and AV, 2 FLOPs per MAC
+            total += 3 * (2 * params * tokens + attention)  # backward = 2 x forward
+        return total
 
 
 def device_peak_flops(device: torch.device, configured: Optional[float]) -> Optional[float]:

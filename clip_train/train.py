@@ -31,7 +31,7 @@ from clip_train.losses import build_loss
 from clip_train.model import build_model, lock_towers, locked_modules
 from clip_train.optim import build_optimizer, build_scheduler
 from clip_train.step import forward_backward
-from clip_train.throughput import device_peak_flops, train_flops_per_sample
+from clip_train.throughput import TrainFlops, device_peak_flops
 from data_tools.errors import ClipTrainError, ConfigError, DataError
 from data_tools.loader import BadSampleBudget, epoch_batches, expand_shards, make_loader
 from data_tools.transforms import image_transform
@@ -129,6 +129,7 @@ def train(cfg: Config, resume: bool = False) -> Dict[str, Any]:
                          gather_with_grad=cfg.loss.gather_with_grad)
     peak = device_peak_flops(device, cfg.train.peak_flops)
     image_tokens = unwrapped.visual.trunk.patch_embed.num_patches + 1
+    flops = TrainFlops(unwrapped) if peak else None  # only for MFU, which needs a known peak
 
     # ---------------------------------------------------------------- resume
     ckpts = CheckpointManager(run_dir / "checkpoints", cfg.train.keep_last, rank, world,
@@ -253,7 +254,8 @@ def train(cfg: Config, resume: bool = False) -> Dict[str, Any]:
             if bool(finite):
                 loss_sums[k] = loss_sums.get(k, 0.0) + v.float()
         window["steps"] += 1
-        window["flops"] += images.shape[0] * train_flops_per_sample(unwrapped, image_tokens, int(tokens.argmax(-1).max()) + 1)
+        if flops is not None:
+            window["flops"] += images.shape[0] * flops.per_sample(image_tokens, int(tokens.argmax(-1).max()) + 1)
         progress.update(1)
 
         if state["step"] % cfg.train.log_every == 0 or state["step"] == cfg.train.steps:
