@@ -47,7 +47,8 @@ def open_clip_incompatibility(cfg: ModelConfig) -> Optional[str]:
     open_clip's timm adapter calls `timm.create_model(name)` without size arguments, so the image
     trunk must be the registered timm model exactly.
     """
-    registered = timm.create_model(cfg.image.timm_name, pretrained=False, num_classes=0)
+    with torch.device("meta"):  # only the sizes are read: no weights allocated or initialised
+        registered = timm.create_model(cfg.image.timm_name, pretrained=False, num_classes=0)
     defaults = {"img_size": registered.patch_embed.img_size[0], "patch_size": registered.patch_embed.patch_size[0],
                 "embed_dim": registered.embed_dim, "depth": len(registered.blocks),
                 "num_heads": registered.blocks[0].attn.num_heads,
