@@ -17,6 +17,9 @@ from omegaconf.errors import OmegaConfBaseException
 from data_tools.errors import ConfigError
 
 
+IMAGE_INITS = ("timm", "timm-jax", "openclip")
+
+
 @dataclass
 class ImageTowerConfig:
     """A timm ViT: a registered name, optionally resized by explicit sizes (None = as registered)."""
@@ -29,6 +32,11 @@ class ImageTowerConfig:
     heads: Optional[int] = 3
     mlp_ratio: Optional[float] = 4.0
     pool: str = "token"  # timm global_pool: "token" (class token) or "avg"
+    pre_norm: bool = False  # LayerNorm on the embedded tokens (open_clip's ln_pre)
+    patch_bias: bool = True  # bias in the patch embedding (open_clip's has none)
+    # Weight init of the trunk: openclip (fan-in scaled, as open_clip's ViT), timm (N(0, 0.02)), timm-jax.
+    # timm's fixed 0.02 stalls narrow towers (width < 768): see clip_train.model.init_image_trunk.
+    init: str = "openclip"
 
 
 @dataclass
@@ -196,6 +204,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.image.img_size={img.img_size} is not divisible by model.image.patch_size={img.patch_size}")
     if txt.width % txt.heads:
         raise ConfigError(f"model.text.width={txt.width} is not divisible by model.text.heads={txt.heads}")
+    if img.init not in IMAGE_INITS:
+        raise ConfigError(f"model.image.init must be one of {', '.join(IMAGE_INITS)}, not '{img.init}'")
     if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, not '{cfg.train.mixed_precision}'")
     for key in ("train.steps", "train.batch_size", "train.log_every", "model.embed_dim"):

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from functools import partial
 from typing import Optional
 
 import timm
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import TextTransformer
+from timm.layers import PatchEmbed
 from torch import nn
 
 from clip_train.config import ImageTowerConfig, ModelConfig, TextTowerConfig
@@ -30,13 +32,61 @@ def timm_overrides(cfg: ImageTowerConfig) -> dict:
             if getattr(cfg, ours) is not None}
 
 
+def init_linear_fan_in(trunk: nn.Module, qkv_only: bool = False) -> None:
+    """Linear layers of the blocks as open_clip's ViT initialises them: PyTorch's fan-in scaled
+    default (std 1/sqrt(3 fan_in)), qkv Xavier-uniform over the stacked projection, zero biases
+    on the attention projections (as nn.MultiheadAttention)."""
+    for block in trunk.blocks:
+        nn.init.xavier_uniform_(block.attn.qkv.weight)
+        if block.attn.qkv.bias is not None:
+            nn.init.zeros_(block.attn.qkv.bias)
+        if qkv_only:
+            continue
+        block.attn.proj.reset_parameters()
+        nn.init.zeros_(block.attn.proj.bias)
+        for name, module in block.mlp.named_children():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+
+
+def init_embeddings_fan_in(trunk: nn.Module) -> None:
+    """Class token and position embeddings N(0, width^-1/2), as open_clip's ViT (timm: 1e-6, 0.02)."""
+    std = trunk.embed_dim ** -0.5
+    if trunk.cls_token is not None:
+        nn.init.normal_(trunk.cls_token, std=std)
+    if trunk.pos_embed is not None:
+        nn.init.normal_(trunk.pos_embed, std=std)
+
+
+def init_image_trunk(trunk: nn.Module, mode: str) -> None:
+    """Re-initialise a freshly built timm ViT: `timm` keeps timm's own init, `openclip` uses
+    open_clip's fan-in scaled one (`timm-jax` is applied at build time by timm itself).
+
+    timm draws every linear weight from N(0, 0.02): right for ViT-B's width 768, where fan-in
+    scaling gives about the same, but at width 192 the attention logits start ~6x smaller than
+    open_clip's and the class token reads a near-uniform average of the patches
+    (bench/ablate_tower.py, docs/benchmarks.md).
+    """
+    if mode == "openclip":
+        init_linear_fan_in(trunk)
+        init_embeddings_fan_in(trunk)
+
+
 class ImageTower(nn.Module):
     """timm ViT trunk without classifier, then a bias-free linear projection."""
 
     def __init__(self, cfg: ImageTowerConfig, embed_dim: int):
         super().__init__()
+        extra = {}
+        if cfg.pre_norm:
+            extra["pre_norm"] = True
+        if not cfg.patch_bias:
+            extra["embed_layer"] = partial(PatchEmbed, bias=False)
+        if cfg.init == "timm-jax":
+            extra["weight_init"] = "jax"
         self.trunk = timm.create_model(cfg.timm_name, pretrained=False, num_classes=0,
-                                       global_pool=cfg.pool, **timm_overrides(cfg))
+                                       global_pool=cfg.pool, **timm_overrides(cfg), **extra)
+        init_image_trunk(self.trunk, cfg.init)
         self.head = nn.Sequential(OrderedDict(proj=nn.Linear(self.trunk.num_features, embed_dim, bias=False)))
         nn.init.normal_(self.head.proj.weight, std=self.trunk.num_features ** -0.5)
 

@@ -1,0 +1,252 @@
+"""Which part of the model makes it learn per step: one training loop, many model variants.
+
+    python bench/ablate_tower.py --data ../shared/data/icons --steps 252 --seeds 0 1 2
+    python bench/ablate_tower.py --data ../shared/data/icons --variants ours openclip ours+openclip_init
+    python bench/ablate_tower.py --device cuda ...   # same figures in seconds on a GPU
+
+Every variant is trained by the same in-process loop on the same batches in the same order (per
+seed), with the same optimiser, schedule and loss, so what differs between two rows is the model
+and nothing else; the trainers themselves are compared by bench/time_to_quality.py. The data
+(train shards, held-out retrieval and zero-shot shards of the layout `../shared/data/icons` and
+`clip-data synth` write) is decoded once into memory; no augmentation, a full shuffle per epoch.
+
+Variants (each one change from `ours`, the model `configs/bench_tiny.yaml` builds):
+- `ours`: the current default; `openclip`: open_clip's own `CLIP` (its ViT and text tower) with
+  the same sizes, the reference to match.
+- `+avg`: mean of the patch tokens instead of the class token.
+- `+openclip_init`: the image trunk's linear layers initialised as open_clip's ViT initialises its
+  own (PyTorch defaults: fan-in scaled; qkv Xavier), class/position embeddings N(0, width^-1/2).
+- `+linear_init`: the linear layers alone; `+embed_init`: the class/position embeddings alone;
+  `+qkv_init`: the qkv projections alone.
+- `+ln_pre`: timm's `pre_norm` (open_clip's `ln_pre`); `+jax_init`: timm's own `weight_init='jax'`.
+- `+decay_embed`: open_clip_train's weight-decay groups (embeddings and class token decayed).
+Variants combine with '+' (`ours+ln_pre+openclip_init`).
+
+Prints one JSON line per (variant, seed) with the train-loss curve (mean over windows of
+--window steps) and held-out retrieval R@1/R@10 (both directions) and zero-shot top-1, then one
+summary line per variant: means over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import statistics
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from clip_train.config import load_config  # noqa: E402
+from clip_train.losses import ClipInfoNCE  # noqa: E402
+from clip_train.model import build_model, init_embeddings_fan_in, init_linear_fan_in  # noqa: E402
+from clip_train.optim import param_groups  # noqa: E402
+from data_tools.transforms import image_transform  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_split(folder: Path, size: int) -> tuple[torch.Tensor, list[str], list[int]]:
+    """uint8 images [N, 3, size, size], captions and labels (-1 where none) of every shard."""
+    tf = image_transform(size)
+    images, captions, labels = [], [], []
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members: dict[str, dict[str, bytes]] = {}
+            for m in tar.getmembers():
+                if m.isfile():
+                    key, _, ext = m.name.partition(".")
+                    members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+        for key, fields in members.items():
+            jpg = fields.get("jpg") or fields.get("png")
+            if jpg is None:
+                continue
+            img = tf.resize_pil(Image.open(io.BytesIO(jpg)))
+            images.append(torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy()))
+            captions.append(fields.get("txt", b"").decode().strip())
+            labels.append(int(fields["cls"]) if "cls" in fields else -1)
+    return torch.stack(images), captions, labels
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def openclip_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """open_clip_train's rule: no decay for 1-d params, biases, norms and logit_scale only."""
+    def exclude(n, p):
+        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n or "norm" in n
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if not exclude(n, p)], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0}]
+
+
+def build_variant(name: str, cfg) -> tuple[torch.nn.Module, bool]:
+    """(model, decay embeddings as open_clip_train does)."""
+    parts = name.split("+")
+    base, changes = parts[0], set(parts[1:])
+    if base == "openclip":
+        vision = open_clip.CLIPVisionCfg(layers=cfg.model.image.depth, width=cfg.model.image.width,
+                                         head_width=cfg.model.image.width // cfg.model.image.heads,
+                                         mlp_ratio=cfg.model.image.mlp_ratio, image_size=cfg.model.image.img_size,
+                                         patch_size=cfg.model.image.patch_size)
+        t = cfg.model.text
+        text = open_clip.CLIPTextCfg(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width,
+                                     heads=t.heads, layers=t.layers, mlp_ratio=t.mlp_ratio)
+        model = open_clip.CLIP(cfg.model.embed_dim, vision, text, output_dict=True)
+        return model, "decay_embed" in changes
+    img = cfg.model.image
+    if "avg" in changes:
+        img.pool = "avg"
+    if "ln_pre" in changes:
+        img.pre_norm = True
+    if "no_patch_bias" in changes:
+        img.patch_bias = False
+    if "jax_init" in changes:
+        img.init = "timm-jax"
+    if "openclip_init" in changes:
+        img.init = "openclip"
+    if "timm_init" in changes:
+        img.init = "timm"
+    model = build_model(cfg.model)
+    trunk = model.visual.trunk
+    if "linear_init" in changes:
+        init_linear_fan_in(trunk)
+    if "qkv_init" in changes:
+        init_linear_fan_in(trunk, qkv_only=True)
+    if "embed_init" in changes:
+        init_embeddings_fan_in(trunk)
+    return model, "decay_embed" in changes
+
+
+@torch.no_grad()
+def evaluate(model, images, captions, labels, classnames, templates, tokenizer, device) -> dict:
+    model.eval()
+    feats = []
+    for chunk in images.split(256):
+        feats.append(F.normalize(model.encode_image(normalise(chunk.to(device))), dim=-1))
+    img = torch.cat(feats)
+    txt = F.normalize(model.encode_text(tokenizer(captions).to(device)), dim=-1)
+    sim = img @ txt.T
+    out = {}
+    for direction, s in (("i2t", sim), ("t2i", sim.T)):
+        rank = (s > s.diag().unsqueeze(1)).sum(1)  # items scored above the true one
+        out[f"{direction}_R@1"] = 100 * (rank < 1).float().mean().item()
+        out[f"{direction}_R@10"] = 100 * (rank < 10).float().mean().item()
+    if classnames:
+        w = []
+        for c in classnames:
+            e = F.normalize(model.encode_text(tokenizer([t.format(c) for t in templates]).to(device)), dim=-1)
+            w.append(F.normalize(e.mean(0), dim=0))
+        pred = (img @ torch.stack(w).T).argmax(1).cpu()
+        lab = torch.tensor(labels)
+        out["zeroshot_top1"] = 100 * (pred == lab).float().mean().item()
+    model.train()
+    return out
+
+
+def train_one(variant: str, seed: int, args, data: dict, device) -> dict:
+    cfg = load_config(ROOT / "configs" / "bench_tiny.yaml", [f"data.train={args.data}"])
+    torch.manual_seed(seed)
+    model, decay_embed = build_variant(variant, cfg)
+    model.to(device).train()
+    groups = openclip_decay_groups(model, args.wd) if decay_embed else param_groups(model, args.wd)
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / args.warmup if s < args.warmup else
+                                              0.5 * (1 + math.cos(math.pi * (s - args.warmup) / max(1, args.steps - args.warmup))))
+    loss_fn = ClipInfoNCE()
+    images, tokens = data["train_images"], data["train_tokens"]
+    n = images.shape[0]
+    order = torch.Generator().manual_seed(1000 + seed)  # the same batches for every variant
+    perm, pos, losses = torch.randperm(n, generator=order), 0, []
+    start = time.perf_counter()
+    for step in range(args.steps):
+        if pos + args.batch > n:
+            perm, pos = torch.randperm(n, generator=order), 0
+        idx = perm[pos:pos + args.batch]
+        pos += args.batch
+        x = normalise(images[idx].to(device, non_blocking=True))
+        out = model(x, tokens[idx].to(device))
+        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            (model.logit_scale if hasattr(model, "logit_scale") else None).clamp_(0, math.log(100))
+        losses.append(loss.item())
+    seconds = time.perf_counter() - start
+    metrics = evaluate(model, data["ret_images"], data["ret_captions"], None, None, None, data["tokenizer"], device)
+    if data.get("zs_images") is not None:
+        zs = evaluate(model, data["zs_images"], data["zs_captions"], data["zs_labels"], data["classnames"],
+                      data["templates"], data["tokenizer"], device)
+        metrics["zeroshot_top1"] = zs["zeroshot_top1"]
+    w = args.window
+    curve = [round(statistics.fmean(losses[i:i + w]), 3) for i in range(0, len(losses), w)]
+    return {"variant": variant, "seed": seed, "steps": args.steps, "train_s": round(seconds, 1),
+            "final_loss": round(statistics.fmean(losses[-w:]), 4), "loss_curve": curve,
+            **{k: round(v, 2) for k, v in metrics.items()}}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="folder with train/, retrieval/ and zeroshot/ shards")
+    p.add_argument("--variants", nargs="+", default=["ours", "openclip", "ours+avg", "ours+openclip_init"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=252)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--wd", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--window", type=int, default=21)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    root = Path(args.data)
+    size = load_config(ROOT / "configs" / "bench_tiny.yaml", ["data.train=x"]).model.image.img_size
+    tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=32)
+    data: dict = {"tokenizer": tokenizer}
+    data["train_images"], caps, _ = read_split(root / "train", size)
+    data["train_tokens"] = tokenizer(caps)
+    data["ret_images"], data["ret_captions"], _ = read_split(root / "retrieval", size)
+    zs = root / "zeroshot"
+    if zs.is_dir():
+        data["zs_images"], data["zs_captions"], data["zs_labels"] = read_split(zs, size)
+        data["classnames"] = (zs / "classnames.txt").read_text().splitlines()
+        data["templates"] = (zs / "templates.txt").read_text().splitlines()
+    if device.type == "cuda":
+        data["train_images"] = data["train_images"].to(device)
+    print(json.dumps({"data": str(root), "train": len(caps), "retrieval": len(data["ret_captions"]),
+                      "device": str(device), "torch": torch.__version__}), flush=True)
+    results = []
+    for seed in args.seeds:
+        for variant in args.variants:  # alternate variants within a seed
+            r = train_one(variant, seed, args, data, device)
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    for variant in args.variants:
+        rows = [r for r in results if r["variant"] == variant]
+        keys = [k for k in rows[0] if k not in ("variant", "seed", "steps", "loss_curve")]
+        summary = {"summary": variant, "seeds": len(rows),
+                   **{k: round(statistics.fmean(r[k] for r in rows), 3) for k in keys},
+                   "loss_curve": [round(statistics.fmean(c), 3) for c in zip(*(r["loss_curve"] for r in rows))]}
+        print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
