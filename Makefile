@@ -17,7 +17,7 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/clip-data synth --out demo_out/data
-	$(BIN)/clip-train train --config configs/demo.yaml
+	$(BIN)/clip-train train --config configs/demo.yaml --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)

@@ -10,17 +10,19 @@ and nothing else; the trainers themselves are compared by bench/time_to_quality.
 (train shards, held-out retrieval and zero-shot shards of the layout `../shared/data/icons` and
 `clip-data synth` write) is decoded once into memory; no augmentation, a full shuffle per epoch.
 
-Variants (each one change from `ours`, the model `configs/bench_tiny.yaml` builds):
+Variants (`ours`: the model `configs/bench_tiny.yaml` builds, with '+' changes):
 - `ours`: the current default; `openclip`: open_clip's own `CLIP` (its ViT and text tower) with
-  the same sizes, the reference to match.
+  the same sizes, the reference to match; `ours+timm_init`: the old default (timm's N(0, 0.02)).
 - `+avg`: mean of the patch tokens instead of the class token.
 - `+openclip_init`: the image trunk's linear layers initialised as open_clip's ViT initialises its
   own (PyTorch defaults: fan-in scaled; qkv Xavier), class/position embeddings N(0, width^-1/2).
 - `+linear_init`: the linear layers alone; `+embed_init`: the class/position embeddings alone;
-  `+qkv_init`: the qkv projections alone.
-- `+ln_pre`: timm's `pre_norm` (open_clip's `ln_pre`); `+jax_init`: timm's own `weight_init='jax'`.
+  `+qkv_init`: the qkv projections alone (each applied after the init chosen, e.g.
+  `ours+timm_init+linear_init`).
+- `+ln_pre`: timm's `pre_norm` (open_clip's `ln_pre`, and timm then drops the patch bias, as
+  open_clip's ViT); `+jax_init`: timm's own `weight_init='jax'`.
 - `+decay_embed`: open_clip_train's weight-decay groups (embeddings and class token decayed).
-Variants combine with '+' (`ours+ln_pre+openclip_init`).
+Variants combine with '+' (`ours+timm_init+ln_pre`); an unknown change is refused.
 
 Prints one JSON line per (variant, seed) with the train-loss curve (mean over windows of
 --window steps) and held-out retrieval R@1/R@10 (both directions) and zero-shot top-1, then one
@@ -93,10 +95,23 @@ def openclip_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[d
             {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0}]
 
 
+INITS = {"timm_init": "timm", "jax_init": "timm-jax", "openclip_init": "openclip"}
+CHANGES = {"avg", "ln_pre", "linear_init", "qkv_init", "embed_init", "decay_embed", *INITS}
+
+
+def check_variant(name: str) -> tuple[str, set[str]]:
+    base, *parts = name.split("+")
+    changes = set(parts)
+    unknown = changes - CHANGES | ({base} - {"ours", "openclip"})
+    if unknown or len(changes & set(INITS)) > 1 or (base == "openclip" and changes - {"decay_embed"}):
+        raise SystemExit(f"variant {name!r}: use ours|openclip, then '+' changes from {sorted(CHANGES)} "
+                         f"(at most one of {sorted(INITS)}; openclip takes only decay_embed)")
+    return base, changes
+
+
 def build_variant(name: str, cfg) -> tuple[torch.nn.Module, bool]:
     """(model, decay embeddings as open_clip_train does)."""
-    parts = name.split("+")
-    base, changes = parts[0], set(parts[1:])
+    base, changes = check_variant(name)
     if base == "openclip":
         vision = open_clip.CLIPVisionCfg(layers=cfg.model.image.depth, width=cfg.model.image.width,
                                          head_width=cfg.model.image.width // cfg.model.image.heads,
@@ -112,14 +127,8 @@ def build_variant(name: str, cfg) -> tuple[torch.nn.Module, bool]:
         img.pool = "avg"
     if "ln_pre" in changes:
         img.pre_norm = True
-    if "no_patch_bias" in changes:
-        img.patch_bias = False
-    if "jax_init" in changes:
-        img.init = "timm-jax"
-    if "openclip_init" in changes:
-        img.init = "openclip"
-    if "timm_init" in changes:
-        img.init = "timm"
+    for change in changes & set(INITS):
+        img.init = INITS[change]
     model = build_model(cfg.model)
     trunk = model.visual.trunk
     if "linear_init" in changes:
@@ -214,6 +223,8 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
+    for variant in args.variants:
+        check_variant(variant)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

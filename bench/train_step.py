@@ -49,7 +49,8 @@ alternation keeps the ratio fair, absolute samples/s are only as good as the mac
 On a CPU that other jobs also use, 2 OpenMP threads spin-wait for a descheduled partner: steps
 then take 3-10x longer and CPU time rises with wall time, which shows in the CPU-seconds field.
 The --device cuda path (synchronize around timings, max_memory_allocated, bf16 autocast, the
-vit_b16 preset) is written for a GPU but has not been run on one.
+vit_b16 preset) ran on an H200 for the speed part (docs/benchmarks.md); memory and largest batch
+have not been run on a GPU yet.
 """
 
 from __future__ import annotations

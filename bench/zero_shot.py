@@ -72,7 +72,7 @@ def _models(device: torch.device):
     from clip_train.config import load_config
     from clip_train.encoder import ClipEncoder
     from clip_train.model import build_model
-    from eval.encoder import OpenClipEncoder
+    from clip_eval.encoder import OpenClipEncoder
 
     cfg = load_config(ROOT / "configs" / "bench_tiny.yaml", ["data.train=unused"])
     torch.manual_seed(0)
@@ -131,7 +131,7 @@ def bench_classifier(args, ours, oc_model, oc_encoder, tokenizer, device) -> Non
     """
     import open_clip
 
-    from eval.zero_shot import build_zero_shot_classifier
+    from clip_eval.zero_shot import build_zero_shot_classifier
 
     classnames = list(open_clip.IMAGENET_CLASSNAMES[: args.classes])
     templates = list(open_clip.OPENAI_IMAGENET_TEMPLATES[: args.templates])
@@ -194,8 +194,8 @@ def _plain_eval(model, classifier, root: Path, preprocess, args, device) -> int:
 
 def bench_eval(args, ours, device) -> None:
     """Images/s of the whole eval pass (read, decode, preprocess, encode, score), same model."""
-    from eval.datasets import FileLoader, class_folder
-    from eval.zero_shot import build_zero_shot_classifier, evaluate_zero_shot
+    from clip_eval.datasets import FileLoader, class_folder
+    from clip_eval.zero_shot import build_zero_shot_classifier, evaluate_zero_shot
 
     with tempfile.TemporaryDirectory(prefix="bench_zs_") as tmp:
         root = Path(tmp)

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from data_tools.errors import ClipTrainError
+from data_tools.shards import share_tree
 from data_tools.shards import write_text_atomic as atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ class CheckpointManager:
             state = dict(trainer_state, step=step, world_size=self.world_size)
             with open(tmp / STATE_FILE, "w") as f:
                 json.dump(state, f, indent=1)
+            share_tree(tmp)  # safetensors writes 0600
             for child in tmp.iterdir():
                 with open(child, "rb") as f:
                     os.fsync(f.fileno())

@@ -62,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from clip_train.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    return _run(cfg, resume=args.resume, as_json=args.json)
+    return _run(cfg, resume=args.resume, as_json=args.json, overwrite=args.overwrite)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -76,10 +76,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _run(cfg, resume=True, as_json=args.json)
 
 
-def _run(cfg, resume: bool, as_json: bool) -> int:
+def _run(cfg, resume: bool, as_json: bool, overwrite: bool = False) -> int:
     from clip_train.train import train
 
-    summary = train(cfg, resume=resume)
+    summary = train(cfg, resume=resume, overwrite=overwrite)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary, indent=1) if as_json else format_summary(summary))
     return 0
@@ -136,6 +136,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if (args.text is None) == (args.image is None):
         raise ClipTrainError("give exactly one query: --text 'a caption' or --image path/to/image.jpg")
+    if args.text is not None and not args.text.strip():
+        raise ClipTrainError("--text is empty: give the caption to search for")
+    if args.k < 1:
+        raise ClipTrainError(f"-k {args.k}: ask for at least one hit")
     encoder = clip_train.load(args.model or read_info(args.emb_dir)["model"])
     with torch.no_grad():
         if args.text is not None:
@@ -170,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "train.steps=200 run.name=try1")
     p.add_argument("--config", required=True, help="YAML preset (configs/*.yaml)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint if there is one")
+    p.add_argument("--overwrite", action="store_true",
+                   help="the run directory holds an earlier run: remove its checkpoints, metrics and eval "
+                        "results (other files stay) and start over")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=cmd_train)

@@ -6,6 +6,7 @@ wrong type is caught before any work starts, with one line that names the key.
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,7 @@ class ImageTowerConfig:
     heads: Optional[int] = 3
     mlp_ratio: Optional[float] = 4.0
     pool: str = "token"  # timm global_pool: "token" (class token) or "avg"
-    pre_norm: bool = False  # LayerNorm on the embedded tokens (open_clip's ln_pre)
-    patch_bias: bool = True  # bias in the patch embedding (open_clip's has none)
+    pre_norm: bool = False  # LayerNorm on the embedded tokens and no patch bias: open_clip's ViT (ln_pre)
     # Weight init of the trunk: openclip (fan-in scaled, as open_clip's ViT), timm (N(0, 0.02)), timm-jax.
     # timm's fixed 0.02 stalls narrow towers (width < 768): see clip_train.model.init_image_trunk.
     init: str = "openclip"
@@ -132,7 +132,7 @@ class ExportConfig:
 class RunConfig:
     name: str = "run"
     output_dir: str = "runs"
-    progress: bool = True  # tqdm bar on the main process
+    progress: bool = True  # tqdm bar on the main process when stderr is a terminal (else log lines)
     trackers: List[str] = field(default_factory=list)  # tensorboard, wandb (Accelerate trackers)
 
 
@@ -152,11 +152,26 @@ class Config:
         return Path(self.run.output_dir) / self.run.name
 
 
+def _known_keys(node: Any = None, prefix: str = "") -> List[str]:
+    """Every dotted key of the schema (`model.image.width`, ...)."""
+    node = OmegaConf.structured(Config) if node is None else node
+    keys = []
+    for name in node:
+        child = node._get_node(name)
+        if OmegaConf.is_dict(child):
+            keys += _known_keys(child, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
 def _one_line(exc: OmegaConfBaseException, source: str) -> str:
     key = getattr(exc, "full_key", None) or ""
     msg = str(exc).splitlines()[0]
     if "Key '" in msg and "not in" in msg:
-        return f"unknown config key '{key}' in {source}; check the spelling against configs/*.yaml"
+        close = difflib.get_close_matches(key, _known_keys(), n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'?" if close else "check the spelling against configs/*.yaml"
+        return f"unknown config key '{key}' in {source}; {hint}"
     if key:
         return f"bad value for config key '{key}' in {source}: {msg}"
     return f"bad config in {source}: {msg}"
@@ -204,6 +219,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.image.img_size={img.img_size} is not divisible by model.image.patch_size={img.patch_size}")
     if txt.width % txt.heads:
         raise ConfigError(f"model.text.width={txt.width} is not divisible by model.text.heads={txt.heads}")
+    _validate_timm_name(img.timm_name)
     if img.init not in IMAGE_INITS:
         raise ConfigError(f"model.image.init must be one of {', '.join(IMAGE_INITS)}, not '{img.init}'")
     if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
@@ -244,6 +260,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.warmup_steps must be >= 0")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError("optim.min_lr_ratio must be in [0, 1]")
+    opt = cfg.optim
+    for key, ok, rule in (("lr", opt.lr > 0, "> 0"), ("weight_decay", opt.weight_decay >= 0, ">= 0"),
+                          ("beta1", 0 <= opt.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= opt.beta2 < 1, "in [0, 1)"),
+                          ("eps", opt.eps > 0, "> 0"), ("grad_clip", opt.grad_clip is None or opt.grad_clip > 0, "> 0")):
+        if not ok:
+            raise ConfigError(f"optim.{key}={getattr(opt, key)} must be {rule}")
+
+
+def _validate_timm_name(name: str) -> None:
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models("vit_*"), n=1, cutoff=0.6)
+        raise ConfigError(f"model.image.timm_name '{name}' is not a timm model"
+                          + (f"; did you mean '{close[0]}'?" if close else "; see timm.list_models('vit_*')"))
+    if not timm.models.is_model_in_modules(name, ["vision_transformer", "deit"]):
+        raise ConfigError(f"model.image.timm_name '{name}' is not a timm VisionTransformer (the image tower is a ViT); "
+                          f"use one of timm.list_models('vit_*'), e.g. vit_base_patch16_224")
 
 
 def to_yaml(cfg: Config) -> str:

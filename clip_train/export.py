@@ -31,6 +31,7 @@ from clip_train.config import Config, ModelConfig, config_to_dict
 from clip_train.encoder import ClipEncoder
 from clip_train.model import CLIPModel, build_model, timm_overrides
 from data_tools.errors import ClipTrainError
+from data_tools.shards import share_tree
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ def open_clip_incompatibility(cfg: ModelConfig) -> Optional[str]:
     open_clip's timm adapter calls `timm.create_model(name)` without size arguments, so the image
     trunk must be the registered timm model exactly.
     """
+    if cfg.image.pre_norm:
+        return ("open_clip's timm adapter builds the registered ViT without pre_norm (ln_pre), which this model "
+                "has; load the trunk from the timm/ export, or train with model.image.pre_norm=false")
     with torch.device("meta"):  # only the sizes are read: no weights allocated or initialised
         registered = timm.create_model(cfg.image.timm_name, pretrained=False, num_classes=0)
     defaults = {"img_size": registered.patch_embed.img_size[0], "patch_size": registered.patch_embed.patch_size[0],
@@ -80,6 +84,8 @@ def open_clip_config(cfg: ModelConfig, image_size: int) -> Dict[str, Any]:
 
 def timm_config(cfg: ModelConfig, trunk: torch.nn.Module, image_size: int) -> Dict[str, Any]:
     model_args = dict(timm_overrides(cfg.image), num_classes=0, global_pool=cfg.image.pool)
+    if cfg.image.pre_norm:
+        model_args["pre_norm"] = True
     return {
         "architecture": cfg.image.timm_name,
         "num_features": int(trunk.num_features),
@@ -96,9 +102,29 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1) + "\n")
 
 
+def is_export_dir(path: Path) -> bool:
+    """Whether `path` holds an export this module wrote (so replacing it loses nothing of the user's)."""
+    try:
+        return (path / "export_info.json").is_file() and json.loads((path / "config.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def check_export_target(out_dir: Path) -> None:
+    """Refuse a directory an export would replace that holds anything but an export of ours."""
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not is_export_dir(out_dir))):
+        raise ClipTrainError(f"{out_dir} exists and is not a clip-train export (no export_info.json/config.json of "
+                             f"ours); export into a new or empty directory")
+
+
 def export_model(model: CLIPModel, out_dir: str | Path) -> Path:
-    """Write every export format of `model` to `out_dir` (replaced atomically)."""
+    """Write every export format of `model` to `out_dir` (replaced atomically).
+
+    `out_dir` must be absent, empty, or an earlier export of ours: anything else is refused, so an
+    export never deletes a file it did not write.
+    """
     out_dir = Path(out_dir)
+    check_export_target(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -124,6 +150,7 @@ def export_model(model: CLIPModel, out_dir: str | Path) -> Path:
     else:
         log.info("no open_clip export: %s", reason)
     _write_json(tmp / "export_info.json", {"open_clip": reason is None, "open_clip_reason": reason})
+    share_tree(tmp)  # safetensors writes 0600; exports are shared like any file
 
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")

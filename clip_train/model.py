@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from functools import partial
 from typing import Optional
 
 import timm
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import TextTransformer
-from timm.layers import PatchEmbed
 from torch import nn
 
 from clip_train.config import ImageTowerConfig, ModelConfig, TextTowerConfig
@@ -43,8 +41,9 @@ def init_linear_fan_in(trunk: nn.Module, qkv_only: bool = False) -> None:
         if qkv_only:
             continue
         block.attn.proj.reset_parameters()
-        nn.init.zeros_(block.attn.proj.bias)
-        for name, module in block.mlp.named_children():
+        if block.attn.proj.bias is not None:
+            nn.init.zeros_(block.attn.proj.bias)
+        for module in block.mlp.children():
             if isinstance(module, nn.Linear):
                 module.reset_parameters()
 
@@ -80,8 +79,6 @@ class ImageTower(nn.Module):
         extra = {}
         if cfg.pre_norm:
             extra["pre_norm"] = True
-        if not cfg.patch_bias:
-            extra["embed_layer"] = partial(PatchEmbed, bias=False)
         if cfg.init == "timm-jax":
             extra["weight_init"] = "jax"
         self.trunk = timm.create_model(cfg.timm_name, pretrained=False, num_classes=0,

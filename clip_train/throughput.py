@@ -12,9 +12,20 @@ from typing import Optional
 import torch
 from torch import nn
 
-# Dense bf16/fp16 tensor-core peak per device, FLOP/s (vendor datasheets, SXM parts).
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12,
-              "RTX 4090": 165e12, "V100": 125e12}
+# Dense (no sparsity) bf16/fp16 tensor-core peak, FLOP/s, from the vendor datasheets, keyed by the
+# exact name `torch.cuda.get_device_name` reports: PCIe and SXM parts differ (an H100 PCIe is 756,
+# not 989), and a substring match would give an L40 the L4's figure. Unknown names get no MFU;
+# `train.peak_flops` sets it.
+PEAK_FLOPS = {
+    "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12,
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA L40S": 362e12, "NVIDIA L40": 181e12, "NVIDIA L4": 121e12, "NVIDIA A10": 125e12,
+    "NVIDIA GeForce RTX 4090": 165e12,
+    "Tesla V100-SXM2-16GB": 125e12, "Tesla V100-SXM2-32GB": 125e12, "Tesla V100-PCIE-16GB": 112e12,
+    "Tesla V100-PCIE-32GB": 112e12,
+}
 
 
 def _matmul_params(module: nn.Module) -> int:
@@ -46,8 +57,9 @@ def device_peak_flops(device: torch.device, configured: Optional[float]) -> Opti
         return configured
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_FLOPS.items():
-        if key in name:
-            return flops
-    return None
+    return peak_flops_for(torch.cuda.get_device_name(device))
+
+
+def peak_flops_for(device_name: str) -> Optional[float]:
+    """The datasheet peak of a device by its exact CUDA name, or None when we do not know it."""
+    return PEAK_FLOPS.get(device_name.strip())

@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -84,22 +86,81 @@ def _accelerator(cfg: Config) -> Accelerator:
                        log_with=cfg.run.trackers or None, project_dir=str(cfg.run_dir))
 
 
-def train(cfg: Config, resume: bool = False) -> Dict[str, Any]:
-    """Train (or resume) the run described by `cfg`; returns the summary the CLI prints."""
+# What a run writes into its directory; --overwrite removes these and nothing else.
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "eval_results.json", "eval", "report")
+
+
+def _previous_run(run_dir: Path) -> list:
+    """The outputs of an earlier run in `run_dir` that a fresh start would destroy."""
+    found = [name for name in ("checkpoints", "metrics.jsonl") if (run_dir / name).exists()]
+    return found if found != ["checkpoints"] or any((run_dir / "checkpoints").iterdir()) else []
+
+
+def _clear_previous_run(run_dir: Path, run_name: str) -> None:
+    from clip_train.export import is_export_dir
+
+    for name in (*RUN_OUTPUTS, run_name, "wandb"):  # + tracker logs: TensorBoard's <run.name>/, W&B's
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    if is_export_dir(run_dir / "export"):
+        shutil.rmtree(run_dir / "export")
+    log.info("--overwrite: removed the previous run's outputs in %s", run_dir)
+
+
+# Model keys a resume may change: they shape neither the weights nor the optimizer's groups.
+_RESUMABLE_MODEL_KEYS = {"image.init", "text.trim_padding", "max_logit_scale", "init_logit_scale"}
+
+
+def _check_same_architecture(ckpt_dir: Path, cfg: Config) -> None:
+    """A resume whose overrides change the architecture fails with the keys, not a tensor-shape trace."""
+    from omegaconf import OmegaConf
+
+    from clip_train.config import ModelConfig
+
+    try:
+        saved = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                                                       OmegaConf.load(ckpt_dir / "config.yaml").model))
+    except Exception as exc:  # OmegaConf raises several types
+        raise ConfigError(f"cannot read the model config of {ckpt_dir}/config.yaml: {str(exc).splitlines()[0]}") from None
+    now = config_to_dict(cfg.model)
+    flat_saved = {k.replace("/", "."): v for k, v in _flat(saved).items()}
+    flat_now = {k.replace("/", "."): v for k, v in _flat(now).items()}
+    changed = [f"model.{k} ({flat_saved.get(k)} in the checkpoint, {v} now)" for k, v in flat_now.items()
+               if k not in _RESUMABLE_MODEL_KEYS and flat_saved.get(k) != v]
+    if changed:
+        raise ConfigError(f"cannot resume {ckpt_dir}: the overrides change the model or its trainable parts: "
+                          f"{', '.join(changed)}; resume with the run's model settings, or start a new run")
+
+
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[str, Any]:
+    """Train (or resume) the run described by `cfg`; returns the summary the CLI prints.
+
+    A run directory that already holds checkpoints or metrics is never restarted silently: pass
+    `resume=True` to continue it or `overwrite=True` to remove its outputs and start over.
+    """
     # ---------------------------------------------------------------- set-up
     accelerator = _accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     is_main, device = accelerator.is_main_process, accelerator.device
     run_dir = cfg.run_dir
     shards = expand_shards(cfg.data.train)  # a bad path fails here, before any work
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-    if cfg.run.trackers:
-        accelerator.init_trackers(cfg.run.name, config=_flat(config_to_dict(cfg)))
+    if resume and overwrite:
+        raise ConfigError("resume continues the run and overwrite starts it over: give one of them")
+    previous = [] if resume else _previous_run(run_dir)
+    if cfg.export.at_end:  # every process looks, so all of them stop together
+        from clip_train.export import check_export_target
+
+        check_export_target(run_dir / "export")  # fail now, not after the whole run
+    if previous and not overwrite:
+        raise ConfigError(f"{run_dir} already holds a run ({', '.join(previous)}): continue it with "
+                          f"`clip-train resume {run_dir}` (or `train --resume`), start it over with "
+                          f"`train --overwrite`, or choose another run.name")
     suite = None
     if cfg.eval.suite:
-        from eval.suite import load_suite
+        from clip_eval.suite import load_suite
 
         suite = load_suite(cfg.eval.suite)  # a bad suite file fails now, not hours into the run
         taken = {"zeroshot": cfg.data.zeroshot, "retrieval": cfg.data.retrieval}
@@ -137,11 +198,13 @@ def train(cfg: Config, resume: bool = False) -> Dict[str, Any]:
     state = {"step": 0, "samples_seen": 0, "epoch": 0, "batch_in_epoch": 0, "nonfinite_skipped": 0}
     metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator)
     rank_state: Dict[str, Any] = {}
+    ckpt_step = 0
     if resume:
         ckpt = ckpts.load_latest()
         if ckpt is None:
             log.info("no checkpoint in %s: starting from step 0", ckpts.root)
         else:
+            _check_same_architecture(ckpt.path, cfg)
             unwrapped.load_state_dict(ckpt.model)
             optimizer.load_state_dict(ckpt.training["optimizer"])
             scheduler.load_state_dict(ckpt.training["scheduler"])
@@ -151,10 +214,8 @@ def train(cfg: Config, resume: bool = False) -> Dict[str, Any]:
                 set_rng_state(ckpt.rng)
             state.update({k: ckpt.trainer_state.get(k, v) for k, v in state.items()})
             rank_state = ckpt.rank_state or {}
-            metrics.truncate_after(state["step"])
+            ckpt_step = state["step"]
             log.info("resumed from %s at step %d", ckpt.path, state["step"])
-    elif is_main and (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()
 
     def save() -> Path:
         training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -185,22 +246,47 @@ def train(cfg: Config, resume: bool = False) -> Dict[str, Any]:
                            weights=cfg.data.weights, samples_per_epoch=cfg.data.samples_per_epoch,
                            max_batches=max_batches, state=position)
 
+    # ---------------------------------------------------------------- publish
+    # Config, model, checkpoint and data are known good: only now is anything in the run dir changed.
+    if previous:
+        accelerator.wait_for_everyone()  # every process has looked before the main one deletes
+        if is_main:
+            _clear_previous_run(run_dir, cfg.run.name)
+        accelerator.wait_for_everyone()
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        if resume:
+            metrics.truncate_after(ckpt_step)  # a run resumed before its first checkpoint restarts its log
+    if cfg.run.trackers:
+        accelerator.init_trackers(cfg.run.name, config=_flat(config_to_dict(cfg)))
+
     # ---------------------------------------------------------------- loop
     model.train()
     for module in locked_modules(unwrapped, cfg.model):
         module.eval()
     loader = open_loader(state["epoch"], rank_state.get("loader"))
     data_iter = iter(loader)
+    sync_pass_end = world > 1 and cfg.data.mode == "epoch"
     loss_sums: Dict[str, torch.Tensor] = {}
     window = {"steps": 0, "data_time": 0.0, "flops": 0.0, "start": time.perf_counter()}
     last_loss: Optional[float] = None
     nonfinite_in_a_row = 0
-    progress = tqdm(total=cfg.train.steps, initial=state["step"], disable=not (is_main and cfg.run.progress),
+    # A bar only on a terminal: in a cluster log its redraws would pile up as one endless line, so
+    # there each log step is one plain log line instead.
+    use_bar = is_main and cfg.run.progress and sys.stderr.isatty()
+    progress = tqdm(total=cfg.train.steps, initial=state["step"], disable=not use_bar,
                     desc=f"train {cfg.run.name}", unit="step", dynamic_ncols=True)
     t_start = time.perf_counter()
     while state["step"] < cfg.train.steps:
         t0 = time.perf_counter()
         batch = next(data_iter, None)
+        if sync_pass_end:
+            # A pass ends for every process at once: one rank's loader can run dry a batch early
+            # (bad samples skipped, short shards); deciding alone would desynchronise the epochs.
+            have = torch.tensor([0.0 if batch is None else 1.0], device=device)
+            if accelerator.reduce(have, reduction="sum").item() < world:
+                batch = None
         if batch is None:  # end of epoch: reshuffle and go on
             if state["batch_in_epoch"] == 0:
                 raise DataError(f"data.train '{cfg.data.train}' gave no full batch of {step_batch} on process "
@@ -270,6 +356,11 @@ def train(cfg: Config, resume: bool = False) -> Dict[str, Any]:
                 record["mfu"] = window["flops"] / elapsed / peak
             last_loss = record.get("loss", last_loss)
             metrics.write(record)
+            if is_main and not use_bar:
+                log.info("step %d/%d  loss %.4f  lr %.3g  logit scale %.2f  %.0f samples/s  data wait %.0f%%",
+                         state["step"], cfg.train.steps, last_loss if last_loss is not None else float("nan"),
+                         record["lr"], record["logit_scale"], record["samples_per_s"],
+                         100 * record["data_wait_frac"])
             progress.set_postfix(loss=f"{last_loss:.3f}" if last_loss is not None else "nan",
                                  scale=f"{record['logit_scale']:.1f}")
             loss_sums = {}
@@ -318,7 +409,7 @@ def _grad_norm(model: torch.nn.Module, accelerator: Accelerator, clip: Optional[
 def evaluate(model: torch.nn.Module, cfg: Config, device: torch.device, suite: Any = None,
              output_dir: Optional[Path] = None) -> Dict[str, Dict[str, float]]:
     """Zero-shot and retrieval on the configured held-out splits, then the eval suite if any."""
-    from eval.tasks import retrieval_task, zero_shot_task
+    from clip_eval.tasks import retrieval_task, zero_shot_task
 
     encoder = ClipEncoder(model)
     results: Dict[str, Dict[str, float]] = {}
@@ -328,7 +419,7 @@ def evaluate(model: torch.nn.Module, cfg: Config, device: torch.device, suite: A
     if cfg.data.retrieval:
         results["retrieval"] = retrieval_task(encoder, cfg.data.retrieval, **opts)
     if suite is not None:
-        from eval.suite import run_suite
+        from clip_eval.suite import run_suite
 
         results.update(run_suite(encoder, suite, device, output_dir=output_dir))
     return results

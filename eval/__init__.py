@@ -7,14 +7,14 @@ every `eval.every` steps (see `eval.suite`).
 """
 
 from data_tools.errors import ClipTrainError, ConfigError, DataError
-from eval.encoder import Encoder, OpenClipEncoder, load_open_clip
-from eval.metrics import classification_metrics, retrieval_metrics
-from eval.probe import few_shot, linear_probe
-from eval.retrieval import evaluate_retrieval
-from eval.suite import Suite, Task, load_suite, run_suite
-from eval.tasks import few_shot_task, linear_probe_task, retrieval_task, zero_shot_task
-from eval.text import encode_texts
-from eval.zero_shot import build_zero_shot_classifier, evaluate_zero_shot
+from clip_eval.encoder import Encoder, OpenClipEncoder, load_open_clip
+from clip_eval.metrics import classification_metrics, retrieval_metrics
+from clip_eval.probe import few_shot, linear_probe
+from clip_eval.retrieval import evaluate_retrieval
+from clip_eval.suite import Suite, Task, load_suite, run_suite
+from clip_eval.tasks import few_shot_task, linear_probe_task, retrieval_task, zero_shot_task
+from clip_eval.text import encode_texts
+from clip_eval.zero_shot import build_zero_shot_classifier, evaluate_zero_shot
 
 __all__ = [
     "ClipTrainError",

@@ -1,7 +1,7 @@
-"""`python -m eval ...` is `clip-eval ...`."""
+"""`python -m clip_eval ...` is `clip-eval ...`."""
 
 import sys
 
-from eval.cli import main
+from clip_eval.cli import main
 
 sys.exit(main())

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from data_tools.errors import DataError
+from data_tools.shards import file_mode
 
 T = TypeVar("T")
 
@@ -72,6 +73,7 @@ def _atomic_write(path: str | os.PathLike, data: str, what: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(data)
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -20,6 +20,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from data_tools.shards import file_mode
+
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "CLIP_TRAIN_CACHE"
@@ -104,6 +106,7 @@ def save_classifier(cache_dir: Path, key: str, classifier: Tensor, metadata: dic
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         save_file({"classifier": classifier.detach().float().cpu().contiguous()}, str(tmp), metadata={"format": _FORMAT, **metadata})
+        os.chmod(tmp, file_mode())  # safetensors writes 0600
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Sequence
 
 from data_tools.errors import ClipTrainError, ConfigError, DataError
-from eval._common import write_json_atomic
-from eval.cache import ENV_VAR, default_cache_dir
-from eval.encoder import Encoder, load_open_clip
+from clip_eval._common import write_json_atomic
+from clip_eval.cache import ENV_VAR, default_cache_dir
+from clip_eval.encoder import Encoder, load_open_clip
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def load_encoder(model: str, pretrained: str | None, device: str) -> Encoder:
 
 def _check_data(option: str, data: str) -> None:
     """Fail on a mistyped data path before loading a possibly large model."""
-    from eval.datasets import folder_kind, is_table
+    from clip_eval.datasets import folder_kind, is_table
 
     if is_table(data):
         if not Path(data).is_file():
@@ -226,7 +226,7 @@ def _weight_decays(text: str | None) -> list[float] | None:
 def _run(args: argparse.Namespace) -> dict:
     import torch
 
-    from eval.tasks import few_shot_task, linear_probe_task, retrieval_task, zero_shot_task
+    from clip_eval.tasks import few_shot_task, linear_probe_task, retrieval_task, zero_shot_task
 
     try:
         device = torch.device(args.device)
@@ -238,7 +238,7 @@ def _run(args: argparse.Namespace) -> dict:
         raise DataError("--batch-size must be >= 1 and --num-workers >= 0")
     suite = None
     if args.command == "suite":
-        from eval.suite import load_suite
+        from clip_eval.suite import load_suite
 
         suite = load_suite(args.suite)
         if not args.no_cache and args.cache_dir is None and suite.cache_dir is not None:
@@ -272,7 +272,7 @@ def _run(args: argparse.Namespace) -> dict:
             encoder, args.data, classnames=args.classnames, dataset=args.dataset, labels=args.labels,
             n_way=args.n_way, k_shot=args.k_shot, n_query=args.n_query, episodes=args.episodes, seed=args.seed, **opts,
         )
-    from eval.suite import run_suite
+    from clip_eval.suite import run_suite
 
     assert suite is not None
     # Suite tasks carry their own batch_size/num_workers; the command line's apply to the rest.

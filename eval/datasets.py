@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from data_tools.errors import DataError
-from eval.prompts import imagenet_classnames, imagenet_synsets, is_synset
+from clip_eval.prompts import imagenet_classnames, imagenet_synsets, is_synset
 
 logger = logging.getLogger(__name__)
 

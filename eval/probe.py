@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from data_tools.errors import ConfigError
-from eval._common import EvalDataError, autocast, inference, progress_bar
-from eval.encoder import Encoder
-from eval.metrics import classification_metrics
+from clip_eval._common import EvalDataError, autocast, inference, progress_bar
+from clip_eval.encoder import Encoder
+from clip_eval.metrics import classification_metrics
 
 logger = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eval._common import EvalDataError, autocast, inference, progress_bar
-from eval.encoder import Encoder
-from eval.metrics import retrieval_metrics
-from eval.text import encode_texts
+from clip_eval._common import EvalDataError, autocast, inference, progress_bar
+from clip_eval.encoder import Encoder
+from clip_eval.metrics import retrieval_metrics
+from clip_eval.text import encode_texts
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def evaluate_retrieval(
 
     Returns `image_retrieval_recall@k`, `text_retrieval_recall@k` (CLIP_benchmark names),
     num_images and num_texts. `batch_size` counts captions per text-encoder call (captions are
-    encoded in batches of similar length, see `eval.text`). The encoder must already be on
+    encoded in batches of similar length, see `clip_eval.text`). The encoder must already be on
     `device`; its train/eval modes are restored afterwards. `total` (batches) feeds the bar.
     """
     device = torch.device(device)

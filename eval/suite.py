@@ -34,9 +34,9 @@ import torch
 import yaml
 
 from data_tools.errors import ConfigError
-from eval._common import write_json_atomic, write_text_atomic
-from eval.encoder import Encoder
-from eval.tasks import few_shot_task, linear_probe_task, retrieval_task, zero_shot_task
+from clip_eval._common import write_json_atomic, write_text_atomic
+from clip_eval.encoder import Encoder
+from clip_eval.tasks import few_shot_task, linear_probe_task, retrieval_task, zero_shot_task
 
 logger = logging.getLogger(__name__)
 

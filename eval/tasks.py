@@ -22,8 +22,8 @@ import torch
 from data_tools.errors import ConfigError, DataError
 from data_tools.loader import expand_shards, make_loader
 from data_tools.urls import is_remote, sample_key
-from eval._common import EvalDataError
-from eval.datasets import (
+from clip_eval._common import EvalDataError
+from clip_eval.datasets import (
     FileLoader,
     ImageSet,
     caption_table,
@@ -33,9 +33,9 @@ from eval.datasets import (
     is_table,
     split_classname_lines,
 )
-from eval.encoder import Encoder
-from eval.probe import DEFAULT_WEIGHT_DECAYS, extract_features, few_shot, linear_probe
-from eval.prompts import (
+from clip_eval.encoder import Encoder
+from clip_eval.probe import DEFAULT_WEIGHT_DECAYS, extract_features, few_shot, linear_probe
+from clip_eval.prompts import (
     DATASETS,
     DEFAULT_TEMPLATE,
     Template,
@@ -45,8 +45,8 @@ from eval.prompts import (
     resolve_classnames,
     resolve_templates,
 )
-from eval.retrieval import evaluate_retrieval
-from eval.zero_shot import build_zero_shot_classifier, evaluate_zero_shot
+from clip_eval.retrieval import evaluate_retrieval
+from clip_eval.zero_shot import build_zero_shot_classifier, evaluate_zero_shot
 
 logger = logging.getLogger(__name__)
 
@@ -317,7 +317,7 @@ def linear_probe_task(
     """Linear probe on frozen image features: lp_acc1, lp_acc5, lp_mean_per_class_recall, ...
 
     `train` and `test` are labelled shards or folders with the same classes; folder classes of
-    the test set are matched to the training set's by name. See `eval.probe.linear_probe`.
+    the test set are matched to the training set's by name. See `clip_eval.probe.linear_probe`.
     """
     device = torch.device(device)
     opts = dict(dataset=dataset, batch_size=batch_size, num_workers=num_workers)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eval._common import autocast, progress_bar
+from clip_eval._common import autocast, progress_bar
 
 logger = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from data_tools.errors import ConfigError
-from eval._common import EvalDataError, autocast, inference, precision_name, progress_bar
-from eval.cache import cache_key, load_classifier, model_identity, save_classifier
-from eval.encoder import Encoder
-from eval.metrics import classification_metrics
-from eval.prompts import Template
-from eval.text import encode_texts
+from clip_eval._common import EvalDataError, autocast, inference, precision_name, progress_bar
+from clip_eval.cache import cache_key, load_classifier, model_identity, save_classifier
+from clip_eval.encoder import Encoder
+from clip_eval.metrics import classification_metrics
+from clip_eval.prompts import Template
+from clip_eval.text import encode_texts
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def build_zero_shot_classifier(
 
     Templates are format strings with one `{}` or callables `classname -> prompt` (open_clip's
     `OPENAI_IMAGENET_TEMPLATES`); `batch_size` counts prompts per text-encoder call. Prompts
-    are encoded longest first in batches of similar length over trimmed width (`eval.text`),
+    are encoded longest first in batches of similar length over trimmed width (`clip_eval.text`),
     which gives open_clip's classifier to float rounding in a fraction of the time; sorted
     prompts waste little padding even in big batches, and fewer, larger calls were faster on a
     busy CPU (and are on a GPU). With `cache_dir` the result is stored there and reused for the

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ def test_train_eval_export_reload(synth_dir, tmp_path, make_cfg):
         assert torch.equal(exported.encode_image(images), from_run.encode_image(images))
 
     # clip-eval on the saved run reproduces the trainer's zero-shot numbers
-    proc = subprocess.run([sys.executable, "-m", "eval", "zero-shot", "--model", str(run / "export"),
+    proc = subprocess.run([sys.executable, "-m", "clip_eval", "zero-shot", "--model", str(run / "export"),
                            "--data", str(synth_dir / "zeroshot")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["acc1"] == pytest.approx(zs["acc1"])
@@ -94,3 +95,16 @@ def test_bad_train_path_is_one_line(spec, words, tmp_path):
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error:")
     assert all(w in err for w in words)
+
+
+def test_a_users_eval_py_does_not_break_training(synth_dir, tmp_path, tiny_overrides):
+    """`python -m clip_train` puts the working directory first on sys.path; a user's eval.py there
+    must not shadow our evaluation package (it is imported as clip_eval)."""
+    (tmp_path / "eval.py").write_text("raise SystemExit('the user eval.py was imported')\n")
+    root = Path(__file__).resolve().parents[1]
+    args = [f"data.train={synth_dir}/train", f"data.zeroshot={synth_dir}/zeroshot", f"data.retrieval={synth_dir}/retrieval",
+            f"run.output_dir={tmp_path}/runs", "run.name=cwd", *tiny_overrides, "train.steps=2", "export.at_end=false"]
+    proc = subprocess.run([sys.executable, "-m", "clip_train", "-q", "train", "--config", str(root / "configs/demo.yaml"),
+                           *args], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "zero-shot:" in proc.stdout

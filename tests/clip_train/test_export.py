@@ -84,3 +84,19 @@ def test_load_errors_are_one_line(tmp_path):
     (tmp_path / "junk").mkdir()
     with pytest.raises(clip_train.ClipTrainError, match="neither"):
         clip_train.load(tmp_path / "junk")
+
+
+def test_open_clip_style_trunk_exports(tiny_model_cfg, test_vit_cfg, tmp_path):
+    """pre_norm (ln_pre, no patch bias: open_clip's ViT): timm rebuilds it from the export; open_clip's
+    timm adapter cannot, and the export says why."""
+    torch.manual_seed(0)
+    tiny_model_cfg.image.pre_norm = True
+    model = build_model(tiny_model_cfg).eval()
+    assert model.visual.trunk.patch_embed.proj.bias is None
+    out = export_model(model, tmp_path / "tiny")
+    trunk = timm.create_model(f"local-dir:{out / 'timm'}", pretrained=True).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(trunk(images), model.visual.trunk(images))
+    test_vit_cfg.image.pre_norm = True
+    assert "pre_norm" in open_clip_incompatibility(test_vit_cfg)

@@ -117,3 +117,25 @@ def test_bad_suite_fails_before_training(synth_dir, tmp_path, make_cfg):
     with pytest.raises(ConfigError, match="colour"):
         train(make_cfg(synth_dir, tmp_path, "bad", "train.steps=2", f"eval.suite={suite}"))
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("name,flops", [("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12),
+                                        ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362e12),
+                                        ("NVIDIA H200", 989e12), ("NVIDIA H100 Foo", None), ("L4", None)])
+def test_peak_flops_match_device_names_exactly(name, flops):
+    from clip_train.throughput import peak_flops_for
+
+    assert peak_flops_for(name) == flops
+
+
+def test_off_a_terminal_steps_are_log_lines_not_bar_redraws(synth_dir, tmp_path, make_cfg, caplog, capsys):
+    import logging
+
+    from clip_train.train import train
+
+    with caplog.at_level(logging.INFO, logger="clip_train"):
+        train(make_cfg(synth_dir, tmp_path, "logs", "train.steps=4", "train.log_every=2", "eval.at_end=false",
+                       "export.at_end=false", "run.progress=true"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/4", "4/4"] and "samples/s" in lines[0]
+    assert "\r" not in capsys.readouterr().err  # pytest's stderr is no terminal: no tqdm bar

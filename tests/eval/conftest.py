@@ -33,7 +33,7 @@ def tiny_model_name(tmp_path_factory) -> str:
 @pytest.fixture
 def tiny_encoder(tiny_model_name):
     """A randomly initialised tiny open_clip encoder (seeded, so every test sees the same one)."""
-    from eval.encoder import load_open_clip
+    from clip_eval.encoder import load_open_clip
 
     torch.manual_seed(0)
     return load_open_clip(tiny_model_name, None, "cpu")

@@ -4,10 +4,10 @@ import open_clip
 import pytest
 import torch
 
-import eval.zero_shot as zero_shot_module
-from eval.cache import default_cache_dir, model_identity
-from eval.encoder import load_open_clip
-from eval.zero_shot import build_zero_shot_classifier
+import clip_eval.zero_shot as zero_shot_module
+from clip_eval.cache import default_cache_dir, model_identity
+from clip_eval.encoder import load_open_clip
+from clip_eval.zero_shot import build_zero_shot_classifier
 
 NAMES = ["cat", "dog", "car"]
 TEMPLATES = ["a photo of a {}.", "a {}"]

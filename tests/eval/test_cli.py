@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from eval.cli import main
+from clip_eval.cli import main
 
 SUBCOMMANDS = ["zero-shot", "retrieval", "probe", "few-shot", "suite"]
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from data_tools.errors import DataError
-from eval.datasets import FileLoader, caption_table, class_folder, flat_folder, folder_kind
-from eval.metrics import retrieval_metrics
-from eval.tasks import retrieval_task, zero_shot_task
+from clip_eval.datasets import FileLoader, caption_table, class_folder, flat_folder, folder_kind
+from clip_eval.metrics import retrieval_metrics
+from clip_eval.tasks import retrieval_task, zero_shot_task
 
 # The first two and the last ImageNet-1k synsets, in their standard (sorted) order.
 SYNSETS = {"n01440764": 0, "n01443537": 1, "n15075141": 999}
@@ -40,7 +40,7 @@ def test_zero_shot_on_imagenet_folder(tiny_encoder, imagenet_tree):
 
 
 def test_named_template_sets(tmp_path):
-    from eval.prompts import resolve_templates
+    from clip_eval.prompts import resolve_templates
 
     openai, source = resolve_templates("openai", None)
     assert openai == list(open_clip.OPENAI_IMAGENET_TEMPLATES) and len(openai) == 80 and "openai" in source
@@ -202,7 +202,7 @@ def test_imagenet_shards_with_synset_classnames_are_remapped(tiny_encoder, tmp_p
     import io
     import tarfile
 
-    import eval.tasks as tasks
+    import clip_eval.tasks as tasks
 
     paths = write_images(tmp_path / "imgs", 4)
     shard_dir = tmp_path / "shards"

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-import eval.metrics as metrics_module
-from eval.metrics import classification_metrics, retrieval_metrics
+import clip_eval.metrics as metrics_module
+from clip_eval.metrics import classification_metrics, retrieval_metrics
 
 
 # ---------------------------------------------------------------- references

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.tasks import retrieval_task, zero_shot_task
+from clip_eval.tasks import retrieval_task, zero_shot_task
 
 zeroshot_classification = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
 zeroshot_retrieval = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval")

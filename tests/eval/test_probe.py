@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from data_tools.errors import ConfigError, DataError
 from data_tools.synth import SynthConfig, class_names, write_synth
-from eval.probe import few_shot, fit_logistic_regression, linear_probe
-from eval.tasks import few_shot_task, linear_probe_task
+from clip_eval.probe import few_shot, fit_logistic_regression, linear_probe
+from clip_eval.tasks import few_shot_task, linear_probe_task
 
 
 def _blobs(n_per_class=30, num_classes=4, dim=8, spread=1.0, seed=0):
@@ -46,7 +46,7 @@ def test_linear_probe_separable_and_deterministic():
 
 
 def test_linear_probe_sweep_picks_best_validation(monkeypatch):
-    import eval.probe as probe
+    import clip_eval.probe as probe
 
     x, y = _blobs(spread=3.0, seed=1)
     tx, ty = _blobs(spread=3.0, seed=2)

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from data_tools.errors import DataError
-from eval.metrics import retrieval_metrics
-from eval.retrieval import evaluate_retrieval
+from clip_eval.metrics import retrieval_metrics
+from clip_eval.retrieval import evaluate_retrieval
 
 
 def _batches():

@@ -6,9 +6,9 @@ import pytest
 
 from data_tools.errors import ConfigError
 from data_tools.synth import SynthConfig, write_synth
-from eval.cli import main
-from eval.suite import load_suite, run_suite
-from eval.tasks import few_shot_task, retrieval_task, zero_shot_task
+from clip_eval.cli import main
+from clip_eval.suite import load_suite, run_suite
+from clip_eval.tasks import few_shot_task, retrieval_task, zero_shot_task
 
 
 @pytest.fixture(scope="module")

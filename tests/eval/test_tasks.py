@@ -8,8 +8,8 @@ import torch
 
 from data_tools.errors import ConfigError, DataError
 from data_tools.synth import SynthConfig, class_names, write_synth
-from eval.cli import main
-from eval.tasks import retrieval_task, zero_shot_task
+from clip_eval.cli import main
+from clip_eval.tasks import retrieval_task, zero_shot_task
 
 NUM_ZS_PER_CLASS, NUM_RETRIEVAL = 2, 20
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import eval.text as text_module
-from eval.encoder import load_open_clip
-from eval.text import encode_texts, token_lengths, trimmed_text_forward
-from eval.zero_shot import build_zero_shot_classifier
+import clip_eval.text as text_module
+from clip_eval.encoder import load_open_clip
+from clip_eval.text import encode_texts, token_lengths, trimmed_text_forward
+from clip_eval.zero_shot import build_zero_shot_classifier
 
 CLASSNAMES = ["tench", "goldfish", "great white shark", "a very long class name with many many words", "cat"]
 TEXTS = ["a", "a photo of a cat", "x " * 20, "a dog.", "the longest caption of them all, with commas, and words"]
@@ -98,7 +98,7 @@ def test_clip_train_tower_uses_its_own_trimming():
 def test_self_check_falls_back_when_trimmed_path_disagrees(tiny_encoder, monkeypatch, caplog):
     real = trimmed_text_forward(tiny_encoder)
     monkeypatch.setattr(text_module, "trimmed_text_forward", lambda enc: (lambda tokens: real(tokens) + 1.0))
-    with caplog.at_level(logging.WARNING, logger="eval.text"), torch.no_grad():
+    with caplog.at_level(logging.WARNING, logger="clip_eval.text"), torch.no_grad():
         got = encode_texts(tiny_encoder, TEXTS, "cpu", batch_size=2)
         want = F.normalize(tiny_encoder.encode_text(tiny_encoder.tokenizer(TEXTS)), dim=-1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

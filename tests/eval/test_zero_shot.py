@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from data_tools.errors import ConfigError, DataError
-from eval.metrics import classification_metrics
-from eval.zero_shot import build_zero_shot_classifier, evaluate_zero_shot
+from clip_eval.metrics import classification_metrics
+from clip_eval.zero_shot import build_zero_shot_classifier, evaluate_zero_shot
 
 CLASSNAMES = ["red circle", "blue square", "green triangle", "yellow star", "cat", "dog", "car"]
 

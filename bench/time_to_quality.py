@@ -1,0 +1,281 @@
+"""Time to quality: `clip-train train` against open_clip_train's own `main`, same data, same sizes.
+
+    bash bench/openclip_env.sh                                   # once: the OpenCLIP venv
+    .venv/bin/python bench/time_to_quality.py                    # synthetic set, 3 seeds
+    .venv/bin/python bench/time_to_quality.py --data ../shared/data/icons --epochs 6 --seeds 0 1 2
+    .venv/bin/python bench/time_to_quality.py --data DIR --equal-time   # also ours at OpenCLIP's wall time
+
+--data is a folder with train/, zeroshot/ (classnames.txt, templates.txt) and retrieval/ shards,
+the layout `clip-data synth` writes (the default builds one in --work). Both trainers get:
+- the model of `configs/bench_tiny.yaml` (OpenCLIP: an open_clip config of the same sizes, its
+  own ViT and text tower; ours: the timm ViT tower and open_clip's text transformer);
+- the same shards, batch, lr, warmup, cosine schedule, weight decay, AdamW betas/eps, seed,
+  loader workers and fp32 on the CPU (`--device cuda` for both on a GPU: amp/bf16 is not used);
+- the same number of optimizer steps: `--epochs` x `spe`, where spe is the smallest number of full
+  batches any of open_clip_train's loader workers can give from its share of the shards, times
+  the workers (its `--train-num-samples` is set to spe x batch, so its schedule and ours agree;
+  with uneven shards a worker of OpenCLIP may wrap around within its epoch).
+What differs, by design, is listed in the setup line: the trainers' own data orders (ours: epoch
+mode, shards split by worker, a --shuffle-buffer sample buffer; OpenCLIP: its shard shuffle and
+5000-sample buffer), our fused AdamW, and the weight-decay groups (open_clip_train decays the
+embeddings and class token).
+
+Both runs are evaluated by `clip-eval` on the held-out splits (zero-shot and retrieval). Prints a
+side-by-side train-loss curve (means over --window steps) on stderr and JSON lines on stdout: one
+per run, one per seed with ratios (ours / OpenCLIP; for losses < 1 is better, for metrics > 1),
+and a summary with means over seeds. `--equal-time` also trains ours for as many steps as fit in
+OpenCLIP's whole-process wall time of the same seed (its own schedule over those steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def log(msg: str) -> None:
+    print(f"[ttq] {msg}", file=sys.stderr, flush=True)
+
+
+def build_synth(work: Path, samples: int) -> Path:
+    out = work / f"synth-{samples}"
+    if not (out / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "data_tools", "synth", "--out", str(out), "--train-samples",
+                        str(samples), "-q"], check=True, cwd=ROOT, stdout=sys.stderr)
+    return out
+
+
+def shard_counts(train: Path) -> list[int]:
+    """Samples per train shard, from tar headers (keys with a .txt member)."""
+    counts = []
+    for shard in sorted(train.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            counts.append(sum(1 for m in tar.getmembers() if m.name.endswith(".txt")))
+    return counts
+
+
+def openclip_steps_per_epoch(counts: list[int], batch: int, workers: int) -> int:
+    """Full batches per pass in open_clip_train's epoch mode: worker w reads shards w, w+W, ...,
+    and drops its last partial batch; `with_epoch` caps every worker at the same number."""
+    per_worker = [sum(counts[w::workers]) // batch for w in range(workers)]
+    return min(per_worker) * workers
+
+
+def model_config(cfg) -> dict:
+    img, txt = cfg.model.image, cfg.model.text
+    return {"embed_dim": cfg.model.embed_dim,
+            "vision_cfg": {"image_size": img.img_size, "layers": img.depth, "width": img.width,
+                           "head_width": img.width // img.heads, "patch_size": img.patch_size,
+                           "mlp_ratio": img.mlp_ratio},
+            "text_cfg": {"context_length": txt.context_length, "vocab_size": txt.vocab_size, "width": txt.width,
+                         "heads": txt.heads, "layers": txt.layers, "mlp_ratio": txt.mlp_ratio}}
+
+
+def _device_env(device: str) -> dict:
+    """The same device and matmul precision for both trainers: open_clip_train turns TF32 on when it
+    finds CUDA, clip-train keeps strict fp32, so TF32 is switched off for both."""
+    env = dict(os.environ, NVIDIA_TF32_OVERRIDE="0")
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def run_openclip(a, python: str, data: Path, seed: int, steps_per_epoch: int, out: Path, cfg) -> dict:
+    name = f"openclip-s{seed}"
+    shutil.rmtree(out / name, ignore_errors=True)
+    config = out / "ttq_bench_tiny.json"
+    config.write_text(json.dumps(model_config(cfg)))
+    shards = "::".join(str(p) for p in sorted((data / "train").glob("*.tar")))
+    args = ["--train-data", shards, "--dataset-type", "webdataset",
+            "--train-num-samples", str(steps_per_epoch * a.batch), "--epochs", str(a.epochs),
+            "--batch-size", str(a.batch), "--lr", str(a.lr), "--wd", str(a.wd), "--warmup", str(a.warmup),
+            "--beta1", "0.9", "--beta2", "0.999", "--eps", "1e-8", "--workers", str(a.workers),
+            "--seed", str(seed), "--model", "ttq_bench_tiny", "--precision", "fp32", "--device", a.device,
+            "--logs", str(out), "--name", name, "--log-every-n-steps", "1",
+            "--save-frequency", str(a.epochs), "--zeroshot-frequency", "0"]
+    start = time.perf_counter()
+    r = subprocess.run([python, str(ROOT / "bench" / "_openclip_train.py"), str(config), "--", *args],
+                       capture_output=True, text=True, cwd=out, env=_device_env(a.device))
+    wall = time.perf_counter() - start
+    logfile = out / name / "out.log"
+    if r.returncode != 0 or not logfile.is_file():
+        raise SystemExit(f"open_clip_train failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
+    losses = [float(x) for x in re.findall(r"Contrastive_loss: ([-+0-9.eE]+|nan|inf) ", logfile.read_text())]
+    ckpt = out / name / "checkpoints" / f"epoch_{a.epochs}.pt"
+    # The checkpoint as an open_clip local directory for clip-eval (weights only, no optimizer).
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    local = out / name / "open_clip"
+    local.mkdir(exist_ok=True)
+    torch.save(state, local / "open_clip_pytorch_model.bin")
+    (local / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_config(cfg), "preprocess_cfg": {}}))
+    model = ["--model", f"local-dir:{local}", "--pretrained", str(local / "open_clip_pytorch_model.bin")]
+    return {"side": "openclip", "seed": seed, "steps": len(losses), "wall_s": round(wall, 1), "losses": losses,
+            **evaluate(model, data, out / name, a.device)}
+
+
+def run_ours(a, data: Path, seed: int, steps: int, out: Path, tag: str = "ours") -> dict:
+    name = f"{tag}-s{seed}"
+    shutil.rmtree(out / name, ignore_errors=True)
+    overrides = [f"data.train={data / 'train'}", f"train.steps={steps}", f"train.batch_size={a.batch}",
+                 f"optim.lr={a.lr}", f"optim.weight_decay={a.wd}", f"optim.warmup_steps={a.warmup}",
+                 "optim.beta1=0.9", "optim.beta2=0.999", "optim.eps=1e-8", f"data.num_workers={a.workers}",
+                 f"data.shuffle_buffer={a.shuffle_buffer}", f"train.seed={seed}", "train.log_every=1",
+                 "train.save_every=0", "eval.at_end=false", "export.at_end=false", "run.progress=false",
+                 f"run.output_dir={out}", f"run.name={name}", *a.ours]
+    env = _device_env(a.device)
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "clip_train", "train", "--config", str(ROOT / "configs" / "bench_tiny.yaml"),
+                        *overrides], capture_output=True, text=True, cwd=ROOT, env=env)
+    wall = time.perf_counter() - start
+    if r.returncode != 0:
+        raise SystemExit(f"clip-train failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
+    lines = (out / name / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in lines]
+    return {"side": tag, "seed": seed, "steps": len(losses), "wall_s": round(wall, 1), "losses": losses,
+            **evaluate(["--model", str(out / name)], data, out / name, a.device)}
+
+
+def evaluate(model: list[str], data: Path, where: Path, device: str) -> dict:
+    """clip-eval's zero-shot and retrieval metrics on the held-out splits, in percent."""
+    metrics = {}
+    for task, split in (("zero-shot", "zeroshot"), ("retrieval", "retrieval")):
+        if not (data / split).is_dir():
+            continue
+        result = where / f"eval_{split}.json"
+        cmd = [sys.executable, "-m", "clip_eval", task, *model, "--data", str(data / split), "--device", device,
+               "--no-progress", "--output", str(result)]
+        if task == "zero-shot":
+            cmd.append("--no-cache")
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if r.returncode != 0:
+            raise SystemExit(f"clip-eval failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
+        found = json.loads(result.read_text())
+        found = found.get("metrics", found)
+        for k, v in found.items():
+            if isinstance(v, float):
+                metrics[k] = round(100 * v, 2) if v <= 1 else v
+    return metrics
+
+
+def curve(losses: list[float], window: int) -> list[float]:
+    return [round(statistics.fmean(losses[i:i + window]), 3) for i in range(0, len(losses), window)]
+
+
+def compare(ours: dict, theirs: dict, keys: list[str]) -> dict:
+    row = {}
+    for k in keys:
+        if k in ours and k in theirs:
+            row[k] = {"ours": ours[k], "openclip": theirs[k],
+                      "ratio": round(ours[k] / theirs[k], 3) if theirs[k] else None}
+    return row
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", help="folder with train/, zeroshot/, retrieval/ (default: a synthetic set in --work)")
+    p.add_argument("--synth-samples", type=int, default=10000)
+    p.add_argument("--work", default="/tmp/clip-train-ttq")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=6, help="passes over the train shards (both trainers)")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--wd", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--shuffle-buffer", type=int, default=1000, help="ours (data.shuffle_buffer)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--window", type=int, default=20, help="steps per point of the printed loss curves")
+    p.add_argument("--equal-time", action="store_true", help="also train ours for OpenCLIP's wall time")
+    p.add_argument("--ours", nargs="*", default=[], help="extra clip-train overrides (an ablation)")
+    p.add_argument("--openclip-python", help="python of the OpenCLIP venv (default: bench/openclip_env.sh)")
+    a = p.parse_args(argv)
+
+    sys.path.insert(0, str(ROOT))
+    from clip_train.config import load_config
+
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    data = Path(a.data).resolve() if a.data else build_synth(work, a.synth_samples)
+    cfg = load_config(ROOT / "configs" / "bench_tiny.yaml", [f"data.train={data / 'train'}"])
+    python = a.openclip_python or subprocess.run(
+        ["bash", str(ROOT / "bench" / "openclip_env.sh")], check=True, capture_output=True,
+        text=True).stdout.strip().splitlines()[-1]
+    counts = shard_counts(data / "train")
+    spe = openclip_steps_per_epoch(counts, a.batch, a.workers)
+    steps = spe * a.epochs
+    if spe == 0:
+        raise SystemExit(f"{data / 'train'}: too few samples for batch {a.batch} x {a.workers} workers")
+    print(json.dumps({"bench": "time_to_quality", "data": str(data), "train_samples": sum(counts),
+                      "shards": len(counts), "steps": steps, "steps_per_epoch": spe, "batch": a.batch,
+                      "lr": a.lr, "wd": a.wd, "warmup": a.warmup, "workers": a.workers, "device": a.device,
+                      "ours_overrides": a.ours, "ours_shuffle_buffer": a.shuffle_buffer,
+                      "differs": "data order (ours: epoch mode, shuffle buffer above; OpenCLIP: shard shuffle, "
+                                 "5000 buffer); ours fused AdamW; OpenCLIP decays embeddings and class token",
+                      "cpus": os.cpu_count(), "python": platform.python_version(),
+                      "date": time.strftime("%Y-%m-%d")}), flush=True)
+    keys = ["final_loss", "wall_s", "acc1", "acc5", "mean_per_class_recall", "image_retrieval_recall@1",
+            "image_retrieval_recall@5", "image_retrieval_recall@10", "text_retrieval_recall@1",
+            "text_retrieval_recall@5", "text_retrieval_recall@10"]
+    rows = []
+    for seed in a.seeds:
+        # alternate which side runs first so machine load drifts do not favour one
+        order = ("ours", "openclip") if seed % 2 == 0 else ("openclip", "ours")
+        res = {}
+        for side in order:
+            log(f"seed {seed}: {side}, {steps} steps")
+            res[side] = (run_ours(a, data, seed, steps, work) if side == "ours"
+                         else run_openclip(a, python, data, seed, spe, work, cfg))
+        if a.equal_time:
+            eq_steps = int(steps * res["openclip"]["wall_s"] / res["ours"]["wall_s"])
+            log(f"seed {seed}: ours at OpenCLIP's wall time, {eq_steps} steps")
+            res["ours_equal_time"] = run_ours(a, data, seed, eq_steps, work, tag="ours_equal_time")
+        for r in res.values():
+            w = min(a.window, len(r["losses"]))
+            r["final_loss"] = round(statistics.fmean(r["losses"][-w:]), 4)
+            print(json.dumps({**{k: v for k, v in r.items() if k != "losses"},
+                              "loss_curve": curve(r["losses"], a.window)}), flush=True)
+        rows.append(res)
+        n = min(len(res["ours"]["losses"]), len(res["openclip"]["losses"]))
+        log(f"seed {seed}: train loss by step (mean over {a.window} steps)\n" + "\n".join(
+            f"  step {i + a.window:5d}  ours {o:.3f}  openclip {c:.3f}"
+            for i, o, c in zip(range(0, n, a.window), curve(res["ours"]["losses"][:n], a.window),
+                               curve(res["openclip"]["losses"][:n], a.window))))
+        print(json.dumps({"seed": seed, "equal_steps": compare(res["ours"], res["openclip"], keys),
+                          **({"equal_time": compare(res["ours_equal_time"], res["openclip"], keys)}
+                             if a.equal_time else {})}), flush=True)
+
+    def mean(side: str, k: str) -> float | None:
+        vals = [r[side][k] for r in rows if k in r[side]]
+        return round(statistics.fmean(vals), 4) if vals else None
+
+    summary = {"summary": "time_to_quality", "seeds": a.seeds, "steps": steps}
+    for side in rows[0]:
+        summary[side] = {k: mean(side, k) for k in keys if mean(side, k) is not None}
+        summary[side]["loss_curve"] = [round(statistics.fmean(c), 3) for c in
+                                       zip(*(curve(r[side]["losses"][:steps], a.window) for r in rows))]
+    for side in [s for s in rows[0] if s != "openclip"]:
+        summary[f"{side}_ratio"] = {k: round(summary[side][k] / summary["openclip"][k], 3)
+                                    for k in keys if summary[side].get(k) and summary["openclip"].get(k)}
+    print(json.dumps(summary), flush=True)
+    if any(math.isnan(v) for r in rows for s in r.values() for v in s["losses"]):
+        raise SystemExit("a run produced a NaN loss")
+
+
+if __name__ == "__main__":
+    main()
