@@ -54,6 +54,7 @@ from clip_train.losses import ClipInfoNCE  # noqa: E402
 from clip_train.model import build_model, init_embeddings_fan_in, init_linear_fan_in  # noqa: E402
 from clip_train.optim import param_groups  # noqa: E402
 from data_tools.transforms import image_transform  # noqa: E402
+from train_step import openclip_param_groups, openclip_sizes  # noqa: E402  (bench/, beside this file)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,15 +87,6 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255 - mean) / std
 
 
-def openclip_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """open_clip_train's rule: no decay for 1-d params, biases, norms and logit_scale only."""
-    def exclude(n, p):
-        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n or "norm" in n
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{"params": [p for n, p in named if not exclude(n, p)], "weight_decay": weight_decay},
-            {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0}]
-
-
 INITS = {"timm_init": "timm", "jax_init": "timm-jax", "openclip_init": "openclip"}
 CHANGES = {"avg", "ln_pre", "linear_init", "qkv_init", "embed_init", "decay_embed", *INITS}
 
@@ -113,14 +105,7 @@ def build_variant(name: str, cfg) -> tuple[torch.nn.Module, bool]:
     """(model, decay embeddings as open_clip_train does)."""
     base, changes = check_variant(name)
     if base == "openclip":
-        vision = open_clip.CLIPVisionCfg(layers=cfg.model.image.depth, width=cfg.model.image.width,
-                                         head_width=cfg.model.image.width // cfg.model.image.heads,
-                                         mlp_ratio=cfg.model.image.mlp_ratio, image_size=cfg.model.image.img_size,
-                                         patch_size=cfg.model.image.patch_size)
-        t = cfg.model.text
-        text = open_clip.CLIPTextCfg(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width,
-                                     heads=t.heads, layers=t.layers, mlp_ratio=t.mlp_ratio)
-        model = open_clip.CLIP(cfg.model.embed_dim, vision, text, output_dict=True)
+        model = open_clip.CLIP(**openclip_sizes(cfg), output_dict=True)
         return model, "decay_embed" in changes
     img = cfg.model.image
     if "avg" in changes:
@@ -171,7 +156,7 @@ def train_one(variant: str, seed: int, args, data: dict, device) -> dict:
     torch.manual_seed(seed)
     model, decay_embed = build_variant(variant, cfg)
     model.to(device).train()
-    groups = openclip_decay_groups(model, args.wd) if decay_embed else param_groups(model, args.wd)
+    groups = openclip_param_groups(model, args.wd) if decay_embed else param_groups(model, args.wd)
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / args.warmup if s < args.warmup else
                                               0.5 * (1 + math.cos(math.pi * (s - args.warmup) / max(1, args.steps - args.warmup))))

@@ -44,6 +44,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from train_step import openclip_sizes  # noqa: E402  (bench/, beside this file)
 
 
 def log(msg: str) -> None:
@@ -74,16 +77,6 @@ def openclip_steps_per_epoch(counts: list[int], batch: int, workers: int) -> int
     return min(per_worker) * workers
 
 
-def model_config(cfg) -> dict:
-    img, txt = cfg.model.image, cfg.model.text
-    return {"embed_dim": cfg.model.embed_dim,
-            "vision_cfg": {"image_size": img.img_size, "layers": img.depth, "width": img.width,
-                           "head_width": img.width // img.heads, "patch_size": img.patch_size,
-                           "mlp_ratio": img.mlp_ratio},
-            "text_cfg": {"context_length": txt.context_length, "vocab_size": txt.vocab_size, "width": txt.width,
-                         "heads": txt.heads, "layers": txt.layers, "mlp_ratio": txt.mlp_ratio}}
-
-
 def _device_env(device: str) -> dict:
     """The same device and matmul precision for both trainers: open_clip_train turns TF32 on when it
     finds CUDA, clip-train keeps strict fp32, so TF32 is switched off for both."""
@@ -97,7 +90,7 @@ def run_openclip(a, python: str, data: Path, seed: int, steps_per_epoch: int, ou
     name = f"openclip-s{seed}"
     shutil.rmtree(out / name, ignore_errors=True)
     config = out / "ttq_bench_tiny.json"
-    config.write_text(json.dumps(model_config(cfg)))
+    config.write_text(json.dumps(openclip_sizes(cfg)))
     shards = "::".join(str(p) for p in sorted((data / "train").glob("*.tar")))
     args = ["--train-data", shards, "--dataset-type", "webdataset",
             "--train-num-samples", str(steps_per_epoch * a.batch), "--epochs", str(a.epochs),
@@ -123,7 +116,7 @@ def run_openclip(a, python: str, data: Path, seed: int, steps_per_epoch: int, ou
     local = out / name / "open_clip"
     local.mkdir(exist_ok=True)
     torch.save(state, local / "open_clip_pytorch_model.bin")
-    (local / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_config(cfg), "preprocess_cfg": {}}))
+    (local / "open_clip_config.json").write_text(json.dumps({"model_cfg": openclip_sizes(cfg), "preprocess_cfg": {}}))
     model = ["--model", f"local-dir:{local}", "--pretrained", str(local / "open_clip_pytorch_model.bin")]
     return {"side": "openclip", "seed": seed, "steps": len(losses), "wall_s": round(wall, 1), "losses": losses,
             **evaluate(model, data, out / name, a.device)}
@@ -206,7 +199,6 @@ def main(argv=None) -> None:
     p.add_argument("--openclip-python", help="python of the OpenCLIP venv (default: bench/openclip_env.sh)")
     a = p.parse_args(argv)
 
-    sys.path.insert(0, str(ROOT))
     from clip_train.config import load_config
 
     work = Path(a.work)

@@ -154,6 +154,15 @@ def openclip_sizes(cfg) -> dict:
     }
 
 
+def openclip_param_groups(model: torch.nn.Module, weight_decay: float) -> list:
+    """open_clip_train's groups: gains, biases and the temperature are not decayed; embeddings are."""
+    def no_decay(n, p):
+        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": weight_decay}]
+
+
 class OpenClip(Contestant):
     def __init__(self, preset: str, device: torch.device, precision: str):
         import open_clip
@@ -161,14 +170,9 @@ class OpenClip(Contestant):
         self.name = "openclip"
         cfg = our_config(preset)
         self.model = open_clip.CLIP(**openclip_sizes(cfg), output_dict=True).to(device).train()
-        # open_clip_train's groups: gains and biases (and the temperature) are not decayed
-        no_decay = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            [{"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
-             {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": o.weight_decay}],
-            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        self.optimizer = torch.optim.AdamW(openclip_param_groups(self.model, o.weight_decay),
+                                           lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
         self.loss = open_clip.ClipLoss()
         self.max_log_scale = math.log(cfg.model.max_logit_scale)
         self.autocast = _autocast(device, precision)

@@ -42,6 +42,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from train_step import openclip_sizes  # noqa: E402  (bench/, beside this file)
+
 OPEN_CLIP_NAME = "bench-tiny-openclip"
 
 
@@ -77,15 +79,7 @@ def _models(device: torch.device):
     cfg = load_config(ROOT / "configs" / "bench_tiny.yaml", ["data.train=unused"])
     torch.manual_seed(0)
     ours = ClipEncoder(build_model(cfg.model)).to(device).eval()
-    text, image = cfg.model.text, cfg.model.image
-    oc_cfg = {
-        "embed_dim": cfg.model.embed_dim,
-        "custom_text": True,
-        "vision_cfg": {"image_size": image.img_size, "patch_size": image.patch_size, "width": image.width,
-                       "layers": image.depth, "head_width": image.width // image.heads, "mlp_ratio": image.mlp_ratio},
-        "text_cfg": {"context_length": text.context_length, "vocab_size": text.vocab_size, "width": text.width,
-                     "heads": text.heads, "layers": text.layers, "mlp_ratio": text.mlp_ratio},
-    }
+    oc_cfg = {**openclip_sizes(cfg), "custom_text": True}
     with tempfile.TemporaryDirectory(prefix="bench_oc_cfg_") as cfg_dir:  # read once, at registration
         (Path(cfg_dir) / f"{OPEN_CLIP_NAME}.json").write_text(json.dumps(oc_cfg))
         open_clip.add_model_config(Path(cfg_dir) / f"{OPEN_CLIP_NAME}.json")

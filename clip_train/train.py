@@ -92,8 +92,9 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "eval_results.json", "eval", "rep
 
 def _previous_run(run_dir: Path) -> list:
     """The outputs of an earlier run in `run_dir` that a fresh start would destroy."""
-    found = [name for name in ("checkpoints", "metrics.jsonl") if (run_dir / name).exists()]
-    return found if found != ["checkpoints"] or any((run_dir / "checkpoints").iterdir()) else []
+    ckpts = run_dir / "checkpoints"
+    found = ["checkpoints"] if ckpts.is_dir() and any(ckpts.iterdir()) else []
+    return found + (["metrics.jsonl"] if (run_dir / "metrics.jsonl").exists() else [])
 
 
 def _clear_previous_run(run_dir: Path, run_name: str) -> None:
