@@ -33,7 +33,10 @@ class ImageTowerConfig:
     heads: Optional[int] = 3
     mlp_ratio: Optional[float] = 4.0
     pool: str = "token"  # timm global_pool: "token" (class token) or "avg"
-    pre_norm: bool = False  # LayerNorm on the embedded tokens and no patch bias: open_clip's ViT (ln_pre)
+    # LayerNorm on the embedded tokens (ln_pre) and no patch bias: open_clip's ViT exactly, which
+    # open_clip then loads at any size. Off by default: at narrow widths it learns later on
+    # mostly-blank images (docs/benchmarks.md, "Learning per step"); the ViT-B recipes set it.
+    pre_norm: bool = False
     # Weight init of the trunk: openclip (fan-in scaled, as open_clip's ViT), timm (N(0, 0.02)), timm-jax.
     # timm's fixed 0.02 stalls narrow towers (width < 768): see clip_train.model.init_image_trunk.
     init: str = "openclip"

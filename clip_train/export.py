@@ -5,7 +5,9 @@ An export directory holds:
   image_tower.safetensors, text_tower.safetensors   each tower alone (keys without the tower prefix)
   timm/config.json, timm/model.safetensors           the image trunk: `timm.create_model("local-dir:<dir>/timm", pretrained=True)`
   open_clip/open_clip_config.json, open_clip/open_clip_model.safetensors
-                                        when the architecture is expressible in open_clip:
+                                        when open_clip can build the model (as its own ViT with
+                                        pre_norm, the default, at any size; else through its timm
+                                        adapter at registered sizes):
                                         `open_clip.create_model_and_transforms("local-dir:<dir>/open_clip")`
 The directory is built under a temporary name and renamed into place, so a crash leaves either
 the previous export or the new one, never a mix.
@@ -18,7 +20,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import timm
 import torch
@@ -26,6 +28,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
+from clip_train import openclip_vit
 from clip_train.checkpoint import CheckpointManager, MODEL_FILE
 from clip_train.config import Config, ModelConfig, config_to_dict
 from clip_train.encoder import ClipEncoder
@@ -42,15 +45,14 @@ def _tensors(state: Dict[str, torch.Tensor], prefix: str = "") -> Dict[str, torc
     return {k[len(prefix):]: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith(prefix)}
 
 
-def open_clip_incompatibility(cfg: ModelConfig) -> Optional[str]:
-    """Why open_clip cannot build this architecture, or None if it can.
+def _timm_adapter_incompatibility(cfg: ModelConfig) -> Optional[str]:
+    """Why open_clip's timm adapter cannot build this trunk, or None if it can.
 
-    open_clip's timm adapter calls `timm.create_model(name)` without size arguments, so the image
-    trunk must be the registered timm model exactly.
+    The adapter calls `timm.create_model(name)` without size arguments, so the image trunk must be
+    the registered timm model exactly.
     """
     if cfg.image.pre_norm:
-        return ("open_clip's timm adapter builds the registered ViT without pre_norm (ln_pre), which this model "
-                "has; load the trunk from the timm/ export, or train with model.image.pre_norm=false")
+        return "its timm adapter builds the registered ViT without pre_norm"
     with torch.device("meta"):  # only the sizes are read: no weights allocated or initialised
         registered = timm.create_model(cfg.image.timm_name, pretrained=False, num_classes=0)
     defaults = {"img_size": registered.patch_embed.img_size[0], "patch_size": registered.patch_embed.patch_size[0],
@@ -60,26 +62,48 @@ def open_clip_incompatibility(cfg: ModelConfig) -> Optional[str]:
     differing = [f"{k}={v} (registered {defaults[k]})" for k, v in timm_overrides(cfg.image).items()
                  if k in defaults and float(v) != float(defaults[k])]
     if differing:
-        return (f"open_clip builds timm '{cfg.image.timm_name}' at its registered sizes, but this model sets "
-                + ", ".join(differing) + "; use model.image sizes equal to the registered ones (or null)")
+        return (f"its timm adapter builds '{cfg.image.timm_name}' at its registered sizes, but this model sets "
+                + ", ".join(differing))
     return None
 
 
-def open_clip_config(cfg: ModelConfig, image_size: int) -> Dict[str, Any]:
+def open_clip_incompatibility(model: CLIPModel) -> Optional[str]:
+    """Why open_clip cannot build `model`, or None if it can (as its own ViT, or through timm)."""
+    native = openclip_vit.incompatibility(model.visual.trunk)
+    if native is None:
+        return None
+    adapter = _timm_adapter_incompatibility(model.cfg)
+    if adapter is None:
+        return None
+    return f"open_clip's own ViT cannot express it ({native}), and {adapter}"
+
+
+def open_clip_export(model: CLIPModel) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """open_clip's `model_cfg` and state dict for `model` (check `open_clip_incompatibility` first).
+
+    Preferred: open_clip's own `VisionTransformer` (any size; `model.image.pre_norm`, the default).
+    Otherwise its timm adapter, whose state dict is ours unchanged (`visual.trunk.*`).
+    """
+    cfg, trunk = model.cfg, model.visual.trunk
     text = cfg.text
-    return {
-        "model_cfg": {
-            "embed_dim": cfg.embed_dim,
-            "custom_text": True,
-            "vision_cfg": {"timm_model_name": cfg.image.timm_name, "timm_model_pretrained": False,
-                           "timm_pool": cfg.image.pool, "timm_proj": "linear", "image_size": image_size},
-            "text_cfg": {"context_length": text.context_length, "vocab_size": text.vocab_size,
-                         "width": text.width, "heads": text.heads, "layers": text.layers,
-                         "mlp_ratio": text.mlp_ratio},
-        },
-        "preprocess_cfg": {"size": image_size, "mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD),
-                           "interpolation": "bicubic", "resize_mode": "shortest"},
+    model_cfg: Dict[str, Any] = {
+        "embed_dim": cfg.embed_dim,
+        "custom_text": True,
+        "text_cfg": {"context_length": text.context_length, "vocab_size": text.vocab_size, "width": text.width,
+                     "heads": text.heads, "layers": text.layers, "mlp_ratio": text.mlp_ratio},
     }
+    state = _tensors(model.state_dict())
+    if openclip_vit.incompatibility(trunk) is None:
+        model_cfg["vision_cfg"] = openclip_vit.vision_config(trunk)
+        return model_cfg, openclip_vit.to_open_clip(state, trunk)
+    model_cfg["vision_cfg"] = {"timm_model_name": cfg.image.timm_name, "timm_model_pretrained": False,
+                               "timm_pool": cfg.image.pool, "timm_proj": "linear", "image_size": model.image_size}
+    return model_cfg, state
+
+
+def open_clip_preprocess(image_size: int) -> Dict[str, Any]:
+    return {"size": image_size, "mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD),
+            "interpolation": "bicubic", "resize_mode": "shortest"}
 
 
 def timm_config(cfg: ModelConfig, trunk: torch.nn.Module, image_size: int) -> Dict[str, Any]:
@@ -142,11 +166,13 @@ def export_model(model: CLIPModel, out_dir: str | Path) -> Path:
     _write_json(tmp / "timm" / "config.json", timm_config(cfg, model.visual.trunk, size))
     save_file(_tensors(state, "visual.trunk."), str(tmp / "timm" / "model.safetensors"))
 
-    reason = open_clip_incompatibility(cfg)
+    reason = open_clip_incompatibility(model)
     if reason is None:
         (tmp / "open_clip").mkdir()
-        _write_json(tmp / "open_clip" / "open_clip_config.json", open_clip_config(cfg, size))
-        save_file(_tensors(state), str(tmp / "open_clip" / "open_clip_model.safetensors"))
+        oc_cfg, oc_state = open_clip_export(model)
+        _write_json(tmp / "open_clip" / "open_clip_config.json",
+                    {"model_cfg": oc_cfg, "preprocess_cfg": open_clip_preprocess(size)})
+        save_file(oc_state, str(tmp / "open_clip" / "open_clip_model.safetensors"))
     else:
         log.info("no open_clip export: %s", reason)
     _write_json(tmp / "export_info.json", {"open_clip": reason is None, "open_clip_reason": reason})

@@ -21,21 +21,18 @@ def test_vit_cfg() -> ModelConfig:
                        text=TextTowerConfig(context_length=16, width=32, heads=2, layers=2))
 
 
-def test_open_clip_loads_export_with_identical_embeddings(test_vit_cfg, tmp_path):
-    torch.manual_seed(0)
-    model = build_model(test_vit_cfg).eval()
-    out = export_model(model, tmp_path / "export")
-    assert json.loads((out / "export_info.json").read_text())["open_clip"] is True
-
+def assert_open_clip_matches(model, out, size: int) -> None:
+    """open_clip loads `out/open_clip` and gives our embeddings, tokens, scale and preprocessing."""
     oc_model, _, oc_preprocess = open_clip.create_model_and_transforms(f"local-dir:{out / 'open_clip'}")
     oc_tokenizer = open_clip.get_tokenizer(f"local-dir:{out / 'open_clip'}")
     oc_model.eval()
     ours = clip_train.load(out)
-    images = torch.randn(3, 3, 160, 160)
+    images = torch.randn(3, 3, size, size)
     captions = ["a red circle", "two small blue squares on the left", "a star"]
     assert torch.equal(oc_tokenizer(captions), ours.tokenizer(captions))
     with torch.no_grad():
         torch.testing.assert_close(oc_model.encode_image(images), ours.encode_image(images), rtol=0, atol=1e-6)
+        torch.testing.assert_close(oc_model.encode_image(images), model.encode_image(images), rtol=0, atol=1e-6)
         torch.testing.assert_close(oc_model.encode_text(oc_tokenizer(captions)),
                                    ours.encode_text(ours.tokenizer(captions)), rtol=1e-5, atol=1e-5)
         assert torch.equal(oc_model.logit_scale, ours.model.logit_scale)
@@ -46,20 +43,55 @@ def test_open_clip_loads_export_with_identical_embeddings(test_vit_cfg, tmp_path
     torch.testing.assert_close(oc_preprocess(img), ours.preprocess(img), atol=1e-6, rtol=0)
 
 
-def test_timm_loads_image_trunk(tiny_model_cfg, tmp_path):
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_open_clip_builds_its_own_vit_at_any_size(tiny_model_cfg, tmp_path, pool):
+    """A pre_norm trunk is open_clip's VisionTransformer: exported at sizes that no registered timm
+    model has, open_clip builds it natively and gives the same embeddings."""
     torch.manual_seed(0)
+    tiny_model_cfg.image.pool = pool
+    tiny_model_cfg.image.pre_norm = True
     model = build_model(tiny_model_cfg).eval()
     out = export_model(model, tmp_path / "export")
-    trunk = timm.create_model(f"local-dir:{out / 'timm'}", pretrained=True).eval()
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(trunk(images), model.visual.trunk(images))
+    assert json.loads((out / "export_info.json").read_text())["open_clip"] is True
+    vision = json.loads((out / "open_clip" / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"]
+    assert "timm_model_name" not in vision and vision["width"] == 48 and vision["image_size"] == 32
+    assert_open_clip_matches(model, out, 32)
 
 
-def test_resized_vit_says_why_not_open_clip(tiny_model_cfg, tmp_path):
-    reason = open_clip_incompatibility(tiny_model_cfg)
-    assert "img_size=32 (registered 224)" in reason
-    out = export_model(build_model(tiny_model_cfg), tmp_path / "export")
+def test_timm_converts_our_open_clip_export_back(tiny_model_cfg, tmp_path):
+    """Oracle for the name map: timm's own open_clip -> timm conversion of the exported state dict
+    gives back our trunk's tensors, every one of them."""
+    from safetensors.torch import load_file
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    torch.manual_seed(0)
+    tiny_model_cfg.image.pre_norm = True
+    model = build_model(tiny_model_cfg)
+    out = export_model(model, tmp_path / "export")
+    converted = checkpoint_filter_fn(load_file(str(out / "open_clip" / "open_clip_model.safetensors")),
+                                     model.visual.trunk)
+    trunk = model.visual.trunk.state_dict()
+    assert set(trunk) <= set(converted)
+    for key, value in trunk.items():
+        assert torch.equal(converted[key], value), key
+
+
+def test_open_clip_loads_registered_timm_trunk(test_vit_cfg, tmp_path):
+    """Without pre_norm, a registered timm ViT at its registered sizes goes through open_clip's timm
+    adapter, with our state dict unchanged."""
+    torch.manual_seed(0)
+    model = build_model(test_vit_cfg).eval()
+    out = export_model(model, tmp_path / "export")
+    vision = json.loads((out / "open_clip" / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"]
+    assert vision["timm_model_name"] == "test_vit"
+    assert_open_clip_matches(model, out, 160)
+
+
+def test_resized_vit_without_ln_pre_says_why_not_open_clip(tiny_model_cfg, tmp_path):
+    model = build_model(tiny_model_cfg)
+    reason = open_clip_incompatibility(model)
+    assert "model.image.pre_norm=true" in reason and "img_size=32 (registered 224)" in reason
+    out = export_model(model, tmp_path / "export")
     info = json.loads((out / "export_info.json").read_text())
     assert info["open_clip"] is False and info["open_clip_reason"] == reason
     assert not (out / "open_clip").exists()
@@ -86,17 +118,14 @@ def test_load_errors_are_one_line(tmp_path):
         clip_train.load(tmp_path / "junk")
 
 
-def test_open_clip_style_trunk_exports(tiny_model_cfg, test_vit_cfg, tmp_path):
-    """pre_norm (ln_pre, no patch bias: open_clip's ViT): timm rebuilds it from the export; open_clip's
-    timm adapter cannot, and the export says why."""
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_timm_rebuilds_trunk_with_or_without_ln_pre(tiny_model_cfg, tmp_path, pre_norm):
     torch.manual_seed(0)
-    tiny_model_cfg.image.pre_norm = True
+    tiny_model_cfg.image.pre_norm = pre_norm
     model = build_model(tiny_model_cfg).eval()
-    assert model.visual.trunk.patch_embed.proj.bias is None
+    assert (model.visual.trunk.patch_embed.proj.bias is None) == pre_norm
     out = export_model(model, tmp_path / "tiny")
     trunk = timm.create_model(f"local-dir:{out / 'timm'}", pretrained=True).eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(trunk(images), model.visual.trunk(images))
-    test_vit_cfg.image.pre_norm = True
-    assert "pre_norm" in open_clip_incompatibility(test_vit_cfg)

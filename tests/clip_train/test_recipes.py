@@ -79,3 +79,26 @@ def test_recipe_towers_are_clip_vit_b(name: str) -> None:
     assert (img.img_size, img.patch_size, img.width, img.depth, img.heads, img.mlp_ratio) == (None,) * 6
     assert (txt.context_length, txt.width, txt.heads, txt.layers, cfg.model.embed_dim) == (77, 512, 8, 12, 512)
     assert cfg.train.mixed_precision == "bf16" and cfg.loss.local_loss and cfg.loss.gather_with_grad
+
+
+@pytest.mark.parametrize("recipe,open_clip_name", [("vit_b32_laion.yaml", "ViT-B-32"),
+                                                    ("vit_b16_datacomp.yaml", "ViT-B-16")])
+def test_recipe_image_tower_is_open_clip_vit(recipe, open_clip_name):
+    """Oracle: open_clip's own model config. The recipe's trunk is open_clip's ViT of that name
+    (ln_pre, no patch bias, class token), which its export then names for open_clip; only the
+    LayerNorm eps is timm's (1e-6, carried in the export's norm_kwargs)."""
+    import open_clip
+    import torch
+
+    from clip_train import openclip_vit
+    from clip_train.model import ImageTower
+
+    cfg = load_config(CONFIGS / recipe, ["data.train=/x"])
+    with torch.device("meta"):
+        trunk = ImageTower(cfg.model.image, cfg.model.embed_dim).trunk
+    assert openclip_vit.incompatibility(trunk) is None
+    ours = openclip_vit.vision_config(trunk)
+    theirs = open_clip.get_model_config(open_clip_name)
+    assert {k: ours[k] for k in theirs["vision_cfg"]} == theirs["vision_cfg"]
+    assert (ours["head_width"], ours["mlp_ratio"], ours["pool_type"]) == (64, 4.0, "tok")
+    assert cfg.model.embed_dim == theirs["embed_dim"]
