@@ -155,12 +155,10 @@ def openclip_sizes(cfg) -> dict:
 
 
 def openclip_param_groups(model: torch.nn.Module, weight_decay: float) -> list:
-    """open_clip_train's groups: gains, biases and the temperature are not decayed; embeddings are."""
-    def no_decay(n, p):
-        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
-            {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": weight_decay}]
+    """open_clip_train's groups (`optim.decay_rule=open_clip`): embeddings are decayed too."""
+    from clip_train.optim import param_groups
+
+    return param_groups(model, weight_decay, "open_clip")
 
 
 class OpenClip(Contestant):

@@ -19,6 +19,7 @@ from data_tools.errors import ConfigError
 
 
 IMAGE_INITS = ("timm", "timm-jax", "openclip")
+DECAY_RULES = ("clip-train", "open_clip")  # the keys of clip_train.optim.DECAY_RULES
 
 
 @dataclass
@@ -91,6 +92,9 @@ class LossConfig:
 class OptimConfig:
     lr: float = 5e-4
     weight_decay: float = 0.2
+    # Which parameters decay (clip_train.optim.DECAY_RULES): clip-train (not embeddings or the
+    # class token) or open_clip (open_clip_train's: embeddings decay too).
+    decay_rule: str = "clip-train"
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
@@ -255,6 +259,8 @@ def validate(cfg: Config) -> None:
     unknown = set(cfg.run.trackers) - {"tensorboard", "wandb"}
     if unknown:
         raise ConfigError(f"run.trackers: unknown tracker(s) {sorted(unknown)}; use tensorboard and/or wandb")
+    if cfg.optim.decay_rule not in DECAY_RULES:
+        raise ConfigError(f"optim.decay_rule must be one of {', '.join(DECAY_RULES)}, not '{cfg.optim.decay_rule}'")
     if cfg.optim.schedule == "const-cooldown" and not 0 < cfg.optim.cooldown_steps <= cfg.train.steps:
         raise ConfigError("optim.cooldown_steps must be in (0, train.steps] with optim.schedule=const-cooldown")
     if cfg.train.keep_last < 1:

@@ -1,4 +1,9 @@
-"""AdamW with decay only where it regularises, and learning-rate schedules chosen by name."""
+"""AdamW with decay only where it regularises, and learning-rate schedules chosen by name.
+
+Two weight-decay rules: ours (`clip-train`: no decay on 1-d parameters, embeddings, class token
+and temperature) and open_clip_train's (`open_clip`: embeddings are decayed), which the recipes
+that follow OpenCLIP's published runs use.
+"""
 
 from __future__ import annotations
 
@@ -21,18 +26,31 @@ def is_no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or any(key in name for key in _NO_DECAY_NAMES)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
+def is_no_decay_open_clip(name: str, param: torch.Tensor) -> bool:
+    """open_clip_train's rule: 1-d parameters, names with bn/ln/bias, and the temperature. Its class
+    embedding is 1-d; timm's `cls_token`, the same parameter, is 3-d, so it is named here."""
+    return (param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+            or name.endswith("cls_token"))
+
+
+DECAY_RULES: Dict[str, Callable[[str, torch.Tensor], bool]] = {
+    "clip-train": is_no_decay, "open_clip": is_no_decay_open_clip}
+
+
+def param_groups(model: nn.Module, weight_decay: float, rule: str = "clip-train") -> List[dict]:
+    """[decayed, not decayed] trainable parameters under a rule of `DECAY_RULES`."""
+    no_decay_fn = DECAY_RULES[rule]
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if is_no_decay(name, param) else decay).append(param)
+            (no_decay if no_decay_fn(name, param) else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     # fused: one kernel for all parameters; on the CPU the default per-tensor loop was a sixth of a
     # bench_tiny step (bench/train_step.py).
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_rule), lr=cfg.lr,
                              betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
 
 

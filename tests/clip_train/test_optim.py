@@ -53,3 +53,40 @@ def test_locked_towers_are_frozen(tiny_model_cfg):
     assert trainable == {"logit_scale", "visual.head.proj.weight", "text.text_projection"}
     opt = build_optimizer(model, OptimConfig())
     assert sum(len(g["params"]) for g in opt.param_groups) == 3
+
+
+def _open_clip_train_rule():
+    """open_clip_train's own weight-decay rule, read from its installed source (the oracle; not
+    imported, since its data module needs pandas)."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    source = Path(importlib.util.find_spec("open_clip_train.main").origin).read_text()
+    return eval(re.search(r"exclude = (lambda n, p: .+)", source).group(1))
+
+
+def test_open_clip_decay_rule_matches_open_clip_train(tiny_model_cfg):
+    """`optim.decay_rule=open_clip` decays exactly the parameters open_clip_train decays on the
+    same model in open_clip's names (pre_norm trunk: open_clip's own ViT, names mapped by the
+    export)."""
+    from clip_train import openclip_vit
+    from clip_train.config import DECAY_RULES
+    from clip_train.optim import DECAY_RULES as RULES, param_groups
+
+    assert set(RULES) == set(DECAY_RULES)
+    tiny_model_cfg.image.pre_norm = True
+    model = build_model(tiny_model_cfg)
+    exclude = _open_clip_train_rule()
+    named = dict(model.named_parameters())
+    theirs = openclip_vit.to_open_clip(named, model.visual.trunk)
+    ours_to_theirs = dict(zip(named, theirs))  # to_open_clip keeps the order of the keys
+    decayed, _ = param_groups(model, 0.1, "open_clip")
+    decayed_ids = {id(p) for p in decayed["params"]}
+    for name, param in named.items():
+        their_name = ours_to_theirs[name]
+        assert (id(param) in decayed_ids) == (not exclude(their_name, theirs[their_name])), (name, their_name)
+    # and the two rules differ where the issue says: embeddings
+    ours_decayed = {id(p) for p in param_groups(model, 0.1)[0]["params"]}
+    assert id(model.text.token_embedding.weight) in decayed_ids - ours_decayed
+    assert id(model.visual.trunk.pos_embed) in decayed_ids - ours_decayed
