@@ -43,7 +43,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         text = action.help or ""
         default = action.default
         if (default is None or default is False or default == argparse.SUPPRESS
-                or not action.option_strings or "default" in text):
+                or not action.option_strings or "default" in text
+                or isinstance(action, argparse._CountAction)):
             return text
         return f"{text} (default: %(default)s)"
 
@@ -54,8 +55,8 @@ def _add_shared(parser: argparse.ArgumentParser, top: bool) -> None:
     default = {} if top else {"default": argparse.SUPPRESS}
     group = parser.add_argument_group("shared options (any clip-* command, before or after it)")
     group.add_argument("-v", "--verbose", action="count", default=0 if top else argparse.SUPPRESS,
-                       help="more log lines: debug from clip-train, info from libraries "
-                       "(-vv: debug from libraries too)")
+                       help="more log lines: our debug lines and the info lines of libraries "
+                       "(-vv: their debug lines too)")
     group.add_argument("-q", "--quiet", action="store_true", **default,
                        help="only warnings and errors on stderr, no progress")
     group.add_argument("--no-progress", action="store_true", **default,

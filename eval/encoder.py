@@ -116,7 +116,7 @@ def load_open_clip(
     weights = None
     if model_name.startswith(LOCAL_DIR):
         weights = str(local_dir_weights(model_name).resolve())
-        if pretrained is not None and os.path.abspath(pretrained) != weights:
+        if pretrained is not None and str(Path(pretrained).resolve()) != weights:
             raise ConfigError(
                 f"--pretrained {pretrained}: {model_name} loads its own weights ({weights}); "
                 "drop --pretrained"
