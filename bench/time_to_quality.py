@@ -56,8 +56,8 @@ def log(msg: str) -> None:
 def build_synth(work: Path, samples: int) -> Path:
     out = work / f"synth-{samples}"
     if not (out / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "data_tools", "synth", "--output", str(out), "--train-samples",
-                        str(samples), "-q"], check=True, cwd=ROOT, stdout=sys.stderr)
+        subprocess.run([sys.executable, "-m", "data_tools", "synth", "--output", str(out),
+                        "--train-samples", str(samples), "-q"], check=True, cwd=ROOT, stdout=sys.stderr)
     return out
 
 
