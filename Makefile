@@ -16,7 +16,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/clip-data synth --out demo_out/data
+	$(BIN)/clip-data synth --output demo_out/data
 	$(BIN)/clip-train train --config configs/demo.yaml --overwrite
 
 test: install

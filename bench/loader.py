@@ -43,7 +43,7 @@ def build_shards(data: Path, samples: int, per_shard: int, image_size: int) -> s
         if (m.get("counts", {}).get("train") == samples and m.get("image_size") == image_size
                 and m.get("config", {}).get("samples_per_shard") == per_shard):
             return _pattern(data, m)
-    cmd = [sys.executable, "-m", "data_tools", "synth", "--out", str(data), "--train-samples",
+    cmd = [sys.executable, "-m", "data_tools", "synth", "--output", str(data), "--train-samples",
            str(samples), "--zeroshot-per-class", "1", "--retrieval-samples", "1",
            "--image-size", str(image_size), "--samples-per-shard", str(per_shard), "-q"]
     subprocess.run(cmd, check=True, cwd=ROOT)

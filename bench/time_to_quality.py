@@ -56,8 +56,8 @@ def log(msg: str) -> None:
 def build_synth(work: Path, samples: int) -> Path:
     out = work / f"synth-{samples}"
     if not (out / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "data_tools", "synth", "--out", str(out), "--train-samples",
-                        str(samples), "-q"], check=True, cwd=ROOT, stdout=sys.stderr)
+        subprocess.run([sys.executable, "-m", "data_tools", "synth", "--output", str(out),
+                        "--train-samples", str(samples), "-q"], check=True, cwd=ROOT, stdout=sys.stderr)
     return out
 
 
@@ -117,7 +117,7 @@ def run_openclip(a, python: str, data: Path, seed: int, steps_per_epoch: int, ou
     local.mkdir(exist_ok=True)
     torch.save(state, local / "open_clip_pytorch_model.bin")
     (local / "open_clip_config.json").write_text(json.dumps({"model_cfg": openclip_sizes(cfg), "preprocess_cfg": {}}))
-    model = ["--model", f"local-dir:{local}", "--pretrained", str(local / "open_clip_pytorch_model.bin")]
+    model = ["--model", f"local-dir:{local}"]  # clip-eval finds the weight file as open_clip does
     return {"side": "openclip", "seed": seed, "steps": len(losses), "wall_s": round(wall, 1), "losses": losses,
             **evaluate(model, data, out / name, a.device)}
 
@@ -152,7 +152,7 @@ def evaluate(model: list[str], data: Path, where: Path, device: str) -> dict:
             continue
         result = where / f"eval_{split}.json"
         cmd = [sys.executable, "-m", "clip_eval", task, *model, "--data", str(data / split), "--device", device,
-               "--no-progress", "--output", str(result)]
+               "--no-progress", "--results-file", str(result)]
         if task == "zero-shot":
             cmd.append("--no-cache")
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

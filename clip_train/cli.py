@@ -2,10 +2,13 @@
 
     clip-train train --config configs/demo.yaml data.train=data/train train.steps=500
     clip-train resume runs/demo
-    clip-train export runs/demo --out exports/demo
+    clip-train export runs/demo --output exports/demo
     clip-train report runs/demo
-    clip-train embed runs/demo/export --data demo_out/data/retrieval --out emb/demo
+    clip-train embed runs/demo/export --data demo_out/data/retrieval --output emb/demo
     clip-train index emb/demo && clip-train search emb/demo --text "a red circle"
+
+Shared flags (-v, -q, --no-progress, --version), one-line errors (exit 2) and the dispatch are
+those of every clip-* command (data_tools.cli_common).
 """
 
 from __future__ import annotations
@@ -18,15 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from data_tools.cli_common import add_option, add_subcommand, make_parser, run
 from data_tools.errors import ClipTrainError
 
 log = logging.getLogger("clip_train")
-
-
-def _setup_logging(verbose: bool) -> None:
-    main_process = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(level=logging.INFO if (verbose and main_process) else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
 def format_summary(summary: Dict[str, Any]) -> str:
@@ -62,7 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from clip_train.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    return _run(cfg, resume=args.resume, as_json=args.json, overwrite=args.overwrite)
+    return _run(cfg, resume=args.resume, as_json=args.json, overwrite=args.overwrite,
+                progress=args.progress)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -73,13 +72,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if not saved.is_file():
         raise ClipTrainError(f"{run_dir} is not a run directory (no config.yaml); start it with `clip-train train`")
     cfg = load_config(saved, args.overrides)
-    return _run(cfg, resume=True, as_json=args.json)
+    return _run(cfg, resume=True, as_json=args.json, progress=args.progress)
 
 
-def _run(cfg, resume: bool, as_json: bool, overwrite: bool = False) -> int:
+def _run(cfg, resume: bool, as_json: bool, overwrite: bool = False, progress: bool = True) -> int:
     from clip_train.train import train
 
-    summary = train(cfg, resume=resume, overwrite=overwrite)
+    summary = train(cfg, resume=resume, overwrite=overwrite, progress=progress)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary, indent=1) if as_json else format_summary(summary))
     return 0
@@ -89,7 +88,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from clip_train.export import export_model, load_model
 
     model = load_model(args.path)
-    out = Path(args.out) if args.out else Path(args.path) / "export"
+    out = Path(args.output) if args.output else Path(args.path) / "export"
     export_model(model, out)
     info = json.loads((out / "export_info.json").read_text())
     print(f"exported to {out}")
@@ -104,18 +103,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     import clip_train
     from clip_train.embed import embed_shards
     from data_tools.loader import count_samples
+    from data_tools.progress import progress
 
     encoder = clip_train.load(args.model, device=args.device)
-    with tqdm(total=count_samples(args.data), unit="sample", desc="embed", disable=args.quiet) as bar:
-        info = embed_shards(encoder, args.data, args.out, model_path=str(Path(args.model).resolve()),
-                            batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
-                            progress=bar)
-    print(f"{info['count']} image and text embeddings (dim {info['dim']}) in {args.out}")
+    total = count_samples(args.data)
+    with progress(total=total, unit="sample", desc="embed", enabled=args.progress) as bar:
+        info = embed_shards(encoder, args.data, args.output,
+                            model_path=str(Path(args.model).resolve()),
+                            batch_size=args.batch_size, num_workers=args.num_workers,
+                            device=args.device, progress=bar)
+    print(f"{info['count']} image and text embeddings (dim {info['dim']}) in {args.output}")
     return 0
 
 
@@ -158,94 +158,99 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from clip_train.report import write_report
 
-    paths = write_report(args.run_dir, args.out)
+    paths = write_report(args.run_dir, args.output)
     print(f"wrote {len(paths)} files to {paths[-1].parent}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clip-train", description="Contrastive image-text pretraining.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
+    """The argument parser (separate so tests and docs can read it)."""
+    parser = make_parser("clip-train", "Contrastive image-text pretraining.")
     sub = parser.add_subparsers(dest="command", required=True)
-    fmt = argparse.RawDescriptionHelpFormatter
 
-    p = sub.add_parser("train", help="train a model from a YAML config", formatter_class=fmt,
-                       epilog="example:\n  clip-train train --config configs/demo.yaml data.train=demo_out/data/train "
-                              "train.steps=200 run.name=try1")
+    def output(p: argparse.ArgumentParser, **kwargs: Any) -> None:
+        add_option(p, "--output", aliases=["--out"], metavar="DIR", **kwargs)
+
+    p = add_subcommand(
+        sub, "train", cmd_train, help="train a model from a YAML config",
+        epilog="example:\n  clip-train train --config configs/demo.yaml "
+               "data.train=demo_out/data/train train.steps=200 run.name=try1")
     p.add_argument("--config", required=True, help="YAML preset (configs/*.yaml)")
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint if there is one")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run's latest checkpoint if there is one")
     p.add_argument("--overwrite", action="store_true",
-                   help="the run directory holds an earlier run: remove its checkpoints, metrics and eval "
-                        "results (other files stay) and start over")
+                   help="the run directory holds an earlier run: remove its checkpoints, metrics "
+                        "and eval results (other files stay) and start over")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("resume", help="continue a run exactly from its latest checkpoint", formatter_class=fmt,
-                       epilog="example:\n  clip-train resume runs/demo            # same config\n"
-                              "  clip-train resume runs/demo train.steps=2000   # extend the run")
+    p = add_subcommand(
+        sub, "resume", cmd_resume, help="continue a run exactly from its latest checkpoint",
+        epilog="example:\n  clip-train resume runs/demo            # same config\n"
+               "  clip-train resume runs/demo train.steps=2000   # extend the run")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    p.set_defaults(func=cmd_resume)
 
-    p = sub.add_parser("export", help="write the towers (ours, timm, open_clip formats)", formatter_class=fmt,
-                       epilog="example:\n  clip-train export runs/demo --out exports/demo\n  clip-train export runs/demo --onnx\n"
-                              "  python -c \"import clip_train; enc = clip_train.load('exports/demo')\"")
+    p = add_subcommand(
+        sub, "export", cmd_export, help="write the towers (ours, timm, open_clip formats)",
+        epilog="example:\n  clip-train export runs/demo --output exports/demo\n"
+               "  clip-train export runs/demo --onnx\n"
+               "  python -c \"import clip_train; enc = clip_train.load('exports/demo')\"")
     p.add_argument("path", help="run dir, checkpoint dir or export dir")
-    p.add_argument("--out", help="output dir (default: <path>/export)")
-    p.add_argument("--onnx", action="store_true", help="also write onnx/image_encoder.onnx and onnx/text_encoder.onnx")
-    p.set_defaults(func=cmd_export)
+    output(p, help="output dir (default: <path>/export)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write onnx/image_encoder.onnx and onnx/text_encoder.onnx")
 
-    p = sub.add_parser("embed", help="image and text embeddings of a shard set (.npy + metadata)",
-                       formatter_class=fmt,
-                       epilog="example:\n  clip-train embed runs/demo/export --data demo_out/data/retrieval --out emb/demo")
+    p = add_subcommand(
+        sub, "embed", cmd_embed,
+        help="image and text embeddings of a shard set (.npy + metadata)",
+        epilog="example:\n  clip-train embed runs/demo/export --data demo_out/data/retrieval "
+               "--output emb/demo")
     p.add_argument("model", help="export dir, run dir or checkpoint dir")
     p.add_argument("--data", required=True, help="shard spec: dir, brace pattern, glob or a::b")
-    p.add_argument("--out", required=True, help="output dir")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=cmd_embed)
+    output(p, required=True, help="output dir")
+    p.add_argument("-b", "--batch-size", type=int, default=256, help="images per batch")
+    p.add_argument("-j", "--num-workers", type=int, default=0, help="data loader processes")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
 
-    p = sub.add_parser("index", help="faiss index over an embedding dir", formatter_class=fmt,
-                       epilog="example:\n  clip-train index emb/demo\n  clip-train index emb/demo --kind ivf --modality image")
-    p.add_argument("emb_dir")
-    p.add_argument("--kind", choices=["flat", "ivf"], default="flat", help="flat: exact; ivf: faster, approximate")
-    p.add_argument("--modality", nargs="+", choices=["image", "text"], default=["image", "text"])
-    p.set_defaults(func=cmd_index)
+    p = add_subcommand(
+        sub, "index", cmd_index, help="faiss index over an embedding dir",
+        epilog="example:\n  clip-train index emb/demo\n"
+               "  clip-train index emb/demo --kind ivf --modality image")
+    p.add_argument("emb_dir", help="output of clip-train embed")
+    p.add_argument("--kind", choices=["flat", "ivf"], default="flat",
+                   help="flat: exact; ivf: faster, approximate")
+    p.add_argument("--modality", nargs="+", choices=["image", "text"], default=["image", "text"],
+                   help="which embeddings to index")
 
-    p = sub.add_parser("search", help="nearest images (or captions) to a text or image query", formatter_class=fmt,
-                       epilog="example:\n  clip-train search emb/demo --text 'two small red circles on the left' -k 5\n"
-                              "  clip-train search emb/demo --image query.jpg --target image")
-    p.add_argument("emb_dir")
+    p = add_subcommand(
+        sub, "search", cmd_search, help="nearest images (or captions) to a text or image query",
+        epilog="example:\n  clip-train search emb/demo --text 'two small red circles on the left' "
+               "-k 5\n  clip-train search emb/demo --image query.jpg --target image")
+    p.add_argument("emb_dir", help="output of clip-train embed (and index)")
     p.add_argument("--text", help="text query")
     p.add_argument("--image", help="image query (path)")
-    p.add_argument("--target", choices=["image", "text"], help="what to search (default: the other modality)")
-    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--target", choices=["image", "text"],
+                   help="what to search (default: the other modality)")
+    p.add_argument("-k", type=int, default=5, help="number of hits")
     p.add_argument("--model", help="model path (default: the one that made the embeddings)")
     p.add_argument("--json", action="store_true", help="one JSON object per hit")
-    p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("report", help="PNG plots and a summary of a run's metrics.jsonl", formatter_class=fmt,
-                       epilog="example:\n  clip-train report runs/demo\n  clip-train report runs/demo --out /tmp/demo_report")
+    p = add_subcommand(
+        sub, "report", cmd_report, help="PNG plots and a summary of a run's metrics.jsonl",
+        epilog="example:\n  clip-train report runs/demo\n"
+               "  clip-train report runs/demo --output /tmp/demo_report")
     p.add_argument("run_dir")
-    p.add_argument("--out", help="output dir (default: <run_dir>/report)")
-    p.set_defaults(func=cmd_report)
+    output(p, help="output dir (default: <run_dir>/report)")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    _setup_logging(verbose=not args.quiet)
-    try:
-        return args.func(args)
-    except ClipTrainError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the last complete checkpoint is intact; continue with `clip-train resume`", file=sys.stderr)
-        return 130
+    """Entry point of `clip-train`; returns the exit status (2: a user error, 130: Ctrl-C)."""
+    return run(build_parser(), argv, main_process=os.environ.get("RANK", "0") == "0",
+               interrupted="interrupted: the last complete checkpoint is intact; "
+                           "continue with `clip-train resume`")
 
 
 if __name__ == "__main__":

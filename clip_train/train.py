@@ -136,11 +136,13 @@ def _check_same_architecture(ckpt_dir: Path, cfg: Config) -> None:
                           f"{', '.join(changed)}; resume with the run's model settings, or start a new run")
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[str, Any]:
+def train(cfg: Config, resume: bool = False, overwrite: bool = False,
+          progress: bool = True) -> Dict[str, Any]:
     """Train (or resume) the run described by `cfg`; returns the summary the CLI prints.
 
     A run directory that already holds checkpoints or metrics is never restarted silently: pass
     `resume=True` to continue it or `overwrite=True` to remove its outputs and start over.
+    `progress=False` (the CLI's -q/--no-progress) turns the bar off like `run.progress=false`.
     """
     # ---------------------------------------------------------------- set-up
     accelerator = _accelerator(cfg)
@@ -275,7 +277,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[st
     nonfinite_in_a_row = 0
     # A bar only on a terminal: in a cluster log its redraws would pile up as one endless line, so
     # there each log step is one plain log line instead.
-    use_bar = is_main and cfg.run.progress and sys.stderr.isatty()
+    use_bar = is_main and cfg.run.progress and progress and sys.stderr.isatty()
     progress = tqdm(total=cfg.train.steps, initial=state["step"], disable=not use_bar,
                     desc=f"train {cfg.run.name}", unit="step", dynamic_ncols=True)
     t_start = time.perf_counter()

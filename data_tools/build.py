@@ -515,13 +515,13 @@ def write_split(
     desc: str | None = None,
 ) -> SplitResult:
     """Encode `items` into `out_dir/{prefix}-NNNNNN.tar`, resumably (see module docstring)."""
-    from tqdm import tqdm
+    from data_tools.progress import progress as progress_bar
 
     if samples_per_shard < 1:
         raise DataError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise DataError(f"output {out} exists and is not a directory (choose another --out)")
+        raise DataError(f"output {out} exists and is not a directory (choose another --output)")
     out.mkdir(parents=True, exist_ok=True)
     n_shards = -(-len(items) // samples_per_shard)
     fp = _fingerprint(items, prefix, samples_per_shard, opts)
@@ -537,13 +537,13 @@ def write_split(
         if not overwrite:
             raise DataError(
                 f"{out} holds shards of a different build (inputs or options changed); "
-                "pass --overwrite to replace them, or choose another --out"
+                "pass --overwrite to replace them, or choose another --output"
             )
         state = None
     if state is None:
         if existing and not overwrite:
             raise DataError(f"{out} already holds {prefix}-*.tar shards that this build did not "
-                            "make; pass --overwrite to replace them, or choose another --out")
+                            "make; pass --overwrite to replace them, or choose another --output")
         for p in existing:
             p.unlink()
         state = {"format": BUILD_FORMAT, "fingerprint": fp, "shards": {}}
@@ -573,8 +573,8 @@ def write_split(
         fields = FieldLoader()
         results = (encode_item(it, opts, fields) for it in flat)
     try:
-        with tqdm(total=len(items), initial=len(items) - n_work, unit="img",
-                  disable=not progress, desc=desc or prefix, dynamic_ncols=True) as bar:
+        with progress_bar(total=len(items), initial=len(items) - n_work, unit="img",
+                          enabled=progress, desc=desc or prefix) as bar:
             for i, chunk in work:
                 skipped: Counter = Counter()
                 bad: list[dict[str, str]] = []

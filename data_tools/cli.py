@@ -1,16 +1,17 @@
 """`clip-data`: make and check WebDataset shards.
 
-    clip-data synth --out data/synth                     # the embedded procedural dataset
-    clip-data build photos/ --out data/mine              # images + same-named .txt captions
-    clip-data build pairs.parquet --out data/mine        # a CSV/TSV/JSONL/parquet table
-    clip-data build img2dataset_out/ --out data/mine     # img2dataset output, re-sharded
-    clip-data from-imagefolder imagenet/val --out data/in1k-val
+    clip-data synth --output data/synth                  # the embedded procedural dataset
+    clip-data build photos/ --output data/mine           # images + same-named .txt captions
+    clip-data build pairs.parquet --output data/mine     # a CSV/TSV/JSONL/parquet table
+    clip-data build img2dataset_out/ --output data/mine  # img2dataset output, re-sharded
+    clip-data from-imagefolder imagenet/val --output data/in1k-val
     clip-data inspect data/mine/train                    # counts, histograms, problems
     clip-data validate data/mine/train                   # + decode every image; exit 1 if bad
-    clip-data reshard data/mine/train --out data/mine256 --max-side 256
+    clip-data reshard data/mine/train --output data/mine256 --max-side 256
 
 Errors a user can fix print one line (`error: ...`) and exit with status 2; `validate` exits
-with status 1 when it finds bad samples.
+with status 1 when it finds bad samples. Shared flags (-v, -q, --no-progress, --version) and
+the dispatch are those of every clip-* command (data_tools.cli_common).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from data_tools.errors import ClipTrainError
+from data_tools.cli_common import add_option, add_subcommand, make_parser, run
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,13 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         samples_per_shard=args.samples_per_shard,
     )
     start = time.perf_counter()
-    manifest = write_synth(args.out, cfg, progress=not args.quiet)
+    manifest = write_synth(args.output, cfg, progress=args.progress)
     took = time.perf_counter() - start
     counts = manifest["counts"]
     print(
         f"wrote {counts['train']} train, {counts['zeroshot']} zeroshot "
         f"({len(manifest['classnames'])} classes), {counts['retrieval']} retrieval samples "
-        f"to {args.out} in {took:.1f}s"
+        f"to {args.output} in {took:.1f}s"
     )
     print(f"held out of train: {', '.join(manifest['held_out_classes']) or 'none'}")
     return 0
@@ -92,20 +93,20 @@ def _cmd_build(args: argparse.Namespace) -> int:
                         max_caption_len=args.max_caption_len)
     start = time.perf_counter()
     manifest = build(
-        args.input, args.out, samples_per_shard=args.samples_per_shard, opts=opts,
+        args.input, args.output, samples_per_shard=args.samples_per_shard, opts=opts,
         shuffle=args.shuffle, seed=args.seed, val_fraction=args.val_fraction,
-        num_workers=args.num_workers, image_col=args.image_col, caption_col=args.caption_col,
-        key_col=args.key_col, image_root=args.image_root, reuse=args.reuse,
-        overwrite=args.overwrite, progress=not args.quiet,
+        num_workers=args.num_workers, image_col=args.image_column, caption_col=args.caption_column,
+        key_col=args.key_column, image_root=args.image_root, reuse=args.reuse,
+        overwrite=args.overwrite, progress=args.progress,
     )
     took = time.perf_counter() - start
     kind = manifest["input"]["kind"]
     if manifest.get("reused"):
         train = manifest["splits"]["train"]
         print(f"reused {train['samples']} samples in {len(train['shards'])} shards of {kind} "
-              f"output {train['path']} as is (manifest in {args.out}); use it as data.train")
+              f"output {train['path']} as is (manifest in {args.output}); use it as data.train")
     else:
-        _print_build_summary(manifest, args.out, took)
+        _print_build_summary(manifest, args.output, took)
     stats = manifest["input"].get("img2dataset")
     if stats:
         ok, n = stats.get("successes"), stats.get("count")
@@ -124,12 +125,12 @@ def _cmd_from_imagefolder(args: argparse.Namespace) -> int:
     opts = _encode_opts(args, require_caption=False, min_caption_len=0)
     start = time.perf_counter()
     manifest = from_imagefolder(
-        args.root, args.out, samples_per_shard=args.samples_per_shard, opts=opts,
+        args.root, args.output, samples_per_shard=args.samples_per_shard, opts=opts,
         prefix=args.prefix, classnames_file=args.classnames, shuffle=args.shuffle,
         seed=args.seed, num_workers=args.num_workers, overwrite=args.overwrite,
-        progress=not args.quiet,
+        progress=args.progress,
     )
-    _print_build_summary(manifest, args.out, time.perf_counter() - start)
+    _print_build_summary(manifest, args.output, time.perf_counter() - start)
     print(f"classes: {manifest['num_classes']} ({manifest['classes']}; {manifest['folders']} "
           f"folders); wrote classnames.txt and templates.txt beside the shards")
     return 0
@@ -140,12 +141,12 @@ def _cmd_reshard(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     manifest = reshard(
-        args.shards, args.out, samples_per_shard=args.samples_per_shard,
+        args.shards, args.output, samples_per_shard=args.samples_per_shard,
         max_side=args.max_side, jpeg_quality=args.jpeg_quality, max_pixels=args.max_pixels,
         prefix=args.prefix, shuffle=args.shuffle, seed=args.seed,
-        num_workers=args.num_workers, overwrite=args.overwrite, progress=not args.quiet,
+        num_workers=args.num_workers, overwrite=args.overwrite, progress=args.progress,
     )
-    _print_build_summary(manifest, args.out, time.perf_counter() - start)
+    _print_build_summary(manifest, args.output, time.perf_counter() - start)
     return 0
 
 
@@ -202,7 +203,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from data_tools.inspect_shards import inspect_shards, stats_json
 
     stats = inspect_shards(args.shards, num_workers=args.num_workers,
-                           progress=not args.quiet and not args.json)
+                           progress=args.progress and not args.json)
     if args.json:
         print(json.dumps(stats_json(stats), indent=2))
         return 0
@@ -219,7 +220,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from data_tools.shards import write_text_atomic
 
     stats = inspect_shards(args.shards, decode=True, num_workers=args.num_workers,
-                           max_pixels=args.max_pixels, progress=not args.quiet)
+                           max_pixels=args.max_pixels, progress=args.progress)
     _print_stats(stats)
     bad = stats.bad
     if args.report:
@@ -242,38 +243,39 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (separate so docs and tests can read it)."""
-    fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
-        prog="clip-data",
-        description="Make and check WebDataset image-caption shards.",
-        formatter_class=fmt,
-        epilog="example:\n  clip-data synth --out data/synth\n  clip-data build photos/ --out "
-        "data/mine\n  clip-data validate data/mine/train",
+    parser = make_parser(
+        "clip-data", "Make and check WebDataset image-caption shards.",
+        epilog="example:\n  clip-data synth --output data/synth\n  clip-data build photos/ "
+        "--output data/mine\n  clip-data validate data/mine/train",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser(
-        "synth",
+    def output(p: argparse.ArgumentParser) -> None:
+        add_option(p, "--output", aliases=["--out"], required=True, metavar="DIR",
+                   help="output directory")
+
+    def workers(p: argparse.ArgumentParser, help: str) -> None:
+        p.add_argument("-j", "--num-workers", type=int, default=0, help=help)
+
+    p = add_subcommand(
+        sub, "synth", _cmd_synth,
         help="write the embedded procedural shapes dataset (no download)",
         description="Write train/, zeroshot/ and retrieval/ shards of coloured shapes with "
         "attribute captions, plus manifest.json. Same seed, same bytes.",
-        formatter_class=fmt,
-        epilog="example:\n  clip-data synth --out data/synth --seed 0 --train-samples 20000",
+        epilog="example:\n  clip-data synth --output data/synth --seed 0 --train-samples 20000",
     )
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-samples", type=int, default=20000)
+    output(p)
+    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
+    p.add_argument("--train-samples", type=int, default=20000, help="training image-caption pairs")
     p.add_argument("--zeroshot-per-class", type=int, default=20, help="images per class (36)")
-    p.add_argument("--retrieval-samples", type=int, default=500)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_synth)
+    p.add_argument("--retrieval-samples", type=int, default=500, help="retrieval split size")
+    p.add_argument("--image-size", type=int, default=64, help="side of the square images (px)")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per .tar shard")
 
     def encode_flags(p: argparse.ArgumentParser, per_shard: int = 1000) -> None:
-        p.add_argument("--out", required=True, help="output directory")
-        p.add_argument("--samples-per-shard", type=int, default=per_shard)
+        output(p)
+        p.add_argument("--samples-per-shard", type=int, default=per_shard,
+                       help="samples per .tar shard")
         p.add_argument("--max-side", type=int, default=None,
                        help="shrink images so the longer side is at most this (keeps aspect)")
         p.add_argument("--jpeg-quality", type=int, default=95,
@@ -281,56 +283,53 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-pixels", type=int, default=None,
                        help="skip images with more pixels (default: PIL's bound, ~89M)")
         p.add_argument("--shuffle", action="store_true", help="shuffle sample order (seeded)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--num-workers", type=int, default=0,
-                       help="processes encoding images in parallel (0: in this process)")
+        p.add_argument("--seed", type=int, default=0, help="seed of --shuffle and --val-fraction")
+        workers(p, "processes encoding images in parallel (0: in this process)")
         p.add_argument("--overwrite", action="store_true",
-                       help="replace shards of a different earlier build in --out")
-        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+                       help="replace shards of a different earlier build in --output")
 
-    p = sub.add_parser(
-        "build",
+    p = add_subcommand(
+        sub, "build", _cmd_build,
         help="make shards from an image folder, a table, or img2dataset output",
         description="INPUT is (a) a folder of images with same-named .txt captions, (b) a "
         "CSV/TSV/JSONL/parquet table of local image paths + captions (other columns go to "
         "each sample's .json), or (c) an img2dataset output folder (or any folder of .tar "
         "shards), re-sharded through the same filters, or with --reuse used as is. Writes "
-        "OUT/train/ (and OUT/val/ with --val-fraction) and OUT/manifest.json. A rerun with "
-        "the same inputs and options skips the shards already complete.",
-        formatter_class=fmt,
-        epilog="example:\n  clip-data build photos/ --out data/mine --max-side 512 "
+        "OUTPUT/train/ (and OUTPUT/val/ with --val-fraction) and OUTPUT/manifest.json. A rerun "
+        "with the same inputs and options skips the shards already complete.",
+        epilog="example:\n  clip-data build photos/ --output data/mine --max-side 512 "
         "--num-workers 2\n"
-        "  clip-data build pairs.csv --out data/mine --image-col filepath --caption-col title "
-        "--val-fraction 0.01 --shuffle\n"
-        "  clip-data build laion_part/ --out data/laion --reuse",
+        "  clip-data build pairs.csv --output data/mine --image-column filepath "
+        "--caption-column title --val-fraction 0.01 --shuffle\n"
+        "  clip-data build laion_part/ --output data/laion --reuse",
     )
     p.add_argument("input", metavar="INPUT")
     encode_flags(p)
     p.add_argument("--val-fraction", type=float, default=0.0,
-                   help="this fraction of samples (by seeded key hash) goes to OUT/val/")
+                   help="this fraction of samples (by seeded key hash) goes to OUTPUT/val/")
     p.add_argument("--min-caption-len", type=int, default=1, help="in characters; shorter: skipped")
     p.add_argument("--max-caption-len", type=int, default=None,
                    help="in characters; longer: skipped")
-    p.add_argument("--image-col", default=None, help="table column of image paths "
-                   "(default: image, image_path, filepath, file, path, filename or img)")
-    p.add_argument("--caption-col", default=None,
-                   help="table column of captions (default: caption, text, title or txt)")
-    p.add_argument("--key-col", default=None, help="table column of sample keys (default: row)")
+    add_option(p, "--image-column", aliases=["--image-col"], default=None,
+               help="table column of image paths "
+               "(default: image, image_path, filepath, file, path, filename or img)")
+    add_option(p, "--caption-column", aliases=["--caption-col"], default=None,
+               help="table column of captions (default: caption, text, title or txt)")
+    add_option(p, "--key-column", aliases=["--key-col"], default=None,
+               help="table column of sample keys (default: row)")
     p.add_argument("--image-root", default=None,
                    help="relative table paths are under this (default: the table's folder)")
     p.add_argument("--reuse", action="store_true",
                    help="img2dataset/shards input: count and check, write only the manifest")
-    p.set_defaults(func=_cmd_build)
 
-    p = sub.add_parser(
-        "from-imagefolder",
+    p = add_subcommand(
+        sub, "from-imagefolder", _cmd_from_imagefolder,
         help="make labelled eval shards from a class-per-folder tree",
-        description="ROOT/<class>/<image> to OUT/<prefix>-NNNNNN.tar (key.jpg + key.cls + "
+        description="ROOT/<class>/<image> to OUTPUT/<prefix>-NNNNNN.tar (key.jpg + key.cls + "
         "key.json) with classnames.txt and templates.txt beside them, as clip-eval zero-shot "
         "reads them. ImageNet synset folders (n01440764 ...) get the standard ImageNet-1k "
         "labels, CLIP class names and the 80 CLIP prompts.",
-        formatter_class=fmt,
-        epilog="example:\n  clip-data from-imagefolder imagenet/val --out data/in1k-val "
+        epilog="example:\n  clip-data from-imagefolder imagenet/val --output data/in1k-val "
         "--max-side 320 --num-workers 2",
     )
     p.add_argument("root", metavar="ROOT")
@@ -339,71 +338,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classnames", default=None,
                    help="file of class names, one per line in label order (default: from "
                    "the folders; ImageNet synsets get CLIP's names)")
-    p.set_defaults(func=_cmd_from_imagefolder)
 
-    p = sub.add_parser(
-        "reshard",
+    p = add_subcommand(
+        sub, "reshard", _cmd_reshard,
         help="rewrite shards with another shard size and/or smaller images",
         description="Every field is carried over; images larger than --max-side are "
         "re-encoded, others copied byte for byte. Bad samples are skipped and counted.",
-        formatter_class=fmt,
-        epilog="example:\n  clip-data reshard data/mine/train --out data/mine256 --max-side 256 "
-        "--samples-per-shard 5000 --prefix train",
+        epilog="example:\n  clip-data reshard data/mine/train --output data/mine256 "
+        "--max-side 256 --samples-per-shard 5000 --prefix train",
     )
     p.add_argument("shards", metavar="SHARDS")
     encode_flags(p)
     p.add_argument("--prefix", default="shard", help="shard name prefix")
-    p.set_defaults(func=_cmd_reshard)
 
-    p = sub.add_parser(
-        "inspect",
+    p = add_subcommand(
+        sub, "inspect", _cmd_inspect,
         help="count samples per shard, caption length and image size histograms, problems",
         description="SHARDS is a directory, a brace pattern, a glob, a file or a "
         "'::'-separated list of those. Decodes nothing (use validate for that).",
-        formatter_class=fmt,
         epilog="example:\n  clip-data inspect data/synth/train\n"
         "  clip-data inspect 'data/synth/train/train-{000000..000004}.tar' --json",
     )
     p.add_argument("shards", metavar="SHARDS")
-    p.add_argument("--num-workers", type=int, default=0, help="shards read in parallel")
+    workers(p, "shards read in parallel")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser(
-        "validate",
+    p = add_subcommand(
+        sub, "validate", _cmd_validate,
         help="inspect + decode every image; list bad samples and exit 1 if any",
         description="Finds duplicate keys, undecodable or oversized images, empty or "
         "non-UTF-8 captions, missing images/captions, bad labels/json, unsafe tar members "
         "and truncated shards. Exit status 0: clean, 1: bad samples (listed), 2: error.",
-        formatter_class=fmt,
         epilog="example:\n  clip-data validate data/mine/train --num-workers 2 "
         "--report bad.jsonl",
     )
     p.add_argument("shards", metavar="SHARDS")
-    p.add_argument("--num-workers", type=int, default=0, help="shards checked in parallel")
+    workers(p, "shards checked in parallel")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="images with more pixels are bad (default: PIL's bound, ~89M)")
     p.add_argument("--max-list", type=int, default=100, help="bad samples printed")
     p.add_argument("--report", default=None, help="write every bad sample as JSON lines here")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_validate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `clip-data`; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        return int(args.func(args))
-    except ClipTrainError as e:
-        msg = " ".join(str(e).split("\n"))
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -176,7 +176,7 @@ def inspect_shards(
     progress: bool = False,
 ) -> ShardStats:
     """Count, measure and check shards (`decode=True`: also decode every image)."""
-    from tqdm import tqdm
+    from data_tools.progress import progress as progress_bar
 
     urls = expand_shards(spec)
     for u in urls:
@@ -193,8 +193,8 @@ def inspect_shards(
     else:
         results = map(_check_shard, tasks)
     try:
-        for st, keys in tqdm(results, total=len(tasks), unit="shard", disable=not progress,
-                             desc="validate" if decode else "inspect", dynamic_ncols=True):
+        for st, keys in progress_bar(results, total=len(tasks), unit="shard", enabled=progress,
+                                     desc="validate" if decode else "inspect"):
             for p in st.problems:
                 if p.reason == "unreadable_shard":
                     raise DataError(f"unreadable shard: {p.shard} ({p.detail}; rebuild it)")

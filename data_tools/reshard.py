@@ -41,7 +41,7 @@ def reshard(
             raise DataError(f"cannot reshard a remote shard: {u} (copy it locally)")
     out = Path(out_dir).resolve()
     if any(Path(u).resolve().parent == out for u in urls):
-        raise DataError(f"--out {out_dir} is where the input shards are; choose another folder")
+        raise DataError(f"--output {out_dir} is where the input shards are; choose another folder")
     opts = EncodeOptions(max_side=max_side, jpeg_quality=jpeg_quality,
                          require_caption=False, min_caption_len=0,
                          **({"max_pixels": max_pixels} if max_pixels else {}))

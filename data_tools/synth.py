@@ -320,12 +320,13 @@ def write_synth(out_dir: str | Path, cfg: SynthConfig, *, progress: bool = False
 
     `manifest.json` is written last, so its presence means the set is complete.
     """
-    from tqdm import tqdm
+    from data_tools.progress import progress as progress_bar
 
     cfg.validate()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise DataError(f"synth output {out} exists and is not a directory (choose another --out)")
+        raise DataError(f"synth output {out} exists and is not a directory "
+                        "(choose another --output)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)
 
@@ -343,7 +344,7 @@ def write_synth(out_dir: str | Path, cfg: SynthConfig, *, progress: bool = False
     ]
     split_info: dict[str, Any] = {}
     total = sum(n for _, n, _ in splits)
-    with tqdm(total=total, unit="img", disable=not progress, desc="synth") as bar:
+    with progress_bar(total=total, unit="img", enabled=progress, desc="synth") as bar:
         for name, n, make in splits:
             with ShardWriter(out / name, name, cfg.samples_per_shard) as writer:
                 for i in range(n):

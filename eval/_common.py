@@ -54,13 +54,12 @@ def precision_name(device: torch.device) -> str:
 
 
 def progress_bar(iterable: Iterable[T], enabled: bool, desc: str, total: int | None = None, unit: str = "it") -> Iterable[T]:
-    """A tqdm bar on stderr when asked for and stderr is a terminal; the iterable itself otherwise."""
+    """A tqdm bar on a terminal, plain log lines elsewhere (see data_tools.progress)."""
     if not enabled:
         return iterable
-    from tqdm.auto import tqdm
+    from data_tools.progress import progress
 
-    # disable=None: tqdm turns itself off when stderr is not a TTY (CI logs, captured output).
-    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=None, leave=False, dynamic_ncols=True)
+    return progress(iterable, desc=desc, total=total, unit=unit, leave=False)
 
 
 def _atomic_write(path: str | os.PathLike, data: str, what: str) -> None:

@@ -5,11 +5,14 @@
     clip-eval retrieval --model runs/demo --data coco/captions_val.csv
     clip-eval probe --model runs/demo --train pets/train --test pets/test
     clip-eval few-shot --model runs/demo --data pets/test --n-way 5 --k-shot 1
-    clip-eval suite --model runs/demo --suite suite.yaml --output-dir results/
+    clip-eval suite --model runs/demo --suite suite.yaml --output results/
 
-`--model` is our run or export directory (loaded with `clip_train.load`), or an open_clip
-architecture name together with `--pretrained FILE` (a local weight file; nothing is downloaded).
-Metrics go to stdout as JSON, and atomically to `--output` when given.
+`--model` is our run or export directory (loaded with `clip_train.load`), an open_clip
+architecture name together with `--pretrained FILE` (a local weight file; nothing is downloaded),
+or `local-dir:DIR` (an open_clip config and weight file, as `clip-train export` writes them).
+Metrics go to stdout as JSON rounded to 4 significant digits, and at full precision atomically
+to `--results-file` when given. Shared flags (-v, -q, --no-progress, --version), one-line errors
+(exit 2) and the dispatch are those of every clip-* command (data_tools.cli_common).
 """
 
 from __future__ import annotations
@@ -21,12 +24,17 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-from data_tools.errors import ClipTrainError, ConfigError, DataError
+from data_tools.cli_common import add_option, add_subcommand, make_parser, run
+from data_tools.errors import ConfigError, DataError
+from data_tools.fmt import round_floats
 from clip_eval._common import write_json_atomic
 from clip_eval.cache import ENV_VAR, default_cache_dir
 from clip_eval.encoder import Encoder, load_open_clip
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +55,9 @@ _EPILOGS = {
         "examples:\n"
         "  clip-eval retrieval --model runs/demo --data demo_out/data/retrieval\n"
         "  clip-eval retrieval --model ViT-B-32 --pretrained vit_b32.bin --data coco/captions_val.csv\n"
-        "  clip-eval retrieval --model runs/demo --data flickr30k/test.jsonl --image-column file --caption-column captions\n"
+        "  clip-eval retrieval --model runs/demo --data flickr30k/test.jsonl \\\n"
+        "      --image-column file"
+        " --caption-column captions\n"
         "shards: captions from each sample's json \"captions\" list when present, else its .txt;\n"
         "tables (.csv/.tsv with a header, .jsonl): one row per caption, or a list of captions per row;\n"
         "image paths are relative to the table's folder"
@@ -68,25 +78,30 @@ _EPILOGS = {
     ),
     "suite": (
         "examples:\n"
-        "  clip-eval suite --model runs/demo --suite suite.yaml --output-dir eval_results/\n"
-        "  clip-eval suite --model ViT-B-32 --pretrained vit_b32.bin --suite suite.yaml --output-dir eval_results/b32\n"
+        "  clip-eval suite --model runs/demo --suite suite.yaml --output eval_results/\n"
+        "  clip-eval suite --model local-dir:exports/demo/open_clip --suite suite.yaml \\\n"
+        "      --output eval_results/demo --results-file eval_results/demo.json\n"
         "writes <task name>.json per task and results.md; see docs/eval.md for the YAML format"
     ),
 }
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="run/export directory, or an open_clip architecture name with --pretrained")
-    p.add_argument("--pretrained", default=None, metavar="FILE", help="local open_clip weight file for --model NAME")
-    p.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128)")
-    p.add_argument("--num-workers", type=int, default=0, help="data loader worker processes (default 0)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu; bf16 autocast on cuda)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal anyway)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    p.add_argument("--model", required=True,
+                   help="run/export directory, an open_clip architecture name with --pretrained, "
+                   "or local-dir:DIR (open_clip_config.json + weight file)")
+    p.add_argument("--pretrained", default=None, metavar="FILE",
+                   help="local open_clip weight file for --model NAME")
+    p.add_argument("-b", "--batch-size", type=int, default=128, help="images per batch")
+    p.add_argument("-j", "--num-workers", type=int, default=0,
+                   help="data loader worker processes")
+    p.add_argument("--device", default="cpu",
+                   help="torch device, e.g. cpu, cuda, cuda:1 (bf16 autocast on cuda)")
 
 
-def _add_output(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", default=None, metavar="FILE.json", help="also write the metrics here (atomically)")
+def _add_results(p: argparse.ArgumentParser, aliases: Sequence[str] = ("--output",)) -> None:
+    add_option(p, "--results-file", aliases=aliases, default=None, metavar="FILE.json",
+               help="also write the metrics here (atomically, full precision)")
 
 
 def _add_classes(p: argparse.ArgumentParser, labels: str = "--labels") -> None:
@@ -101,45 +116,48 @@ def _add_cache(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="neither read nor write cached classifiers")
 
 
-def _subparser(sub: argparse._SubParsersAction, name: str, help: str, description: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help, description=description, epilog=_EPILOGS[name],
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+def _subparser(sub: argparse._SubParsersAction, name: str, func, help: str,
+               description: str) -> argparse.ArgumentParser:
+    return add_subcommand(sub, name, func, help=help, description=description,
+                          epilog=_EPILOGS[name])
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (separate so tests and docs can inspect it)."""
-    parser = argparse.ArgumentParser(
-        prog="clip-eval",
-        description="Evaluate a CLIP-style encoder: zero-shot classification, retrieval, probes, suites.",
+    parser = make_parser(
+        "clip-eval",
+        "Evaluate a CLIP-style encoder: zero-shot classification, retrieval, probes, suites.",
         epilog=(
             "examples:\n"
             "  clip-eval zero-shot --model runs/demo --data demo_out/data/zeroshot\n"
-            "  clip-eval retrieval --model ViT-B-32 --pretrained vit_b32.bin --data demo_out/data/retrieval\n"
-            "  clip-eval suite --model runs/demo --suite suite.yaml --output-dir eval_results/\n"
+            "  clip-eval retrieval --model ViT-B-32 --pretrained vit_b32.bin "
+            "--data demo_out/data/retrieval\n"
+            "  clip-eval suite --model runs/demo --suite suite.yaml --output eval_results/\n"
             "run 'clip-eval SUBCOMMAND --help' for its options"
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{zero-shot,retrieval,probe,few-shot,suite}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{zero-shot,retrieval,probe,few-shot,suite}")
 
-    zs = _subparser(sub, "zero-shot", "zero-shot classification (acc1, acc5, mean per-class recall)",
+    zs = _subparser(sub, "zero-shot", _cmd_zero_shot,
+                    "zero-shot classification (acc1, acc5, mean per-class recall)",
                     "Zero-shot classification: acc1, acc5, mean_per_class_recall.")
     _add_model(zs)
     zs.add_argument("--data", required=True, metavar="DATA", help="labelled shards, a class folder, or a flat folder with --labels")
     _add_classes(zs)
     zs.add_argument("--templates", default=None, metavar="openai|simple|FILE", help="prompt templates: open_clip's OpenAI 80, its short 7, or a file with one '{}' per line")
     _add_cache(zs)
-    _add_output(zs)
+    _add_results(zs)
 
-    rt = _subparser(sub, "retrieval", "image<->text recall@1/5/10",
+    rt = _subparser(sub, "retrieval", _cmd_retrieval, "image<->text recall@1/5/10",
                     "Zero-shot retrieval: image_retrieval_recall@k (text->image), text_retrieval_recall@k (image->text).")
     _add_model(rt)
     rt.add_argument("--data", required=True, metavar="DATA", help="caption shards, or a .csv/.tsv/.jsonl table of image paths and captions")
     rt.add_argument("--image-column", default=None, help="table column with the image path (default: image, filepath, ...)")
     rt.add_argument("--caption-column", default=None, help="table column with the caption(s) (default: captions, caption, text, title)")
-    _add_output(rt)
+    _add_results(rt)
 
-    pr = _subparser(sub, "probe", "linear probe on frozen image features",
+    pr = _subparser(sub, "probe", _cmd_probe, "linear probe on frozen image features",
                     "Linear probe: lp_acc1, lp_acc5, lp_mean_per_class_recall on --test.")
     _add_model(pr)
     pr.add_argument("--train", required=True, metavar="DATA", help="labelled training data (shards or class folder)")
@@ -148,40 +166,47 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--train-labels", default=None, metavar="FILE", help="labels file when --train is a flat folder")
     pr.add_argument("--test-labels", default=None, metavar="FILE", help="labels file when --test is a flat folder")
     pr.add_argument("--weight-decays", default=None, metavar="LIST", help="comma-separated sweep (default 1e-6,1e-5,...,1e-1)")
-    pr.add_argument("--val-fraction", type=float, default=0.2, help="part of --train held out to pick the weight decay (default 0.2)")
-    pr.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit (default 1000)")
-    pr.add_argument("--seed", type=int, default=0, help="seed of the validation split (default 0)")
-    _add_output(pr)
+    pr.add_argument("--val-fraction", type=float, default=0.2,
+                    help="part of --train held out to pick the weight decay")
+    pr.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    _add_results(pr)
 
-    fs = _subparser(sub, "few-shot", "N-way K-shot episodes with a prototype classifier",
+    fs = _subparser(sub, "few-shot", _cmd_few_shot,
+                    "N-way K-shot episodes with a prototype classifier",
                     "Few-shot: fewshot_acc and fewshot_acc_ci95 over seeded episodes.")
     _add_model(fs)
     fs.add_argument("--data", required=True, metavar="DATA", help="labelled shards or a class folder")
     _add_classes(fs)
-    fs.add_argument("--n-way", type=int, default=5, help="classes per episode (default 5)")
-    fs.add_argument("--k-shot", type=int, default=1, help="support images per class (default 1)")
-    fs.add_argument("--n-query", type=int, default=15, help="query images per class (default 15)")
-    fs.add_argument("--episodes", type=int, default=600, help="episodes (default 600)")
-    fs.add_argument("--seed", type=int, default=0, help="seed of the episode sampler (default 0)")
-    _add_output(fs)
+    fs.add_argument("--n-way", type=int, default=5, help="classes per episode")
+    fs.add_argument("--k-shot", type=int, default=1, help="support images per class")
+    fs.add_argument("--n-query", type=int, default=15, help="query images per class")
+    fs.add_argument("--episodes", type=int, default=600, help="episodes")
+    fs.add_argument("--seed", type=int, default=0, help="seed of the episode sampler")
+    _add_results(fs)
 
-    su = _subparser(sub, "suite", "several tasks from a YAML file", "Run a suite of evaluation tasks from YAML.")
+    su = _subparser(sub, "suite", _cmd_suite, "several tasks from a YAML file",
+                    "Run a suite of evaluation tasks from YAML.")
     _add_model(su)
-    su.add_argument("--suite", required=True, metavar="FILE.yaml", help="the suite (tasks: name, task, data, options)")
-    su.add_argument("--output-dir", default=None, metavar="DIR", help="write <task>.json per task and results.md here")
+    su.add_argument("--suite", required=True, metavar="FILE.yaml",
+                    help="the suite (tasks: name, task, data, options)")
+    add_option(su, "--output", aliases=["--output-dir"], default=None, metavar="DIR",
+               help="write <task>.json per task and results.md here")
     _add_cache(su)
-    _add_output(su)
+    # Not --output here: in a suite that spelling now names the results directory.
+    _add_results(su, aliases=())
     return parser
 
 
 def load_encoder(model: str, pretrained: str | None, device: str) -> Encoder:
-    """Our run/export directory via `clip_train.load`, or an open_clip architecture + local file."""
-    if pretrained is not None:
+    """Our run/export directory via `clip_train.load`, or an open_clip model from local files."""
+    if pretrained is not None or model.startswith("local-dir:"):
         return load_open_clip(model, pretrained, device)
     if not os.path.exists(model):
         raise DataError(
             f"--model {model}: no such run or export directory "
-            f"(for an open_clip architecture, also pass --pretrained FILE)"
+            f"(for an open_clip architecture, also pass --pretrained FILE; for an open_clip "
+            f"folder, local-dir:DIR)"
         )
     import clip_train  # only here: eval knows nothing of training except how to load its output
 
@@ -223,82 +248,103 @@ def _weight_decays(text: str | None) -> list[float] | None:
     return values
 
 
-def _run(args: argparse.Namespace) -> dict:
+def _device(args: argparse.Namespace) -> torch.device:
+    """The checked --device (and loader sizes), before any data or model is read."""
     import torch
-
-    from clip_eval.tasks import few_shot_task, linear_probe_task, retrieval_task, zero_shot_task
 
     try:
         device = torch.device(args.device)
     except RuntimeError as exc:
         raise DataError(f"--device {args.device}: not a torch device ({exc})") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
+        raise DataError(f"--device {args.device}: CUDA is not available on this machine "
+                        "(use --device cpu)")
     if args.batch_size < 1 or args.num_workers < 0:
         raise DataError("--batch-size must be >= 1 and --num-workers >= 0")
-    suite = None
-    if args.command == "suite":
-        from clip_eval.suite import load_suite
+    return device
 
-        suite = load_suite(args.suite)
-        if not args.no_cache and args.cache_dir is None and suite.cache_dir is not None:
-            args.cache_dir = suite.cache_dir
-        suite = dataclasses.replace(suite, cache_dir=None if args.no_cache else str(_cache_dir(args)))
-    elif args.command == "probe":
-        _check_data("--train", args.train)
-        _check_data("--test", args.test)
-    else:
-        _check_data("--data", args.data)
-    weight_decays = _weight_decays(args.weight_decays) if args.command == "probe" else None
 
+def _evaluate(args: argparse.Namespace, device: torch.device,
+              task: Callable[[Encoder, dict], dict]) -> int:
+    """Load --model, run `task(encoder, loader options)`, write and print the metrics."""
     encoder = load_encoder(args.model, args.pretrained, str(device))
-    opts = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device, progress=not args.no_progress)
-    if args.command == "zero-shot":
-        return zero_shot_task(
-            encoder, args.data, classnames=args.classnames, templates=args.templates, dataset=args.dataset,
-            labels=args.labels, cache_dir=_cache_dir(args), **opts,
-        )
-    if args.command == "retrieval":
-        return retrieval_task(encoder, args.data, image_column=args.image_column, caption_column=args.caption_column, **opts)
-    if args.command == "probe":
-        extra = {"weight_decays": weight_decays} if weight_decays else {}
-        return linear_probe_task(
-            encoder, args.train, args.test, classnames=args.classnames, dataset=args.dataset,
-            train_labels=args.train_labels, test_labels=args.test_labels, val_fraction=args.val_fraction,
-            max_iter=args.max_iter, seed=args.seed, **extra, **opts,
-        )
-    if args.command == "few-shot":
-        return few_shot_task(
-            encoder, args.data, classnames=args.classnames, dataset=args.dataset, labels=args.labels,
-            n_way=args.n_way, k_shot=args.k_shot, n_query=args.n_query, episodes=args.episodes, seed=args.seed, **opts,
-        )
-    from clip_eval.suite import run_suite
+    opts = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device,
+                progress=args.progress)
+    metrics = task(encoder, opts)
+    if args.results_file:
+        write_json_atomic(args.results_file, metrics, what="--results-file")
+    print(json.dumps(round_floats(metrics), indent=2))
+    return 0
 
-    assert suite is not None
+
+def _cmd_zero_shot(args: argparse.Namespace) -> int:
+    from clip_eval.tasks import zero_shot_task
+
+    device = _device(args)
+    _check_data("--data", args.data)
+    return _evaluate(args, device, lambda encoder, opts: zero_shot_task(
+        encoder, args.data, classnames=args.classnames, templates=args.templates,
+        dataset=args.dataset, labels=args.labels, cache_dir=_cache_dir(args), **opts))
+
+
+def _cmd_retrieval(args: argparse.Namespace) -> int:
+    from clip_eval.tasks import retrieval_task
+
+    device = _device(args)
+    _check_data("--data", args.data)
+    return _evaluate(args, device, lambda encoder, opts: retrieval_task(
+        encoder, args.data, image_column=args.image_column, caption_column=args.caption_column,
+        **opts))
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from clip_eval.tasks import linear_probe_task
+
+    device = _device(args)
+    _check_data("--train", args.train)
+    _check_data("--test", args.test)
+    weight_decays = _weight_decays(args.weight_decays)
+    extra = {"weight_decays": weight_decays} if weight_decays else {}
+    return _evaluate(args, device, lambda encoder, opts: linear_probe_task(
+        encoder, args.train, args.test, classnames=args.classnames, dataset=args.dataset,
+        train_labels=args.train_labels, test_labels=args.test_labels,
+        val_fraction=args.val_fraction, max_iter=args.max_iter, seed=args.seed, **extra, **opts))
+
+
+def _cmd_few_shot(args: argparse.Namespace) -> int:
+    from clip_eval.tasks import few_shot_task
+
+    device = _device(args)
+    _check_data("--data", args.data)
+    return _evaluate(args, device, lambda encoder, opts: few_shot_task(
+        encoder, args.data, classnames=args.classnames, dataset=args.dataset, labels=args.labels,
+        n_way=args.n_way, k_shot=args.k_shot, n_query=args.n_query, episodes=args.episodes,
+        seed=args.seed, **opts))
+
+
+def _cmd_suite(args: argparse.Namespace) -> int:
+    from clip_eval.suite import load_suite, run_suite
+
+    device = _device(args)
+    if args.output and args.output.endswith(".json"):
+        raise ConfigError(f"--output {args.output}: a suite's --output is now its results "
+                          "directory (was --output-dir); write the metrics JSON with "
+                          "--results-file")
+    suite = load_suite(args.suite)
+    if not args.no_cache and args.cache_dir is None and suite.cache_dir is not None:
+        args.cache_dir = suite.cache_dir
+    cache = None if args.no_cache else str(_cache_dir(args))
     # Suite tasks carry their own batch_size/num_workers; the command line's apply to the rest.
     defaults = {"batch_size": args.batch_size, "num_workers": args.num_workers}
     tasks = tuple(dataclasses.replace(t, options={**defaults, **t.options}) for t in suite.tasks)
-    suite = dataclasses.replace(suite, tasks=tasks)
-    return run_suite(encoder, suite, device, output_dir=args.output_dir, progress=not args.no_progress)
+    suite = dataclasses.replace(suite, tasks=tasks, cache_dir=cache)
+    return _evaluate(args, device, lambda encoder, opts: run_suite(
+        encoder, suite, device, output_dir=args.output, progress=opts["progress"]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `clip-eval`; returns the exit status (2 for a user error)."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        metrics = _run(args)
-        if args.output:
-            write_json_atomic(args.output, metrics, what="--output")
-    except ClipTrainError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    print(json.dumps(metrics, indent=2))
-    return 0
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

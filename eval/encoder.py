@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
 import torch
@@ -72,6 +73,33 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+LOCAL_DIR = "local-dir:"
+# open_clip's own preference for the weight file of a 'local-dir:' folder (factory.py).
+_LOCAL_DIR_WEIGHTS = (
+    "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth",
+    "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth",
+)
+
+
+def local_dir_weights(model_name: str) -> Path:
+    """The weight file open_clip loads for `local-dir:DIR`, found as open_clip finds it."""
+    folder = Path(model_name[len(LOCAL_DIR):]).expanduser()
+    if not (folder / "open_clip_config.json").is_file():
+        raise DataError(f"--model {model_name}: no open_clip_config.json in {folder} "
+                        "(clip-train export writes one in EXPORT/open_clip)")
+    for name in _LOCAL_DIR_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    # open_clip's fallback: any weight file, .safetensors first, then by name
+    found = sorted(p for ext in ("safetensors", "bin", "pth") for p in folder.glob(f"*.{ext}"))
+    found.sort(key=lambda p: p.suffix == ".safetensors", reverse=True)
+    if not found:
+        raise DataError(f"--model {model_name}: no weight file in {folder} (looked for "
+                        f"{', '.join(_LOCAL_DIR_WEIGHTS[:3])}, ...)")
+    return found[0]
+
+
 def load_open_clip(
     model_name: str,
     pretrained: str | os.PathLike | None,
@@ -80,9 +108,20 @@ def load_open_clip(
     """Build an open_clip architecture with weights from a LOCAL file (or random weights if None).
 
     Never downloads: pretrained tags ('openai', 'laion2b_...') and 'hf-hub:' names are refused,
-    because evaluation must be reproducible offline from files the user names.
+    because evaluation must be reproducible offline from files the user names. A 'local-dir:DIR'
+    model needs no `pretrained`: its weight file is found in DIR as open_clip finds it.
     """
     import open_clip
+
+    weights = None
+    if model_name.startswith(LOCAL_DIR):
+        weights = str(local_dir_weights(model_name).resolve())
+        if pretrained is not None and str(Path(pretrained).resolve()) != weights:
+            raise ConfigError(
+                f"--pretrained {pretrained}: {model_name} loads its own weights ({weights}); "
+                "drop --pretrained"
+            )
+        pretrained = None  # open_clip takes the weights from DIR and would only warn about it
 
     if model_name.startswith("hf-hub:"):
         raise ConfigError(
@@ -101,7 +140,7 @@ def load_open_clip(
                 f"(download a checkpoint yourself and pass its path)"
             )
         # An absolute path can never be mistaken for a pretrained tag (which would download).
-        pretrained = os.path.abspath(pretrained)
+        pretrained = weights = os.path.abspath(pretrained)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name,
@@ -113,14 +152,18 @@ def load_open_clip(
         )
         tokenizer = open_clip.get_tokenizer(model_name)
     except (RuntimeError, ValueError, KeyError, FileNotFoundError, OSError) as exc:
-        what = f"weights {pretrained}" if pretrained else "model"
+        what = f"weights {weights}" if weights else "model"
         raise ConfigError(f"--model {model_name}: could not load {what}: {_one_line(exc)}") from exc
-    logger.info("loaded open_clip %s (weights: %s)", model_name, pretrained or "random init")
+    logger.info("loaded open_clip %s (weights: %s)", model_name, weights or "random init")
     encoder = OpenClipEncoder(model, tokenizer, preprocess)
-    encoder.name = f"{model_name} ({pretrained})" if pretrained else model_name
-    if pretrained is not None:
-        stat = os.stat(pretrained)
-        config = json.dumps(open_clip.get_model_config(model_name), sort_keys=True, default=str)
-        encoder.weights_identity = f"open_clip|{model_name}|{pretrained}|{stat.st_size}|{stat.st_mtime_ns}|{config}"
+    encoder.name = f"{model_name} ({weights})" if weights else model_name
+    if weights is not None:
+        stat = os.stat(weights)
+        if model_name.startswith(LOCAL_DIR):
+            config = (Path(weights).parent / "open_clip_config.json").read_text()
+        else:
+            config = json.dumps(open_clip.get_model_config(model_name), sort_keys=True, default=str)
+        encoder.weights_identity = (f"open_clip|{model_name}|{weights}|{stat.st_size}|"
+                                    f"{stat.st_mtime_ns}|{config}")
     encoder.eval()
     return encoder

@@ -34,6 +34,7 @@ import torch
 import yaml
 
 from data_tools.errors import ConfigError
+from data_tools.fmt import format_metrics
 from clip_eval._common import write_json_atomic, write_text_atomic
 from clip_eval.encoder import Encoder
 from clip_eval.tasks import few_shot_task, linear_probe_task, retrieval_task, zero_shot_task
@@ -249,11 +250,13 @@ def run_suite(
         metrics = _runner(task, suite.cache_dir)(encoder, device, progress)
         seconds = time.perf_counter() - started
         results[task.name] = metrics
-        logger.info("suite %s: %s done in %.1fs: %s", suite.source, task.name, seconds, metrics)
+        logger.info("suite %s: %s done in %.1fs: %s", suite.source, task.name, seconds,
+                    format_metrics(metrics))
         if output_dir is not None:
             record = {"name": task.name, "task": task.task, "data": task.data, "model": model,
                       "options": task.options, "metrics": metrics, "seconds": round(seconds, 3)}
-            write_json_atomic(Path(output_dir) / f"{task.name}.json", record, what="--output-dir")
+            write_json_atomic(Path(output_dir) / f"{task.name}.json", record, what="--output")
     if output_dir is not None:
-        write_text_atomic(Path(output_dir) / "results.md", results_markdown(suite, results), what="--output-dir")
+        write_text_atomic(Path(output_dir) / "results.md", results_markdown(suite, results),
+                          what="--output")
     return results

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Sequence, Union
 import torch
 
 from data_tools.errors import ConfigError, DataError
+from data_tools.fmt import format_metrics
 from data_tools.loader import expand_shards, make_loader
 from data_tools.urls import is_remote, sample_key
 from clip_eval._common import EvalDataError
@@ -230,7 +231,7 @@ def zero_shot_task(
     finally:
         stream.close()
     metrics["num_classes"] = len(names)
-    logger.info("zero-shot on %s: %s", stream.where, metrics)
+    logger.info("zero-shot on %s: %s", stream.where, format_metrics(metrics))
     return metrics
 
 
@@ -279,7 +280,7 @@ def retrieval_task(
         raise DataError(f"{where}: {exc}") from exc
     finally:
         loader.close()
-    logger.info("retrieval on %s: %s", where, metrics)
+    logger.info("retrieval on %s: %s", where, format_metrics(metrics))
     return metrics
 
 
@@ -338,7 +339,8 @@ def linear_probe_task(
         )
     except EvalDataError as exc:
         raise DataError(f"{_spec_name(train)}: {exc}") from exc
-    logger.info("linear probe %s -> %s: %s", _spec_name(train), _spec_name(test), metrics)
+    logger.info("linear probe %s -> %s: %s", _spec_name(train), _spec_name(test),
+                format_metrics(metrics))
     return metrics
 
 
@@ -369,7 +371,7 @@ def few_shot_task(
         metrics = few_shot(features, targets, n_way=n_way, k_shot=k_shot, n_query=n_query, episodes=episodes, seed=seed)
     except EvalDataError as exc:
         raise DataError(f"{stream.where}: {exc}") from exc
-    logger.info("few-shot on %s: %s", stream.where, metrics)
+    logger.info("few-shot on %s: %s", stream.where, format_metrics(metrics))
     return metrics
 
 

@@ -9,7 +9,7 @@ from data_tools.cli import build_parser, main
 
 def test_synth_then_inspect(tmp_path, capsys):
     out = tmp_path / "synth"
-    rc = main(["synth", "--out", str(out), "--train-samples", "120", "--zeroshot-per-class", "1",
+    rc = main(["synth", "--output", str(out), "--train-samples", "120", "--zeroshot-per-class", "1",
                "--retrieval-samples", "10", "--samples-per-shard", "50", "--seed", "3", "-q"])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -27,7 +27,7 @@ def test_synth_then_inspect(tmp_path, capsys):
 
 def test_synth_rerun_smaller_removes_stale_shards(tmp_path, capsys):
     out = tmp_path / "s"
-    base = ["synth", "--out", str(out), "--zeroshot-per-class", "1", "--retrieval-samples", "5",
+    base = ["synth", "--output", str(out), "--zeroshot-per-class", "1", "--retrieval-samples", "5",
             "--samples-per-shard", "40", "-q"]
     assert main([*base, "--train-samples", "100"]) == 0
     assert main([*base, "--train-samples", "50"]) == 0
@@ -44,7 +44,7 @@ def test_missing_path_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_bad_config_value_is_one_line(tmp_path, capsys):
-    assert main(["synth", "--out", str(tmp_path), "--train-samples", "0", "-q"]) == 2
+    assert main(["synth", "--output", str(tmp_path), "--train-samples", "0", "-q"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: synth config train_samples=0") and err.count("\n") == 1
 

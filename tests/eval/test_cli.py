@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from clip_eval.cli import main
+from data_tools.fmt import round_floats
 
 SUBCOMMANDS = ["zero-shot", "retrieval", "probe", "few-shot", "suite"]
 
@@ -62,9 +63,11 @@ def test_zero_shot_default_cache_dir_from_env(tiny_model_name, weights, tree, tm
 def test_probe_and_few_shot(tiny_model_name, weights, tree, tmp_path, capsys):
     out = tmp_path / "probe.json"
     assert main(["probe", *_model(tiny_model_name, weights), "--train", str(tree), "--test", str(tree),
-                 "--weight-decays", "1e-3,1e-1", "--max-iter", "20", "--output", str(out)]) == 0
+                 "--weight-decays", "1e-3,1e-1", "--max-iter", "20",
+                 "--results-file", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert json.loads(out.read_text()) == printed and printed["weight_decay"] in (1e-3, 1e-1)
+    assert round_floats(json.loads(out.read_text())) == printed
+    assert printed["weight_decay"] in (1e-3, 1e-1)
     assert main(["few-shot", *_model(tiny_model_name, weights), "--data", str(tree), "--n-way", "3",
                  "--k-shot", "1", "--n-query", "2", "--episodes", "7"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -121,3 +124,75 @@ def test_user_errors_are_one_line(case, expected, tiny_model_name, weights, tree
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], captured.err
+
+
+def _floats(tree):
+    if isinstance(tree, dict):
+        return [f for v in tree.values() for f in _floats(v)]
+    return [tree] if isinstance(tree, float) else []
+
+
+def test_stdout_is_rounded_and_results_file_is_full_precision(tiny_model_name, weights, tree,
+                                                              tmp_path, capsys):
+    out = tmp_path / "zs.json"
+    assert main(["zero-shot", *_model(tiny_model_name, weights), "--data", str(tree),
+                 "--results-file", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert all(f == float(f"{f:.4g}") for f in _floats(printed))
+    full = json.loads(out.read_text())
+    assert round_floats(full) == printed
+    assert any(f != float(f"{f:.4g}") for f in _floats(full))  # 1/18 and co. are not 4 digits
+
+
+@pytest.fixture
+def local_dir(tiny_model_name, tiny_encoder, tmp_path):
+    """An open_clip folder as `clip-train export` writes it (config + .safetensors weights)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "open_clip"
+    folder.mkdir()
+    config = {"model_cfg": open_clip.get_model_config(tiny_model_name)}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    state = {k: v.contiguous() for k, v in tiny_encoder.model.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def test_local_dir_needs_no_pretrained(tiny_model_name, weights, local_dir, tree, capsys):
+    model = ["--model", f"local-dir:{local_dir}"]
+    assert main(["zero-shot", *model, "--data", str(tree), "--no-cache"]) == 0
+    from_dir = json.loads(capsys.readouterr().out)
+    argv = ["zero-shot", *_model(tiny_model_name, weights), "--data", str(tree), "--no-cache"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out) == from_dir  # same weights, same numbers
+    again = ["--pretrained", str(local_dir / "open_clip_model.safetensors")]  # repeating it is fine
+    assert main(["zero-shot", *model, *again, "--data", str(tree)]) == 0
+    assert json.loads(capsys.readouterr().out) == from_dir
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("no_weights", "no weight file in"),
+    ("other_pretrained", "loads its own weights"),
+    ("no_config", "no open_clip_config.json in"),
+])
+def test_local_dir_errors_are_one_line(case, expected, local_dir, weights, tree, capsys):
+    extra = []
+    if case == "no_weights":
+        (local_dir / "open_clip_model.safetensors").unlink()
+    elif case == "other_pretrained":
+        extra = ["--pretrained", str(weights)]
+    else:
+        (local_dir / "open_clip_config.json").unlink()
+    model = ["--model", f"local-dir:{local_dir}"]
+    assert main(["zero-shot", *model, *extra, "--data", str(tree)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+
+
+def test_suite_output_is_a_directory_now(tiny_model_name, weights, tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text("tasks: []\n")
+    argv = ["suite", *_model(tiny_model_name, weights), "--suite", str(tmp_path / "s.yaml")]
+    assert main([*argv, "--output", str(tmp_path / "all.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--results-file" in err

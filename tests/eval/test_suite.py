@@ -115,7 +115,7 @@ def test_cli_suite(tiny_model_name, tiny_encoder, synth, tmp_path, capsys):
     suite = _suite_yaml(synth, tmp_path)
     out = tmp_path / "res"
     assert main(["suite", "--model", tiny_model_name, "--pretrained", str(weights), "--suite", str(suite),
-                 "--output-dir", str(out), "--cache-dir", str(tmp_path / "cli_cache")]) == 0
+                 "--output", str(out), "--cache-dir", str(tmp_path / "cli_cache")]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert set(printed) == {"shapes", "captions", "shapes-probe", "shapes-3w1s"}
     assert json.loads((out / "captions.json").read_text())["model"] == f"{tiny_model_name} ({weights})"
