@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -232,11 +233,21 @@ def iter_shard(
             yield pending
 
 
+def gopen_url(url: str) -> str:
+    """What to hand webdataset's `gopen` for a remote shard.
+
+    gopen (webdataset 1.x) has no `s3://` handler; those are read with the AWS CLI, as
+    DataComp's training script does (`AWS_ENDPOINT_URL` etc. work as usual)."""
+    if url[:5].lower() == "s3://":
+        return f"pipe:aws s3 cp {shlex.quote(url)} -"
+    return url
+
+
 def _iter_stream(url: str, report: Problem) -> Iterator[RawSample]:
     import webdataset as wds
 
     try:
-        stream = wds.gopen(url, "rb")
+        stream = wds.gopen(gopen_url(url), "rb")
     except Exception as e:  # gopen raises whatever the transport raises
         report("unreadable_shard", "", url, f"{type(e).__name__}: {e}")
         return
@@ -246,6 +257,7 @@ def _iter_stream(url: str, report: Problem) -> Iterator[RawSample]:
 def _iter_tar_stream(stream: BinaryIO, url: str, report: Problem) -> Iterator[RawSample]:
     """Samples of a tar read front to back (remote or gzip-compressed), always with data."""
     pending: RawSample | None = None
+    problem = ""
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tf:
             for info in tf:
@@ -271,13 +283,18 @@ def _iter_tar_stream(stream: BinaryIO, url: str, report: Problem) -> Iterator[Ra
                     raise tarfile.ReadError("unexpected end of data")
                 pending.fields[ext] = data
     except (tarfile.TarError, OSError, EOFError) as e:
-        report("truncated_tar", pending.key if pending else "", url,
-               f"shard is truncated or unreadable ({type(e).__name__}: {e})")
-        return
+        problem = f"{type(e).__name__}: {e}"
     finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
+        try:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+        except Exception as e:  # a `pipe:` command that failed says so (exit status) on close
+            problem = problem or f"{type(e).__name__}: {e}"
+    if problem:
+        report("truncated_tar", pending.key if pending else "", url,
+               f"shard is truncated or unreadable ({problem})")
+        return
     if pending is not None:
         yield pending
 
