@@ -79,3 +79,12 @@ def test_recipe_towers_are_clip_vit_b(name: str) -> None:
     assert (img.img_size, img.patch_size, img.width, img.depth, img.heads, img.mlp_ratio) == (None,) * 6
     assert (txt.context_length, txt.width, txt.heads, txt.layers, cfg.model.embed_dim) == (77, 512, 8, 12, 512)
     assert cfg.train.mixed_precision == "bf16" and cfg.loss.local_loss and cfg.loss.gather_with_grad
+
+
+def test_recipe_data_modes_suit_their_data() -> None:
+    # DataComp samples shards with replacement; an "epoch" is 1.28B // 5 checkpoints, as there.
+    dc = load_config(CONFIGS / "vit_b16_datacomp.yaml", ["data.train=/x"])
+    assert (dc.data.mode, dc.data.samples_per_epoch) == ("resampled", 1_280_000_000 // 5)
+    # OpenCLIP's LAION-400M run walks 32 epochs; counts come from sidecars (data_tools.counts).
+    laion = load_config(CONFIGS / "vit_b32_laion.yaml", ["data.train=/x"])
+    assert laion.data.mode == "epoch"
