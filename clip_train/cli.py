@@ -110,6 +110,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from clip_train.embed import embed_shards
     from data_tools.loader import count_samples
 
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder = clip_train.load(args.model, device=args.device)
     with tqdm(total=count_samples(args.data), unit="sample", desc="embed", disable=args.quiet) as bar:
         info = embed_shards(encoder, args.data, args.out, model_path=str(Path(args.model).resolve()),
@@ -205,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output dir")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when there is a GPU, else cpu)")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("index", help="faiss index over an embedding dir", formatter_class=fmt,

@@ -80,7 +80,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained", default=None, metavar="FILE", help="local open_clip weight file for --model NAME")
     p.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128)")
     p.add_argument("--num-workers", type=int, default=0, help="data loader worker processes (default 0)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu; bf16 autocast on cuda)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when there is a GPU, else cpu; bf16 autocast on cuda)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal anyway)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
 
@@ -228,6 +228,8 @@ def _run(args: argparse.Namespace) -> dict:
 
     from clip_eval.tasks import few_shot_task, linear_probe_task, retrieval_task, zero_shot_task
 
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(args.device)
     except RuntimeError as exc:

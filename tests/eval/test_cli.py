@@ -121,3 +121,20 @@ def test_user_errors_are_one_line(case, expected, tiny_model_name, weights, tree
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], captured.err
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_device_defaults_to_the_gpu_when_there_is_one(monkeypatch, gpu):
+    import clip_eval.cli as cli
+
+    class Loaded(Exception):
+        pass
+
+    def load(model, pretrained, device):
+        raise Loaded(device)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(cli, "_check_data", lambda *a: None)
+    monkeypatch.setattr(cli, "load_encoder", load)
+    with pytest.raises(Loaded, match="cuda" if gpu else "cpu"):
+        main(["zero-shot", "--model", "m", "--data", "d"])
