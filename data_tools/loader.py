@@ -62,9 +62,10 @@ Exact resume
 batch_size, mode (and shuffle buffer, drop_last, weights, label/json/tokenizer use) continues
 with exactly the batches an uninterrupted iteration would have yielded next, in the same order
 and with the same contents. Each worker replays its stream from tar headers only (no data read,
-nothing decoded) up to where it stopped, which rebuilds the shuffle buffer; its augmentation
-RNG restarts at the batch boundary; the round-robin restarts at the worker that was due next
-(physical worker 0 plays that logical worker). A state from another configuration raises
+nothing decoded; remote and .tar.gz shards have no offsets, so theirs are read again) up to
+where it stopped, which rebuilds the shuffle buffer; its augmentation RNG restarts at the
+batch boundary; the round-robin restarts at the worker that was due next (physical worker 0
+plays that logical worker). A state from another configuration raises
 `DataError` naming the field that differs.
 """
 

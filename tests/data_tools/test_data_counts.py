@@ -69,6 +69,19 @@ def test_manifest_count_wins_over_headers_while_the_size_matches(tmp_path, jpeg,
     assert header_reads == ["b.tar"]
 
 
+def test_manifest_without_sizes_is_trusted_only_for_older_shards(tmp_path, jpeg, header_reads):
+    d = tmp_path / "d"
+    a = _write(d / "a.tar", 5, jpeg)
+    m = d / "manifest.json"  # an older manifest (no shard_bytes), written after the shard
+    write_json_atomic(m, {"splits": {"s": {"path": ".", "shards": ["a.tar"],
+                                           "shard_counts": [50]}}})
+    t = m.stat().st_mtime
+    os.utime(a, (t - 60, t - 60))
+    assert count_samples(d) == 50 and header_reads == []
+    os.utime(a, (t + 60, t + 60))  # the shard was rewritten after the manifest
+    assert count_samples(d) == 5 and header_reads == ["a.tar"]
+
+
 def test_build_manifest_records_sizes(tmp_path, jpeg, header_reads):
     src = tmp_path / "photos"
     src.mkdir()
