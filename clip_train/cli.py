@@ -108,6 +108,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from data_tools.loader import count_samples
     from data_tools.progress import progress
 
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder = clip_train.load(args.model, device=args.device)
     total = count_samples(args.data)
     with progress(total=total, unit="sample", desc="embed", enabled=args.progress) as bar:
@@ -212,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     output(p, required=True, help="output dir")
     p.add_argument("-b", "--batch-size", type=int, default=256, help="images per batch")
     p.add_argument("-j", "--num-workers", type=int, default=0, help="data loader processes")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--device", default=None,
+                   help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when there is a GPU, else cpu)")
 
     p = add_subcommand(
         sub, "index", cmd_index, help="faiss index over an embedding dir",

@@ -134,6 +134,8 @@ class SplitResult:
             "samples": self.written,
             "shards": self.shards,
             "shard_counts": self.shard_counts,
+            # sizes let readers trust the counts without opening a tar (data_tools.counts)
+            "shard_bytes": [os.path.getsize(self.path / n) for n in self.shards],
             "skipped": dict(self.skipped),
         }
 
@@ -343,6 +345,9 @@ def shard_list_items(shards: Sequence[str]) -> Listing:
     items: list[Item] = []
     for url in shards:
         for s in iter_shard(url, mode=ReadMode(False), on_problem=problem):
+            if not s.refs:  # read front to back: a gzip shard has no offsets to come back to
+                raise DataError(f"{url}: a compressed (.tar.gz) shard; build and reshard read "
+                                "shards by offset: decompress it first (gunzip -k FILE)")
             items.append(Item(key=s.key, source=os.path.basename(url), url=url,
                               refs=dict(s.refs)))
     listing.items = _dedupe(items, listing)

@@ -62,9 +62,10 @@ Exact resume
 batch_size, mode (and shuffle buffer, drop_last, weights, label/json/tokenizer use) continues
 with exactly the batches an uninterrupted iteration would have yielded next, in the same order
 and with the same contents. Each worker replays its stream from tar headers only (no data read,
-nothing decoded) up to where it stopped, which rebuilds the shuffle buffer; its augmentation
-RNG restarts at the batch boundary; the round-robin restarts at the worker that was due next
-(physical worker 0 plays that logical worker). A state from another configuration raises
+nothing decoded; remote and .tar.gz shards have no offsets, so theirs are read again) up to
+where it stopped, which rebuilds the shuffle buffer; its augmentation RNG restarts at the
+batch boundary; the round-robin restarts at the worker that was due next (physical worker 0
+plays that logical worker). A state from another configuration raises
 `DataError` naming the field that differs.
 """
 
@@ -91,7 +92,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_tools.errors import DataError
 from data_tools.tario import FieldLoader, RawSample, ReadMode, iter_shard
-from data_tools.urls import count_samples, expand_shards, shard_sample_counts
+from data_tools.counts import count_samples, shard_sample_counts
+from data_tools.urls import expand_shards
 
 __all__ = [
     "make_loader",
@@ -650,7 +652,11 @@ def epoch_batches(
     num_workers: int,
     drop_last: bool,
 ) -> list[int]:
-    """Batches each rank yields in one epoch-mode pass, from tar header counts.
+    """Batches each rank yields in one epoch-mode pass, from per-shard sample counts.
+
+    The counts come from sidecars (manifest, img2dataset stats) or a cache, so this costs
+    O(shards), not O(samples); only shards with neither have their tar headers read, once
+    (`data_tools.counts`). Remote shards raise: use mode="resampled" for them.
 
     Exact when no sample is bad (bad samples only make a rank's count smaller). Independent
     of seed, epoch and shuffle buffer: shards are assigned to ranks and workers by position.

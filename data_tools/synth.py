@@ -356,6 +356,7 @@ def write_synth(out_dir: str | Path, cfg: SynthConfig, *, progress: bool = False
                 "samples": writer.num_samples,
                 "shards": [p.name for p in writer.shards],
                 "shard_counts": writer.shard_counts,
+                "shard_bytes": [p.stat().st_size for p in writer.shards],
             }
             log.debug("wrote %d %s samples in %d shards", n, name, len(writer.shards))
 

@@ -14,12 +14,15 @@ is and on what is wrong with a shard:
 Local shards can be read header-only (`read_data=False`): member data is skipped with a seek
 and each field records where its bytes are, so a resumed loader can step over samples it has
 already used without reading them, and load the few it still needs later (`load_fields`).
+Gzip-compressed shards (`.tar.gz`, as webdataset reads them) have no such offsets: they are
+always decompressed and read front to back, as remote shards are.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -70,6 +73,7 @@ class _DamagedTar(Exception):
 
 
 _ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
+_GZIP_MAGIC = b"\x1f\x8b"
 _REGULAR = (b"0", b"\0", b"7")
 _DIRECTORY = b"5"
 
@@ -174,6 +178,10 @@ def iter_shard(
         report("unreadable_shard", "", url, f"{type(e).__name__}: {e}")
         return
     with f:
+        if f.read(2) == _GZIP_MAGIC:  # a .tar.gz shard: no offsets to seek to, stream it
+            f.seek(0)
+            yield from _iter_tar_stream(f, url, report)
+            return
         size = os.fstat(f.fileno()).st_size
         pending: RawSample | None = None
         truncated = ""
@@ -225,15 +233,31 @@ def iter_shard(
             yield pending
 
 
+def gopen_url(url: str) -> str:
+    """What to hand webdataset's `gopen` for a remote shard.
+
+    gopen (webdataset 1.x) has no `s3://` handler; those are read with the AWS CLI, as
+    DataComp's training script does (`AWS_ENDPOINT_URL` etc. work as usual)."""
+    if url[:5].lower() == "s3://":
+        return f"pipe:aws s3 cp {shlex.quote(url)} -"
+    return url
+
+
 def _iter_stream(url: str, report: Problem) -> Iterator[RawSample]:
     import webdataset as wds
 
-    pending: RawSample | None = None
     try:
-        stream = wds.gopen(url, "rb")
+        stream = wds.gopen(gopen_url(url), "rb")
     except Exception as e:  # gopen raises whatever the transport raises
         report("unreadable_shard", "", url, f"{type(e).__name__}: {e}")
         return
+    yield from _iter_tar_stream(stream, url, report)
+
+
+def _iter_tar_stream(stream: BinaryIO, url: str, report: Problem) -> Iterator[RawSample]:
+    """Samples of a tar read front to back (remote or gzip-compressed), always with data."""
+    pending: RawSample | None = None
+    problem = ""
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tf:
             for info in tf:
@@ -258,14 +282,19 @@ def _iter_stream(url: str, report: Problem) -> Iterator[RawSample]:
                 if len(data) != info.size:
                     raise tarfile.ReadError("unexpected end of data")
                 pending.fields[ext] = data
-    except (tarfile.TarError, OSError) as e:
-        report("truncated_tar", pending.key if pending else "", url,
-               f"shard is truncated or unreadable ({type(e).__name__}: {e})")
-        return
+    except (tarfile.TarError, OSError, EOFError) as e:
+        problem = f"{type(e).__name__}: {e}"
     finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
+        try:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+        except Exception as e:  # a `pipe:` command that failed says so (exit status) on close
+            problem = problem or f"{type(e).__name__}: {e}"
+    if problem:
+        report("truncated_tar", pending.key if pending else "", url,
+               f"shard is truncated or unreadable ({problem})")
+        return
     if pending is not None:
         yield pending
 

@@ -16,6 +16,7 @@ from braceexpand import braceexpand
 
 from data_tools.errors import DataError
 
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # what a directory spec picks up
 _HINT = "check the path or run `clip-data synth`/`clip-data build` first"
 _REMOTE = re.compile(r"^([a-z][a-z0-9+.-]*://|pipe:)", re.IGNORECASE)
 
@@ -30,9 +31,10 @@ def _expand_one(part: str) -> list[str]:
         return list(braceexpand(part))
     path = Path(os.path.expanduser(part))
     if path.is_dir():
-        found = sorted(str(p) for p in path.glob("*.tar") if p.is_file())
+        found = sorted(str(p) for p in path.iterdir()
+                       if p.name.endswith(SHARD_SUFFIXES) and p.is_file())
         if not found:
-            raise DataError(f"no .tar shards in directory: {part} ({_HINT})")
+            raise DataError(f"no .tar shards in directory: {part} (nor .tar.gz; {_HINT})")
         return found
     if "{" in part and "}" in part:
         out = list(braceexpand(os.path.expanduser(part)))
@@ -54,8 +56,9 @@ def _expand_one(part: str) -> list[str]:
 def expand_shards(spec: str | Path | Sequence[str | Path]) -> list[str]:
     """Expand a shard spec into a list of shard paths, in a stable order.
 
-    Accepts a directory (its `*.tar`, sorted), a brace pattern (`train-{000000..000009}.tar`),
-    a glob, a single file, a `::`-separated string of those, or a list of any of them.
+    Accepts a directory (its `*.tar`, `*.tar.gz` and `*.tgz`, sorted), a brace pattern
+    (`train-{000000..000009}.tar`), a glob, a single file, a `::`-separated string of those,
+    or a list of any of them.
     Remote URLs (`s3://`, `pipe:`) are brace-expanded and passed through unchecked.
     """
     if isinstance(spec, (str, Path)):
@@ -86,29 +89,3 @@ def sample_key(member_name: str) -> tuple[str, str] | None:
     if not dot or not stem:
         return None
     return (f"{head}/{stem}" if head else stem), ext
-
-
-def shard_sample_counts(shards: str | Path | Sequence[str | Path]) -> list[tuple[str, int]]:
-    """Samples per shard, from tar headers only (no member data is read).
-
-    Counts what the loader will read: rejected (unsafe) members are not samples, and the
-    last sample of a truncated shard is not counted.
-    """
-    from data_tools.tario import ReadMode, iter_shard
-
-    def problem(reason: str, key: str, url: str, detail: str) -> None:
-        if reason == "unreadable_shard":
-            raise DataError(f"unreadable shard: {url} ({detail}; rebuild it)")
-
-    counts = []
-    for shard in expand_shards(shards):
-        if is_remote(shard):
-            raise DataError(f"cannot count samples of a remote shard: {shard} (copy it locally)")
-        n = sum(1 for _ in iter_shard(shard, mode=ReadMode(False), on_problem=problem))
-        counts.append((shard, n))
-    return counts
-
-
-def count_samples(shards: str | Path | Sequence[str | Path]) -> int:
-    """Total samples in a shard spec, read from tar headers (fast; used for logging)."""
-    return sum(n for _, n in shard_sample_counts(shards))

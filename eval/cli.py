@@ -95,8 +95,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("-b", "--batch-size", type=int, default=128, help="images per batch")
     p.add_argument("-j", "--num-workers", type=int, default=0,
                    help="data loader worker processes")
-    p.add_argument("--device", default="cpu",
-                   help="torch device, e.g. cpu, cuda, cuda:1 (bf16 autocast on cuda)")
+    p.add_argument("--device", default=None,
+                   help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when there is a GPU, "
+                   "else cpu; bf16 autocast on cuda)")
 
 
 def _add_results(p: argparse.ArgumentParser, aliases: Sequence[str] = ("--output",)) -> None:
@@ -252,6 +253,8 @@ def _device(args: argparse.Namespace) -> torch.device:
     """The checked --device (and loader sizes), before any data or model is read."""
     import torch
 
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(args.device)
     except RuntimeError as exc:

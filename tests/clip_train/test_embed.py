@@ -50,3 +50,17 @@ def test_search_errors_are_one_line(tmp_path, capsys):
     assert main(["-q", "search", str(tmp_path), "--text", "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "clip-train embed" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_embed_device_defaults_to_the_gpu_when_there_is_one(monkeypatch, gpu):
+    class Loaded(Exception):
+        pass
+
+    def load(path, device="cpu"):
+        raise Loaded(device)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(clip_train, "load", load)
+    with pytest.raises(Loaded, match="cuda" if gpu else "cpu"):
+        main(["embed", "m", "--data", "d", "--out", "o"])

@@ -102,3 +102,12 @@ def test_recipe_image_tower_is_open_clip_vit(recipe, open_clip_name):
     assert {k: ours[k] for k in theirs["vision_cfg"]} == theirs["vision_cfg"]
     assert (ours["head_width"], ours["mlp_ratio"], ours["pool_type"]) == (64, 4.0, "tok")
     assert cfg.model.embed_dim == theirs["embed_dim"]
+
+
+def test_recipe_data_modes_suit_their_data() -> None:
+    # DataComp samples shards with replacement; an "epoch" is 1.28B // 5 checkpoints, as there.
+    dc = load_config(CONFIGS / "vit_b16_datacomp.yaml", ["data.train=/x"])
+    assert (dc.data.mode, dc.data.samples_per_epoch) == ("resampled", 1_280_000_000 // 5)
+    # OpenCLIP's LAION-400M run walks 32 epochs; counts come from sidecars (data_tools.counts).
+    laion = load_config(CONFIGS / "vit_b32_laion.yaml", ["data.train=/x"])
+    assert laion.data.mode == "epoch"

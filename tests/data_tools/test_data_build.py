@@ -12,13 +12,13 @@ from PIL import Image
 from data_tools import build as build_mod
 from data_tools.build import EncodeOptions, build
 from data_tools.cli import main
+from data_tools.counts import shard_sample_counts
 from data_tools.errors import DataError
 from data_tools.imagefolder import from_imagefolder
 from data_tools.loader import make_loader
 from data_tools.reshard import reshard
 from data_tools.tario import iter_shard
 from data_tools.transforms import ImageTransform
-from data_tools.urls import shard_sample_counts
 
 
 def _img(path: Path, w=40, h=30, colour=(200, 10, 10), fmt=None):

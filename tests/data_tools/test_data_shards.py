@@ -6,7 +6,7 @@ import webdataset as wds
 
 from data_tools.errors import DataError
 from data_tools.shards import ShardWriter, write_json_atomic, write_text_atomic
-from data_tools.urls import count_samples, shard_sample_counts
+from data_tools.counts import count_samples, shard_sample_counts
 
 
 def _samples(jpeg, n):

@@ -5,6 +5,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from data_tools.counts import count_samples
 from data_tools.synth import (
     BACKGROUNDS,
     CAPTION_TEMPLATES,
@@ -13,7 +14,7 @@ from data_tools.synth import (
     class_names,
     write_synth,
 )
-from data_tools.urls import count_samples, expand_shards
+from data_tools.urls import expand_shards
 
 
 def _read(split_dir):

@@ -196,3 +196,20 @@ def test_suite_output_is_a_directory_now(tiny_model_name, weights, tmp_path, cap
     assert main([*argv, "--output", str(tmp_path / "all.json")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--results-file" in err
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_device_defaults_to_the_gpu_when_there_is_one(monkeypatch, gpu):
+    import clip_eval.cli as cli
+
+    class Loaded(Exception):
+        pass
+
+    def load(model, pretrained, device):
+        raise Loaded(device)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(cli, "_check_data", lambda *a: None)
+    monkeypatch.setattr(cli, "load_encoder", load)
+    with pytest.raises(Loaded, match="cuda" if gpu else "cpu"):
+        main(["zero-shot", "--model", "m", "--data", "d"])
