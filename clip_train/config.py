@@ -65,6 +65,10 @@ class ModelConfig:
     max_logit_scale: float = 100.0  # clamp on exp(logit_scale), as in CLIP
     lock_image: bool = False  # freeze the image trunk (LiT); its projection still trains
     lock_text: bool = False  # freeze the text tower except its projection
+    # Starting weights (clip_train.pretrained): a run/export dir of ours, open_clip:FILE,
+    # timm:FILE or timm:NAME (from the local Hugging Face cache). None: random init.
+    init_from: Optional[str] = None
+    init_download: bool = False  # timm:NAME may download into the cache
 
 
 @dataclass

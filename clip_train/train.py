@@ -31,6 +31,7 @@ from clip_train.config import Config, config_to_dict, to_yaml
 from clip_train.encoder import ClipEncoder, make_tokenizer
 from clip_train.losses import build_loss
 from clip_train.model import build_model, lock_towers, locked_modules
+from clip_train.pretrained import init_from_source, warn_locked_without_weights
 from clip_train.optim import build_optimizer, build_scheduler
 from clip_train.step import forward_backward
 from clip_train.throughput import TrainFlops, device_peak_flops
@@ -112,7 +113,8 @@ def _clear_previous_run(run_dir: Path, run_name: str) -> None:
 
 
 # Model keys a resume may change: they shape neither the weights nor the optimizer's groups.
-_RESUMABLE_MODEL_KEYS = {"image.init", "text.trim_padding", "max_logit_scale", "init_logit_scale"}
+_RESUMABLE_MODEL_KEYS = {"image.init", "text.trim_padding", "max_logit_scale", "init_logit_scale", "init_from",
+                         "init_download"}
 
 
 def _check_same_architecture(ckpt_dir: Path, cfg: Config) -> None:
@@ -178,6 +180,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
 
     # ---------------------------------------------------------------- model
     model = build_model(cfg.model)
+    covered = init_from_source(model, cfg.model)  # a checkpoint, when resuming, replaces these below
+    warn_locked_without_weights(cfg.model, covered)
     lock_towers(model, cfg.model)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
