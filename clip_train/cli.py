@@ -1,10 +1,10 @@
 """`clip-train`: train, resume, export and report. The CLI decides what the user sees.
 
     clip-train train --config configs/demo.yaml data.train=data/train train.steps=500
-    clip-train resume runs/demo
-    clip-train export runs/demo --output exports/demo
-    clip-train report runs/demo
-    clip-train embed runs/demo/export --data demo_out/data/retrieval --output emb/demo
+    clip-train resume demo_out/runs/demo
+    clip-train export demo_out/runs/demo --output exports/demo
+    clip-train report demo_out/runs/demo
+    clip-train embed demo_out/runs/demo/export --data demo_out/data/retrieval --output emb/demo
     clip-train index emb/demo && clip-train search emb/demo --text "a red circle"
 
 Shared flags (-v, -q, --no-progress, --version), one-line errors (exit 2) and the dispatch are
@@ -190,16 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_subcommand(
         sub, "resume", cmd_resume, help="continue a run exactly from its latest checkpoint",
-        epilog="example:\n  clip-train resume runs/demo            # same config\n"
-               "  clip-train resume runs/demo train.steps=2000   # extend the run")
+        epilog="example:\n  clip-train resume demo_out/runs/demo            # same config\n"
+               "  clip-train resume demo_out/runs/demo train.steps=2000   # extend the run")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
     p = add_subcommand(
         sub, "export", cmd_export, help="write the towers (ours, timm, open_clip formats)",
-        epilog="example:\n  clip-train export runs/demo --output exports/demo\n"
-               "  clip-train export runs/demo --onnx\n"
+        epilog="example:\n  clip-train export demo_out/runs/demo --output exports/demo\n"
+               "  clip-train export demo_out/runs/demo --onnx\n"
                "  python -c \"import clip_train; enc = clip_train.load('exports/demo')\"")
     p.add_argument("path", help="run dir, checkpoint dir or export dir")
     output(p, help="output dir (default: <path>/export)")
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_subcommand(
         sub, "embed", cmd_embed,
         help="image and text embeddings of a shard set (.npy + metadata)",
-        epilog="example:\n  clip-train embed runs/demo/export --data demo_out/data/retrieval "
+        epilog="example:\n  clip-train embed demo_out/runs/demo/export --data demo_out/data/retrieval "
                "--output emb/demo")
     p.add_argument("model", help="export dir, run dir or checkpoint dir")
     p.add_argument("--data", required=True, help="shard spec: dir, brace pattern, glob or a::b")
@@ -244,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_subcommand(
         sub, "report", cmd_report, help="PNG plots and a summary of a run's metrics.jsonl",
-        epilog="example:\n  clip-train report runs/demo\n"
-               "  clip-train report runs/demo --output /tmp/demo_report")
+        epilog="example:\n  clip-train report demo_out/runs/demo\n"
+               "  clip-train report demo_out/runs/demo --output /tmp/demo_report")
     p.add_argument("run_dir")
     output(p, help="output dir (default: <run_dir>/report)")
     return parser

@@ -1,11 +1,11 @@
 """`clip-eval`: zero-shot classification, retrieval, linear probe, few-shot and suites.
 
-    clip-eval zero-shot --model runs/demo --data demo_out/data/zeroshot
+    clip-eval zero-shot --model demo_out/runs/demo --data demo_out/data/zeroshot
     clip-eval zero-shot --model ViT-B-32 --pretrained ~/weights/vit_b32.bin --data imagenet/val --dataset imagenet
-    clip-eval retrieval --model runs/demo --data coco/captions_val.csv
-    clip-eval probe --model runs/demo --train pets/train --test pets/test
-    clip-eval few-shot --model runs/demo --data pets/test --n-way 5 --k-shot 1
-    clip-eval suite --model runs/demo --suite suite.yaml --output results/
+    clip-eval retrieval --model demo_out/runs/demo --data coco/captions_val.csv
+    clip-eval probe --model demo_out/runs/demo --train pets/train --test pets/test
+    clip-eval few-shot --model demo_out/runs/demo --data pets/test --n-way 5 --k-shot 1
+    clip-eval suite --model demo_out/runs/demo --suite suite.yaml --output results/
 
 `--model` is our run or export directory (loaded with `clip_train.load`), an open_clip
 architecture name together with `--pretrained FILE` (a local weight file; nothing is downloaded),
@@ -41,11 +41,11 @@ logger = logging.getLogger(__name__)
 _EPILOGS = {
     "zero-shot": (
         "examples:\n"
-        "  clip-eval zero-shot --model runs/demo --data demo_out/data/zeroshot\n"
+        "  clip-eval zero-shot --model demo_out/runs/demo --data demo_out/data/zeroshot\n"
         "  clip-eval zero-shot --model ViT-B-32 --pretrained vit_b32.bin --data imagenet/val --dataset imagenet\n"
-        "  clip-eval zero-shot --model runs/demo --data imagenet/val_flat --labels val_labels.txt --dataset imagenet \\\n"
+        "  clip-eval zero-shot --model demo_out/runs/demo --data imagenet/val_flat --labels val_labels.txt --dataset imagenet \\\n"
         "      --templates simple\n"
-        "  clip-eval zero-shot --model runs/demo --data pets/test --classnames pets.txt --templates pets_templates.txt\n"
+        "  clip-eval zero-shot --model demo_out/runs/demo --data pets/test --classnames pets.txt --templates pets_templates.txt\n"
         "--data is labelled shards, a class folder (ROOT/<class>/<image>; ImageNet synset folders map to the\n"
         "standard indices) or, with --labels, a flat folder of images. Class names and templates default to\n"
         "classnames.txt and templates.txt next to the shards or in the folder; templates hold one '{}'.\n"
@@ -53,9 +53,9 @@ _EPILOGS = {
     ),
     "retrieval": (
         "examples:\n"
-        "  clip-eval retrieval --model runs/demo --data demo_out/data/retrieval\n"
+        "  clip-eval retrieval --model demo_out/runs/demo --data demo_out/data/retrieval\n"
         "  clip-eval retrieval --model ViT-B-32 --pretrained vit_b32.bin --data coco/captions_val.csv\n"
-        "  clip-eval retrieval --model runs/demo --data flickr30k/test.jsonl \\\n"
+        "  clip-eval retrieval --model demo_out/runs/demo --data flickr30k/test.jsonl \\\n"
         "      --image-column file"
         " --caption-column captions\n"
         "shards: captions from each sample's json \"captions\" list when present, else its .txt;\n"
@@ -64,7 +64,7 @@ _EPILOGS = {
     ),
     "probe": (
         "examples:\n"
-        "  clip-eval probe --model runs/demo --train pets/train --test pets/test\n"
+        "  clip-eval probe --model demo_out/runs/demo --train pets/train --test pets/test\n"
         "  clip-eval probe --model ViT-B-32 --pretrained vit_b32.bin --train cifar/train-{0000..0009}.tar \\\n"
         "      --test cifar/test --weight-decays 1e-5,1e-4,1e-3 --val-fraction 0.1\n"
         "features are extracted once; logistic regression (L-BFGS) per weight decay on a seeded validation split,\n"
@@ -72,13 +72,13 @@ _EPILOGS = {
     ),
     "few-shot": (
         "examples:\n"
-        "  clip-eval few-shot --model runs/demo --data pets/test --n-way 5 --k-shot 1\n"
-        "  clip-eval few-shot --model runs/demo --data demo_out/data/zeroshot --n-way 5 --k-shot 5 --episodes 1000\n"
+        "  clip-eval few-shot --model demo_out/runs/demo --data pets/test --n-way 5 --k-shot 1\n"
+        "  clip-eval few-shot --model demo_out/runs/demo --data demo_out/data/zeroshot --n-way 5 --k-shot 5 --episodes 1000\n"
         "prototype classifier (nearest class mean of normalized features); mean accuracy +- 95% CI"
     ),
     "suite": (
         "examples:\n"
-        "  clip-eval suite --model runs/demo --suite suite.yaml --output eval_results/\n"
+        "  clip-eval suite --model demo_out/runs/demo --suite suite.yaml --output eval_results/\n"
         "  clip-eval suite --model local-dir:exports/demo/open_clip --suite suite.yaml \\\n"
         "      --output eval_results/demo --results-file eval_results/demo.json\n"
         "writes <task name>.json per task and results.md; see docs/eval.md for the YAML format"
@@ -130,10 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Evaluate a CLIP-style encoder: zero-shot classification, retrieval, probes, suites.",
         epilog=(
             "examples:\n"
-            "  clip-eval zero-shot --model runs/demo --data demo_out/data/zeroshot\n"
+            "  clip-eval zero-shot --model demo_out/runs/demo --data demo_out/data/zeroshot\n"
             "  clip-eval retrieval --model ViT-B-32 --pretrained vit_b32.bin "
             "--data demo_out/data/retrieval\n"
-            "  clip-eval suite --model runs/demo --suite suite.yaml --output eval_results/\n"
+            "  clip-eval suite --model demo_out/runs/demo --suite suite.yaml --output eval_results/\n"
             "run 'clip-eval SUBCOMMAND --help' for its options"
         ),
     )
