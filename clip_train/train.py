@@ -270,7 +270,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[st
     data_iter = iter(loader)
     sync_pass_end = world > 1 and cfg.data.mode == "epoch"
     loss_sums: Dict[str, torch.Tensor] = {}
-    window = {"steps": 0, "data_time": 0.0, "flops": 0.0, "start": time.perf_counter()}
+    window = {"steps": 0, "finite": 0, "data_time": 0.0, "flops": 0.0, "start": time.perf_counter()}
     last_loss: Optional[float] = None
     nonfinite_in_a_row = 0
     # A bar only on a terminal: in a cluster log its redraws would pile up as one endless line, so
@@ -337,8 +337,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[st
         state["step"] += 1
         state["batch_in_epoch"] += 1
         state["samples_seen"] += images.shape[0] * world
-        for k, v in losses.items():
-            if bool(finite):
+        if bool(finite):  # a skipped step's loss is not part of the window mean
+            window["finite"] += 1
+            for k, v in losses.items():
                 loss_sums[k] = loss_sums.get(k, 0.0) + v.float()
         window["steps"] += 1
         if flops is not None:
@@ -347,8 +348,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[st
 
         if state["step"] % cfg.train.log_every == 0 or state["step"] == cfg.train.steps:
             elapsed = time.perf_counter() - window["start"]
+            means = _mean_over_processes(loss_sums, window["finite"], accelerator)
             record = {"step": state["step"], "samples_seen": state["samples_seen"], "epoch": state["epoch"],
-                      **{k: (v / window["steps"]).item() for k, v in loss_sums.items()},
+                      **means,
                       "lr": scheduler.get_last_lr()[0], "logit_scale": unwrapped.logit_scale.exp().item(),
                       "samples_per_s": window["steps"] * images.shape[0] * world / elapsed,
                       "data_wait_frac": window["data_time"] / elapsed,
@@ -365,7 +367,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[st
             progress.set_postfix(loss=f"{last_loss:.3f}" if last_loss is not None else "nan",
                                  scale=f"{record['logit_scale']:.1f}")
             loss_sums = {}
-            window.update(steps=0, data_time=0.0, flops=0.0, start=time.perf_counter())
+            window.update(steps=0, finite=0, data_time=0.0, flops=0.0, start=time.perf_counter())
         if cfg.train.save_every and state["step"] % cfg.train.save_every == 0 and state["step"] < cfg.train.steps:
             save()
         if cfg.eval.every and state["step"] % cfg.eval.every == 0 and state["step"] < cfg.train.steps:
@@ -373,7 +375,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[st
                 results = evaluate(unwrapped, cfg, device, suite, run_dir / "eval" / f"step_{state['step']}")
                 metrics.write({"step": state["step"], "samples_seen": state["samples_seen"], **_flat(results, "eval")})
             accelerator.wait_for_everyone()
-            window.update(steps=0, data_time=0.0, flops=0.0, start=time.perf_counter())
+            window.update(steps=0, finite=0, data_time=0.0, flops=0.0, start=time.perf_counter())
             loss_sums = {}
     progress.close()
     train_time = time.perf_counter() - t_start
@@ -395,6 +397,22 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[st
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _mean_over_processes(sums: Dict[str, torch.Tensor], steps: int,
+                         accelerator: Accelerator) -> Dict[str, float]:
+    """Window means of the loss terms, averaged over processes (every process must call this).
+
+    With `loss.local_loss` each process's loss covers only its own rows; the mean over processes
+    is the loss of the whole contrastive batch, which one process alone does not know.
+    """
+    if not sums:  # no finite step in the window: the same on every process
+        return {}
+    names = sorted(sums)
+    means = torch.stack([sums[k] for k in names]) / steps
+    if accelerator.num_processes > 1:
+        means = accelerator.reduce(means, reduction="mean")
+    return dict(zip(names, means.tolist()))
 
 
 def _grad_norm(model: torch.nn.Module, accelerator: Accelerator, clip: Optional[float]) -> torch.Tensor:

@@ -66,3 +66,25 @@ def test_two_process_training_run_completes_epochs(synth_dir, tmp_path, tiny_ove
     assert records[-1]["epoch"] >= 1  # 200 samples / (16 x 2) per step: the run crossed an epoch boundary
     ckpt = tmp_path / "ddp" / "checkpoints" / "step_9"
     assert (ckpt / "rank_0.json").is_file() and (ckpt / "rank_1.json").is_file()
+
+
+def test_logged_loss_is_the_whole_batch_loss_with_local_loss(synth_dir, tmp_path, tiny_overrides):
+    """loss.local_loss=true gives each process only its own rows of the loss; the logged loss is
+    still the whole batch's: the same as the full loss that every process computes otherwise."""
+    import json
+
+    logged = {}
+    for local in ("false", "true"):
+        name = f"local_{local}"
+        args = [f"data.train={synth_dir}/train", f"run.output_dir={tmp_path}", f"run.name={name}",
+                *tiny_overrides, "train.steps=2", "train.log_every=1", f"loss.local_loss={local}",
+                "eval.at_end=false", "export.at_end=false"]
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node", "2", "-m", "clip_train", "-q", "train",
+                               "--config", "configs/demo.yaml", *args],
+                              capture_output=True, text=True, env=checkout_env(), cwd=REPO, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        logged[local] = [json.loads(line)["loss"] for line in lines]
+    assert len(logged["true"]) == 2
+    torch.testing.assert_close(logged["true"], logged["false"], rtol=1e-5, atol=1e-6)

@@ -31,10 +31,12 @@ def test_bf16_accumulated_run_with_tensorboard_and_mfu(synth_dir, tmp_path, make
 def test_nonfinite_steps_are_skipped_then_stop(synth_dir, tmp_path, make_cfg, monkeypatch):
     real = train_module.forward_backward
     calls = {"n": 0}
+    step_losses = []
 
     def poisoned(model, *args, **kwargs):
         calls["n"] += 1
         losses = real(model, *args, **kwargs)
+        step_losses.append(losses["loss"].item())
         if calls["n"] in (2, 3):  # two bad steps, then healthy again
             next(model.parameters()).grad.fill_(float("nan"))
         return losses
@@ -45,7 +47,11 @@ def test_nonfinite_steps_are_skipped_then_stop(synth_dir, tmp_path, make_cfg, mo
     assert summary["nonfinite_skipped"] == 2
     weights = load_file(str(tmp_path / "skip" / "checkpoints" / "step_4" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in weights.values())
-    assert _metrics(tmp_path / "skip")[-1]["nonfinite_skipped"] == 2
+    records = _metrics(tmp_path / "skip")
+    assert records[-1]["nonfinite_skipped"] == 2
+    # log_every=2: each window holds one finite step (1, then 4); its mean is that step's loss
+    assert [r["step"] for r in records] == [2, 4]
+    assert [r["loss"] for r in records] == pytest.approx([step_losses[0], step_losses[3]], rel=1e-6)
 
     calls["n"] = 0
     monkeypatch.setattr(train_module, "forward_backward",
