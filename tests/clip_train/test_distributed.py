@@ -82,7 +82,8 @@ def test_logged_loss_is_the_whole_batch_loss_with_local_loss(synth_dir, tmp_path
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                "--nproc_per_node", "2", "-m", "clip_train", "-q", "train",
                                "--config", "configs/demo.yaml", *args],
-                              capture_output=True, text=True, env=checkout_env(), cwd=REPO, timeout=300)
+                              capture_output=True, text=True, env=checkout_env(), cwd=REPO,
+                              timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         logged[local] = [json.loads(line)["loss"] for line in lines]
