@@ -239,13 +239,16 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[st
         budget.load_state_dict(rank_state["bad_samples"])
 
     def open_loader(epoch: int, position: Optional[Dict[str, Any]] = None):
-        """One pass of batches; `position` (a loader state) resumes mid-pass without decoding the rest."""
+        """One pass of batches; `position` (a loader state) resumes mid-pass without decoding the rest.
+
+        The loader feeds `budget` (stopping the run, naming bad keys, past data.max_bad_fraction),
+        including the samples of each pass's dropped tail, which reach no batch."""
         return make_loader(cfg.data.train, batch_size=step_batch, image_transform=train_transform,
                            tokenizer=tokenizer, mode=cfg.data.mode, num_workers=cfg.data.num_workers,
                            shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed, epoch=epoch,
                            rank=rank, world_size=world, drop_last=True, pin_memory=device.type == "cuda",
                            weights=cfg.data.weights, samples_per_epoch=cfg.data.samples_per_epoch,
-                           max_batches=max_batches, state=position)
+                           max_batches=max_batches, state=position, budget=budget)
 
     # ---------------------------------------------------------------- publish
     # Config, model, checkpoint and data are known good: only now is anything in the run dir changed.
@@ -299,7 +302,6 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Dict[st
             data_iter = iter(loader)
             continue
         window["data_time"] += time.perf_counter() - t0
-        budget.update(batch)  # stops the run, naming bad keys, past data.max_bad_fraction
         images = batch["image"].to(device, non_blocking=True)
         tokens = batch["text"].to(device, non_blocking=True)
 

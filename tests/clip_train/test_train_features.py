@@ -145,3 +145,30 @@ def test_off_a_terminal_steps_are_log_lines_not_bar_redraws(synth_dir, tmp_path,
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert [line.split()[1] for line in lines] == ["2/4", "4/4"] and "samples/s" in lines[0]
     assert "\r" not in capsys.readouterr().err  # pytest's stderr is no terminal: no tqdm bar
+
+
+def test_bad_samples_in_the_dropped_tail_count(synth_dir, tmp_path, make_cfg):
+    """The last 3 samples (corrupt) fall in the tail that drop_last drops: still counted."""
+    import io
+    import tarfile
+
+    data = tmp_path / "dirty"
+    data.mkdir()
+    shards = sorted((synth_dir / "train").glob("*.tar"))
+    for shard in shards:
+        with tarfile.open(shard) as src, tarfile.open(data / shard.name, "w") as dst:
+            members = src.getmembers()
+            jpgs = [m.name for m in members if m.name.endswith(".jpg")]
+            bad = set(jpgs[-3:]) if shard == shards[-1] else set()
+            for member in members:
+                payload = src.extractfile(member).read()
+                if member.name in bad:
+                    payload = b"\xff\xd8 not a JPEG"
+                member.size = len(payload)
+                dst.addfile(member, io.BytesIO(payload))
+    # 197 good samples in shard order: 12 batches of 16, then a dropped tail of 5 good + 3 bad
+    cfg = make_cfg(synth_dir, tmp_path, "tail", *QUIET, f"data.train={data}", "train.steps=12",
+                   "data.shuffle_buffer=0")
+    train(cfg)
+    rank = json.loads((tmp_path / "tail" / "checkpoints" / "step_12" / "rank_0.json").read_text())
+    assert (rank["bad_samples"]["seen"], rank["bad_samples"]["bad"]) == (200, 3)
