@@ -80,6 +80,7 @@ import json
 import logging
 import math
 import random
+import signal
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -503,6 +504,12 @@ def _buffer_shuffle(samples: Iterable[RawSample], size: int,
 def _worker_init(_: int) -> None:
     # Each worker decodes one image at a time; intra-op threads would only oversubscribe.
     torch.set_num_threads(1)
+    # A scheduler signals every process of a job (SLURM: SIGUSR1 before the time limit, SIGTERM
+    # on preemption); the main process decides what to do and stops its workers itself. A worker
+    # killed by one would fail the run. Workers still end with their pass or when the main
+    # process is gone (torch's watchdog).
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 # -- bad-sample budget -----------------------------------------------------------------------
