@@ -33,11 +33,30 @@ def _train(synth_dir, out, name, *extra):
                             start_new_session=True)
 
 
+def _communicate(proc, timeout):
+    """Wait for `proc`; a process group still running at the timeout is killed, not left over."""
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _wait_for_a_log_line(proc, metrics):
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and metrics.read_text().strip()):  # a few steps are done
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _, err = _communicate(proc, 1)
+            pytest.fail(f"no metrics line (exit code {proc.returncode}): {err[-3000:]}")
+        time.sleep(0.02)
+
+
 @pytest.fixture(scope="module")
 def straight(synth_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
     proc = _train(synth_dir, out, "run")
-    _, err = proc.communicate(timeout=300)
+    _, err = _communicate(proc, 300)
     assert proc.returncode == 0, err[-3000:]
     return load_file(str(out / "run" / "checkpoints" / f"step_{STEPS}" / "model.safetensors"))
 
@@ -45,14 +64,9 @@ def straight(synth_dir, tmp_path_factory):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_signal_checkpoints_exits_75_and_resumes_exactly(synth_dir, tmp_path, straight, sig):
     proc = _train(synth_dir, tmp_path, "run")
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while not (metrics.is_file() and metrics.read_text().strip()):  # a few steps are done
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    _wait_for_a_log_line(proc, tmp_path / "run" / "metrics.jsonl")
     os.killpg(proc.pid, sig)  # like SLURM: every process of the job, loader workers too
-    _, err = proc.communicate(timeout=120)
+    _, err = _communicate(proc, 120)
     assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
     assert f"preempted ({sig.name}) after step" in err
 
@@ -63,7 +77,7 @@ def test_signal_checkpoints_exits_75_and_resumes_exactly(synth_dir, tmp_path, st
     assert f"after step {step}:" in err
 
     proc = _train(synth_dir, tmp_path, "run", "--resume")
-    _, err = proc.communicate(timeout=300)
+    _, err = _communicate(proc, 300)
     assert proc.returncode == 0, err[-3000:]
     final = load_file(str(ckpts / f"step_{STEPS}" / "model.safetensors"))
     assert final.keys() == straight.keys()
@@ -81,3 +95,33 @@ def test_guard_records_the_signal_and_restores_the_handlers():
         assert guard.stop_agreed(lambda t: t, torch.device("cpu"))
         assert guard.signal_name == "SIGUSR1"
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_signal_to_one_rank_stops_both(synth_dir, tmp_path):
+    """SLURM may signal only some processes: the ranks agree at the step's end and all stop."""
+    import json
+
+    import psutil
+
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    args = [f"data.train={synth_dir}/train", f"run.output_dir={tmp_path}", "run.name=ddp", *TINY,
+            f"train.steps={STEPS}", "train.save_every=0", "eval.at_end=false",
+            "export.at_end=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "2", "-m", "clip_train", "-q", "train", "--config",
+                             "configs/demo.yaml", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _wait_for_a_log_line(proc, tmp_path / "ddp" / "metrics.jsonl")
+    rank1 = [c for c in psutil.Process(proc.pid).children() if c.environ().get("RANK") == "1"]
+    assert len(rank1) == 1
+    rank1[0].send_signal(signal.SIGUSR1)
+    _, err = _communicate(proc, 120)  # ranks that disagreed would deadlock here
+    assert proc.returncode != 0  # torchrun reports any non-zero worker exit as its own failure
+    assert f"exitcode  : {PREEMPTED_EXIT_CODE}" in err, err[-3000:]
+    ckpts = tmp_path / "ddp" / "checkpoints"
+    latest = ckpts / (ckpts / "latest").read_text().strip()
+    step = json.loads((latest / "trainer_state.json").read_text())["step"]
+    assert 2 <= step < STEPS
+    assert (latest / "rank_0.json").is_file() and (latest / "rank_1.json").is_file()
