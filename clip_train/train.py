@@ -6,6 +6,9 @@ Launch:
     torchrun --nproc_per_node 2 -m clip_train train --config ...                 # 2 CPU processes (gloo)
     clip-train resume runs/<name>                                               # continue exactly
 
+SIGTERM or SIGUSR1 (SLURM's `--signal=USR1@120`) stop the run after the current step with a
+checkpoint; the CLI then exits with code 75 (clip_train/preempt.py, docs/scaling.md).
+
 Sections: set-up, model, resume, data, loop, evaluate/save/export.
 """
 
