@@ -125,3 +125,34 @@ def test_a_signal_to_one_rank_stops_both(synth_dir, tmp_path):
     step = json.loads((latest / "trainer_state.json").read_text())["step"]
     assert 2 <= step < STEPS
     assert (latest / "rank_0.json").is_file() and (latest / "rank_1.json").is_file()
+
+
+def test_signal_on_a_save_step_saves_once_and_restores_handlers(synth_dir, tmp_path, make_cfg,
+                                                                monkeypatch):
+    """In process: a signal during a step that `train.save_every` saves adds no second save;
+    the previous handlers are back after `train`."""
+    import clip_train.train as train_module
+    from clip_train.checkpoint import CheckpointManager
+
+    real_step, real_save = train_module.forward_backward, CheckpointManager.save
+    calls, saves = {"n": 0}, []
+
+    def signalled_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "forward_backward", signalled_step)
+    def counted_save(self, step, *args, **kwargs):
+        saves.append(step)
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(CheckpointManager, "save", counted_save)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    summary = train_module.train(make_cfg(synth_dir, tmp_path, "inproc", "train.steps=10",
+                                          "train.save_every=2", "eval.at_end=false",
+                                          "export.at_end=false"))
+    assert summary["preempted"] == "SIGUSR1" and summary["steps"] == 4
+    assert saves == [2, 4] and summary["checkpoint"].endswith("step_4")
+    assert {s: signal.getsignal(s) for s in before} == before
