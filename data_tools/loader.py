@@ -358,7 +358,7 @@ class _ShardStream(IterableDataset):
                 done = self._finish(batcher, worker, batch_index, emitted)
                 done.update(pending.take())
                 yield done
-            elif pending.seen or pending.total_bad:
+            elif pending.seen or pending.skipped:
                 # A tail dropped by drop_last (or trailing bad samples) has no batch to carry
                 # its counts: a tally without samples does, and ShardLoader consumes it.
                 yield {"_tally": True, "_worker": worker, "_emitted": emitted, **pending.take()}
