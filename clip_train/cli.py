@@ -76,10 +76,20 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _run(cfg, resume: bool, as_json: bool, overwrite: bool = False, progress: bool = True) -> int:
+    from clip_train.preempt import PREEMPTED_EXIT_CODE
     from clip_train.train import train
 
     summary = train(cfg, resume=resume, overwrite=overwrite, progress=progress)
-    if os.environ.get("RANK", "0") == "0":
+    main_process = os.environ.get("RANK", "0") == "0"
+    if summary.get("preempted"):
+        if main_process and as_json:
+            print(json.dumps(summary, indent=1))
+        elif main_process:
+            print(f"preempted ({summary['preempted']}) after step {summary['steps']}: checkpoint "
+                  f"{summary['checkpoint']}; continue with `clip-train resume "
+                  f"{summary['run_dir']}` (exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    if main_process:
         print(json.dumps(summary, indent=1) if as_json else format_summary(summary))
     return 0
 

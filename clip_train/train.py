@@ -6,6 +6,9 @@ Launch:
     torchrun --nproc_per_node 2 -m clip_train train --config ...                 # 2 CPU processes (gloo)
     clip-train resume runs/<name>                                               # continue exactly
 
+SIGTERM or SIGUSR1 (SLURM's `--signal=USR1@120`) stop the run after the current step with a
+checkpoint; the CLI then exits with code 75 (clip_train/preempt.py, docs/scaling.md).
+
 Sections: set-up, model, resume, data, loop, evaluate/save/export.
 """
 
@@ -33,6 +36,7 @@ from clip_train.losses import build_loss
 from clip_train.model import build_model, lock_towers, locked_modules
 from clip_train.pretrained import init_from_source, warn_locked_without_weights
 from clip_train.optim import build_optimizer, build_scheduler
+from clip_train.preempt import PreemptionGuard
 from clip_train.step import forward_backward
 from clip_train.throughput import TrainFlops, device_peak_flops
 from data_tools.errors import ClipTrainError, ConfigError, DataError
@@ -245,13 +249,16 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
         budget.load_state_dict(rank_state["bad_samples"])
 
     def open_loader(epoch: int, position: Optional[Dict[str, Any]] = None):
-        """One pass of batches; `position` (a loader state) resumes mid-pass without decoding the rest."""
+        """One pass of batches; `position` (a loader state) resumes mid-pass without decoding the rest.
+
+        The loader feeds `budget` (stopping the run, naming bad keys, past data.max_bad_fraction),
+        including the samples of each pass's dropped tail, which reach no batch."""
         return make_loader(cfg.data.train, batch_size=step_batch, image_transform=train_transform,
                            tokenizer=tokenizer, mode=cfg.data.mode, num_workers=cfg.data.num_workers,
                            shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed, epoch=epoch,
                            rank=rank, world_size=world, drop_last=True, pin_memory=device.type == "cuda",
                            weights=cfg.data.weights, samples_per_epoch=cfg.data.samples_per_epoch,
-                           max_batches=max_batches, state=position)
+                           max_batches=max_batches, state=position, budget=budget)
 
     # ---------------------------------------------------------------- publish
     # Config, model, checkpoint and data are known good: only now is anything in the run dir changed.
@@ -276,7 +283,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
     data_iter = iter(loader)
     sync_pass_end = world > 1 and cfg.data.mode == "epoch"
     loss_sums: Dict[str, torch.Tensor] = {}
-    window = {"steps": 0, "data_time": 0.0, "flops": 0.0, "start": time.perf_counter()}
+    window = {"steps": 0, "finite": 0, "data_time": 0.0, "flops": 0.0, "start": time.perf_counter()}
     last_loss: Optional[float] = None
     nonfinite_in_a_row = 0
     # A bar only on a terminal: in a cluster log its redraws would pile up as one endless line, so
@@ -285,111 +292,137 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
     progress = tqdm(total=cfg.train.steps, initial=state["step"], disable=not use_bar,
                     desc=f"train {cfg.run.name}", unit="step", dynamic_ncols=True)
     t_start = time.perf_counter()
-    while state["step"] < cfg.train.steps:
-        t0 = time.perf_counter()
-        batch = next(data_iter, None)
-        if sync_pass_end:
-            # A pass ends for every process at once: one rank's loader can run dry a batch early
-            # (bad samples skipped, short shards); deciding alone would desynchronise the epochs.
-            have = torch.tensor([0.0 if batch is None else 1.0], device=device)
-            if accelerator.reduce(have, reduction="sum").item() < world:
-                batch = None
-        if batch is None:  # end of epoch: reshuffle and go on
-            if state["batch_in_epoch"] == 0:
-                raise DataError(f"data.train '{cfg.data.train}' gave no full batch of {step_batch} on process "
-                                f"{rank}; use fewer processes, a smaller train.batch_size or more data")
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-            loader.close()
-            loader = open_loader(state["epoch"])
-            data_iter = iter(loader)
-            continue
-        window["data_time"] += time.perf_counter() - t0
-        budget.update(batch)  # stops the run, naming bad keys, past data.max_bad_fraction
-        images = batch["image"].to(device, non_blocking=True)
-        tokens = batch["text"].to(device, non_blocking=True)
+    preempted: Optional[str] = None  # the signal that stopped the run early
+    saved_step = -1
 
-        losses = forward_backward(model, loss_fn, images, tokens, accum_steps=cfg.train.accum_steps,
-                                  autocast=accelerator.autocast, backward=accelerator.backward,
-                                  no_sync=lambda: accelerator.no_sync(model))
-        grad_norm = _grad_norm(model, accelerator, cfg.optim.grad_clip)
-        if accelerator.scaler is not None:
-            # fp16: the loss scaler skips overflowing steps and lowers its scale by itself; such a
-            # skip is routine, so it is counted but never stops the run.
-            optimizer.step()
-            finite = torch.tensor(not accelerator.optimizer_step_was_skipped)
-            state["nonfinite_skipped"] += int(not finite)
-        else:
-            finite = torch.isfinite(grad_norm) & torch.isfinite(losses["loss"])
-            if world > 1:  # every process must take the same decision
-                finite = accelerator.reduce(finite.float(), reduction="sum") == world
-            if bool(finite):
+    def sum_over_processes(t: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(t, reduction="sum") if world > 1 else t
+
+    with PreemptionGuard() as guard:  # only around the loop: elsewhere signals act as usual
+        while state["step"] < cfg.train.steps:
+            t0 = time.perf_counter()
+            batch = next(data_iter, None)
+            if sync_pass_end:
+                # A pass ends for every process at once: one rank's loader can run dry a batch early
+                # (bad samples skipped, short shards); deciding alone would desynchronise the epochs.
+                have = torch.tensor([0.0 if batch is None else 1.0], device=device)
+                if accelerator.reduce(have, reduction="sum").item() < world:
+                    batch = None
+            if batch is None:  # end of epoch: reshuffle and go on
+                if state["batch_in_epoch"] == 0:
+                    raise DataError(f"data.train '{cfg.data.train}' gave no full batch of {step_batch} on process "
+                                    f"{rank}; use fewer processes, a smaller train.batch_size or more data")
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+                loader.close()
+                loader = open_loader(state["epoch"])
+                data_iter = iter(loader)
+                continue
+            window["data_time"] += time.perf_counter() - t0
+            images = batch["image"].to(device, non_blocking=True)
+            tokens = batch["text"].to(device, non_blocking=True)
+
+            losses = forward_backward(model, loss_fn, images, tokens, accum_steps=cfg.train.accum_steps,
+                                      autocast=accelerator.autocast, backward=accelerator.backward,
+                                      no_sync=lambda: accelerator.no_sync(model))
+            grad_norm = _grad_norm(model, accelerator, cfg.optim.grad_clip)
+            if accelerator.scaler is not None:
+                # fp16: the loss scaler skips overflowing steps and lowers its scale by itself; such a
+                # skip is routine, so it is counted but never stops the run.
                 optimizer.step()
-                nonfinite_in_a_row = 0
+                finite = torch.tensor(not accelerator.optimizer_step_was_skipped)
+                state["nonfinite_skipped"] += int(not finite)
             else:
-                state["nonfinite_skipped"] += 1
-                nonfinite_in_a_row += 1
-                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
-                            state["step"] + 1, nonfinite_in_a_row)
-                if nonfinite_in_a_row >= cfg.train.max_nonfinite:
-                    raise TrainingDiverged(
-                        f"loss or gradients were not finite for {nonfinite_in_a_row} steps in a row (up to step "
-                        f"{state['step'] + 1}); lower optim.lr or set optim.grad_clip; "
-                        f"the last good checkpoint is in {ckpts.root}")
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        unwrapped.clamp_logit_scale()
+                finite = torch.isfinite(grad_norm) & torch.isfinite(losses["loss"])
+                if world > 1:  # every process must take the same decision
+                    finite = accelerator.reduce(finite.float(), reduction="sum") == world
+                if bool(finite):
+                    optimizer.step()
+                    nonfinite_in_a_row = 0
+                else:
+                    state["nonfinite_skipped"] += 1
+                    nonfinite_in_a_row += 1
+                    log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                                state["step"] + 1, nonfinite_in_a_row)
+                    if nonfinite_in_a_row >= cfg.train.max_nonfinite:
+                        raise TrainingDiverged(
+                            f"loss or gradients were not finite for {nonfinite_in_a_row} steps in a row (up to step "
+                            f"{state['step'] + 1}); lower optim.lr or set optim.grad_clip; "
+                            f"the last good checkpoint is in {ckpts.root}")
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            unwrapped.clamp_logit_scale()
 
-        state["step"] += 1
-        state["batch_in_epoch"] += 1
-        state["samples_seen"] += images.shape[0] * world
-        for k, v in losses.items():
-            if bool(finite):
-                loss_sums[k] = loss_sums.get(k, 0.0) + v.float()
-        window["steps"] += 1
-        if flops is not None:
-            window["flops"] += images.shape[0] * flops.per_sample(image_tokens, int(tokens.argmax(-1).max()) + 1)
-        progress.update(1)
+            state["step"] += 1
+            state["batch_in_epoch"] += 1
+            state["samples_seen"] += images.shape[0] * world
+            if bool(finite):  # a skipped step's loss is not part of the window mean
+                window["finite"] += 1
+                for k, v in losses.items():
+                    loss_sums[k] = loss_sums.get(k, 0.0) + v.float()
+            window["steps"] += 1
+            if flops is not None:
+                window["flops"] += images.shape[0] * flops.per_sample(image_tokens, int(tokens.argmax(-1).max()) + 1)
+            progress.update(1)
 
-        if state["step"] % cfg.train.log_every == 0 or state["step"] == cfg.train.steps:
-            elapsed = time.perf_counter() - window["start"]
-            record = {"step": state["step"], "samples_seen": state["samples_seen"], "epoch": state["epoch"],
-                      **{k: (v / window["steps"]).item() for k, v in loss_sums.items()},
-                      "lr": scheduler.get_last_lr()[0], "logit_scale": unwrapped.logit_scale.exp().item(),
-                      "samples_per_s": window["steps"] * images.shape[0] * world / elapsed,
-                      "data_wait_frac": window["data_time"] / elapsed,
-                      "nonfinite_skipped": state["nonfinite_skipped"]}
-            if peak:
-                record["mfu"] = window["flops"] / elapsed / peak
-            last_loss = record.get("loss", last_loss)
-            metrics.write(record)
-            if is_main and not use_bar:
-                log.info("step %d/%d  loss %.4f  lr %.3g  logit scale %.2f  %.0f samples/s  data wait %.0f%%",
-                         state["step"], cfg.train.steps, last_loss if last_loss is not None else float("nan"),
-                         record["lr"], record["logit_scale"], record["samples_per_s"],
-                         100 * record["data_wait_frac"])
-            progress.set_postfix(loss=f"{last_loss:.3f}" if last_loss is not None else "nan",
-                                 scale=f"{record['logit_scale']:.1f}")
-            loss_sums = {}
-            window.update(steps=0, data_time=0.0, flops=0.0, start=time.perf_counter())
-        if cfg.train.save_every and state["step"] % cfg.train.save_every == 0 and state["step"] < cfg.train.steps:
-            save()
-        if cfg.eval.every and state["step"] % cfg.eval.every == 0 and state["step"] < cfg.train.steps:
-            if is_main:  # the others wait at the barrier (long suites: raise the NCCL timeout)
-                results = evaluate(unwrapped, cfg, device, suite, run_dir / "eval" / f"step_{state['step']}")
-                metrics.write({"step": state["step"], "samples_seen": state["samples_seen"], **_flat(results, "eval")})
-            accelerator.wait_for_everyone()
-            window.update(steps=0, data_time=0.0, flops=0.0, start=time.perf_counter())
-            loss_sums = {}
+            if state["step"] % cfg.train.log_every == 0 or state["step"] == cfg.train.steps:
+                elapsed = time.perf_counter() - window["start"]
+                means = _mean_over_processes(loss_sums, window["finite"], accelerator)
+                record = {"step": state["step"], "samples_seen": state["samples_seen"], "epoch": state["epoch"],
+                          **means,
+                          "lr": scheduler.get_last_lr()[0], "logit_scale": unwrapped.logit_scale.exp().item(),
+                          "samples_per_s": window["steps"] * images.shape[0] * world / elapsed,
+                          "data_wait_frac": window["data_time"] / elapsed,
+                          "nonfinite_skipped": state["nonfinite_skipped"]}
+                if peak:
+                    record["mfu"] = window["flops"] / elapsed / peak
+                last_loss = record.get("loss", last_loss)
+                metrics.write(record)
+                if is_main and not use_bar:
+                    log.info("step %d/%d  loss %.4f  lr %.3g  logit scale %.2f  %.0f samples/s  data wait %.0f%%",
+                             state["step"], cfg.train.steps, last_loss if last_loss is not None else float("nan"),
+                             record["lr"], record["logit_scale"], record["samples_per_s"],
+                             100 * record["data_wait_frac"])
+                progress.set_postfix(loss=f"{last_loss:.3f}" if last_loss is not None else "nan",
+                                     scale=f"{record['logit_scale']:.1f}")
+                loss_sums = {}
+                window.update(steps=0, finite=0, data_time=0.0, flops=0.0, start=time.perf_counter())
+            if cfg.train.save_every and state["step"] % cfg.train.save_every == 0 and state["step"] < cfg.train.steps:
+                save()
+                saved_step = state["step"]
+            if cfg.eval.every and state["step"] % cfg.eval.every == 0 and state["step"] < cfg.train.steps:
+                if is_main:  # the others wait at the barrier (long suites: raise the NCCL timeout)
+                    results = evaluate(unwrapped, cfg, device, suite, run_dir / "eval" / f"step_{state['step']}")
+                    metrics.write({"step": state["step"], "samples_seen": state["samples_seen"], **_flat(results, "eval")})
+                accelerator.wait_for_everyone()
+                window.update(steps=0, finite=0, data_time=0.0, flops=0.0, start=time.perf_counter())
+                loss_sums = {}
+            # A scheduler's warning (SLURM --signal, preemption): stop here with a checkpoint.
+            # The last step goes on to the normal end (save, evaluate, export) instead.
+            if state["step"] < cfg.train.steps and guard.stop_agreed(sum_over_processes, device):
+                preempted = guard.signal_name
+                if saved_step == state["step"]:
+                    final_ckpt = ckpts.root / f"step_{saved_step}"
+                else:
+                    final_ckpt = save()
+                log.info("%s: stopped after step %d, checkpoint %s", preempted, state["step"],
+                         final_ckpt)
+                break
     progress.close()
     train_time = time.perf_counter() - t_start
 
     # ---------------------------------------------------------------- evaluate / save / export
-    final_ckpt = save()
+    if not preempted:
+        final_ckpt = save()
     loader.close()
     summary: Dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": str(final_ckpt), "steps": state["step"],
                                "samples_seen": state["samples_seen"], "final_loss": last_loss,
                                "train_seconds": round(train_time, 1), "nonfinite_skipped": state["nonfinite_skipped"]}
+    if preempted:  # the checkpoint is saved; evaluation and export are for the finished run
+        summary["preempted"] = preempted
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return summary
     if is_main and cfg.eval.at_end:
         summary["eval"] = evaluate(unwrapped, cfg, device, suite, run_dir / "eval" / f"step_{state['step']}")
         atomic_write_text(run_dir / "eval_results.json", json.dumps(summary["eval"], indent=1) + "\n")
@@ -401,6 +434,22 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _mean_over_processes(sums: Dict[str, torch.Tensor], steps: int,
+                         accelerator: Accelerator) -> Dict[str, float]:
+    """Window means of the loss terms, averaged over processes (every process must call this).
+
+    With `loss.local_loss` each process's loss covers only its own rows; the mean over processes
+    is the loss of the whole contrastive batch, which one process alone does not know.
+    """
+    if not sums:  # no finite step in the window: the same on every process
+        return {}
+    names = sorted(sums)
+    means = torch.stack([sums[k] for k in names]) / steps
+    if accelerator.num_processes > 1:
+        means = accelerator.reduce(means, reduction="mean")
+    return dict(zip(names, means.tolist()))
 
 
 def _grad_norm(model: torch.nn.Module, accelerator: Accelerator, clip: Optional[float]) -> torch.Tensor:

@@ -46,6 +46,8 @@ list[dict] (``with_json``), plus private keys (leading ``_``) that the trainer m
   for every reason in `SKIP_REASONS`; ``_seen``: samples it examined in that span (good and
   bad); ``_bad_keys``: up to 16 "key (reason) in shard" strings from that span. Summed over
   batches, ``_skipped`` / ``_seen`` is the bad fraction; `BadSampleBudget` does the sum.
+  Samples after a worker's last batch (a tail that ``drop_last`` drops) reach no batch: the
+  `ShardLoader` counts them itself (its budget and its end-of-pass warning).
 - ``_worker``, ``_batch``, ``_emitted``: which logical worker made the batch, its index among
   that worker's batches, and how many samples that worker had taken from its shuffle buffer.
   `ShardLoader.state_dict` is built from these.
@@ -79,6 +81,7 @@ import json
 import logging
 import math
 import random
+import signal
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -357,6 +360,10 @@ class _ShardStream(IterableDataset):
                 done = self._finish(batcher, worker, batch_index, emitted)
                 done.update(pending.take())
                 yield done
+            elif pending.seen or pending.skipped:
+                # A tail dropped by drop_last (or trailing bad samples) has no batch to carry
+                # its counts: a tally without samples does, and ShardLoader consumes it.
+                yield {"_tally": True, "_worker": worker, "_emitted": emitted, **pending.take()}
         finally:
             fields.close()
             if pending.total_bad:
@@ -499,6 +506,12 @@ def _buffer_shuffle(samples: Iterable[RawSample], size: int,
 def _worker_init(_: int) -> None:
     # Each worker decodes one image at a time; intra-op threads would only oversubscribe.
     torch.set_num_threads(1)
+    # A scheduler signals every process of a job (SLURM: SIGUSR1 before the time limit, SIGTERM
+    # on preemption); the main process decides what to do and stops its workers itself. A worker
+    # killed by one would fail the run. Workers still end with their pass or when the main
+    # process is gone (torch's watchdog).
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 # -- bad-sample budget -----------------------------------------------------------------------
@@ -595,20 +608,24 @@ class ShardLoader:
         self.skipped, self.seen = Counter(), 0
         if self.limit is not None and st["batches"] >= self.limit:
             return
-        workers = self.plan.workers
         try:
-            for batch in self.dataloader:
-                w = int(batch["_worker"])
-                st["workers"][w] = [int(batch["_batch"]) + 1, int(batch["_emitted"])]
-                st["next_worker"] = (w + 1) % workers
-                st["batches"] += 1
-                self.seen += int(batch["_seen"])
-                self.skipped.update({k: v for k, v in batch["_skipped"].items() if v})
-                if self.budget is not None:
-                    self.budget.update(batch)
-                yield batch
+            batches = iter(self.dataloader)
+            for batch in batches:
+                if self._count(batch, st):
+                    continue  # a worker's dropped tail: counted, not yielded
                 if self.limit is not None and st["batches"] >= self.limit:
+                    if self.plan.mode == "epoch":
+                        # Workers at the end of their shards send the tallies of their dropped
+                        # tails next; take them before the pass's last batch goes out, so a
+                        # checkpoint after it holds them. A real batch means a worker had more
+                        # (this rank's pass was cut short): it is dropped, uncounted.
+                        for extra in batches:
+                            if not extra.get("_tally"):
+                                break
+                            self._count(extra, st)
+                    yield batch
                     break
+                yield batch
         finally:
             if self.skipped:
                 log.warning(
@@ -616,6 +633,22 @@ class ShardLoader:
                     sum(self.skipped.values()), self.seen,
                     ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())),
                 )
+
+    def _count(self, batch: dict[str, Any], st: dict[str, Any]) -> bool:
+        """Advance the state and the bad-sample counts past `batch`; True for a tally."""
+        w = int(batch["_worker"])
+        tally = bool(batch.get("_tally"))
+        if tally:
+            st["workers"][w][1] = int(batch["_emitted"])
+        else:
+            st["workers"][w] = [int(batch["_batch"]) + 1, int(batch["_emitted"])]
+            st["next_worker"] = (w + 1) % self.plan.workers
+            st["batches"] += 1
+        self.seen += int(batch["_seen"])
+        self.skipped.update({k: v for k, v in batch["_skipped"].items() if v})
+        if self.budget is not None:
+            self.budget.update(batch)
+        return tally
 
     def state_dict(self) -> dict[str, Any]:
         """Where the consumer is: JSON-able (str, int and lists of them); pass it back as
@@ -756,6 +789,7 @@ def make_loader(
     bad_min_samples: int = 1000,
     max_pixels: int | None = None,
     prefetch_factor: int = 2,
+    budget: BadSampleBudget | None = None,
 ) -> ShardLoader:
     """Stream batches from WebDataset shards for one rank (see the module docstring).
 
@@ -766,7 +800,9 @@ def make_loader(
     DDP epoch mode). `samples_per_epoch` (resampled) makes a pass
     `ceil(samples_per_epoch / (batch_size * world_size))` batches long. `state` is a
     `ShardLoader.state_dict()` to resume from. `max_bad_fraction` stops the pass with a
-    `DataError` once more than that fraction of at least `bad_min_samples` samples was bad.
+    `DataError` once more than that fraction of at least `bad_min_samples` samples was bad;
+    or pass a `budget` to feed instead (a trainer's, which lives across passes and resumes).
+    Either one also counts the samples of a tail that `drop_last` drops.
     Images with more than `max_pixels` pixels (default: PIL's `MAX_IMAGE_PIXELS`) are
     skipped as `too_large` before decoding.
     """
@@ -850,7 +886,8 @@ def make_loader(
             "1 sample in %d (exact; reads tar headers of the others); write more shards "
             "to avoid this", len(flat), world_size, workers, world_size * workers,
         )
-    budget = None
+    if max_bad_fraction is not None and budget is not None:
+        raise DataError("give max_bad_fraction or budget, not both")
     if max_bad_fraction is not None:
         budget = BadSampleBudget(max_bad_fraction, min_samples=bad_min_samples,
                                  shards=shards if isinstance(shards, (str, Path)) else flat)

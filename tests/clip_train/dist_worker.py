@@ -10,6 +10,7 @@ import open_clip
 import torch
 from accelerate import Accelerator
 
+import clip_train
 from clip_train.config import ImageTowerConfig, ModelConfig, TextTowerConfig
 from clip_train.losses import build_loss
 from clip_train.model import build_model
@@ -46,7 +47,8 @@ def main(out_path: str) -> None:
                                   backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model))
         loss = accelerator.reduce(losses["loss"].detach(), reduction="mean")
         grads = {n: p.grad.clone() for n, p in accelerator.unwrap_model(model).named_parameters()}
-        results.append({"variant": variant, "loss": loss, "grads": grads, "world": world})
+        results.append({"variant": variant, "loss": loss, "grads": grads, "world": world,
+                        "clip_train": clip_train.__file__})
     if accelerator.is_main_process:
         torch.save(results, out_path)
     accelerator.wait_for_everyone()

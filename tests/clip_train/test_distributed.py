@@ -14,15 +14,28 @@ from clip_train.step import forward_backward
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_worker import CFG, batch  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def checkout_env() -> dict:
+    """Subprocess environment that imports this checkout's packages, not an installed copy.
+
+    A script's own folder comes first on its sys.path, so without this the worker would import
+    whatever clip_train the venv has installed (another checkout, under an editable install).
+    """
+    path = [str(REPO), os.environ.get("PYTHONPATH", "")]
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in path if p))
+
 
 def test_two_processes_equal_one(tmp_path):
     out = tmp_path / "grads.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--standalone", str(Path(__file__).parent / "dist_worker.py"), str(out)],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=checkout_env(), cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = torch.load(out, weights_only=True)
+    assert all(Path(r["clip_train"]).resolve().is_relative_to(REPO) for r in results), \
+        f"the worker imported {results[0]['clip_train']}, not the checkout {REPO}"
 
     torch.manual_seed(0)
     model = build_model(CFG)
@@ -40,12 +53,11 @@ def test_two_processes_equal_one(tmp_path):
 
 def test_two_process_training_run_completes_epochs(synth_dir, tmp_path, tiny_overrides):
     """The real loop under torchrun: ranks stop each epoch together (no DDP hang), checkpoints once."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     args = [f"data.train={synth_dir}/train", f"run.output_dir={tmp_path}", "run.name=ddp", *tiny_overrides,
             "train.steps=9", "train.save_every=4", "eval.at_end=false", "export.at_end=false", "data.num_workers=1"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "clip_train", "-q", "train", "--config", "configs/demo.yaml", *args],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=checkout_env(), cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
 
@@ -54,3 +66,26 @@ def test_two_process_training_run_completes_epochs(synth_dir, tmp_path, tiny_ove
     assert records[-1]["epoch"] >= 1  # 200 samples / (16 x 2) per step: the run crossed an epoch boundary
     ckpt = tmp_path / "ddp" / "checkpoints" / "step_9"
     assert (ckpt / "rank_0.json").is_file() and (ckpt / "rank_1.json").is_file()
+
+
+def test_logged_loss_is_the_whole_batch_loss_with_local_loss(synth_dir, tmp_path, tiny_overrides):
+    """loss.local_loss=true gives each process only its own rows of the loss; the logged loss is
+    still the whole batch's: the same as the full loss that every process computes otherwise."""
+    import json
+
+    logged = {}
+    for local in ("false", "true"):
+        name = f"local_{local}"
+        args = [f"data.train={synth_dir}/train", f"run.output_dir={tmp_path}", f"run.name={name}",
+                *tiny_overrides, "train.steps=2", "train.log_every=1", f"loss.local_loss={local}",
+                "eval.at_end=false", "export.at_end=false"]
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node", "2", "-m", "clip_train", "-q", "train",
+                               "--config", "configs/demo.yaml", *args],
+                              capture_output=True, text=True, env=checkout_env(), cwd=REPO,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        logged[local] = [json.loads(line)["loss"] for line in lines]
+    assert len(logged["true"]) == 2
+    torch.testing.assert_close(logged["true"], logged["false"], rtol=1e-5, atol=1e-6)

@@ -49,3 +49,54 @@ def test_uneven_micro_batches_rejected(tiny_model_cfg):
     images, tokens = _batch(10)
     with pytest.raises(ValueError, match="equal micro-batches"):
         forward_backward(model, build_loss("clip"), images, tokens, accum_steps=4)
+
+
+class _DropoutClip(torch.nn.Module):
+    """A tiny two-tower model whose forward draws from the global RNG (dropout in both towers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.image = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 32),
+                                         torch.nn.Dropout(0.5), torch.nn.Linear(32, 16))
+        self.embed = torch.nn.Embedding(100, 32)
+        self.text = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(32, 16))
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, images, tokens):
+        image = torch.nn.functional.normalize(self.image(images), dim=-1)
+        text = torch.nn.functional.normalize(self.text(self.embed(tokens).mean(1)), dim=-1)
+        return {"image_features": image, "text_features": text,
+                "logit_scale": self.logit_scale.exp()}
+
+
+def test_cached_accumulation_replays_dropout(monkeypatch):
+    """With dropout, GradCache's re-run must draw the masks of its embedding pass: its gradients
+    equal those of the whole-batch loss over the embedding pass's features (same masks)."""
+    import clip_train.step as step_module
+
+    torch.manual_seed(0)
+    model = _DropoutClip().train()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(32, 3, 8, 8, generator=g)
+    tokens = torch.randint(0, 100, (32, 5), generator=g)
+
+    torch.manual_seed(7)  # reference: the 4 micro-batches with a graph, one loss over all of them
+    outs = [model(im, tok) for im, tok in zip(images.chunk(4), tokens.chunk(4))]
+    loss = build_loss("clip")(torch.cat([o["image_features"] for o in outs]),
+                              torch.cat([o["text_features"] for o in outs]),
+                              outs[-1]["logit_scale"])["loss"]
+    loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    after_reference = torch.get_rng_state()
+
+    torch.manual_seed(7)
+    loss_4, grads_4 = _grads(model, images, tokens, 4)
+    torch.testing.assert_close(loss_4, loss.detach())
+    for name in reference:
+        torch.testing.assert_close(grads_4[name], reference[name], msg=lambda m: f"{name}: {m}")
+    assert torch.equal(torch.get_rng_state(), after_reference)  # the RNG ends as after one pass
+
+    monkeypatch.setattr(step_module, "_set_rng_state", lambda state, device: None)  # no replay
+    torch.manual_seed(7)
+    _, unreplayed = _grads(model, images, tokens, 4)
+    assert not torch.allclose(unreplayed["image.1.weight"], reference["image.1.weight"])

@@ -31,10 +31,12 @@ def test_bf16_accumulated_run_with_tensorboard_and_mfu(synth_dir, tmp_path, make
 def test_nonfinite_steps_are_skipped_then_stop(synth_dir, tmp_path, make_cfg, monkeypatch):
     real = train_module.forward_backward
     calls = {"n": 0}
+    step_losses = []
 
     def poisoned(model, *args, **kwargs):
         calls["n"] += 1
         losses = real(model, *args, **kwargs)
+        step_losses.append(losses["loss"].item())
         if calls["n"] in (2, 3):  # two bad steps, then healthy again
             next(model.parameters()).grad.fill_(float("nan"))
         return losses
@@ -45,7 +47,11 @@ def test_nonfinite_steps_are_skipped_then_stop(synth_dir, tmp_path, make_cfg, mo
     assert summary["nonfinite_skipped"] == 2
     weights = load_file(str(tmp_path / "skip" / "checkpoints" / "step_4" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in weights.values())
-    assert _metrics(tmp_path / "skip")[-1]["nonfinite_skipped"] == 2
+    records = _metrics(tmp_path / "skip")
+    assert records[-1]["nonfinite_skipped"] == 2
+    # log_every=2: each window holds one finite step (1, then 4); its mean is that step's loss
+    assert [r["step"] for r in records] == [2, 4]
+    assert [r["loss"] for r in records] == pytest.approx([step_losses[0], step_losses[3]], rel=1e-6)
 
     calls["n"] = 0
     monkeypatch.setattr(train_module, "forward_backward",
@@ -139,3 +145,30 @@ def test_off_a_terminal_steps_are_log_lines_not_bar_redraws(synth_dir, tmp_path,
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert [line.split()[1] for line in lines] == ["2/4", "4/4"] and "samples/s" in lines[0]
     assert "\r" not in capsys.readouterr().err  # pytest's stderr is no terminal: no tqdm bar
+
+
+def test_bad_samples_in_the_dropped_tail_count(synth_dir, tmp_path, make_cfg):
+    """The last 3 samples (corrupt) fall in the tail that drop_last drops: still counted."""
+    import io
+    import tarfile
+
+    data = tmp_path / "dirty"
+    data.mkdir()
+    shards = sorted((synth_dir / "train").glob("*.tar"))
+    for shard in shards:
+        with tarfile.open(shard) as src, tarfile.open(data / shard.name, "w") as dst:
+            members = src.getmembers()
+            jpgs = [m.name for m in members if m.name.endswith(".jpg")]
+            bad = set(jpgs[-3:]) if shard == shards[-1] else set()
+            for member in members:
+                payload = src.extractfile(member).read()
+                if member.name in bad:
+                    payload = b"\xff\xd8 not a JPEG"
+                member.size = len(payload)
+                dst.addfile(member, io.BytesIO(payload))
+    # 197 good samples in shard order: 12 batches of 16, then a dropped tail of 5 good + 3 bad
+    cfg = make_cfg(synth_dir, tmp_path, "tail", *QUIET, f"data.train={data}", "train.steps=12",
+                   "data.shuffle_buffer=0")
+    train(cfg)
+    rank = json.loads((tmp_path / "tail" / "checkpoints" / "step_12" / "rank_0.json").read_text())
+    assert (rank["bad_samples"]["seen"], rank["bad_samples"]["bad"]) == (200, 3)

@@ -56,3 +56,34 @@ def test_budget_stops_with_one_line(bad_shards, char_tokenizer):
 def test_budget_needs_a_sane_bound():
     with pytest.raises(DataError, match="must be in"):
         BadSampleBudget(1.5)
+
+
+@pytest.mark.parametrize("num_workers,max_batches", [(0, None), (0, 3), (2, 2)])
+def test_dropped_tail_counts_toward_the_budget(tmp_path, jpeg, char_tokenizer, num_workers,
+                                               max_batches):
+    """drop_last drops each worker's partial tail; its bad samples still count, also when the
+    pass ends at max_batches (as the trainer's does), and a resume after the last batch does
+    not count them twice."""
+    from data_tools.shards import ShardWriter
+
+    for shard in ("a", "b"):  # 10 samples each, the last 3 corrupt
+        with ShardWriter(tmp_path / "tail", shard, samples_per_shard=100) as w:
+            for i in range(10):
+                w.write({"__key__": f"{shard}{i}", "txt": f"caption {i}",
+                         "jpg": b"\xff\xd8 not a jpeg" if i >= 7 else jpeg(i)})
+
+    def loader(**kw):
+        return make_loader(tmp_path / "tail", batch_size=4, image_transform=T,
+                           tokenizer=char_tokenizer, drop_last=True, num_workers=num_workers,
+                           max_batches=max_batches, **kw)
+
+    budget = BadSampleBudget(0.9)
+    first = loader(budget=budget)
+    keys = [k for b in first for k in b["key"]]
+    # one worker: 14 good samples, 3 batches and a tail of 2 good + 3 bad; two workers
+    # (a shard each): 7 good, 1 batch and a tail of 3 good + 3 bad each
+    assert len(keys) == (12 if num_workers == 0 else 8)
+    assert (budget.seen, budget.bad) == (20, 6)
+    again = BadSampleBudget(0.9)
+    assert list(loader(budget=again, state=first.state_dict())) == []
+    assert (again.seen, again.bad) == (0, 0)
