@@ -20,6 +20,7 @@ from data_tools.errors import ConfigError
 
 IMAGE_INITS = ("timm", "timm-jax", "openclip")
 DECAY_RULES = ("clip-train", "open_clip")  # the keys of clip_train.optim.DECAY_RULES
+LOSS_TERMS = ("clip", "siglip", "margin")  # the keys of clip_train.objective.TERMS
 
 
 @dataclass
@@ -62,6 +63,8 @@ class ModelConfig:
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     init_logit_scale: float = math.log(1 / 0.07)
+    # A learned logit bias (SigLIP: -10); None: no such parameter. A siglip loss term sets it.
+    init_logit_bias: Optional[float] = None
     max_logit_scale: float = 100.0  # clamp on exp(logit_scale), as in CLIP
     lock_image: bool = False  # freeze the image trunk (LiT); its projection still trains
     lock_text: bool = False  # freeze the text tower except its projection
@@ -85,8 +88,19 @@ class DataConfig:
 
 
 @dataclass
+class LossTermConfig:
+    """One term of the objective (clip_train.objective.TERMS); keys a term does not use are ignored."""
+
+    name: str = MISSING
+    weight: float = 1.0
+    label_smoothing: float = 0.0  # clip: cross-entropy label smoothing
+    margin: float = 1.0  # margin: distance unmatched pairs are pushed beyond
+
+
+@dataclass
 class LossConfig:
-    name: str = "clip"  # registry key in clip_train.losses
+    name: str = "clip"  # one term (clip_train.objective.TERMS), weight 1; or list them in `terms`
+    terms: List[LossTermConfig] = field(default_factory=list)
     local_loss: bool = False  # each process computes only its own rows of the logits
     gather_with_grad: bool = True  # exact full-batch gradients; False (open_clip's default) scales them by
     # 1/processes with the full loss and is wrong with local_loss
@@ -221,6 +235,37 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return obj
 
 
+def loss_terms(cfg: LossConfig) -> List[LossTermConfig]:
+    """The objective's terms: `loss.terms`, or `loss.name` alone with weight 1."""
+    return list(cfg.terms) or [LossTermConfig(name=cfg.name)]
+
+
+def _check_loss_terms(cfg: Config) -> None:
+    """Term names, weights and knobs; SigLIP's bias and temperature init when the user set none."""
+    if cfg.loss.terms and cfg.loss.name != "clip":
+        raise ConfigError("give loss.name (one term) or loss.terms (several), not both")
+    terms = loss_terms(cfg.loss)
+    for i, term in enumerate(terms):
+        where = f"loss.terms[{i}]" if cfg.loss.terms else "loss.name"
+        if term.name not in LOSS_TERMS:
+            close = difflib.get_close_matches(term.name, LOSS_TERMS, n=1)
+            raise ConfigError(f"{where} '{term.name}' is not one of: {', '.join(LOSS_TERMS)}"
+                              + (f"; did you mean '{close[0]}'?" if close else ""))
+        if not term.weight > 0:
+            raise ConfigError(f"{where}: weight must be > 0, not {term.weight}")
+        if not 0 <= term.label_smoothing < 1:
+            raise ConfigError(f"{where}: label_smoothing must be in [0, 1), not {term.label_smoothing}")
+        if not term.margin > 0:
+            raise ConfigError(f"{where}: margin must be > 0, not {term.margin}")
+    if len({t.name for t in terms}) < len(terms):
+        raise ConfigError("loss.terms names a term twice; give each term once with its weight")
+    if any(t.name == "siglip" for t in terms) and cfg.model.init_logit_bias is None:
+        # As open_clip_train's --siglip and the paper: bias -10, temperature 10 (unless set).
+        cfg.model.init_logit_bias = -10.0
+        if cfg.model.init_logit_scale == math.log(1 / 0.07):
+            cfg.model.init_logit_scale = math.log(10)
+
+
 def validate(cfg: Config) -> None:
     """Combinations the types cannot express; each failure names the key."""
     img, txt = cfg.model.image, cfg.model.text
@@ -263,6 +308,7 @@ def validate(cfg: Config) -> None:
     unknown = set(cfg.run.trackers) - {"tensorboard", "wandb"}
     if unknown:
         raise ConfigError(f"run.trackers: unknown tracker(s) {sorted(unknown)}; use tensorboard and/or wandb")
+    _check_loss_terms(cfg)
     if cfg.optim.decay_rule not in DECAY_RULES:
         raise ConfigError(f"optim.decay_rule must be one of {', '.join(DECAY_RULES)}, not '{cfg.optim.decay_rule}'")
     if cfg.optim.schedule == "const-cooldown" and not 0 < cfg.optim.cooldown_steps <= cfg.train.steps:

@@ -92,6 +92,8 @@ def open_clip_export(model: CLIPModel) -> Tuple[Dict[str, Any], Dict[str, torch.
         "text_cfg": {"context_length": text.context_length, "vocab_size": text.vocab_size, "width": text.width,
                      "heads": text.heads, "layers": text.layers, "mlp_ratio": text.mlp_ratio},
     }
+    if cfg.init_logit_bias is not None:  # SigLIP: open_clip then has the logit_bias parameter too
+        model_cfg["init_logit_bias"] = cfg.init_logit_bias
     state = _tensors(model.state_dict())
     if openclip_vit.incompatibility(trunk) is None:
         model_cfg["vision_cfg"] = openclip_vit.vision_config(trunk)

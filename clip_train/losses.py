@@ -26,10 +26,12 @@ class ClipInfoNCE(nn.Module):
     full loss (see `clip_train.distributed.gather_features`).
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1, local_loss: bool = False, gather_with_grad: bool = True):
+    def __init__(self, rank: int = 0, world_size: int = 1, local_loss: bool = False, gather_with_grad: bool = True,
+                 label_smoothing: float = 0.0):
         super().__init__()
         self.rank, self.world_size = rank, world_size
         self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
+        self.label_smoothing = label_smoothing
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor, **_: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -44,8 +46,8 @@ class ClipInfoNCE(nn.Module):
             logits_per_image = logit_scale * all_image @ all_text.T
             logits_per_text = logits_per_image.T
             labels = torch.arange(all_image.shape[0], device=image_features.device)
-        loss_i2t = F.cross_entropy(logits_per_image, labels)
-        loss_t2i = F.cross_entropy(logits_per_text, labels)
+        loss_i2t = F.cross_entropy(logits_per_image, labels, label_smoothing=self.label_smoothing)
+        loss_t2i = F.cross_entropy(logits_per_text, labels, label_smoothing=self.label_smoothing)
         loss = (loss_i2t + loss_t2i) / 2
         return {"loss": loss, "loss_i2t": loss_i2t.detach(), "loss_t2i": loss_t2i.detach()}
 

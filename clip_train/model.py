@@ -133,6 +133,9 @@ class CLIPModel(nn.Module):
         self.visual = ImageTower(cfg.image, cfg.embed_dim)
         self.text = TextTower(cfg.text, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        # SigLIP's learned bias of the pairwise logits (open_clip's name); only when configured.
+        if cfg.init_logit_bias is not None:
+            self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
 
     @property
     def image_size(self) -> int:
@@ -156,6 +159,8 @@ class CLIPModel(nn.Module):
 
     def forward(self, images: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None) -> dict:
         out = {"logit_scale": self.logit_scale.exp()}
+        if hasattr(self, "logit_bias"):
+            out["logit_bias"] = self.logit_bias
         if images is not None:
             out["image_features"] = self.encode_image(images, normalize=True)
         if tokens is not None:

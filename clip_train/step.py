@@ -30,6 +30,11 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
+def _extras(out: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Model outputs a loss takes besides features and temperature (SigLIP's logit bias)."""
+    return {k: out[k] for k in ("logit_bias",) if k in out}
+
+
 def forward_backward(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
                      accum_steps: int = 1, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
                      backward: Backward = lambda loss: loss.backward(),
@@ -42,7 +47,8 @@ def forward_backward(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor,
     if accum_steps == 1:
         with autocast():
             out = model(images, tokens)
-            losses = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+            losses = loss_fn(out["image_features"], out["text_features"], out["logit_scale"],
+                             **_extras(out))
         backward(losses["loss"])
         return {k: v.detach() for k, v in losses.items()}
 
@@ -61,22 +67,23 @@ def forward_backward(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor,
                 out = model(im, tok)
             image_feats.append(out["image_features"])
             text_feats.append(out["text_features"])
-        scale_value = out["logit_scale"]
+        scalars = {"logit_scale": out["logit_scale"], **_extras(out)}
     rng_after = _rng_state(device)
 
-    # 2. the loss on the whole batch, with the embeddings (and the temperature) as leaves
+    # 2. the loss on the whole batch, with the embeddings (and the temperature, bias) as leaves
     all_image = torch.cat(image_feats).detach().requires_grad_()
     all_text = torch.cat(text_feats).detach().requires_grad_()
-    scale = scale_value.detach().requires_grad_()
+    leaves = {k: v.detach().requires_grad_() for k, v in scalars.items()}
     with autocast():
-        losses = loss_fn(all_image, all_text, scale)
+        losses = loss_fn(all_image, all_text, leaves["logit_scale"],
+                         **{k: v for k, v in leaves.items() if k != "logit_scale"})
     backward(losses["loss"])  # grads land on the leaves (scaled, under fp16 loss scaling)
     image_grads = all_image.grad.split([c.shape[0] for c in image_chunks])
     text_grads = all_text.grad.split([c.shape[0] for c in token_chunks])
 
     # 3. each micro-batch again with a graph; gradients sync across processes on the last one only.
-    # The temperature's gradient rides on the last micro-batch so it passes through the same
-    # (DDP-wrapped) forward as every other parameter.
+    # The temperature's (and bias's) gradient rides on the last micro-batch so it passes through
+    # the same (DDP-wrapped) forward as every other parameter.
     for k, (im, tok) in enumerate(zip(image_chunks, token_chunks)):
         last = k == accum_steps - 1
         _set_rng_state(rng_states[k], device)
@@ -86,8 +93,10 @@ def forward_backward(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor,
             outputs = [out["image_features"], out["text_features"]]
             grads = [image_grads[k], text_grads[k]]
             if last:
-                outputs.append(out["logit_scale"])
-                grads.append(scale.grad)
+                for name, leaf in leaves.items():
+                    if leaf.grad is not None:
+                        outputs.append(out[name])
+                        grads.append(leaf.grad)
             torch.autograd.backward(outputs, grads)
     _set_rng_state(rng_after, device)
     return {k: v.detach() for k, v in losses.items()}

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from clip_train.checkpoint import CheckpointManager, atomic_write_text, set_rng_state
 from clip_train.config import Config, config_to_dict, to_yaml
 from clip_train.encoder import ClipEncoder, make_tokenizer
-from clip_train.losses import build_loss
+from clip_train.objective import build_objective, freeze_unused
 from clip_train.model import build_model, lock_towers, locked_modules
 from clip_train.pretrained import init_from_source, warn_locked_without_weights
 from clip_train.optim import build_optimizer, build_scheduler
@@ -187,6 +187,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
     covered = init_from_source(model, cfg.model)  # a checkpoint, when resuming, replaces these below
     warn_locked_without_weights(cfg.model, covered)
     lock_towers(model, cfg.model)
+    loss_fn = build_objective(cfg.loss, rank=rank, world_size=world)
+    freeze_unused(model, loss_fn)  # e.g. the temperature under a margin loss alone
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     tokenizer = make_tokenizer(cfg.model)
@@ -197,8 +199,6 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
     unwrapped = accelerator.unwrap_model(model)
     if cfg.train.compile:
         unwrapped.compile()  # in place: parameter names and checkpoints are unchanged
-    loss_fn = build_loss(cfg.loss.name, rank=rank, world_size=world, local_loss=cfg.loss.local_loss,
-                         gather_with_grad=cfg.loss.gather_with_grad)
     peak = device_peak_flops(device, cfg.train.peak_flops)
     image_tokens = unwrapped.visual.trunk.patch_embed.num_patches + 1
     flops = TrainFlops(unwrapped) if peak else None  # only for MFU, which needs a known peak

@@ -1,0 +1,131 @@
+"""The training objective: a weighted sum of loss terms, each a small module from `TERMS`.
+
+Every term takes the L2-normalised features of this process's batch, the temperature (and the
+logit bias, when the model has one) and returns a dict whose "loss" entry it contributes; other
+entries are logged. One term alone keeps its own names (`loss`, `loss_i2t`, ...), so a run with
+`loss.name: clip` logs what it always logged; several terms log `loss/<term>` and their parts as
+`<term>/<part>`, and `loss` is the weighted sum.
+
+Multi-process runs: each term receives rank and world size and exchanges what it needs itself,
+such that N processes give the gradient of one process on the whole batch once the gradients are
+averaged (DDP): `clip` gathers features (`clip_train.distributed`), `siglip` passes text features
+around the ring of processes (open_clip's implementation, never the whole batch at once),
+`margin` gathers the columns of its pairwise distances.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clip_train.config import LossConfig, LossTermConfig, loss_terms
+from clip_train.distributed import gather_features
+from clip_train.losses import ClipInfoNCE
+
+
+class SigLIP(nn.Module):
+    """Pairwise sigmoid loss with a learned bias (Zhai et al., 2023), open_clip's `SigLipLoss`.
+
+    Per process: this batch's images against every process's texts, chunk by chunk as they come
+    round the ring, divided by the local batch; the mean over processes is the full-batch loss.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, **_: object):
+        super().__init__()
+        from open_clip.loss import SigLipLoss
+
+        self.loss = SigLipLoss(rank=rank, world_size=world_size)
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        if logit_bias is None:
+            raise ValueError("the siglip term needs the model's logit_bias (model.init_logit_bias)")
+        return {"loss": self.loss(image_features, text_features, logit_scale, logit_bias)}
+
+
+class MarginLoss(nn.Module):
+    """Hadsell, Chopra and LeCun's (2006) pairwise loss on image-text pairs: a matched pair's
+    squared distance, and for every unmatched pair max(0, margin - distance)^2; mean over pairs.
+
+    Distances are Euclidean between normalised features (in [0, 2]). Each process computes its
+    rows against every process's columns (gathered with gradients) and divides by the number of
+    pairs in the whole batch times the processes, so the mean over processes is the full loss.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, margin: float = 1.0, **_: object):
+        super().__init__()
+        self.rank, self.world_size, self.margin = rank, world_size, margin
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        batch = image_features.shape[0]
+        all_text = gather_features(text_features, self.rank, self.world_size, True)
+        distance = torch.cdist(image_features, all_text).clamp_min(0)
+        matched = torch.zeros_like(distance, dtype=torch.bool)
+        matched[torch.arange(batch), torch.arange(batch) + self.rank * batch] = True
+        pulled = torch.where(matched, distance.square(), torch.zeros_like(distance))
+        pushed = torch.where(matched, torch.zeros_like(distance), F.relu(self.margin - distance).square())
+        pairs = all_text.shape[0] * all_text.shape[0]
+        loss = (pulled.sum() + pushed.sum()) * self.world_size / pairs
+        return {"loss": loss, "matched": pulled.sum().detach() / batch}
+
+
+def _clip(rank: int = 0, world_size: int = 1, local_loss: bool = False, gather_with_grad: bool = True,
+          label_smoothing: float = 0.0, **_: object) -> nn.Module:
+    return ClipInfoNCE(rank=rank, world_size=world_size, local_loss=local_loss,
+                       gather_with_grad=gather_with_grad, label_smoothing=label_smoothing)
+
+
+TERMS: Dict[str, Callable[..., nn.Module]] = {"clip": _clip, "siglip": SigLIP, "margin": MarginLoss}
+# The model parameters each term reads besides the features. A parameter no term reads is frozen
+# (`freeze_unused`): it would get no gradient, and DDP would then skip averaging its bucket.
+TERM_NEEDS: Dict[str, frozenset] = {"clip": frozenset({"logit_scale"}),
+                                    "siglip": frozenset({"logit_scale", "logit_bias"}),
+                                    "margin": frozenset()}
+
+
+class Objective(nn.Module):
+    """The weighted sum of the configured terms; what the trainer minimises."""
+
+    def __init__(self, terms: List[Tuple[str, float, nn.Module]]):
+        super().__init__()
+        self.names = [name for name, _, _ in terms]
+        self.needs = frozenset().union(*(TERM_NEEDS[name] for name in self.names))
+        self.weights = [weight for _, weight, _ in terms]
+        self.terms = nn.ModuleList(term for _, _, term in terms)
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        if len(self.terms) == 1 and self.weights[0] == 1.0:
+            return self.terms[0](image_features, text_features, logit_scale, logit_bias=logit_bias)
+        out: Dict[str, torch.Tensor] = {}
+        total = image_features.new_zeros(())
+        for name, weight, term in zip(self.names, self.weights, self.terms):
+            parts = term(image_features, text_features, logit_scale, logit_bias=logit_bias)
+            total = total + weight * parts["loss"]
+            out[f"loss/{name}"] = parts["loss"].detach()
+            out.update({f"{name}/{k}": v.detach() for k, v in parts.items() if k != "loss"})
+        out["loss"] = total
+        return out
+
+
+def freeze_unused(model: nn.Module, objective: Objective) -> None:
+    """Freeze the temperature (or bias) when no term of `objective` reads it."""
+    for name in ("logit_scale", "logit_bias"):
+        param = getattr(model, name, None)
+        if param is not None and name not in objective.needs:
+            param.requires_grad_(False)
+
+
+def build_objective(cfg: LossConfig, rank: int = 0, world_size: int = 1) -> Objective:
+    """The terms of `cfg` (validated by the config) for this process."""
+    terms = []
+    for term in loss_terms(cfg):
+        options = {k: getattr(term, k) for k in LossTermConfig.__dataclass_fields__ if k not in ("name", "weight")}
+        module = TERMS[term.name](rank=rank, world_size=world_size, local_loss=cfg.local_loss,
+                                  gather_with_grad=cfg.gather_with_grad, **options)
+        terms.append((term.name, float(term.weight), module))
+    return Objective(terms)

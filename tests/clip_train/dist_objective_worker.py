@@ -1,0 +1,51 @@
+"""Run under torchrun by test_objective.py: one step of the objective's gradients on this rank's
+half of a batch, for each term layout, DDP-averaged, written by rank 0."""
+
+import sys
+
+import torch
+from accelerate import Accelerator
+
+from clip_train.config import LossConfig, LossTermConfig
+from clip_train.model import build_model
+from clip_train.objective import build_objective, freeze_unused
+from clip_train.step import forward_backward
+from dist_worker import CFG, batch
+
+CFG.init_logit_bias = -10.0
+VARIANTS = [dict(terms=[("siglip", 1.0)], accum_steps=1),
+            dict(terms=[("siglip", 1.0)], accum_steps=2),
+            dict(terms=[("margin", 1.0)], accum_steps=1),
+            dict(terms=[("clip", 1.0), ("siglip", 0.5), ("margin", 0.25)], accum_steps=2)]
+
+
+def loss_config(variant: dict) -> LossConfig:
+    return LossConfig(terms=[LossTermConfig(name=n, weight=w) for n, w in variant["terms"]])
+
+
+def main(out_path: str) -> None:
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world = accelerator.process_index, accelerator.num_processes
+    images, tokens = batch()
+    per = images.shape[0] // world
+    mine = slice(rank * per, (rank + 1) * per)
+    results = []
+    for variant in VARIANTS:
+        torch.manual_seed(0)
+        model = build_model(CFG)
+        objective = build_objective(loss_config(variant), rank=rank, world_size=world)
+        freeze_unused(model, objective)
+        model = accelerator.prepare(model)
+        losses = forward_backward(model, objective, images[mine], tokens[mine], accum_steps=variant["accum_steps"],
+                                  backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model))
+        loss = accelerator.reduce(losses["loss"].detach(), reduction="mean")
+        grads = {n: p.grad.clone() for n, p in accelerator.unwrap_model(model).named_parameters()
+                 if p.grad is not None}
+        results.append({"variant": variant, "loss": loss, "grads": grads, "world": world})
+    if accelerator.is_main_process:
+        torch.save(results, out_path)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,199 @@
+"""The objective's terms: each against an independent formula or open_clip, by finite differences,
+under GradCache accumulation, and with two processes against one."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.loss import SigLipLoss
+
+from clip_train.config import LossConfig, LossTermConfig, load_config
+from clip_train.model import build_model
+from clip_train.objective import TERMS, build_objective, freeze_unused
+from clip_train.step import forward_backward
+from data_tools.errors import ConfigError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dist_worker import CFG, batch  # noqa: E402
+from test_distributed import REPO, checkout_env  # noqa: E402
+
+
+def _features(seed: int, n: int = 12, d: int = 8, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    image = F.normalize(torch.randn(n, d, generator=g, dtype=dtype), dim=-1).requires_grad_()
+    text = F.normalize(torch.randn(n, d, generator=g, dtype=dtype), dim=-1).requires_grad_()
+    scale = torch.tensor(10.0, dtype=dtype, requires_grad=True)
+    bias = torch.tensor(-10.0, dtype=dtype, requires_grad=True)
+    return image, text, scale, bias
+
+
+def objective(*terms, **options):
+    return build_objective(LossConfig(terms=[LossTermConfig(name=n, weight=w, **options) for n, w in terms]))
+
+
+def test_siglip_equals_open_clip():
+    """Oracle: open_clip's SigLipLoss, loss and gradients (features, scale, bias)."""
+    ours_in = _features(0)
+    ref_in = [t.detach().clone().requires_grad_() for t in ours_in]
+    ours = objective(("siglip", 1.0))(*ours_in[:3], logit_bias=ours_in[3])["loss"]
+    ref = SigLipLoss()(*ref_in)
+    torch.testing.assert_close(ours, ref)
+    ours.backward()
+    ref.backward()
+    for a, b in zip(ours_in, ref_in):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_siglip_formula_written_out():
+    image, text, scale, bias = _features(1)
+    logits = scale * image @ text.T + bias
+    signs = 2 * torch.eye(len(image)) - 1
+    logits = logits.detach()
+    expected = -sum(math.log(1 / (1 + math.exp(-float(signs[i, j] * logits[i, j]))))
+                    for i in range(len(image)) for j in range(len(image))) / len(image)
+    got = objective(("siglip", 1.0))(image, text, scale, logit_bias=bias)["loss"]
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_margin_formula_and_gradient():
+    image, text, scale, _ = _features(2, dtype=torch.float64)
+    margin = 0.9
+    n = len(image)
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            d = float(torch.linalg.vector_norm(image[i] - text[j]).detach())
+            total += d * d if i == j else max(0.0, margin - d) ** 2
+    loss_fn = objective(("margin", 1.0), margin=margin)
+    assert loss_fn(image, text, scale)["loss"].item() == pytest.approx(total / (n * n), rel=1e-9)
+    # finite differences through the distances (inputs off the hinge's kink)
+    assert torch.autograd.gradcheck(lambda a, b: loss_fn(a, b, scale)["loss"], (image, text))
+
+
+def test_clip_label_smoothing_formula():
+    image, text, scale, _ = _features(3)
+    logits = scale * image @ text.T
+    labels = torch.arange(len(image))
+    expected = (F.cross_entropy(logits, labels, label_smoothing=0.1)
+                + F.cross_entropy(logits.T, labels, label_smoothing=0.1)) / 2
+    got = objective(("clip", 1.0), label_smoothing=0.1)(image, text, scale)["loss"]
+    torch.testing.assert_close(got, expected)
+    assert objective(("clip", 1.0))(image, text, scale)["loss"] < got  # smoothing adds a floor
+
+
+def test_weighted_terms_sum_and_log_each():
+    image, text, scale, bias = _features(4)
+    both = objective(("clip", 1.0), ("siglip", 0.5))(image, text, scale, logit_bias=bias)
+    clip = objective(("clip", 1.0))(image, text, scale)["loss"]
+    siglip = objective(("siglip", 1.0))(image, text, scale, logit_bias=bias)["loss"]
+    torch.testing.assert_close(both["loss"], clip + 0.5 * siglip)
+    assert set(both) == {"loss", "loss/clip", "loss/siglip", "clip/loss_i2t", "clip/loss_t2i"}
+    single = objective(("clip", 1.0))(image, text, scale)
+    assert set(single) == {"loss", "loss_i2t", "loss_t2i"}  # one term logs what it always logged
+
+
+@pytest.mark.parametrize("terms", [[("siglip", 1.0)], [("margin", 1.0)], [("clip", 1.0), ("siglip", 0.3)]])
+def test_accumulation_4x16_equals_64(terms):
+    cfg = CFG
+    cfg.init_logit_bias = -10.0
+    images, tokens = batch(64)
+    grads = []
+    for accum in (1, 4):
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        losses = forward_backward(model, objective(*terms), images, tokens, accum_steps=accum)
+        grads.append((losses["loss"], {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    cfg.init_logit_bias = None
+    (loss_full, full), (loss_acc, acc) = grads
+    torch.testing.assert_close(loss_acc, loss_full)
+    assert set(acc) == set(full) and ("logit_bias" in full) == any(n == "siglip" for n, _ in terms)
+    for name, grad in full.items():
+        torch.testing.assert_close(acc[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_two_processes_equal_one(tmp_path):
+    """torchrun, 2 gloo processes, DDP-averaged gradients == one process on the whole batch, for
+    siglip (ring exchange), margin (gathered columns) and a weighted sum, with accumulation."""
+    from dist_objective_worker import VARIANTS, loss_config
+
+    out = tmp_path / "grads.pt"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           str(Path(__file__).parent / "dist_objective_worker.py"), str(out)],
+                          capture_output=True, text=True, env=checkout_env(), cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = torch.load(out, weights_only=False)
+    assert len(results) == len(VARIANTS)
+    images, tokens = batch()
+    CFG.init_logit_bias = -10.0
+    for result in results:
+        torch.manual_seed(0)
+        model = build_model(CFG)
+        objective = build_objective(loss_config(result["variant"]))
+        freeze_unused(model, objective)
+        losses = forward_backward(model, objective, images, tokens)
+        assert result["world"] == 2
+        torch.testing.assert_close(result["loss"], losses["loss"], rtol=1e-5, atol=1e-5, msg=str(result["variant"]))
+        for name, param in model.named_parameters():
+            if param.grad is not None:
+                torch.testing.assert_close(result["grads"][name], param.grad, rtol=1e-5, atol=1e-5,
+                                           msg=lambda m: f"{result['variant']} {name}: {m}")
+    CFG.init_logit_bias = None
+
+
+def test_config_terms(tmp_path):
+    cfg = load_config("configs/demo.yaml", ["data.train=/x"])
+    assert [t.name for t in (cfg.loss.terms or [LossTermConfig(name=cfg.loss.name)])] == ["clip"]
+    assert cfg.model.init_logit_bias is None
+    (tmp_path / "sig.yaml").write_text("loss:\n  terms:\n    - {name: clip, weight: 1.0}\n"
+                                       "    - {name: siglip, weight: 0.5}\n")
+    cfg = load_config(tmp_path / "sig.yaml", ["data.train=/x"])
+    assert (cfg.model.init_logit_bias, cfg.model.init_logit_scale) == (-10.0, math.log(10))  # SigLIP's init
+    assert hasattr(build_model(cfg.model), "logit_bias")
+    for override, message in [("loss.name=siglp", "did you mean 'siglip'"),
+                              ("loss.terms=[{name: clip, weight: 0}]", "weight must be > 0"),
+                              ("loss.terms=[{name: clip}, {name: clip}]", "names a term twice"),
+                              ("loss.terms=[{name: margin, margin: -1}]", "margin must be > 0")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config("configs/demo.yaml", ["data.train=/x", override])
+    from clip_train.config import LOSS_TERMS
+    from clip_train.objective import TERM_NEEDS
+
+    assert set(TERMS) == set(LOSS_TERMS) == set(TERM_NEEDS)
+
+
+def test_unread_temperature_is_frozen():
+    """margin alone reads no temperature: it is frozen, so it gets no update and DDP averages
+    every other gradient (an unused trainable parameter leaves its bucket unreduced)."""
+    model = build_model(CFG)
+    freeze_unused(model, objective(("margin", 1.0)))
+    assert not model.logit_scale.requires_grad
+    model = build_model(CFG)
+    freeze_unused(model, objective(("clip", 1.0), ("margin", 1.0)))
+    assert model.logit_scale.requires_grad
+
+
+def test_training_run_logs_each_term_and_exports_the_bias(synth_dir, tmp_path):
+    """The real loop with clip + siglip: each term in metrics.jsonl, and open_clip loads the export
+    with SigLIP's learned bias."""
+    import json
+
+    import open_clip
+    from smoke_config import make_cfg
+
+    from clip_train.train import train
+
+    cfg = make_cfg(synth_dir, tmp_path, "sig", "train.steps=2", "train.log_every=1", "train.save_every=0",
+                   "eval.at_end=false", "model.image.pre_norm=true",
+                   "loss.terms=[{name: clip, weight: 1.0}, {name: siglip, weight: 0.5}]")
+    train(cfg)
+    record = json.loads((tmp_path / "sig" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["loss"] == pytest.approx(record["loss/clip"] + 0.5 * record["loss/siglip"], rel=1e-5)
+    oc_model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'sig' / 'export' / 'open_clip'}")
+    from clip_train.export import load_model
+
+    trained = load_model(tmp_path / "sig" / "export")
+    assert torch.equal(oc_model.logit_bias, trained.logit_bias) and trained.logit_bias.item() != -10.0
