@@ -20,7 +20,7 @@ from data_tools.errors import ConfigError
 
 IMAGE_INITS = ("timm", "timm-jax", "openclip")
 DECAY_RULES = ("clip-train", "open_clip")  # the keys of clip_train.optim.DECAY_RULES
-LOSS_TERMS = ("clip", "siglip", "margin")  # the keys of clip_train.objective.TERMS
+LOSS_TERMS = ("clip", "siglip", "margin", "supcon")  # the keys of clip_train.objective.TERMS
 
 
 @dataclass
@@ -95,6 +95,7 @@ class LossTermConfig:
     weight: float = 1.0
     label_smoothing: float = 0.0  # clip: cross-entropy label smoothing
     margin: float = 1.0  # margin: distance unmatched pairs are pushed beyond
+    temperature: float = 0.1  # supcon: fixed softmax temperature
 
 
 @dataclass
@@ -257,6 +258,8 @@ def _check_loss_terms(cfg: Config) -> None:
             raise ConfigError(f"{where}: label_smoothing must be in [0, 1), not {term.label_smoothing}")
         if not term.margin > 0:
             raise ConfigError(f"{where}: margin must be > 0, not {term.margin}")
+        if not term.temperature > 0:
+            raise ConfigError(f"{where}: temperature must be > 0, not {term.temperature}")
     if len({t.name for t in terms}) < len(terms):
         raise ConfigError("loss.terms names a term twice; give each term once with its weight")
     if any(t.name == "siglip" for t in terms) and cfg.model.init_logit_bias is None:

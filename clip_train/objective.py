@@ -40,7 +40,7 @@ class SigLIP(nn.Module):
         self.loss = SigLipLoss(rank=rank, world_size=world_size)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                logit_bias: Optional[torch.Tensor] = None, **_: torch.Tensor) -> Dict[str, torch.Tensor]:
         if logit_bias is None:
             raise ValueError("the siglip term needs the model's logit_bias (model.init_logit_bias)")
         return {"loss": self.loss(image_features, text_features, logit_scale, logit_bias)}
@@ -60,7 +60,7 @@ class MarginLoss(nn.Module):
         self.rank, self.world_size, self.margin = rank, world_size, margin
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                logit_bias: Optional[torch.Tensor] = None, **_: torch.Tensor) -> Dict[str, torch.Tensor]:
         batch = image_features.shape[0]
         all_text = gather_features(text_features, self.rank, self.world_size, True)
         distance = torch.cdist(image_features, all_text).clamp_min(0)
@@ -73,18 +73,59 @@ class MarginLoss(nn.Module):
         return {"loss": loss, "matched": pulled.sum().detach() / batch}
 
 
+class SupCon(nn.Module):
+    """Supervised contrastive loss (Khosla et al., 2020) over images and captions together: every
+    other sample of the same class, image or caption, is a positive of an anchor (its own caption
+    always is), every other sample a candidate in the softmax; mean over anchors and positives.
+
+    Each process anchors its own images and captions against everyone's (gathered with
+    gradients) and scales by the processes, so the mean over processes is the full loss.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, temperature: float = 0.1, **_: object):
+        super().__init__()
+        self.rank, self.world_size, self.temperature = rank, world_size, temperature
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        if labels is None:
+            raise ValueError("the supcon term needs class labels (.cls in the shards)")
+        batch = image_features.shape[0]
+        all_image = gather_features(image_features, self.rank, self.world_size, True)
+        all_text = gather_features(text_features, self.rank, self.world_size, True)
+        all_labels = gather_features(labels, self.rank, self.world_size, False)
+        anchors = torch.cat([image_features, text_features])
+        candidates = torch.cat([all_image, all_text])
+        anchor_labels = torch.cat([labels, labels])
+        candidate_labels = torch.cat([all_labels, all_labels])
+        # an anchor's own column: its row in the gathered images (or texts) of this process
+        own = torch.arange(batch, device=labels.device) + self.rank * batch
+        self_column = torch.cat([own, own + all_image.shape[0]])
+        logits = anchors @ candidates.T / self.temperature
+        is_self = torch.zeros_like(logits, dtype=torch.bool)
+        is_self[torch.arange(2 * batch), self_column] = True
+        log_prob = logits - torch.logsumexp(logits.masked_fill(is_self, float("-inf")), dim=1, keepdim=True)
+        positive = (anchor_labels[:, None] == candidate_labels[None, :]) & ~is_self
+        per_anchor = -(log_prob * positive).sum(1) / positive.sum(1)
+        loss = per_anchor.sum() * self.world_size / (2 * all_image.shape[0])
+        return {"loss": loss}
+
+
 def _clip(rank: int = 0, world_size: int = 1, local_loss: bool = False, gather_with_grad: bool = True,
           label_smoothing: float = 0.0, **_: object) -> nn.Module:
     return ClipInfoNCE(rank=rank, world_size=world_size, local_loss=local_loss,
                        gather_with_grad=gather_with_grad, label_smoothing=label_smoothing)
 
 
-TERMS: Dict[str, Callable[..., nn.Module]] = {"clip": _clip, "siglip": SigLIP, "margin": MarginLoss}
-# The model parameters each term reads besides the features. A parameter no term reads is frozen
-# (`freeze_unused`): it would get no gradient, and DDP would then skip averaging its bucket.
+TERMS: Dict[str, Callable[..., nn.Module]] = {"clip": _clip, "siglip": SigLIP, "margin": MarginLoss,
+                                              "supcon": SupCon}
+# What each term reads besides the features: model parameters (a parameter no term reads is frozen
+# by `freeze_unused`: it would get no gradient, and DDP would then skip averaging its bucket) and
+# per-sample inputs the loader must provide (`labels`: the shards' .cls).
 TERM_NEEDS: Dict[str, frozenset] = {"clip": frozenset({"logit_scale"}),
                                     "siglip": frozenset({"logit_scale", "logit_bias"}),
-                                    "margin": frozenset()}
+                                    "margin": frozenset(), "supcon": frozenset({"labels"})}
 
 
 class Objective(nn.Module):
@@ -98,13 +139,17 @@ class Objective(nn.Module):
         self.terms = nn.ModuleList(term for _, _, term in terms)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                logit_bias: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        inputs = {"logit_bias": logit_bias}
+        if labels is not None:
+            inputs["labels"] = labels
         if len(self.terms) == 1 and self.weights[0] == 1.0:
-            return self.terms[0](image_features, text_features, logit_scale, logit_bias=logit_bias)
+            return self.terms[0](image_features, text_features, logit_scale, **inputs)
         out: Dict[str, torch.Tensor] = {}
         total = image_features.new_zeros(())
         for name, weight, term in zip(self.names, self.weights, self.terms):
-            parts = term(image_features, text_features, logit_scale, logit_bias=logit_bias)
+            parts = term(image_features, text_features, logit_scale, **inputs)
             total = total + weight * parts["loss"]
             out[f"loss/{name}"] = parts["loss"].detach()
             out.update({f"{name}/{k}": v.detach() for k, v in parts.items() if k != "loss"})

@@ -11,7 +11,7 @@ gradients equal those of the whole batch at once.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Dict, List
+from typing import Callable, ContextManager, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -35,11 +35,18 @@ def _extras(out: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: out[k] for k in ("logit_bias",) if k in out}
 
 
+def _labels(labels: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {} if labels is None else {"labels": labels}
+
+
 def forward_backward(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
                      accum_steps: int = 1, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
                      backward: Backward = lambda loss: loss.backward(),
-                     no_sync: Callable[[], ContextManager] = contextlib.nullcontext) -> Dict[str, torch.Tensor]:
+                     no_sync: Callable[[], ContextManager] = contextlib.nullcontext,
+                     labels: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """Forward and backward of one step; returns the (detached) loss terms.
+
+    `labels` (class ids of the batch) go to the loss when given (a supcon term reads them).
 
     `autocast`, `backward` and `no_sync` come from Accelerate (mixed precision, loss scaling, DDP
     gradient sync); the defaults run plain PyTorch.
@@ -48,7 +55,7 @@ def forward_backward(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor,
         with autocast():
             out = model(images, tokens)
             losses = loss_fn(out["image_features"], out["text_features"], out["logit_scale"],
-                             **_extras(out))
+                             **_extras(out), **_labels(labels))
         backward(losses["loss"])
         return {k: v.detach() for k, v in losses.items()}
 
@@ -76,7 +83,7 @@ def forward_backward(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor,
     leaves = {k: v.detach().requires_grad_() for k, v in scalars.items()}
     with autocast():
         losses = loss_fn(all_image, all_text, leaves["logit_scale"],
-                         **{k: v for k, v in leaves.items() if k != "logit_scale"})
+                         **{k: v for k, v in leaves.items() if k != "logit_scale"}, **_labels(labels))
     backward(losses["loss"])  # grads land on the leaves (scaled, under fp16 loss scaling)
     image_grads = all_image.grad.split([c.shape[0] for c in image_chunks])
     text_grads = all_text.grad.split([c.shape[0] for c in token_chunks])

@@ -30,7 +30,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from clip_train.checkpoint import CheckpointManager, atomic_write_text, set_rng_state
-from clip_train.config import Config, config_to_dict, to_yaml
+from clip_train.config import Config, config_to_dict, loss_terms, to_yaml
 from clip_train.encoder import ClipEncoder, make_tokenizer
 from clip_train.objective import build_objective, freeze_unused
 from clip_train.model import build_model, lock_towers, locked_modules
@@ -244,6 +244,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
         if max_batches == 0:
             raise DataError(f"data.train '{cfg.data.train}' has too few samples for one batch of {step_batch} on "
                             f"each of {world} processes; use a smaller train.batch_size or more data")
+    needs_labels = "labels" in loss_fn.needs
+    if needs_labels:
+        _check_labelled(shards, cfg)
     budget = BadSampleBudget(cfg.data.max_bad_fraction, shards=cfg.data.train)
     if rank_state.get("bad_samples"):
         budget.load_state_dict(rank_state["bad_samples"])
@@ -258,7 +261,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
                            shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed, epoch=epoch,
                            rank=rank, world_size=world, drop_last=True, pin_memory=device.type == "cuda",
                            weights=cfg.data.weights, samples_per_epoch=cfg.data.samples_per_epoch,
-                           max_batches=max_batches, state=position, budget=budget)
+                           max_batches=max_batches, state=position, budget=budget,
+                           with_label=needs_labels)
 
     # ---------------------------------------------------------------- publish
     # Config, model, checkpoint and data are known good: only now is anything in the run dir changed.
@@ -322,7 +326,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
             images = batch["image"].to(device, non_blocking=True)
             tokens = batch["text"].to(device, non_blocking=True)
 
+            labels = batch["label"].to(device, non_blocking=True) if needs_labels else None
             losses = forward_backward(model, loss_fn, images, tokens, accum_steps=cfg.train.accum_steps,
+                                      labels=labels,
                                       autocast=accelerator.autocast, backward=accelerator.backward,
                                       no_sync=lambda: accelerator.no_sync(model))
             grad_norm = _grad_norm(model, accelerator, cfg.optim.grad_clip)
@@ -434,6 +440,18 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _check_labelled(shards: list, cfg: Config) -> None:
+    """A term that reads class labels needs `.cls` in the shards: say so before training."""
+    from data_tools.tario import iter_shard
+
+    first = next(iter_shard(str(shards[0])), None)
+    if first is None or not ({"cls"} & (set(first.fields) | set(first.refs))):
+        terms = ", ".join(t.name for t in loss_terms(cfg.loss))
+        raise ConfigError(f"loss term(s) {terms} read class labels, but {shards[0]} has no .cls in its first "
+                          f"sample{'' if first is None else f' ({first.key})'}; give every sample an integer .cls "
+                          "(clip-data from-imagefolder writes them) or drop those terms")
 
 
 def _mean_over_processes(sums: Dict[str, torch.Tensor], steps: int,

@@ -74,6 +74,27 @@ def test_margin_formula_and_gradient():
     assert torch.autograd.gradcheck(lambda a, b: loss_fn(a, b, scale)["loss"], (image, text))
 
 
+def test_supcon_formula_written_out_and_gradient():
+    """Khosla et al.'s loss over images and captions together, by loops; then finite differences."""
+    image, text, scale, _ = _features(5, n=6, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])
+    tau = 0.2
+    z = torch.cat([image, text]).detach()
+    y = torch.cat([labels, labels]).tolist()
+    total = 0.0
+    for i in range(len(z)):
+        others = [a for a in range(len(z)) if a != i]
+        denominator = sum(math.exp(float(z[i] @ z[a]) / tau) for a in others)
+        positives = [p for p in others if y[p] == y[i]]
+        total += -sum(math.log(math.exp(float(z[i] @ z[p]) / tau) / denominator) for p in positives) / len(positives)
+    loss_fn = objective(("supcon", 1.0), temperature=tau)
+    got = loss_fn(image, text, scale, labels=labels)["loss"]
+    assert got.item() == pytest.approx(total / len(z), rel=1e-9)
+    assert torch.autograd.gradcheck(lambda a, b: loss_fn(a, b, scale, labels=labels)["loss"], (image, text))
+    with pytest.raises(ValueError, match="class labels"):
+        loss_fn(image, text, scale)
+
+
 def test_clip_label_smoothing_formula():
     image, text, scale, _ = _features(3)
     logits = scale * image @ text.T
@@ -96,7 +117,8 @@ def test_weighted_terms_sum_and_log_each():
     assert set(single) == {"loss", "loss_i2t", "loss_t2i"}  # one term logs what it always logged
 
 
-@pytest.mark.parametrize("terms", [[("siglip", 1.0)], [("margin", 1.0)], [("clip", 1.0), ("siglip", 0.3)]])
+@pytest.mark.parametrize("terms", [[("siglip", 1.0)], [("margin", 1.0)], [("clip", 1.0), ("siglip", 0.3)],
+                                   [("supcon", 1.0)]])
 def test_accumulation_4x16_equals_64(terms):
     cfg = CFG
     cfg.init_logit_bias = -10.0
@@ -105,7 +127,9 @@ def test_accumulation_4x16_equals_64(terms):
     for accum in (1, 4):
         torch.manual_seed(0)
         model = build_model(cfg)
-        losses = forward_backward(model, objective(*terms), images, tokens, accum_steps=accum)
+        loss_fn = objective(*terms)
+        losses = forward_backward(model, loss_fn, images, tokens, accum_steps=accum,
+                                  labels=torch.arange(64) % 5 if "labels" in loss_fn.needs else None)
         grads.append((losses["loss"], {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     cfg.init_logit_bias = None
     (loss_full, full), (loss_acc, acc) = grads
@@ -118,7 +142,7 @@ def test_accumulation_4x16_equals_64(terms):
 def test_two_processes_equal_one(tmp_path):
     """torchrun, 2 gloo processes, DDP-averaged gradients == one process on the whole batch, for
     siglip (ring exchange), margin (gathered columns) and a weighted sum, with accumulation."""
-    from dist_objective_worker import VARIANTS, loss_config
+    from dist_objective_worker import VARIANTS, labels, loss_config
 
     out = tmp_path / "grads.pt"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
@@ -134,7 +158,8 @@ def test_two_processes_equal_one(tmp_path):
         model = build_model(CFG)
         objective = build_objective(loss_config(result["variant"]))
         freeze_unused(model, objective)
-        losses = forward_backward(model, objective, images, tokens)
+        losses = forward_backward(model, objective, images, tokens,
+                                  labels=labels() if "labels" in objective.needs else None)
         assert result["world"] == 2
         torch.testing.assert_close(result["loss"], losses["loss"], rtol=1e-5, atol=1e-5, msg=str(result["variant"]))
         for name, param in model.named_parameters():
@@ -163,6 +188,39 @@ def test_config_terms(tmp_path):
     from clip_train.objective import TERM_NEEDS
 
     assert set(TERMS) == set(LOSS_TERMS) == set(TERM_NEEDS)
+
+
+def _labelled_shards(out, n: int = 96):
+    import io
+
+    from PIL import Image
+
+    from data_tools.shards import ShardWriter
+
+    colours = ["red", "green", "blue"]
+    with ShardWriter(out, "lab", samples_per_shard=48) as writer:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.new("RGB", (32, 32), colours[i % 3]).save(buf, "JPEG")
+            writer.write({"__key__": f"s{i:04d}", "jpg": buf.getvalue(), "txt": f"a {colours[i % 3]} square",
+                          "cls": i % 3})
+
+
+def test_supcon_trains_on_labelled_shards_and_refuses_unlabelled(synth_dir, tmp_path):
+    from smoke_config import make_cfg
+
+    from clip_train.train import train
+
+    _labelled_shards(tmp_path / "lab")
+    terms = "loss.terms=[{name: clip, weight: 1.0}, {name: supcon, weight: 0.5}]"
+    cfg = make_cfg(synth_dir, tmp_path, "sup", "train.steps=2", "train.save_every=0", "eval.at_end=false",
+                   "export.at_end=false", f"data.train={tmp_path}/lab", terms)
+    summary = train(cfg)
+    assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
+    cfg = make_cfg(synth_dir, tmp_path, "unlabelled", "train.steps=2", terms)
+    with pytest.raises(ConfigError, match=r"read class labels, but .*train-000000.tar has no \.cls"):
+        train(cfg)
+    assert not (tmp_path / "unlabelled").exists()  # refused before anything was written
 
 
 def test_unread_temperature_is_frozen():
