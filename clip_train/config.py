@@ -20,7 +20,7 @@ from data_tools.errors import ConfigError
 
 IMAGE_INITS = ("timm", "timm-jax", "openclip")
 DECAY_RULES = ("clip-train", "open_clip")  # the keys of clip_train.optim.DECAY_RULES
-LOSS_TERMS = ("clip", "siglip", "margin", "supcon")  # the keys of clip_train.objective.TERMS
+LOSS_TERMS = ("clip", "siglip", "margin", "supcon", "simcse")  # the keys of clip_train.objective.TERMS
 
 
 @dataclass
@@ -55,6 +55,8 @@ class TextTowerConfig:
     layers: int = 4
     mlp_ratio: float = 4.0
     trim_padding: bool = True  # exact for a causal tower pooled at EOT; saves compute
+    # Dropout on each block's attention and MLP outputs (BERT's hidden dropout); SimCSE's noise.
+    dropout: float = 0.0
 
 
 @dataclass
@@ -95,7 +97,7 @@ class LossTermConfig:
     weight: float = 1.0
     label_smoothing: float = 0.0  # clip: cross-entropy label smoothing
     margin: float = 1.0  # margin: distance unmatched pairs are pushed beyond
-    temperature: float = 0.1  # supcon: fixed softmax temperature
+    temperature: Optional[float] = None  # supcon (default 0.1), simcse (0.05): fixed temperature
 
 
 @dataclass
@@ -258,8 +260,13 @@ def _check_loss_terms(cfg: Config) -> None:
             raise ConfigError(f"{where}: label_smoothing must be in [0, 1), not {term.label_smoothing}")
         if not term.margin > 0:
             raise ConfigError(f"{where}: margin must be > 0, not {term.margin}")
-        if not term.temperature > 0:
+        if term.temperature is not None and not term.temperature > 0:
             raise ConfigError(f"{where}: temperature must be > 0, not {term.temperature}")
+    if any(t.name == "simcse" for t in terms) and not cfg.model.text.dropout > 0:
+        raise ConfigError("loss term simcse contrasts two dropout views of each caption: set model.text.dropout "
+                          "(SimCSE uses 0.1)")
+    if not 0 <= cfg.model.text.dropout < 1:
+        raise ConfigError(f"model.text.dropout must be in [0, 1), not {cfg.model.text.dropout}")
     if len({t.name for t in terms}) < len(terms):
         raise ConfigError("loss.terms names a term twice; give each term once with its weight")
     if any(t.name == "siglip" for t in terms) and cfg.model.init_logit_bias is None:

@@ -110,6 +110,10 @@ class TextTower(TextTransformer):
         super().__init__(context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.width,
                          heads=cfg.heads, layers=cfg.layers, mlp_ratio=cfg.mlp_ratio, output_dim=embed_dim)
         self.trim_padding = cfg.trim_padding
+        if cfg.dropout:  # on the residual branches, before open_clip's (parameter-free) layer scale
+            for block in self.transformer.resblocks:
+                block.ls_1 = nn.Sequential(nn.Dropout(cfg.dropout), block.ls_1)
+                block.ls_2 = nn.Sequential(nn.Dropout(cfg.dropout), block.ls_2)
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
         # open_clip's tokenizer puts the EOT token (the largest id) last; argmax finds it.
@@ -157,7 +161,10 @@ class CLIPModel(nn.Module):
     def clamp_logit_scale(self) -> None:
         self.logit_scale.clamp_(0, math.log(self.cfg.max_logit_scale))
 
-    def forward(self, images: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None) -> dict:
+    def forward(self, images: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None,
+                text_views: int = 1) -> dict:
+        """Normalised features and the temperature; `text_views=2` also encodes the captions a
+        second time (`text_features_2`: another dropout mask, for SimCSE)."""
         out = {"logit_scale": self.logit_scale.exp()}
         if hasattr(self, "logit_bias"):
             out["logit_bias"] = self.logit_bias
@@ -165,6 +172,8 @@ class CLIPModel(nn.Module):
             out["image_features"] = self.encode_image(images, normalize=True)
         if tokens is not None:
             out["text_features"] = self.encode_text(tokens, normalize=True)
+            if text_views == 2:
+                out["text_features_2"] = self.encode_text(tokens, normalize=True)
         return out
 
 

@@ -112,6 +112,30 @@ class SupCon(nn.Module):
         return {"loss": loss}
 
 
+class SimCSE(nn.Module):
+    """Unsupervised SimCSE (Gao et al., 2021) on captions: each caption's two encodings under
+    different dropout masks are positives, the other captions' second encodings negatives;
+    cross-entropy at a fixed temperature. Rows are this process's captions, columns everyone's
+    (gathered with gradients), scaled so the mean over processes is the full loss.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, temperature: float = 0.05, **_: object):
+        super().__init__()
+        self.rank, self.world_size, self.temperature = rank, world_size, temperature
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: Optional[torch.Tensor] = None, text_features_2: Optional[torch.Tensor] = None,
+                **_: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if text_features_2 is None:
+            raise ValueError("the simcse term needs a second encoding of the captions (text_views=2)")
+        batch = text_features.shape[0]
+        columns = gather_features(text_features_2, self.rank, self.world_size, True)
+        logits = text_features @ columns.T / self.temperature
+        labels = torch.arange(batch, device=logits.device) + self.rank * batch
+        loss = F.cross_entropy(logits, labels, reduction="sum") * self.world_size / columns.shape[0]
+        return {"loss": loss}
+
+
 def _clip(rank: int = 0, world_size: int = 1, local_loss: bool = False, gather_with_grad: bool = True,
           label_smoothing: float = 0.0, **_: object) -> nn.Module:
     return ClipInfoNCE(rank=rank, world_size=world_size, local_loss=local_loss,
@@ -119,13 +143,15 @@ def _clip(rank: int = 0, world_size: int = 1, local_loss: bool = False, gather_w
 
 
 TERMS: Dict[str, Callable[..., nn.Module]] = {"clip": _clip, "siglip": SigLIP, "margin": MarginLoss,
-                                              "supcon": SupCon}
+                                              "supcon": SupCon, "simcse": SimCSE}
 # What each term reads besides the features: model parameters (a parameter no term reads is frozen
 # by `freeze_unused`: it would get no gradient, and DDP would then skip averaging its bucket) and
-# per-sample inputs the loader must provide (`labels`: the shards' .cls).
+# per-sample inputs the loader and model must provide (`labels`: the shards' .cls; `text_views`:
+# a second encoding of each caption under another dropout mask).
 TERM_NEEDS: Dict[str, frozenset] = {"clip": frozenset({"logit_scale"}),
                                     "siglip": frozenset({"logit_scale", "logit_bias"}),
-                                    "margin": frozenset(), "supcon": frozenset({"labels"})}
+                                    "margin": frozenset(), "supcon": frozenset({"labels"}),
+                                    "simcse": frozenset({"text_views"})}
 
 
 class Objective(nn.Module):
@@ -139,11 +165,13 @@ class Objective(nn.Module):
         self.terms = nn.ModuleList(term for _, _, term in terms)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                logit_bias: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                text_features_2: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         inputs = {"logit_bias": logit_bias}
         if labels is not None:
             inputs["labels"] = labels
+        if text_features_2 is not None:
+            inputs["text_features_2"] = text_features_2
         if len(self.terms) == 1 and self.weights[0] == 1.0:
             return self.terms[0](image_features, text_features, logit_scale, **inputs)
         out: Dict[str, torch.Tensor] = {}
@@ -169,7 +197,8 @@ def build_objective(cfg: LossConfig, rank: int = 0, world_size: int = 1) -> Obje
     """The terms of `cfg` (validated by the config) for this process."""
     terms = []
     for term in loss_terms(cfg):
-        options = {k: getattr(term, k) for k in LossTermConfig.__dataclass_fields__ if k not in ("name", "weight")}
+        options = {k: getattr(term, k) for k in LossTermConfig.__dataclass_fields__
+                   if k not in ("name", "weight") and getattr(term, k) is not None}  # None: the term's default
         module = TERMS[term.name](rank=rank, world_size=world_size, local_loss=cfg.local_loss,
                                   gather_with_grad=cfg.gather_with_grad, **options)
         terms.append((term.name, float(term.weight), module))

@@ -30,6 +30,11 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
+# Per-sample outputs of the model a loss reads, cached per micro-batch with GradCache; the
+# second text view (another dropout mask of the same captions) exists only for SimCSE.
+FEATURES = ("image_features", "text_features", "text_features_2")
+
+
 def _extras(out: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Model outputs a loss takes besides features and temperature (SigLIP's logit bias)."""
     return {k: out[k] for k in ("logit_bias",) if k in out}
@@ -39,23 +44,34 @@ def _labels(labels: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {} if labels is None else {"labels": labels}
 
 
+def _loss(loss_fn: nn.Module, features: Dict[str, torch.Tensor], scalars: Dict[str, torch.Tensor],
+          labels: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    extra = {k: v for k, v in features.items() if k not in ("image_features", "text_features")}
+    return loss_fn(features["image_features"], features["text_features"], scalars["logit_scale"],
+                   **{k: v for k, v in scalars.items() if k != "logit_scale"}, **extra, **_labels(labels))
+
+
 def forward_backward(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
                      accum_steps: int = 1, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
                      backward: Backward = lambda loss: loss.backward(),
                      no_sync: Callable[[], ContextManager] = contextlib.nullcontext,
-                     labels: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                     labels: Optional[torch.Tensor] = None, text_views: int = 1) -> Dict[str, torch.Tensor]:
     """Forward and backward of one step; returns the (detached) loss terms.
 
-    `labels` (class ids of the batch) go to the loss when given (a supcon term reads them).
+    `labels` (class ids of the batch) go to the loss when given (a supcon term reads them);
+    `text_views=2` encodes the captions twice (a simcse term reads the second view).
 
     `autocast`, `backward` and `no_sync` come from Accelerate (mixed precision, loss scaling, DDP
     gradient sync); the defaults run plain PyTorch.
     """
+    def forward(im: torch.Tensor, tok: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return model(im, tok) if text_views == 1 else model(im, tok, text_views=text_views)
+
     if accum_steps == 1:
         with autocast():
-            out = model(images, tokens)
-            losses = loss_fn(out["image_features"], out["text_features"], out["logit_scale"],
-                             **_extras(out), **_labels(labels))
+            out = forward(images, tokens)
+            losses = _loss(loss_fn, {k: out[k] for k in FEATURES if k in out},
+                           {"logit_scale": out["logit_scale"], **_extras(out)}, labels)
         backward(losses["loss"])
         return {k: v.detach() for k, v in losses.items()}
 
@@ -66,27 +82,26 @@ def forward_backward(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor,
 
     # 1. embeddings of every micro-batch, no graph; remember the RNG so step 3 replays it exactly
     rng_states: List[tuple] = []
-    image_feats, text_feats = [], []
+    cached: Dict[str, List[torch.Tensor]] = {}
     with torch.no_grad():
         for im, tok in zip(image_chunks, token_chunks):
             rng_states.append(_rng_state(device))
             with autocast():
-                out = model(im, tok)
-            image_feats.append(out["image_features"])
-            text_feats.append(out["text_features"])
+                out = forward(im, tok)
+            for key in FEATURES:
+                if key in out:
+                    cached.setdefault(key, []).append(out[key])
         scalars = {"logit_scale": out["logit_scale"], **_extras(out)}
     rng_after = _rng_state(device)
 
     # 2. the loss on the whole batch, with the embeddings (and the temperature, bias) as leaves
-    all_image = torch.cat(image_feats).detach().requires_grad_()
-    all_text = torch.cat(text_feats).detach().requires_grad_()
+    features = {k: torch.cat(v).detach().requires_grad_() for k, v in cached.items()}
     leaves = {k: v.detach().requires_grad_() for k, v in scalars.items()}
     with autocast():
-        losses = loss_fn(all_image, all_text, leaves["logit_scale"],
-                         **{k: v for k, v in leaves.items() if k != "logit_scale"}, **_labels(labels))
+        losses = _loss(loss_fn, features, leaves, labels)
     backward(losses["loss"])  # grads land on the leaves (scaled, under fp16 loss scaling)
-    image_grads = all_image.grad.split([c.shape[0] for c in image_chunks])
-    text_grads = all_text.grad.split([c.shape[0] for c in token_chunks])
+    sizes = [c.shape[0] for c in image_chunks]
+    feature_grads = {k: v.grad.split(sizes) for k, v in features.items() if v.grad is not None}
 
     # 3. each micro-batch again with a graph; gradients sync across processes on the last one only.
     # The temperature's (and bias's) gradient rides on the last micro-batch so it passes through
@@ -96,9 +111,9 @@ def forward_backward(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor,
         _set_rng_state(rng_states[k], device)
         with (contextlib.nullcontext() if last else no_sync()):
             with autocast():
-                out = model(im, tok)
-            outputs = [out["image_features"], out["text_features"]]
-            grads = [image_grads[k], text_grads[k]]
+                out = forward(im, tok)
+            outputs = [out[name] for name in feature_grads]
+            grads = [g[k] for g in feature_grads.values()]
             if last:
                 for name, leaf in leaves.items():
                     if leaf.grad is not None:

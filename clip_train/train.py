@@ -328,7 +328,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
 
             labels = batch["label"].to(device, non_blocking=True) if needs_labels else None
             losses = forward_backward(model, loss_fn, images, tokens, accum_steps=cfg.train.accum_steps,
-                                      labels=labels,
+                                      labels=labels, text_views=2 if "text_views" in loss_fn.needs else 1,
                                       autocast=accelerator.autocast, backward=accelerator.backward,
                                       no_sync=lambda: accelerator.no_sync(model))
             grad_norm = _grad_norm(model, accelerator, cfg.optim.grad_clip)

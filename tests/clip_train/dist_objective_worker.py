@@ -18,7 +18,8 @@ VARIANTS = [dict(terms=[("siglip", 1.0)], accum_steps=1),
             dict(terms=[("margin", 1.0)], accum_steps=1),
             dict(terms=[("clip", 1.0), ("siglip", 0.5), ("margin", 0.25)], accum_steps=2),
             dict(terms=[("supcon", 1.0)], accum_steps=1),
-            dict(terms=[("clip", 1.0), ("supcon", 0.5)], accum_steps=2)]
+            dict(terms=[("clip", 1.0), ("supcon", 0.5)], accum_steps=2),
+            dict(terms=[("clip", 1.0), ("simcse", 0.5)], accum_steps=2)]
 
 
 def labels(n: int = 16) -> torch.Tensor:
@@ -44,7 +45,8 @@ def main(out_path: str) -> None:
         model = accelerator.prepare(model)
         losses = forward_backward(model, objective, images[mine], tokens[mine], accum_steps=variant["accum_steps"],
                                   backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model),
-                                  labels=labels()[mine] if "labels" in objective.needs else None)
+                                  labels=labels()[mine] if "labels" in objective.needs else None,
+                                  text_views=2 if "text_views" in objective.needs else 1)
         loss = accelerator.reduce(losses["loss"].detach(), reduction="mean")
         grads = {n: p.grad.clone() for n, p in accelerator.unwrap_model(model).named_parameters()
                  if p.grad is not None}

@@ -95,6 +95,60 @@ def test_supcon_formula_written_out_and_gradient():
         loss_fn(image, text, scale)
 
 
+def test_simcse_formula_written_out_and_gradient():
+    """Gao et al.'s unsupervised loss: cross-entropy of each caption against the second views."""
+    _, first, scale, _ = _features(6, n=5, dtype=torch.float64)
+    _, second, _, _ = _features(7, n=5, dtype=torch.float64)
+    tau = 0.05
+    a, b = first.detach(), second.detach()
+    total = 0.0
+    for i in range(len(a)):
+        scores = [float(a[i] @ b[j]) / tau for j in range(len(b))]
+        top = max(scores)
+        total += -(scores[i] - top - math.log(sum(math.exp(x - top) for x in scores)))
+    loss_fn = objective(("simcse", 1.0))
+    got = loss_fn(first, first, scale, text_features_2=second)["loss"]
+    assert got.item() == pytest.approx(total / len(a), rel=1e-9)
+    assert torch.autograd.gradcheck(
+        lambda x, y: loss_fn(x, x, scale, text_features_2=y)["loss"], (first, second))
+
+
+def test_text_dropout_makes_two_views_and_accumulation_replays_it():
+    """model.text.dropout gives two different encodings of one caption. With 4 micro-batches,
+    GradCache's gradients equal those of one graph over the same 4 forwards (same dropout masks:
+    the cached pass and the re-run replay the RNG), for clip + simcse."""
+    cfg = CFG
+    cfg.text.dropout = 0.1
+    images, tokens = batch(64)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    out = model(images[:4], tokens[:4], text_views=2)
+    assert not torch.allclose(out["text_features"], out["text_features_2"])
+
+    terms = objective(("clip", 1.0), ("simcse", 0.5))
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    torch.manual_seed(1)
+    outs = [model(im, tok, text_views=2) for im, tok in zip(images.chunk(4), tokens.chunk(4))]
+    cat = {k: torch.cat([o[k] for o in outs]) for k in ("image_features", "text_features", "text_features_2")}
+    reference = terms(cat["image_features"], cat["text_features"], outs[-1]["logit_scale"],
+                      text_features_2=cat["text_features_2"])
+    reference["loss"].backward()
+    expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    torch.manual_seed(1)
+    losses = forward_backward(model, objective(("clip", 1.0), ("simcse", 0.5)), images, tokens,
+                              accum_steps=4, text_views=2)
+    cfg.text.dropout = 0.0
+    torch.testing.assert_close(losses["loss"], reference["loss"].detach())
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(got) == set(expected)
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 def test_clip_label_smoothing_formula():
     image, text, scale, _ = _features(3)
     logits = scale * image @ text.T
@@ -159,7 +213,8 @@ def test_two_processes_equal_one(tmp_path):
         objective = build_objective(loss_config(result["variant"]))
         freeze_unused(model, objective)
         losses = forward_backward(model, objective, images, tokens,
-                                  labels=labels() if "labels" in objective.needs else None)
+                                  labels=labels() if "labels" in objective.needs else None,
+                                  text_views=2 if "text_views" in objective.needs else 1)
         assert result["world"] == 2
         torch.testing.assert_close(result["loss"], losses["loss"], rtol=1e-5, atol=1e-5, msg=str(result["variant"]))
         for name, param in model.named_parameters():
@@ -179,6 +234,7 @@ def test_config_terms(tmp_path):
     assert (cfg.model.init_logit_bias, cfg.model.init_logit_scale) == (-10.0, math.log(10))  # SigLIP's init
     assert hasattr(build_model(cfg.model), "logit_bias")
     for override, message in [("loss.name=siglp", "did you mean 'siglip'"),
+                              ("loss.name=simcse", "set model.text.dropout"),
                               ("loss.terms=[{name: clip, weight: 0}]", "weight must be > 0"),
                               ("loss.terms=[{name: clip}, {name: clip}]", "names a term twice"),
                               ("loss.terms=[{name: margin, margin: -1}]", "margin must be > 0")]:
@@ -188,6 +244,21 @@ def test_config_terms(tmp_path):
     from clip_train.objective import TERM_NEEDS
 
     assert set(TERMS) == set(LOSS_TERMS) == set(TERM_NEEDS)
+
+
+def test_simcse_training_run(synth_dir, tmp_path):
+    import json
+
+    from smoke_config import make_cfg
+
+    from clip_train.train import train
+
+    cfg = make_cfg(synth_dir, tmp_path, "cse", "train.steps=2", "train.log_every=1", "train.save_every=0",
+                   "eval.at_end=false", "export.at_end=false", "model.text.dropout=0.1", "train.accum_steps=2",
+                   "loss.terms=[{name: clip, weight: 1.0}, {name: simcse, weight: 0.5}]")
+    train(cfg)
+    record = json.loads((tmp_path / "cse" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["loss/simcse"] > 0 and math.isfinite(record["loss"])
 
 
 def _labelled_shards(out, n: int = 96):
