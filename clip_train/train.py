@@ -26,7 +26,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from clip_train.checkpoint import CheckpointManager, atomic_write_text, set_rng_state
+from clip_train.checkpoint import CheckpointManager, set_rng_state
 from clip_train.config import Config, config_to_dict, to_yaml
 from clip_train.encoder import ClipEncoder, make_tokenizer
 from clip_train.losses import build_loss
@@ -35,6 +35,7 @@ from clip_train.optim import build_optimizer, build_scheduler
 from clip_train.step import forward_backward
 from clip_train.throughput import TrainFlops, device_peak_flops
 from data_tools.errors import ClipTrainError, ConfigError, DataError
+from data_tools.io import write_text_atomic
 from data_tools.loader import BadSampleBudget, epoch_batches, expand_shards, make_loader
 from data_tools.transforms import image_transform
 
@@ -58,7 +59,7 @@ class MetricsLog:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: Dict[str, Any]) -> None:
         if self.enabled:
@@ -258,7 +259,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
         accelerator.wait_for_everyone()
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
         if resume:
             metrics.truncate_after(ckpt_step)  # a run resumed before its first checkpoint restarts its log
     if cfg.run.trackers:
@@ -388,7 +389,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
                                "train_seconds": round(train_time, 1), "nonfinite_skipped": state["nonfinite_skipped"]}
     if is_main and cfg.eval.at_end:
         summary["eval"] = evaluate(unwrapped, cfg, device, suite, run_dir / "eval" / f"step_{state['step']}")
-        atomic_write_text(run_dir / "eval_results.json", json.dumps(summary["eval"], indent=1) + "\n")
+        write_text_atomic(run_dir / "eval_results.json", json.dumps(summary["eval"], indent=1) + "\n")
         metrics.write({"step": state["step"], "samples_seen": state["samples_seen"], **_flat(summary["eval"], "eval")})
     if is_main and cfg.export.at_end:
         from clip_train.export import export_model

@@ -24,7 +24,6 @@ truncated_tar.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -43,7 +42,8 @@ from PIL import Image
 
 from data_tools.errors import DataError
 from data_tools.images import IMAGE_FILE_EXTS, BadImage, encode_image
-from data_tools.shards import ShardWriter, write_json_atomic
+from data_tools.io import read_table, write_json_atomic
+from data_tools.shards import ShardWriter
 from data_tools.tario import FieldLoader, RawSample, ReadMode, iter_shard
 
 log = logging.getLogger(__name__)
@@ -223,40 +223,6 @@ def _json_safe(v: Any) -> Any:
     return str(v)
 
 
-def _read_rows(path: Path) -> Iterator[dict[str, Any]]:
-    ext = path.suffix.lower()
-    if ext == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as e:
-            raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from e
-        try:
-            table = pq.read_table(path)
-        except Exception as e:  # pyarrow raises its own error types
-            raise DataError(f"{path}: not a readable parquet file ({e})") from e
-        for batch in table.to_batches(max_chunksize=4096):
-            yield from batch.to_pylist()
-        return
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            if ext == ".jsonl":
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except ValueError as e:
-                        raise DataError(
-                            f"{path}:{lineno}: invalid JSON ({e}); fix that line") from e
-                    if not isinstance(row, dict):
-                        raise DataError(f"{path}:{lineno}: expected a JSON object per line")
-                    yield row
-            else:
-                yield from csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e}); save the table as UTF-8") from e
-
-
 def _pick_column(path: Path, columns: Sequence[str], given: str | None, options: Sequence[str],
                  what: str, flag: str) -> str:
     if given is not None:
@@ -280,7 +246,7 @@ def table_items(path: str | Path, *, image_col: str | None = None,
     listing = Listing(info={"kind": "table", "path": str(path)})
     items: list[Item] = []
     img_c = cap_c = None
-    for i, row in enumerate(_read_rows(path)):
+    for i, (_, row) in enumerate(read_table(path)):
         if img_c is None:
             cols = list(row)
             img_c = _pick_column(path, cols, image_col, IMAGE_COLUMNS, "image path", "--image-col")

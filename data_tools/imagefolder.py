@@ -27,7 +27,7 @@ from typing import Any
 from data_tools.build import EncodeOptions, Item, Listing, make_key, write_split
 from data_tools.errors import DataError
 from data_tools.images import IMAGE_FILE_EXTS
-from data_tools.shards import write_json_atomic, write_text_atomic
+from data_tools.io import write_json_atomic, write_text_atomic
 
 FORMAT = "clip-train-imagefolder/1"
 DEFAULT_TEMPLATES = ("a photo of a {}.",)

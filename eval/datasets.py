@@ -15,8 +15,6 @@ Batches are the same dicts the shard loader yields ("image", "key", "label", "js
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
 import warnings
@@ -29,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from data_tools.errors import DataError
+from data_tools.io import read_table
 from clip_eval.prompts import imagenet_classnames, imagenet_synsets, is_synset
 
 logger = logging.getLogger(__name__)
@@ -254,31 +253,6 @@ def _pick_column(columns: Sequence[str], wanted: str | None, candidates: Sequenc
     )
 
 
-def _table_rows(table: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) from a CSV/TSV with a header or a JSON-lines file."""
-    try:
-        text = table.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {table}: {exc}") from exc
-    if table.suffix.lower() in (".jsonl", ".json"):
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{table} line {n}: not JSON ({exc.msg}); write one object per line") from exc
-            if not isinstance(row, dict):
-                raise DataError(f"{table} line {n}: expected a JSON object with an image path and captions")
-            yield n, row
-        return
-    reader = csv.DictReader(text.splitlines(), delimiter="\t" if table.suffix.lower() == ".tsv" else ",")
-    for row in reader:
-        if None in row:
-            raise DataError(f"{table} line {reader.line_num}: more fields than the header has")
-        yield reader.line_num, row
-
-
 def caption_table(
     table: str | os.PathLike, image_column: str | None = None, caption_column: str | None = None
 ) -> ImageSet:
@@ -288,7 +262,7 @@ def caption_table(
         raise DataError(f"--data {table}: no such caption table")
     images: dict[Path, list[str]] = {}
     image_key = caption_key = None
-    for n, row in _table_rows(table):
+    for n, row in read_table(table):
         if image_key is None:
             columns = list(row)
             image_key = _pick_column(columns, image_column, _IMAGE_COLUMNS, "image", table)

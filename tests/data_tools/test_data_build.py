@@ -149,7 +149,7 @@ def test_table_errors_are_one_line(tmp_path, capsys):
     assert "no image path column 'img' (columns: a, b)" in capsys.readouterr().err
     j = tmp_path / "t.jsonl"
     j.write_text('{"image": "a.jpg", "caption": "x"}\n{broken\n')
-    with pytest.raises(DataError, match="t.jsonl:2: invalid JSON"):
+    with pytest.raises(DataError, match="t.jsonl line 2: invalid JSON"):
         build(j, tmp_path / "o2")
 
 
