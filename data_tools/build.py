@@ -41,8 +41,9 @@ from typing import Any
 from PIL import Image
 
 from data_tools.errors import DataError
-from data_tools.images import IMAGE_FILE_EXTS, BadImage, encode_image
+from data_tools.images import encode_image
 from data_tools.io import read_table, write_json_atomic
+from data_tools.samples import IMAGE_FIELDS, IMAGE_FILE_EXTS, BadSample, check_sample
 from data_tools.shards import ShardWriter
 from data_tools.tario import FieldLoader, RawSample, ReadMode, iter_shard
 
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 BUILD_STATE = ".clip-data-build.json"
 BUILD_FORMAT = "clip-train-build/1"
 TABLE_EXTS = (".csv", ".tsv", ".jsonl", ".parquet")
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "file", "path", "filename", "img")
 CAPTION_COLUMNS = ("caption", "text", "title", "txt")
 _MAX_LISTED = 50  # bad samples kept by name in the summary and manifest
@@ -369,32 +369,15 @@ def _init_worker(opts: EncodeOptions) -> None:
     _OPTS, _FIELDS = opts, FieldLoader()
 
 
-class _Skip(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-
-
 def _caption(raw: bytes | str | None, opts: EncodeOptions) -> str | None:
-    if raw is None:
-        if opts.require_caption:
-            raise _Skip("missing_caption", "no caption (.txt or caption column)")
-        return None
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise _Skip("bad_utf8", f"caption is not UTF-8 ({e})") from e
-    text = raw.strip()
-    if not text and (opts.require_caption or opts.min_caption_len > 0):
-        raise _Skip("empty_caption", "the caption is empty")
-    if len(text) < opts.min_caption_len:
-        raise _Skip("caption_too_short", f"{len(text)} chars < --min-caption-len "
-                    f"{opts.min_caption_len}")
-    if opts.max_caption_len is not None and len(text) > opts.max_caption_len:
-        raise _Skip("caption_too_long", f"{len(text)} chars > --max-caption-len "
-                    f"{opts.max_caption_len}")
-    return text
+    """The checked caption, or `BadSample` (reason and why)."""
+    row, bad = check_sample({} if raw is None else {"txt": raw}, image=False,
+                            caption="yes" if opts.require_caption else "present",
+                            min_caption_len=opts.min_caption_len,
+                            max_caption_len=opts.max_caption_len)
+    if bad:
+        raise BadSample(*bad[0])
+    return row.get("caption")
 
 
 def encode_item(item: Item, opts: EncodeOptions | None = None,
@@ -418,24 +401,22 @@ def encode_item(item: Item, opts: EncodeOptions | None = None,
                     with open(item.image, "rb") as f:
                         image = f.read()
                 except OSError as e:
-                    raise _Skip("missing_image", f"cannot read {item.image} ({e.strerror})") from e
+                    raise BadSample("missing_image",
+                                    f"cannot read {item.image} ({e.strerror})") from e
             raw_cap: bytes | str | None = item.caption
             if raw_cap is None and item.caption_path is not None:
                 try:
                     with open(item.caption_path, "rb") as f:
                         raw_cap = f.read()
                 except OSError as e:
-                    raise _Skip("missing_caption", f"cannot read {item.caption_path}") from e
+                    raise BadSample("missing_caption",
+                                    f"cannot read {item.caption_path}") from e
             caption = _caption(raw_cap, opts)
         if image is None:
-            raise _Skip("missing_image", "no image")
-        try:
-            data_out, ext, _ = encode_image(image, max_side=opts.max_side,
-                                            jpeg_quality=opts.jpeg_quality,
-                                            max_pixels=opts.max_pixels)
-        except BadImage as e:
-            raise _Skip(e.reason, str(e)) from e
-    except _Skip as e:
+            raise BadSample("missing_image", "no image")
+        data_out, ext, _ = encode_image(image, max_side=opts.max_side,
+                                        jpeg_quality=opts.jpeg_quality, max_pixels=opts.max_pixels)
+    except BadSample as e:
         return None, e.reason, str(e)
     sample: dict[str, Any] = {"__key__": item.key, ext: data_out}
     if caption is not None:

@@ -73,13 +73,11 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import io
 import itertools
 import json
 import logging
 import math
 import random
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +89,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_tools.errors import DataError
+from data_tools.samples import REASONS, BadSample, check_sample, open_image
 from data_tools.tario import FieldLoader, RawSample, ReadMode, iter_shard
 from data_tools.counts import count_samples, shard_sample_counts
 from data_tools.urls import expand_shards
@@ -108,19 +107,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-SKIP_REASONS = (
-    "decode",  # the image does not decode
-    "too_large",  # more pixels than max_pixels (decompression bomb)
-    "missing_image",  # no .jpg/.jpeg/.png/.webp
-    "missing_txt",  # no caption, or an empty one, while a tokenizer is given
-    "bad_utf8",  # the caption is not UTF-8
-    "bad_label",  # missing or non-integer .cls with with_label
-    "bad_json",  # missing or invalid .json with with_json
-    "truncated_tar",  # the shard ends early; its last sample is lost
-    "unsafe_member",  # a tar member with an absolute path, '..' or a link: rejected
-    "unreadable_shard",  # the shard cannot be opened or is not a tar
-)
+# What the loader can meet (`data_tools.samples.REASONS` less the builders' own).
+SKIP_REASONS = tuple(r for r in REASONS
+                     if r not in ("caption_too_short", "caption_too_long", "duplicate_key"))
 STATE_FORMAT = "clip-train-loader/1"
 _MAX_BAD_WARNINGS = 20  # per worker; later bad samples are only counted (and logged at DEBUG)
 _BAD_KEYS_PER_BATCH = 16
@@ -383,49 +372,20 @@ class _ShardStream(IterableDataset):
     def _decode(self, s: RawSample, batcher: _Batcher, pending: _Pending) -> bool:
         """Check and decode one sample into `batcher`; False (and counted) when bad."""
         p = self.plan
-        key, url, f = s.key, s.url, s.fields
-        row: dict[str, Any] = {"key": key}
+        key, url = s.key, s.url
         # Cheap checks first, so a sample we would drop is never decoded.
-        if "txt" in f:
-            try:
-                row["caption"] = f["txt"].decode("utf-8").strip()
-            except UnicodeDecodeError:
-                pending.bad("bad_utf8", key, url, "caption (.txt) is not UTF-8")
-                return False
-        if self.tokenizer is not None and not row.get("caption"):
-            pending.bad("missing_txt", key, url, "no caption (.txt) or an empty one")
-            return False
-        if p.with_label:
-            try:
-                row["label"] = int(f["cls"].decode("ascii").strip())
-            except (KeyError, ValueError, UnicodeDecodeError):
-                pending.bad("bad_label", key, url, "missing or non-integer label (.cls)")
-                return False
-        if p.with_json:
-            try:
-                row["json"] = json.loads(f["json"].decode("utf-8"))
-            except (KeyError, ValueError, UnicodeDecodeError):
-                pending.bad("bad_json", key, url, "missing or invalid .json")
-                return False
-        ext = next((e for e in IMAGE_EXTS if e in f), None)
-        if ext is None:
-            pending.bad("missing_image", key, url, "no image (.jpg/.jpeg/.png/.webp)")
+        row, bad = check_sample(s.fields, caption="yes" if self.tokenizer is not None else "present",
+                                label="yes" if p.with_label else "no",
+                                meta="yes" if p.with_json else "no")
+        if bad:
+            pending.bad(bad[0][0], key, url, bad[0][1])
             return False
         try:
-            with warnings.catch_warnings():
-                # PIL only warns between 1x and 2x MAX_IMAGE_PIXELS; refuse those too.
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(f[ext]))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            pending.bad("too_large", key, url, str(e))
+            img = open_image(s.fields[row.pop("image")], p.max_pixels)
+        except BadSample as e:
+            pending.bad(e.reason, key, url, str(e))
             return False
-        except Exception as e:  # any header failure is a bad sample, not a crash
-            pending.bad("decode", key, url, f"{type(e).__name__}: {e}")
-            return False
-        w, h = img.size
-        if w * h > p.max_pixels:
-            pending.bad("too_large", key, url, f"{w}x{h} pixels > max_pixels={p.max_pixels}")
-            return False
+        row["key"] = key
         try:
             batcher.image(img)
         except Exception as e:  # truncated or corrupt data surfaces at decode time

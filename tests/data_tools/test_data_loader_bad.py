@@ -20,11 +20,13 @@ def test_bad_samples_are_skipped_counted_and_named(bad_shards, char_tokenizer):
     for b in batches:
         assert set(b["_skipped"]) == set(SKIP_REASONS)
         skipped.update(b["_skipped"])
-    assert +skipped == {"decode": 2, "missing_txt": 2, "bad_utf8": 1, "missing_image": 1,
-                        "too_large": 1, "unsafe_member": 3, "truncated_tar": 1}
+    assert +skipped == {"decode": 2, "missing_caption": 1, "empty_caption": 1, "bad_utf8": 1,
+                        "missing_image": 1, "too_large": 1, "unsafe_member": 3,
+                        "truncated_tar": 1}
     assert sum(b["_seen"] for b in batches) == len(keys) + sum(skipped.values())
     named = " ".join(k for b in batches for k in b["_bad_keys"])
-    for key in ("corrupt (decode)", "truncjpg (decode)", "notxt (missing_txt)",
+    for key in ("corrupt (decode)", "truncjpg (decode)", "notxt (missing_caption)",
+                "emptytxt (empty_caption)",
                 "latin1 (bad_utf8)", "bomb (too_large)", "../escape (unsafe_member)",
                 "t2 (truncated_tar)"):
         assert key in named
