@@ -52,8 +52,8 @@ list[dict] (``with_json``), plus private keys (leading ``_``) that the trainer m
 
 Bad samples (undecodable or oversized images, missing or non-UTF-8 captions, bad labels,
 truncated shards, unsafe tar members) are skipped, counted per reason, logged with their key
-(the first 20 per worker at WARNING) and never stop the run by themselves: pass
-``max_bad_fraction`` (or use `BadSampleBudget` in the training loop) to stop past a bound.
+(the first 20 per worker at WARNING) and never stop the run by themselves: the consumer
+sums the batches' counts in a `BadSampleBudget` to stop past a bound.
 
 Exact resume
 ------------
@@ -149,8 +149,6 @@ def make_loader(
     samples_per_epoch: int | None = None,
     max_batches: int | None = None,
     state: dict[str, Any] | None = None,
-    max_bad_fraction: float | None = None,
-    bad_min_samples: int = 1000,
     max_pixels: int | None = None,
     prefetch_factor: int = 2,
 ) -> ShardLoader:
@@ -162,8 +160,7 @@ def make_loader(
     batches on this rank, counting those before `state` (use `min(epoch_batches(...))` in
     DDP epoch mode). `samples_per_epoch` (resampled) makes a pass
     `ceil(samples_per_epoch / (batch_size * world_size))` batches long. `state` is a
-    `ShardLoader.state_dict()` to resume from. `max_bad_fraction` stops the pass with a
-    `DataError` once more than that fraction of at least `bad_min_samples` samples was bad.
+    `ShardLoader.state_dict()` to resume from.
     Images with more than `max_pixels` pixels (default: PIL's `MAX_IMAGE_PIXELS`) are
     skipped as `too_large` before decoding.
     """
@@ -244,10 +241,6 @@ def make_loader(
             "1 sample in %d (exact; reads tar headers of the others); write more shards "
             "to avoid this", len(flat), world_size, workers, world_size * workers,
         )
-    budget = None
-    if max_bad_fraction is not None:
-        budget = BadSampleBudget(max_bad_fraction, min_samples=bad_min_samples,
-                                 shards=shards if isinstance(shards, (str, Path)) else flat)
     dataset = ShardStream(plan, image_transform, tokenizer)
     dataloader = DataLoader(
         dataset,
@@ -258,4 +251,4 @@ def make_loader(
         worker_init_fn=worker_init if num_workers > 0 else None,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
     )
-    return ShardLoader(dataloader, plan, config, start, limit, budget, regime)
+    return ShardLoader(dataloader, plan, config, start, limit, regime)

@@ -15,7 +15,6 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from data_tools.bad_samples import BadSampleBudget
 from data_tools.errors import DataError
 from data_tools.read_plan import ReadPlan, epoch_batches
 
@@ -33,14 +32,12 @@ class ShardLoader:
     """
 
     def __init__(self, dataloader: DataLoader, plan: ReadPlan, config: dict[str, Any],
-                 start: dict[str, Any], limit: int | None, budget: BadSampleBudget | None,
-                 regime: str) -> None:
+                 start: dict[str, Any], limit: int | None, regime: str) -> None:
         self.dataloader = dataloader
         self.plan = plan
         self.shards = list(plan.shards)
         self.regime = regime
         self.limit = limit
-        self.budget = budget
         self._config = config
         self._start = start
         self._state = json.loads(json.dumps(start))
@@ -62,8 +59,6 @@ class ShardLoader:
                 st["batches"] += 1
                 self.seen += int(batch["_seen"])
                 self.skipped.update({k: v for k, v in batch["_skipped"].items() if v})
-                if self.budget is not None:
-                    self.budget.update(batch)
                 yield batch
                 if self.limit is not None and st["batches"] >= self.limit:
                     break

@@ -13,7 +13,7 @@ is and on what is wrong with a shard:
 
 Local shards can be read header-only (`read_data=False`): member data is skipped with a seek
 and each field records where its bytes are, so a resumed loader can step over samples it has
-already used without reading them, and load the few it still needs later (`load_fields`).
+already used without reading them, and load the few it still needs later (`FieldLoader`).
 Gzip-compressed shards (`.tar.gz`, as webdataset reads them) have no such offsets: they are
 always decompressed and read front to back, as remote shards are.
 """
@@ -49,9 +49,6 @@ class RawSample:
     @property
     def loaded(self) -> bool:
         return not self.refs or len(self.fields) == len(self.refs)
-
-    def exts(self) -> list[str]:
-        return list(self.refs or self.fields)
 
 
 def unsafe_member_name(name: str) -> bool:

@@ -42,10 +42,6 @@ def test_budget_stops_with_one_line(bad_shards, char_tokenizer):
     assert "samples bad" in msg and "> data.max_bad_fraction=0.2" in msg
     assert "first bad keys: corrupt (decode)" in msg
     assert f"run `clip-data validate {bad_shards}`" in msg and "\n" not in msg
-    # the same bound inside the loader
-    with pytest.raises(DataError, match="max_bad_fraction=0.2"):
-        list(make_loader(bad_shards, batch_size=4, image_transform=T, tokenizer=char_tokenizer,
-                         max_bad_fraction=0.2, bad_min_samples=5))
     # a generous bound lets the pass finish; the budget's counts survive a checkpoint
     ok = BadSampleBudget(0.9, min_samples=5)
     for b in make_loader(bad_shards, batch_size=4, image_transform=T, tokenizer=char_tokenizer):
