@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from data_tools.urls import is_remote, sample_key
+from data_tools.urls import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,18 @@ class RawSample:
     @property
     def loaded(self) -> bool:
         return not self.refs or len(self.fields) == len(self.refs)
+
+
+def sample_key(member_name: str) -> tuple[str, str] | None:
+    """Split a tar member name into (sample key, extension) the way webdataset groups them.
+
+    The key is everything up to the first '.' of the last path component.
+    """
+    head, _, base = member_name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem:
+        return None
+    return (f"{head}/{stem}" if head else stem), ext
 
 
 def unsafe_member_name(name: str) -> bool:

@@ -23,7 +23,8 @@ from data_tools import imagenet
 from data_tools.errors import ConfigError, DataError
 from data_tools.fmt import format_metrics
 from data_tools.loader import expand_shards, make_loader
-from data_tools.urls import is_remote, sample_key
+from data_tools.tario import sample_key
+from data_tools.urls import is_remote
 from clip_eval._common import EvalDataError
 from clip_eval.datasets import (
     FileLoader,
