@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from data_tools import imagenet
-from data_tools.build import EncodeOptions, Item, Listing, make_key, write_split
+from data_tools.build_encode import EncodeOptions
+from data_tools.build_inputs import Item, Listing, make_key
+from data_tools.build_writer import write_split
 from data_tools.errors import DataError
 from data_tools.io import write_json_atomic, write_text_atomic
 from data_tools.samples import IMAGE_FILE_EXTS
