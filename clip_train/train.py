@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from clip_train.checkpoint import CheckpointManager, set_rng_state
 from clip_train.config import Config, config_to_dict, to_yaml
-from clip_train.encoder import ClipEncoder, make_tokenizer
+from clip_train.encoder import make_tokenizer
+from clip_train.evaluation import evaluate, load_eval_suite
 from clip_train.losses import build_loss
 from clip_train.model import build_model, lock_towers, locked_modules
 from clip_train.optim import build_optimizer, build_scheduler
@@ -162,16 +163,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
         raise ConfigError(f"{run_dir} already holds a run ({', '.join(previous)}): continue it with "
                           f"`clip-train resume {run_dir}` (or `train --resume`), start it over with "
                           f"`train --overwrite`, or choose another run.name")
-    suite = None
-    if cfg.eval.suite:
-        from clip_eval.suite import load_suite
-
-        suite = load_suite(cfg.eval.suite)  # a bad suite file fails now, not hours into the run
-        taken = {"zeroshot": cfg.data.zeroshot, "retrieval": cfg.data.retrieval}
-        clash = [t.name for t in suite.tasks if taken.get(t.name)]
-        if clash:
-            raise ConfigError(f"eval.suite task name(s) {clash} are used by data.zeroshot/data.retrieval results; "
-                              f"rename them in {cfg.eval.suite}")
+    suite = load_eval_suite(cfg)  # a bad suite file fails now, not hours into the run
     set_seed(cfg.train.seed)
     step_batch = cfg.train.batch_size * cfg.train.accum_steps  # per process, one contrastive batch
     log.info("run %s: %d processes on %s, %d train shards, contrastive batch %d",
@@ -408,25 +400,6 @@ def _grad_norm(model: torch.nn.Module, accelerator: Accelerator, clip: Optional[
     if accelerator.scaler is not None:
         accelerator.unscale_gradients()
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
-
-
-def evaluate(model: torch.nn.Module, cfg: Config, device: torch.device, suite: Any = None,
-             output_dir: Optional[Path] = None) -> Dict[str, Dict[str, float]]:
-    """Zero-shot and retrieval on the configured held-out splits, then the eval suite if any."""
-    from clip_eval.tasks import retrieval_task, zero_shot_task
-
-    encoder = ClipEncoder(model)
-    results: Dict[str, Dict[str, float]] = {}
-    opts = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers, device=device)
-    if cfg.data.zeroshot:
-        results["zeroshot"] = zero_shot_task(encoder, cfg.data.zeroshot, **opts)
-    if cfg.data.retrieval:
-        results["retrieval"] = retrieval_task(encoder, cfg.data.retrieval, **opts)
-    if suite is not None:
-        from clip_eval.suite import run_suite
-
-        results.update(run_suite(encoder, suite, device, output_dir=output_dir))
-    return results
 
 
 def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
