@@ -61,8 +61,9 @@ def export_onnx(model: CLIPModel, out_dir: str | Path) -> Dict[str, Path]:
         for name, (module, example, input_name) in graphs.items():
             path = out_dir / name
             with atomic_path(path) as tmp:
-                torch.onnx.export(module.eval(), (example,), str(tmp), input_names=[input_name], output_names=["embeddings"],
-                                  dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)
+                torch.onnx.export(module.eval(), (example,), str(tmp), input_names=[input_name],
+                                  output_names=["embeddings"], dynamic_shapes=({0: batch},),
+                                  dynamo=True, external_data=False, verbose=False)
             written[name] = path
     finally:
         model.text.trim_padding = trim

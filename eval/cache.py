@@ -104,7 +104,8 @@ def save_classifier(cache_dir: Path, key: str, classifier: Tensor, metadata: dic
     path = cache_dir / f"{key}.safetensors"
     try:
         with atomic_path(path) as tmp:
-            save_file({"classifier": classifier.detach().float().cpu().contiguous()}, str(tmp), metadata={"format": _FORMAT, **metadata})
+            save_file({"classifier": classifier.detach().float().cpu().contiguous()}, str(tmp),
+                      metadata={"format": _FORMAT, **metadata})
     except OSError as exc:
         logger.warning("could not cache the classifier in %s (%s); continuing without", cache_dir, exc)
         return None
