@@ -6,7 +6,7 @@ DataLoader), so the main process only receives finished batches, whose image ten
 written straight into shared memory.
 
 Splitting is explicit from `rank`/`world_size`, never from torch.distributed or Accelerate
-(whose batch dispatching would duplicate or drop samples; see DESIGN.md). Each rank runs
+(whose batch dispatching would duplicate or drop samples; see docs/scaling.md). Each rank runs
 `max(1, num_workers)` *logical workers*; each logical worker reads its own stream of samples
 and makes its own batches (a batch never mixes workers). The DataLoader hands out their
 batches round-robin.
