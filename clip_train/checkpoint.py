@@ -24,8 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from data_tools.errors import ClipTrainError
-from data_tools.shards import share_tree
-from data_tools.shards import write_text_atomic as atomic_write_text
+from data_tools.io import share_tree, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +130,7 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.rename(tmp, final)
             _fsync_dir(self.root)
-            atomic_write_text(self.root / LATEST, final.name + "\n")
+            write_text_atomic(self.root / LATEST, final.name + "\n")
             self.prune()
             log.info("saved checkpoint %s", final)
         self.barrier()

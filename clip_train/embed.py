@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from data_tools.errors import ClipTrainError, DataError
-from data_tools.shards import write_bytes_atomic, write_text_atomic
+from data_tools.io import atomic_path, write_bytes_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +109,8 @@ def build_index(emb_dir: str | Path, modalities: Iterable[str] = MODALITIES, kin
             raise ClipTrainError(f"index kind '{kind}' is not one of: flat, ivf")
         index.add(vectors)
         path = emb_dir / f"{modality}.faiss"
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        faiss.write_index(index, str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            faiss.write_index(index, str(tmp))
         written.append(path)
     return written
 

@@ -34,7 +34,7 @@ from clip_train.config import Config, ModelConfig, config_to_dict
 from clip_train.encoder import ClipEncoder
 from clip_train.model import CLIPModel, build_model, timm_overrides
 from data_tools.errors import ClipTrainError
-from data_tools.shards import share_tree
+from data_tools.io import share_tree
 
 log = logging.getLogger(__name__)
 

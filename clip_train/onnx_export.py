@@ -8,7 +8,6 @@ graph cannot express; the result is the same). Needs `onnx` and `onnxscript`
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Dict
 
@@ -17,6 +16,7 @@ from torch import nn
 
 from clip_train.model import CLIPModel
 from data_tools.errors import ClipTrainError
+from data_tools.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,10 @@ def export_onnx(model: CLIPModel, out_dir: str | Path) -> Dict[str, Path]:
     try:
         for name, (module, example, input_name) in graphs.items():
             path = out_dir / name
-            tmp = path.with_name(f".{name}.tmp{os.getpid()}")
-            torch.onnx.export(module.eval(), (example,), str(tmp), input_names=[input_name], output_names=["embeddings"],
-                              dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                torch.onnx.export(module.eval(), (example,), str(tmp), input_names=[input_name],
+                                  output_names=["embeddings"], dynamic_shapes=({0: batch},),
+                                  dynamo=True, external_data=False, verbose=False)
             written[name] = path
     finally:
         model.text.trim_padding = trim

@@ -23,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from data_tools.errors import ClipTrainError
+from data_tools.io import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -114,25 +115,11 @@ def eval_tasks(records: Sequence[Record]) -> Dict[str, List[str]]:
 # ---------------------------------------------------------------- writing
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file + rename: a reader (a browser, a sync job) never sees half a PNG."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)  # attach the raster canvas explicitly: PNG output, never a GUI
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    _atomic_write_bytes(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
     return path
 
 
@@ -248,6 +235,6 @@ def write_report(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
     plots = [p for p in candidates if p is not None]
 
     summary = out / "summary.md"
-    _atomic_write_bytes(summary, _summary(run_dir, source, train, evals, plots).encode())
+    write_bytes_atomic(summary, _summary(run_dir, source, train, evals, plots).encode())
     log.info("report for %s: %d plots and %s", run_dir, len(plots), summary)
     return [*plots, summary]

@@ -29,9 +29,10 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from clip_train.checkpoint import CheckpointManager, atomic_write_text, set_rng_state
+from clip_train.checkpoint import CheckpointManager, set_rng_state
 from clip_train.config import Config, config_to_dict, loss_terms, to_yaml
-from clip_train.encoder import ClipEncoder, make_tokenizer
+from clip_train.encoder import make_tokenizer
+from clip_train.evaluation import evaluate, load_eval_suite
 from clip_train.objective import build_objective, freeze_unused
 from clip_train.model import build_model, lock_towers, locked_modules
 from clip_train.pretrained import init_from_source, warn_locked_without_weights
@@ -40,6 +41,7 @@ from clip_train.preempt import PreemptionGuard
 from clip_train.step import forward_backward
 from clip_train.throughput import TrainFlops, device_peak_flops
 from data_tools.errors import ClipTrainError, ConfigError, DataError
+from data_tools.io import write_text_atomic
 from data_tools.loader import BadSampleBudget, epoch_batches, expand_shards, make_loader
 from data_tools.transforms import image_transform
 
@@ -63,7 +65,7 @@ class MetricsLog:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: Dict[str, Any]) -> None:
         if self.enabled:
@@ -167,16 +169,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
         raise ConfigError(f"{run_dir} already holds a run ({', '.join(previous)}): continue it with "
                           f"`clip-train resume {run_dir}` (or `train --resume`), start it over with "
                           f"`train --overwrite`, or choose another run.name")
-    suite = None
-    if cfg.eval.suite:
-        from clip_eval.suite import load_suite
-
-        suite = load_suite(cfg.eval.suite)  # a bad suite file fails now, not hours into the run
-        taken = {"zeroshot": cfg.data.zeroshot, "retrieval": cfg.data.retrieval}
-        clash = [t.name for t in suite.tasks if taken.get(t.name)]
-        if clash:
-            raise ConfigError(f"eval.suite task name(s) {clash} are used by data.zeroshot/data.retrieval results; "
-                              f"rename them in {cfg.eval.suite}")
+    suite = load_eval_suite(cfg)  # a bad suite file fails now, not hours into the run
     set_seed(cfg.train.seed)
     step_batch = cfg.train.batch_size * cfg.train.accum_steps  # per process, one contrastive batch
     log.info("run %s: %d processes on %s, %d train shards, contrastive batch %d",
@@ -273,7 +266,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
         accelerator.wait_for_everyone()
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
         if resume:
             metrics.truncate_after(ckpt_step)  # a run resumed before its first checkpoint restarts its log
     if cfg.run.trackers:
@@ -431,7 +424,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
         return summary
     if is_main and cfg.eval.at_end:
         summary["eval"] = evaluate(unwrapped, cfg, device, suite, run_dir / "eval" / f"step_{state['step']}")
-        atomic_write_text(run_dir / "eval_results.json", json.dumps(summary["eval"], indent=1) + "\n")
+        write_text_atomic(run_dir / "eval_results.json", json.dumps(summary["eval"], indent=1) + "\n")
         metrics.write({"step": state["step"], "samples_seen": state["samples_seen"], **_flat(summary["eval"], "eval")})
     if is_main and cfg.export.at_end:
         from clip_train.export import export_model
@@ -478,25 +471,6 @@ def _grad_norm(model: torch.nn.Module, accelerator: Accelerator, clip: Optional[
     if accelerator.scaler is not None:
         accelerator.unscale_gradients()
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
-
-
-def evaluate(model: torch.nn.Module, cfg: Config, device: torch.device, suite: Any = None,
-             output_dir: Optional[Path] = None) -> Dict[str, Dict[str, float]]:
-    """Zero-shot and retrieval on the configured held-out splits, then the eval suite if any."""
-    from clip_eval.tasks import retrieval_task, zero_shot_task
-
-    encoder = ClipEncoder(model)
-    results: Dict[str, Dict[str, float]] = {}
-    opts = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers, device=device)
-    if cfg.data.zeroshot:
-        results["zeroshot"] = zero_shot_task(encoder, cfg.data.zeroshot, **opts)
-    if cfg.data.retrieval:
-        results["retrieval"] = retrieval_task(encoder, cfg.data.retrieval, **opts)
-    if suite is not None:
-        from clip_eval.suite import run_suite
-
-        results.update(run_suite(encoder, suite, device, output_dir=output_dir))
-    return results
 
 
 def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

@@ -217,7 +217,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     import json
 
     from data_tools.inspect_shards import inspect_shards
-    from data_tools.shards import write_text_atomic
+    from data_tools.io import write_text_atomic
 
     stats = inspect_shards(args.shards, decode=True, num_workers=args.num_workers,
                            max_pixels=args.max_pixels, progress=args.progress)

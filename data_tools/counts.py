@@ -199,7 +199,7 @@ def _write_cache(folder: Path, fresh: dict[str, dict[str, int]]) -> None:
 
     Never replaces a file we did not write: a `.clip-data-counts.json` that is not ours sends
     the cache to the user cache dir. Atomic, so concurrent ranks at worst redo a count."""
-    from data_tools.shards import write_json_atomic
+    from data_tools.io import write_json_atomic
 
     local = folder / CACHE_NAME
     targets = [user_cache_file(folder)]

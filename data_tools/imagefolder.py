@@ -17,57 +17,21 @@ This is the layout `clip-eval zero-shot --data OUT` reads. Labels index `classna
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
-import re
 from pathlib import Path
 from typing import Any
 
-from data_tools.build import EncodeOptions, Item, Listing, make_key, write_split
+from data_tools import imagenet
+from data_tools.build_encode import EncodeOptions
+from data_tools.build_inputs import Item, Listing, make_key
+from data_tools.build_writer import write_split
 from data_tools.errors import DataError
-from data_tools.images import IMAGE_FILE_EXTS
-from data_tools.shards import write_json_atomic, write_text_atomic
+from data_tools.io import write_json_atomic, write_text_atomic
+from data_tools.samples import IMAGE_FILE_EXTS
 
 FORMAT = "clip-train-imagefolder/1"
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
-_SYNSET = re.compile(r"n\d{8}")
-
-
-def _package_file(package: str, *parts: str) -> Path:
-    """A data file shipped inside an installed package, found without importing it (importing
-    open_clip or timm would import torch: seconds, for a few lists of names)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"package {package} is not installed (pip install {package})")
-    return Path(next(iter(spec.submodule_search_locations)), *parts)
-
-
-def _imagenet_1k() -> tuple[list[str], list[str], list[str]]:
-    """(synsets, CLIP class names, CLIP templates) of ImageNet-1k, in label order.
-
-    Synsets from timm's `imagenet_synsets.txt`; names and the 80 prompts from open_clip's
-    `zero_shot_metadata.py` (plain data, loaded as a module of its own)."""
-    synsets = _package_file("timm", "data", "_info", "imagenet_synsets.txt").read_text().split()
-    path = _package_file("open_clip", "zero_shot_metadata.py")
-    spec = importlib.util.spec_from_file_location("_clip_train_zero_shot_metadata", path)
-    assert spec is not None and spec.loader is not None
-    meta = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(meta)
-    templates = [t("{}") for t in meta.OPENAI_IMAGENET_TEMPLATES]
-    return synsets, list(meta.IMAGENET_CLASSNAMES), templates
-
-
-def _synset_lemma(synsets: list[str]) -> dict[str, str]:
-    """First lemma of each WordNet synset, from timm's `imagenet_synset_to_lemma.txt`."""
-    path = _package_file("timm", "data", "_info", "imagenet_synset_to_lemma.txt")
-    want = set(synsets)
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        wnid, _, lemmas = line.partition("\t")
-        if wnid in want:
-            out[wnid] = lemmas.split(",")[0].strip()
-    return out
 
 
 def classes_of(root: Path, classnames_file: str | Path | None) -> dict[str, Any]:
@@ -78,16 +42,16 @@ def classes_of(root: Path, classnames_file: str | Path | None) -> dict[str, Any]
     kind = "folders"
     templates = list(DEFAULT_TEMPLATES)
     synsets_out: list[str] | None = None
-    if all(_SYNSET.fullmatch(f) for f in folders):
-        in1k, names1k, templates1k = _imagenet_1k()
-        index = {s: i for i, s in enumerate(in1k)}
-        if all(f in index for f in folders):
+    if all(imagenet.is_synset(f) for f in folders):
+        in1k = imagenet.label_folders(folders)
+        if in1k is not None:
             kind = "imagenet-1k"
-            labels = {f: index[f] for f in folders}
-            names, templates, synsets_out = names1k, templates1k, in1k
+            labels = in1k
+            names, templates = imagenet.classnames(), imagenet.templates()
+            synsets_out = list(imagenet.synsets())
         else:
             kind = "synsets"
-            lemmas = _synset_lemma(folders)
+            lemmas = imagenet.synset_lemmas(folders)
             labels = {f: i for i, f in enumerate(folders)}
             names = [lemmas.get(f, f) for f in folders]
             synsets_out = folders

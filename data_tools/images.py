@@ -1,4 +1,4 @@
-"""Opening and re-encoding images for the shard builders, with a pixel bound.
+"""Checking and re-encoding images for the shard builders (opened by `data_tools.samples`).
 
 No torch here: builder worker processes import only PIL.
 """
@@ -6,22 +6,14 @@ No torch here: builder worker processes import only PIL.
 from __future__ import annotations
 
 import io
-import warnings
 
 from PIL import Image, ImageOps
 
+from data_tools.samples import BadSample, open_image
+
 # WebDataset field for each PIL format we store as is; anything else is re-encoded to JPEG.
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-IMAGE_FILE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _ORIENTATION = 0x0112
-
-
-class BadImage(Exception):
-    """An image we skip: `reason` is a skip reason ("decode", "too_large"), the message why."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -33,32 +25,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Open (header only) and check the pixel bound before anything is decoded."""
-    try:
-        with warnings.catch_warnings():
-            # PIL only warns between 1x and 2x MAX_IMAGE_PIXELS; make that an error too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImage("too_large", str(e)) from e
-    except Image.UnidentifiedImageError as e:
-        raise BadImage("decode", "not an image PIL can read (corrupt or unknown format)") from e
-    except Exception as e:
-        raise BadImage("decode", f"not an image ({type(e).__name__}: {e})") from e
-    w, h = img.size
-    if w * h > max_pixels:
-        raise BadImage("too_large", f"{w}x{h} = {w * h} pixels > max_pixels={max_pixels}")
-    return img
-
-
 def check_image(data: bytes, max_pixels: int) -> tuple[int, int]:
     """Decode fully (catches truncated and corrupt data); returns (width, height)."""
     img = open_image(data, max_pixels)
     try:
         img.load()
     except Exception as e:
-        raise BadImage("decode", f"{type(e).__name__}: {e}") from e
+        raise BadSample("decode", f"{type(e).__name__}: {e}") from e
     return img.size
 
 
@@ -90,8 +63,8 @@ def encode_image(
         img = to_rgb(ImageOps.exif_transpose(img))
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=jpeg_quality)
-    except BadImage:
+    except BadSample:
         raise
     except Exception as e:
-        raise BadImage("decode", f"{type(e).__name__}: {e}") from e
+        raise BadSample("decode", f"{type(e).__name__}: {e}") from e
     return buf.getvalue(), "jpg", img.size

@@ -9,7 +9,6 @@ lists each bad sample. Shards are checked in parallel with `num_workers`.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 from collections import Counter
 from collections.abc import Sequence
@@ -20,11 +19,11 @@ from typing import Any
 from PIL import Image
 
 from data_tools.errors import DataError
-from data_tools.images import BadImage, check_image, open_image
+from data_tools.images import check_image
+from data_tools.samples import BadSample, check_sample, open_image
 from data_tools.tario import iter_shard
 from data_tools.urls import expand_shards, is_remote
 
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EDGES = (0, 1, 10, 20, 50, 100, 200, 500)  # chars: [0], [1,10), ... [500, inf)
 SIDE_EDGES = (0, 32, 64, 128, 224, 256, 384, 512, 1024, 2048)  # shorter side, px
 
@@ -123,42 +122,24 @@ def _check_shard(args: tuple[str, bool, int]) -> tuple[ShardStats, list[str]]:
     for s in iter_shard(url, on_problem=problem):
         n += 1
         keys.append(s.key)
-        f = s.fields
-        if "txt" in f:
-            try:
-                text = f["txt"].decode("utf-8").strip()
-            except UnicodeDecodeError as e:
-                st.problems.append(Problem(name, s.key, "bad_utf8", f"caption is not UTF-8 ({e})"))
-            else:
-                st.with_caption += 1
-                st.caption_chars.append(len(text))
-                st.caption_words.append(len(text.split()))
-                if not text:
-                    st.problems.append(Problem(name, s.key, "empty_caption",
-                                               "the caption is empty"))
-        else:
-            st.missing_caption.append(Problem(name, s.key, "missing_txt", "no caption (.txt)"))
-        if "cls" in f:
-            try:
-                int(f["cls"].decode("ascii").strip())
-                st.with_label += 1
-            except (ValueError, UnicodeDecodeError):
-                st.problems.append(Problem(name, s.key, "bad_label", "the .cls is not an integer"))
-        if "json" in f:
-            try:
-                json.loads(f["json"].decode("utf-8"))
-            except (ValueError, UnicodeDecodeError) as e:
-                st.problems.append(Problem(name, s.key, "bad_json", f"invalid .json ({e})"))
-        ext = next((e for e in IMAGE_FIELDS if e in f), None)
+        row, bad = check_sample(s.fields, caption="yes", label="present", meta="present")
+        for reason, detail in bad:
+            p = Problem(name, s.key, reason, detail)
+            # a missing caption is a problem only where other samples have one
+            (st.missing_caption if reason == "missing_caption" else st.problems).append(p)
+        if "caption" in row:
+            st.with_caption += 1
+            st.caption_chars.append(len(row["caption"]))
+            st.caption_words.append(len(row["caption"].split()))
+        st.with_label += "label" in row
+        ext = row["image"]
         if ext is None:
-            st.problems.append(Problem(name, s.key, "missing_image",
-                                       "no image (.jpg/.jpeg/.png/.webp)"))
             continue
         st.with_image += 1
         try:
-            size = check_image(f[ext], max_pixels) if decode else open_image(f[ext],
-                                                                            max_pixels).size
-        except BadImage as e:
+            size = check_image(s.fields[ext], max_pixels) if decode else open_image(
+                s.fields[ext], max_pixels).size
+        except BadSample as e:
             st.problems.append(Problem(name, s.key, e.reason, str(e)))
         else:
             st.image_sizes.append(size)

@@ -6,7 +6,7 @@ DataLoader), so the main process only receives finished batches, whose image ten
 written straight into shared memory.
 
 Splitting is explicit from `rank`/`world_size`, never from torch.distributed or Accelerate
-(whose batch dispatching would duplicate or drop samples; see DESIGN.md). Each rank runs
+(whose batch dispatching would duplicate or drop samples; see docs/scaling.md). Each rank runs
 `max(1, num_workers)` *logical workers*; each logical worker reads its own stream of samples
 and makes its own batches (a batch never mixes workers). The DataLoader hands out their
 batches round-robin.
@@ -47,15 +47,16 @@ list[dict] (``with_json``), plus private keys (leading ``_``) that the trainer m
   bad); ``_bad_keys``: up to 16 "key (reason) in shard" strings from that span. Summed over
   batches, ``_skipped`` / ``_seen`` is the bad fraction; `BadSampleBudget` does the sum.
   Samples after a worker's last batch (a tail that ``drop_last`` drops) reach no batch: the
-  `ShardLoader` counts them itself (its budget and its end-of-pass warning).
+  worker sends their counts as a tally without samples, which `ShardLoader` counts (its budget
+  and its end-of-pass warning) and never yields.
 - ``_worker``, ``_batch``, ``_emitted``: which logical worker made the batch, its index among
   that worker's batches, and how many samples that worker had taken from its shuffle buffer.
   `ShardLoader.state_dict` is built from these.
 
 Bad samples (undecodable or oversized images, missing or non-UTF-8 captions, bad labels,
 truncated shards, unsafe tar members) are skipped, counted per reason, logged with their key
-(the first 20 per worker at WARNING) and never stop the run by themselves: pass
-``max_bad_fraction`` (or use `BadSampleBudget` in the training loop) to stop past a bound.
+(the first 20 per worker at WARNING) and never stop the run by themselves: the consumer
+sums the batches' counts in a `BadSampleBudget` to stop past a bound.
 
 Exact resume
 ------------
@@ -73,30 +74,24 @@ plays that logical worker). A state from another configuration raises
 
 from __future__ import annotations
 
-import bisect
 import hashlib
-import io
-import itertools
-import json
 import logging
 import math
-import random
-import signal
-import warnings
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
-from data_tools.errors import DataError
-from data_tools.tario import FieldLoader, RawSample, ReadMode, iter_shard
+from data_tools.bad_samples import SKIP_REASONS, BadSampleBudget
 from data_tools.counts import count_samples, shard_sample_counts
+from data_tools.errors import DataError
+from data_tools.read_plan import ReadPlan, epoch_batches
+from data_tools.shard_loader import STATE_FORMAT, ShardLoader, start_position
 from data_tools.urls import expand_shards
+from data_tools.worker_stream import ShardStream, worker_init
 
 __all__ = [
     "make_loader",
@@ -110,613 +105,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-SKIP_REASONS = (
-    "decode",  # the image does not decode
-    "too_large",  # more pixels than max_pixels (decompression bomb)
-    "missing_image",  # no .jpg/.jpeg/.png/.webp
-    "missing_txt",  # no caption, or an empty one, while a tokenizer is given
-    "bad_utf8",  # the caption is not UTF-8
-    "bad_label",  # missing or non-integer .cls with with_label
-    "bad_json",  # missing or invalid .json with with_json
-    "truncated_tar",  # the shard ends early; its last sample is lost
-    "unsafe_member",  # a tar member with an absolute path, '..' or a link: rejected
-    "unreadable_shard",  # the shard cannot be opened or is not a tar
-)
-STATE_FORMAT = "clip-train-loader/1"
-_MAX_BAD_WARNINGS = 20  # per worker; later bad samples are only counted (and logged at DEBUG)
-_BAD_KEYS_PER_BATCH = 16
-
-ShardSpec = Union[str, Path, Sequence[Union[str, Path]]]
-
-
-def _rng(*parts: object) -> random.Random:
-    """A private RNG for a tuple of ints; str seeds are hashed with SHA-512, stable across runs."""
-    return random.Random("clip-train:" + ":".join(str(p) for p in parts))
-
-
-# -- the plan: everything a worker needs, picklable ------------------------------------------
-@dataclass(frozen=True)
-class _Plan:
-    sources: tuple[tuple[str, ...], ...]
-    weights: tuple[float, ...] | None
-    batch_size: int
-    mode: str
-    shuffle_buffer: int
-    seed: int
-    epoch: int
-    rank: int
-    world_size: int
-    workers: int  # logical workers per rank: max(1, num_workers)
-    drop_last: bool
-    with_label: bool
-    with_json: bool
-    max_pixels: int
-    offset: int = 0  # logical worker played by physical worker 0
-    resume: tuple[tuple[int, int], ...] | None = None  # per logical worker: (batches, emitted)
-
-    @property
-    def shards(self) -> tuple[str, ...]:
-        return tuple(u for src in self.sources for u in src)
-
-    @property
-    def sample_split(self) -> bool:
-        return self.mode == "epoch" and len(self.shards) < self.world_size * self.workers
-
-
-def _worker_shards(shards: Sequence[str], rank: int, world_size: int, worker: int,
-                   workers: int) -> list[str]:
-    """Epoch mode with enough shards: the fixed shard assignment (see module docstring)."""
-    return list(shards[rank::world_size][worker::workers])
-
-
-@dataclass
-class _Pending:
-    """What a worker has to report with its next batch."""
-
-    where: str
-    seen: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    bad_keys: list[str] = field(default_factory=list)
-    total_bad: int = 0
-    silent: bool = False  # a resumed worker's replay: these were reported before
-
-    def bad(self, reason: str, key: str, url: str, detail: str) -> None:
-        if self.silent:
-            return
-        self.seen += reason in ("truncated_tar", "unsafe_member", "unreadable_shard")
-        self.skipped[reason] += 1
-        self.total_bad += 1
-        if len(self.bad_keys) < _BAD_KEYS_PER_BATCH:
-            self.bad_keys.append(f"{key or '?'} ({reason}) in {url}")
-        level = logging.WARNING if self.total_bad <= _MAX_BAD_WARNINGS else logging.DEBUG
-        log.log(level, "%s: skipping bad sample %r in %s: %s: %s", self.where, key, url,
-                reason, detail)
-
-    def take(self) -> dict[str, Any]:
-        out = {
-            "_seen": self.seen,
-            "_skipped": {r: self.skipped.get(r, 0) for r in SKIP_REASONS},
-            "_bad_keys": self.bad_keys,
-        }
-        self.seen, self.skipped, self.bad_keys = 0, Counter(), []
-        return out
-
-
-def _empty_shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A tensor whose storage is already in shared memory when made in a DataLoader worker,
-    so sending it to the main process costs no copy (as torch's default_collate does)."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    storage = torch.UntypedStorage._new_shared(nbytes)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-
-
-class _Batcher:
-    """Collects decoded samples of one batch; images go straight into the batch tensor."""
-
-    def __init__(self, batch_size: int, transform: Any) -> None:
-        self.batch_size = batch_size
-        self.transform = transform
-        self.fast = callable(getattr(transform, "resize_pil", None)) and callable(
-            getattr(transform, "to_tensor_into", None)
-        )
-        self.reset()
-
-    def reset(self) -> None:
-        self.n = 0
-        self.images: torch.Tensor | None = None
-        self.tensors: list[torch.Tensor] = []
-        self.rows: list[dict[str, Any]] = []
-
-    def image(self, img: Image.Image) -> None:
-        """Transform one opened image into the next slot (raises on a bad image)."""
-        if self.fast:
-            small = self.transform.resize_pil(img)
-            if self.images is None:
-                s = self.transform.image_size
-                self.images = _empty_shared((self.batch_size, 3, s, s), torch.float32)
-            self.transform.to_tensor_into(small, self.images[self.n])
-        else:
-            self.tensors.append(self.transform(img))
-
-    def add(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
-        self.n += 1
-
-    def finish(self, tokenizer: Any, with_label: bool, with_json: bool) -> dict[str, Any]:
-        n = self.n
-        if self.fast:
-            assert self.images is not None
-            images = self.images if n == self.batch_size else self.images[:n]
-        else:
-            first = self.tensors[0]
-            images = _empty_shared((n, *first.shape), first.dtype)
-            torch.stack(self.tensors, out=images)
-        batch: dict[str, Any] = {"image": images, "key": [r["key"] for r in self.rows]}
-        if any("caption" in r for r in self.rows):
-            batch["caption"] = [r.get("caption", "") for r in self.rows]
-        if tokenizer is not None:
-            batch["text"] = torch.as_tensor(tokenizer(batch["caption"])).long()
-        if with_label:
-            batch["label"] = torch.tensor([r["label"] for r in self.rows], dtype=torch.long)
-        if with_json:
-            batch["json"] = [r["json"] for r in self.rows]
-        self.reset()
-        return batch
-
-
-class _ShardStream(IterableDataset):
-    """One rank's share of the data; each (logical) worker yields finished batches."""
-
-    def __init__(
-        self,
-        plan: _Plan,
-        image_transform: Callable[[Image.Image], torch.Tensor],
-        tokenizer: Callable[[list[str]], torch.Tensor] | None,
-    ) -> None:
-        super().__init__()
-        self.plan = plan
-        self.image_transform = image_transform
-        self.tokenizer = tokenizer
-
-    # -- which samples this worker reads, in which order ------------------------------------
-    def _raw(self, worker: int, mode: ReadMode, pending: _Pending) -> Iterator[RawSample]:
-        p = self.plan
-        if p.mode == "resampled":
-            streams = [
-                _resampled(src, _rng(p.seed, p.epoch, p.rank, worker, "resample", i), mode,
-                           pending)
-                for i, src in enumerate(p.sources)
-            ]
-            if len(streams) == 1:
-                return streams[0]
-            assert p.weights is not None
-            return _mixed(streams, p.weights, _rng(p.seed, p.epoch, p.rank, worker, "mix"))
-        shards = list(p.shards)
-        if p.sample_split:
-            if p.shuffle_buffer > 0:
-                _rng(p.seed, p.epoch, "shards").shuffle(shards)  # same order in every worker
-            groups = p.world_size * p.workers
-            me = p.rank * p.workers + worker
-            samples = _chain(shards, mode, pending)
-            return (s for i, s in enumerate(samples) if i % groups == me)
-        mine = _worker_shards(shards, p.rank, p.world_size, worker, p.workers)
-        if p.shuffle_buffer > 0:
-            _rng(p.seed, p.epoch, p.rank, worker, "shards").shuffle(mine)
-        return _chain(mine, mode, pending)
-
-    # -- the pipeline ----------------------------------------------------------------------
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        physical = info.id if info is not None else 0
-        p = self.plan
-        worker = (physical + p.offset) % p.workers
-        start_batches, start_emitted = p.resume[worker] if p.resume else (0, 0)
-        pending = _Pending(where=f"rank {p.rank} worker {worker}")
-        replaying = start_emitted > 0
-        # Sample-split workers read only the headers of samples that are not theirs and
-        # load the rest on demand; a resumed worker reads headers only until it catches up.
-        mode = ReadMode(read_data=not (p.sample_split or replaying))
-        quiet = _Pending(where="replay", silent=True)
-        raw = self._raw(worker, mode, _Switch(lambda: quiet if replaying else pending))
-        stream: Iterable[RawSample] = raw
-        if p.shuffle_buffer > 0:
-            stream = _buffer_shuffle(raw, p.shuffle_buffer,
-                                     _rng(p.seed, p.epoch, p.rank, worker, "buffer"))
-        it = iter(stream)
-        emitted = sum(1 for _ in itertools.islice(it, start_emitted))
-        if emitted < start_emitted:
-            return  # this worker had finished its pass
-        # One sample of look-ahead: shard problems met while reading the sample after a
-        # batch travel with that batch (so a worker's last batch carries the truncation of
-        # its last shard). A resumed worker takes that look-ahead still quietly: its
-        # problems went with the batch the state ends on.
-        nxt = next(it, None)
-        replaying = False
-        mode.read_data = not p.sample_split
-        fields = FieldLoader()
-        batcher = _Batcher(p.batch_size, self.image_transform)
-        batch_index = start_batches
-        in_worker = info is not None
-        try:
-            self._reseed(worker, batch_index, in_worker)
-            while nxt is not None:
-                s, emitted = nxt, emitted + 1
-                pending.seen += 1
-                done = None
-                if self._decode(s if s.loaded else fields.load(s), batcher, pending):
-                    if batcher.n == p.batch_size:
-                        done = self._finish(batcher, worker, batch_index, emitted)
-                        batch_index += 1
-                        self._reseed(worker, batch_index, in_worker)
-                nxt = next(it, None)
-                if done is not None:
-                    done.update(pending.take())
-                    yield done
-            if batcher.n and not p.drop_last:
-                done = self._finish(batcher, worker, batch_index, emitted)
-                done.update(pending.take())
-                yield done
-            elif pending.seen or pending.skipped:
-                # A tail dropped by drop_last (or trailing bad samples) has no batch to carry
-                # its counts: a tally without samples does, and ShardLoader consumes it.
-                yield {"_tally": True, "_worker": worker, "_emitted": emitted, **pending.take()}
-        finally:
-            fields.close()
-            if pending.total_bad:
-                log.warning("%s: skipped %d bad samples of %d read this pass", pending.where,
-                            pending.total_bad, emitted - start_emitted)
-
-    def _finish(self, batcher: _Batcher, worker: int, index: int,
-                emitted: int) -> dict[str, Any]:
-        p = self.plan
-        batch = batcher.finish(self.tokenizer, p.with_label, p.with_json)
-        batch.update({"_worker": worker, "_batch": index, "_emitted": emitted})
-        return batch
-
-    def _reseed(self, worker: int, batch_index: int, in_worker: bool) -> None:
-        p = self.plan
-        seed = _rng(p.seed, p.epoch, p.rank, worker, "augment", batch_index).getrandbits(63)
-        reseed = getattr(self.image_transform, "reseed", None)
-        if callable(reseed):
-            reseed(seed)
-        elif in_worker:  # a worker process owns its global RNGs; the main process does not
-            random.seed(seed)
-            torch.manual_seed(seed)
-
-    def _decode(self, s: RawSample, batcher: _Batcher, pending: _Pending) -> bool:
-        """Check and decode one sample into `batcher`; False (and counted) when bad."""
-        p = self.plan
-        key, url, f = s.key, s.url, s.fields
-        row: dict[str, Any] = {"key": key}
-        # Cheap checks first, so a sample we would drop is never decoded.
-        if "txt" in f:
-            try:
-                row["caption"] = f["txt"].decode("utf-8").strip()
-            except UnicodeDecodeError:
-                pending.bad("bad_utf8", key, url, "caption (.txt) is not UTF-8")
-                return False
-        if self.tokenizer is not None and not row.get("caption"):
-            pending.bad("missing_txt", key, url, "no caption (.txt) or an empty one")
-            return False
-        if p.with_label:
-            try:
-                row["label"] = int(f["cls"].decode("ascii").strip())
-            except (KeyError, ValueError, UnicodeDecodeError):
-                pending.bad("bad_label", key, url, "missing or non-integer label (.cls)")
-                return False
-        if p.with_json:
-            try:
-                row["json"] = json.loads(f["json"].decode("utf-8"))
-            except (KeyError, ValueError, UnicodeDecodeError):
-                pending.bad("bad_json", key, url, "missing or invalid .json")
-                return False
-        ext = next((e for e in IMAGE_EXTS if e in f), None)
-        if ext is None:
-            pending.bad("missing_image", key, url, "no image (.jpg/.jpeg/.png/.webp)")
-            return False
-        try:
-            with warnings.catch_warnings():
-                # PIL only warns between 1x and 2x MAX_IMAGE_PIXELS; refuse those too.
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(f[ext]))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            pending.bad("too_large", key, url, str(e))
-            return False
-        except Exception as e:  # any header failure is a bad sample, not a crash
-            pending.bad("decode", key, url, f"{type(e).__name__}: {e}")
-            return False
-        w, h = img.size
-        if w * h > p.max_pixels:
-            pending.bad("too_large", key, url, f"{w}x{h} pixels > max_pixels={p.max_pixels}")
-            return False
-        try:
-            batcher.image(img)
-        except Exception as e:  # truncated or corrupt data surfaces at decode time
-            pending.bad("decode", key, url, f"{type(e).__name__}: {e}")
-            return False
-        batcher.add(row)
-        return True
-
-
-class _Switch:
-    """Forwards problem reports to whichever `_Pending` `get()` names right now."""
-
-    def __init__(self, get: Callable[[], _Pending]) -> None:
-        self.get = get
-
-    def bad(self, reason: str, key: str, url: str, detail: str) -> None:
-        self.get().bad(reason, key, url, detail)
-
-
-def _chain(shards: Iterable[str], mode: ReadMode, pending: Any) -> Iterator[RawSample]:
-    for url in shards:
-        yield from iter_shard(url, mode=mode, on_problem=pending.bad)
-
-
-def _resampled(shards: Sequence[str], rng: random.Random, mode: ReadMode,
-               pending: Any) -> Iterator[RawSample]:
-    # Drawing shards that hold no readable sample would spin forever; fail instead.
-    limit = 10 * len(shards) + 10
-    empty = 0
-    while True:
-        url = shards[rng.randrange(len(shards))]
-        got = False
-        for s in iter_shard(url, mode=mode, on_problem=pending.bad):
-            got = True
-            yield s
-        empty = 0 if got else empty + 1
-        if empty >= limit:
-            raise DataError(
-                f"no readable samples after drawing {limit} shards from {shards[0]} ... "
-                "(check them with `clip-data validate`)"
-            )
-
-
-def _mixed(streams: list[Iterator[RawSample]], weights: Sequence[float],
-           rng: random.Random) -> Iterator[RawSample]:
-    cum = list(itertools.accumulate(weights))
-    total = cum[-1]
-    while True:
-        i = min(bisect.bisect_right(cum, rng.random() * total), len(cum) - 1)
-        yield next(streams[i])
-
-
-def _buffer_shuffle(samples: Iterable[RawSample], size: int,
-                    rng: random.Random) -> Iterator[RawSample]:
-    """Shuffle within a sliding buffer of `size` raw (undecoded) samples.
-
-    The RNG draws depend only on positions, never on data, so a resumed worker rebuilds the
-    buffer by replaying headers alone."""
-    buf: list[RawSample] = []
-    for s in samples:
-        if len(buf) < size:
-            buf.append(s)
-            continue
-        j = rng.randrange(size)
-        yield buf[j]
-        buf[j] = s
-    rng.shuffle(buf)
-    yield from buf
-
-
-def _worker_init(_: int) -> None:
-    # Each worker decodes one image at a time; intra-op threads would only oversubscribe.
-    torch.set_num_threads(1)
-    # A scheduler signals every process of a job (SLURM: SIGUSR1 before the time limit, SIGTERM
-    # on preemption); the main process decides what to do and stops its workers itself. A worker
-    # killed by one would fail the run. Workers still end with their pass or when the main
-    # process is gone (torch's watchdog).
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-# -- bad-sample budget -----------------------------------------------------------------------
-class BadSampleBudget:
-    """Sums the bad-sample counts that batches carry and stops the run past a bound.
-
-    >>> budget = BadSampleBudget(cfg.data.max_bad_fraction, shards=cfg.data.train)
-    >>> for batch in loader:
-    ...     budget.update(batch)          # raises DataError past the bound
-
-    Nothing is raised before `min_samples` samples were seen (a few bad samples early on
-    say little about the fraction). `state_dict()`/`load_state_dict()` carry the counts
-    across a resume.
-    """
-
-    def __init__(self, max_fraction: float, min_samples: int = 1000,
-                 shards: ShardSpec | None = None, name: str = "data.max_bad_fraction") -> None:
-        if not 0 <= max_fraction <= 1:
-            raise DataError(f"{name}={max_fraction!r} must be in [0, 1]")
-        self.max_fraction = float(max_fraction)
-        self.min_samples = int(min_samples)
-        self.name = name
-        self.shards = shards
-        self.seen = 0
-        self.bad = 0
-        self.by_reason: Counter = Counter()
-        self.first_keys: list[str] = []
-
-    @property
-    def fraction(self) -> float:
-        return self.bad / self.seen if self.seen else 0.0
-
-    def update(self, batch: dict[str, Any]) -> None:
-        skipped = batch.get("_skipped") or {}
-        bad = sum(int(v) for v in skipped.values())
-        self.bad += bad
-        self.seen += int(batch.get("_seen", len(batch.get("key", ())) + bad))
-        self.by_reason.update({k: int(v) for k, v in skipped.items() if v})
-        for k in batch.get("_bad_keys") or ():
-            if len(self.first_keys) < 5:
-                self.first_keys.append(k)
-        self.check()
-
-    def check(self) -> None:
-        if self.seen < self.min_samples or self.fraction <= self.max_fraction:
-            return
-        where = self.shards if isinstance(self.shards, (str, Path)) else "<shards>"
-        if self.shards is not None and not isinstance(self.shards, (str, Path)):
-            where = " ".join(str(s) for s in self.shards)
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.by_reason.items()))
-        raise DataError(
-            f"{self.bad} of {self.seen} samples bad ({100 * self.fraction:.1f}%) > "
-            f"{self.name}={self.max_fraction} ({reasons}); first bad keys: "
-            f"{'; '.join(self.first_keys) or '?'}; run `clip-data validate {where}`"
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seen": self.seen, "bad": self.bad, "by_reason": dict(self.by_reason),
-                "first_keys": list(self.first_keys)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seen, self.bad = int(state["seen"]), int(state["bad"])
-        self.by_reason = Counter(state.get("by_reason", {}))
-        self.first_keys = list(state.get("first_keys", []))
-
-
-# -- the loader the user holds ---------------------------------------------------------------
-class ShardLoader:
-    """An iterable of batches for one pass (one epoch, or endless in resampled mode).
-
-    Make a new one per epoch with `epoch=e`; call `close()` (or drop it) to stop workers.
-    Iterating it again repeats the same pass (from `state`, when one was given).
-    `state_dict()` says where the consumer is; see the module docstring.
-    """
-
-    def __init__(self, dataloader: DataLoader, plan: _Plan, config: dict[str, Any],
-                 start: dict[str, Any], limit: int | None, budget: BadSampleBudget | None,
-                 regime: str) -> None:
-        self.dataloader = dataloader
-        self.plan = plan
-        self.shards = list(plan.shards)
-        self.regime = regime
-        self.limit = limit
-        self.budget = budget
-        self._config = config
-        self._start = start
-        self._state = json.loads(json.dumps(start))
-        self.skipped: Counter = Counter()  # per reason, this pass
-        self.seen = 0
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        st = json.loads(json.dumps(self._start))
-        self._state = st
-        self.skipped, self.seen = Counter(), 0
-        if self.limit is not None and st["batches"] >= self.limit:
-            return
-        try:
-            batches = iter(self.dataloader)
-            for batch in batches:
-                if self._count(batch, st):
-                    continue  # a worker's dropped tail: counted, not yielded
-                if self.limit is not None and st["batches"] >= self.limit:
-                    if self.plan.mode == "epoch":
-                        # Workers at the end of their shards send the tallies of their dropped
-                        # tails next; take them before the pass's last batch goes out, so a
-                        # checkpoint after it holds them. A real batch means a worker had more
-                        # (this rank's pass was cut short): it is dropped, uncounted.
-                        for extra in batches:
-                            if not extra.get("_tally"):
-                                break
-                            self._count(extra, st)
-                    yield batch
-                    break
-                yield batch
-        finally:
-            if self.skipped:
-                log.warning(
-                    "rank %d: skipped %d bad samples of %d (%s)", self.plan.rank,
-                    sum(self.skipped.values()), self.seen,
-                    ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())),
-                )
-
-    def _count(self, batch: dict[str, Any], st: dict[str, Any]) -> bool:
-        """Advance the state and the bad-sample counts past `batch`; True for a tally."""
-        w = int(batch["_worker"])
-        tally = bool(batch.get("_tally"))
-        if tally:
-            st["workers"][w][1] = int(batch["_emitted"])
-        else:
-            st["workers"][w] = [int(batch["_batch"]) + 1, int(batch["_emitted"])]
-            st["next_worker"] = (w + 1) % self.plan.workers
-            st["batches"] += 1
-        self.seen += int(batch["_seen"])
-        self.skipped.update({k: v for k, v in batch["_skipped"].items() if v})
-        if self.budget is not None:
-            self.budget.update(batch)
-        return tally
-
-    def state_dict(self) -> dict[str, Any]:
-        """Where the consumer is: JSON-able (str, int and lists of them); pass it back as
-        `make_loader(..., state=...)` to continue with exactly the batches not yet seen."""
-        return {**self._config, **json.loads(json.dumps(self._state))}
-
-    @property
-    def num_batches(self) -> int | None:
-        """Batches this pass yields on this rank (epoch mode: exact when no sample is bad),
-        counting those before a resume state; None when endless."""
-        if self.plan.mode == "resampled":
-            return self.limit
-        n = epoch_batches(list(self.plan.shards), batch_size=self.plan.batch_size,
-                          world_size=self.plan.world_size, num_workers=self.plan.workers,
-                          drop_last=self.plan.drop_last)[self.plan.rank]
-        return n if self.limit is None else min(n, self.limit)
-
-    def close(self) -> None:
-        """Shut down persistent workers now rather than at garbage collection."""
-        it = getattr(self.dataloader, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-        self.dataloader._iterator = None
-
-    def __repr__(self) -> str:
-        return f"ShardLoader({len(self.shards)} shards, {self.regime})"
-
-
-def epoch_batches(
-    shards: ShardSpec,
-    *,
-    batch_size: int,
-    world_size: int,
-    num_workers: int,
-    drop_last: bool,
-) -> list[int]:
-    """Batches each rank yields in one epoch-mode pass, from per-shard sample counts.
-
-    The counts come from sidecars (manifest, img2dataset stats) or a cache, so this costs
-    O(shards), not O(samples); only shards with neither have their tar headers read, once
-    (`data_tools.counts`). Remote shards raise: use mode="resampled" for them.
-
-    Exact when no sample is bad (bad samples only make a rank's count smaller). Independent
-    of seed, epoch and shuffle buffer: shards are assigned to ranks and workers by position.
-    A DDP loop passes `max_batches=min(epoch_batches(...))` to every rank's `make_loader`.
-    """
-    if batch_size < 1 or world_size < 1 or num_workers < 0:
-        raise DataError("batch_size and world_size must be >= 1, num_workers >= 0")
-    urls = expand_shards(shards)
-    counts = dict(shard_sample_counts(urls))
-    workers = max(1, num_workers)
-    groups = world_size * workers
-
-    def batches(n: int) -> int:
-        return n // batch_size if drop_last else -(-n // batch_size)
-
-    out = []
-    for rank in range(world_size):
-        total = 0
-        for w in range(workers):
-            if len(urls) >= groups:
-                n = sum(counts[u] for u in _worker_shards(urls, rank, world_size, w, workers))
-            else:
-                g, all_n = rank * workers + w, sum(counts[u] for u in urls)
-                n = all_n // groups + (1 if g < all_n % groups else 0)
-            total += batches(n)
-        out.append(total)
-    return out
 
 
 def _parse_sources(
@@ -743,27 +131,6 @@ def _parse_sources(
     return [expand_shards(p) for p in parts], tuple(float(w) for w in weights)
 
 
-def _check_state(state: dict[str, Any], config: dict[str, Any], workers: int) -> dict[str, Any]:
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise DataError(f"loader state is not a {STATE_FORMAT} state dict (got "
-                        f"{type(state).__name__}); pass ShardLoader.state_dict() as saved")
-    for k, v in config.items():
-        if state.get(k) != v:
-            raise DataError(
-                f"loader state does not match this loader: {k} differs (state {state.get(k)!r}, "
-                f"now {v!r}); resume with the same data and loader settings"
-            )
-    try:
-        ws = [[int(b), int(e)] for b, e in state["workers"]]
-        start = {"batches": int(state["batches"]), "next_worker": int(state["next_worker"]),
-                 "workers": ws}
-    except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"loader state is incomplete or malformed ({e})") from e
-    if len(ws) != workers or not 0 <= start["next_worker"] < workers:
-        raise DataError("loader state is malformed: worker entries do not match num_workers")
-    return start
-
-
 def make_loader(
     shards: Any,
     *,
@@ -785,8 +152,6 @@ def make_loader(
     samples_per_epoch: int | None = None,
     max_batches: int | None = None,
     state: dict[str, Any] | None = None,
-    max_bad_fraction: float | None = None,
-    bad_min_samples: int = 1000,
     max_pixels: int | None = None,
     prefetch_factor: int = 2,
     budget: BadSampleBudget | None = None,
@@ -799,10 +164,9 @@ def make_loader(
     batches on this rank, counting those before `state` (use `min(epoch_batches(...))` in
     DDP epoch mode). `samples_per_epoch` (resampled) makes a pass
     `ceil(samples_per_epoch / (batch_size * world_size))` batches long. `state` is a
-    `ShardLoader.state_dict()` to resume from. `max_bad_fraction` stops the pass with a
-    `DataError` once more than that fraction of at least `bad_min_samples` samples was bad;
-    or pass a `budget` to feed instead (a trainer's, which lives across passes and resumes).
-    Either one also counts the samples of a tail that `drop_last` drops.
+    `ShardLoader.state_dict()` to resume from. `budget` (a trainer's `BadSampleBudget`, which
+    lives across passes and resumes) is fed every batch's bad-sample counts, including those
+    of a tail that `drop_last` drops, and stops the run past its bound.
     Images with more than `max_pixels` pixels (default: PIL's `MAX_IMAGE_PIXELS`) are
     skipped as `too_large` before decoding.
     """
@@ -852,11 +216,8 @@ def make_loader(
         "fields": ",".join(f for f, on in (("label", with_label), ("json", with_json),
                                            ("text", tokenizer is not None)) if on),
     }
-    if state is not None:
-        start = _check_state(state, config, workers)
-    else:
-        start = {"batches": 0, "next_worker": 0, "workers": [[0, 0] for _ in range(workers)]}
-    plan = _Plan(
+    start = start_position(state, config, workers)
+    plan = ReadPlan(
         sources=tuple(tuple(s) for s in sources),
         weights=mix,
         batch_size=batch_size,
@@ -886,19 +247,14 @@ def make_loader(
             "1 sample in %d (exact; reads tar headers of the others); write more shards "
             "to avoid this", len(flat), world_size, workers, world_size * workers,
         )
-    if max_bad_fraction is not None and budget is not None:
-        raise DataError("give max_bad_fraction or budget, not both")
-    if max_bad_fraction is not None:
-        budget = BadSampleBudget(max_bad_fraction, min_samples=bad_min_samples,
-                                 shards=shards if isinstance(shards, (str, Path)) else flat)
-    dataset = _ShardStream(plan, image_transform, tokenizer)
+    dataset = ShardStream(plan, image_transform, tokenizer)
     dataloader = DataLoader(
         dataset,
         batch_size=None,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory,
-        worker_init_fn=_worker_init if num_workers > 0 else None,
+        worker_init_fn=worker_init if num_workers > 0 else None,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
     )
-    return ShardLoader(dataloader, plan, config, start, limit, budget, regime)
+    return ShardLoader(dataloader, plan, config, start, limit, regime, budget)

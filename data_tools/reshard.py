@@ -13,9 +13,11 @@ import random
 from pathlib import Path
 from typing import Any
 
-from data_tools.build import BUILD_FORMAT, EncodeOptions, shard_list_items, write_split
+from data_tools.build_encode import EncodeOptions
+from data_tools.build_inputs import shard_list_items
+from data_tools.build_writer import BUILD_FORMAT, write_split
 from data_tools.errors import DataError
-from data_tools.shards import write_json_atomic
+from data_tools.io import write_json_atomic
 from data_tools.urls import expand_shards, is_remote
 
 

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import tarfile
-import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -22,59 +21,6 @@ from data_tools.errors import DataError
 log = logging.getLogger(__name__)
 
 _MTIME = 0  # fixed so identical samples give identical tar bytes
-
-
-def file_mode() -> int:
-    """The mode a plain `open()` would give a new file (0644 under the usual umask 022).
-
-    mkstemp and safetensors create 0600 files, which other users of a shared cluster directory
-    cannot read; everything we publish gets this mode instead.
-    """
-    try:  # read, not set: changing the process umask even briefly races with other threads
-        with open("/proc/self/status") as f:
-            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError):
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return 0o666 & ~mask
-
-
-def share_tree(root: str | Path) -> None:
-    """Give every file under `root` (and `root` itself, if a file) the mode of `file_mode()`."""
-    root, mode = Path(root), file_mode()
-    for path in [root] if root.is_file() else (p for p in root.rglob("*") if p.is_file()):
-        os.chmod(path, mode)
-
-
-def _atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write `data` so `path` holds either the old or the whole new content."""
-    _atomic_write_bytes(path, data)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` (UTF-8) so `path` holds either the old or the whole new content."""
-    _atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write `obj` as indented JSON atomically (manifests, metadata)."""
-    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def encode_field(key: str, ext: str, value: Any) -> bytes:

@@ -31,7 +31,8 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from data_tools.errors import DataError
-from data_tools.shards import ShardWriter, write_json_atomic, write_text_atomic
+from data_tools.io import write_json_atomic, write_text_atomic
+from data_tools.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 

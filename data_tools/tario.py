@@ -13,7 +13,7 @@ is and on what is wrong with a shard:
 
 Local shards can be read header-only (`read_data=False`): member data is skipped with a seek
 and each field records where its bytes are, so a resumed loader can step over samples it has
-already used without reading them, and load the few it still needs later (`load_fields`).
+already used without reading them, and load the few it still needs later (`FieldLoader`).
 Gzip-compressed shards (`.tar.gz`, as webdataset reads them) have no such offsets: they are
 always decompressed and read front to back, as remote shards are.
 """
@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from data_tools.urls import is_remote, sample_key
+from data_tools.urls import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,17 @@ class RawSample:
     def loaded(self) -> bool:
         return not self.refs or len(self.fields) == len(self.refs)
 
-    def exts(self) -> list[str]:
-        return list(self.refs or self.fields)
+
+def sample_key(member_name: str) -> tuple[str, str] | None:
+    """Split a tar member name into (sample key, extension) the way webdataset groups them.
+
+    The key is everything up to the first '.' of the last path component.
+    """
+    head, _, base = member_name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem:
+        return None
+    return (f"{head}/{stem}" if head else stem), ext
 
 
 def unsafe_member_name(name: str) -> bool:

@@ -78,14 +78,3 @@ def expand_shards(spec: str | Path | Sequence[str | Path]) -> list[str]:
         raise DataError(f"no shards found for: {spec!r} ({_HINT})")
     return out
 
-
-def sample_key(member_name: str) -> tuple[str, str] | None:
-    """Split a tar member name into (sample key, extension) the way webdataset groups them.
-
-    The key is everything up to the first '.' of the last path component.
-    """
-    head, _, base = member_name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not dot or not stem:
-        return None
-    return (f"{head}/{stem}" if head else stem), ext

@@ -1,19 +1,17 @@
-"""Helpers shared by the evaluators: inference mode, autocast, progress bars and atomic writes."""
+"""Helpers shared by the evaluators: inference mode, autocast, progress bars, results files."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import tempfile
-from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
 
 import torch
 from torch import nn
 
 from data_tools.errors import DataError
-from data_tools.shards import file_mode
+from data_tools.io import write_text_atomic
 
 T = TypeVar("T")
 
@@ -62,28 +60,8 @@ def progress_bar(iterable: Iterable[T], enabled: bool, desc: str, total: int | N
     return progress(iterable, desc=desc, total=total, unit=unit, leave=False)
 
 
-def _atomic_write(path: str | os.PathLike, data: str, what: str) -> None:
-    target = Path(path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise DataError(f"{what} {path}: cannot write there ({exc.strerror or exc})") from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data)
-        os.chmod(tmp, file_mode())  # mkstemp makes 0600
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json_atomic(path: str | os.PathLike, obj: object, what: str = "output") -> None:
-    """Temp file in the same directory, then `os.replace`: readers see old or whole new content."""
-    _atomic_write(path, json.dumps(obj, indent=2) + "\n", what)
+    """Atomically (`data_tools.io`); ASCII-escaped JSON, as eval results always were."""
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n", what)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str, what: str = "output") -> None:
-    """Like `write_json_atomic`, for text (the suite's Markdown table)."""
-    _atomic_write(path, text, what)

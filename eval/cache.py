@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from data_tools.shards import file_mode
+from data_tools.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -97,19 +97,16 @@ def load_classifier(cache_dir: Path, key: str, shape: tuple[int, int] | None = N
 
 
 def save_classifier(cache_dir: Path, key: str, classifier: Tensor, metadata: dict[str, str]) -> Path | None:
-    """Store atomically (temp file + os.replace); a cache that cannot be written only logs."""
+    """Store atomically (`data_tools.io.atomic_path`); a cache that cannot be written only logs."""
     from safetensors.torch import save_file
 
     cache_dir = Path(cache_dir)
     path = cache_dir / f"{key}.safetensors"
-    tmp = cache_dir / f".{key}.{os.getpid()}.tmp"
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        save_file({"classifier": classifier.detach().float().cpu().contiguous()}, str(tmp), metadata={"format": _FORMAT, **metadata})
-        os.chmod(tmp, file_mode())  # safetensors writes 0600
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({"classifier": classifier.detach().float().cpu().contiguous()}, str(tmp),
+                      metadata={"format": _FORMAT, **metadata})
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         logger.warning("could not cache the classifier in %s (%s); continuing without", cache_dir, exc)
         return None
     logger.info("cached zero-shot classifier: %s", path)

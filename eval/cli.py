@@ -31,7 +31,7 @@ from data_tools.errors import ConfigError, DataError
 from data_tools.fmt import round_floats
 from clip_eval._common import write_json_atomic
 from clip_eval.cache import ENV_VAR, default_cache_dir
-from clip_eval.encoder import Encoder, load_open_clip
+from clip_eval.encoder import Encoder, load_model_dir, load_open_clip
 
 if TYPE_CHECKING:
     import torch
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_encoder(model: str, pretrained: str | None, device: str) -> Encoder:
-    """Our run/export directory via `clip_train.load`, or an open_clip model from local files."""
+    """Our run/export directory (`load_model_dir`), or an open_clip model from local files."""
     if pretrained is not None or model.startswith("local-dir:"):
         return load_open_clip(model, pretrained, device)
     if not os.path.exists(model):
@@ -209,9 +209,7 @@ def load_encoder(model: str, pretrained: str | None, device: str) -> Encoder:
             f"(for an open_clip architecture, also pass --pretrained FILE; for an open_clip "
             f"folder, local-dir:DIR)"
         )
-    import clip_train  # only here: eval knows nothing of training except how to load its output
-
-    encoder = clip_train.load(model, device=device)
+    encoder = load_model_dir(model, device=device)
     encoder.name = model
     return encoder
 

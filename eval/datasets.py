@@ -15,11 +15,8 @@ Batches are the same dicts the shard loader yields ("image", "key", "label", "js
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -28,19 +25,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from data_tools import imagenet
 from data_tools.errors import DataError
-from clip_eval.prompts import imagenet_classnames, imagenet_synsets, is_synset
+from data_tools.io import read_table
+from data_tools.samples import IMAGE_FILE_EXTS, BadSample, is_image_file, open_image
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TABLE_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json")
 _IMAGE_COLUMNS = ("image", "filepath", "image_path", "file", "path", "filename")
 _CAPTION_COLUMNS = ("captions", "caption", "text", "title")
-
-
-def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
 def is_table(data: object) -> bool:
@@ -99,13 +93,13 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def _class_index(
-    folders: Sequence[str], classnames: list[str] | None, imagenet: bool, source: str, root: Path
+    folders: Sequence[str], classnames: list[str] | None, in1k: bool, source: str, root: Path
 ) -> tuple[dict[str, int], list[str], list[str], str]:
     """Folder name -> class index, the class names to prompt with, the class keys, their source."""
-    if imagenet:
-        synsets = imagenet_synsets()
+    if in1k:
+        synsets = imagenet.synsets()
         index = {s: i for i, s in enumerate(synsets)}
-        names = imagenet_classnames() if classnames is None else classnames
+        names = imagenet.classnames() if classnames is None else classnames
         if len(names) != len(synsets):
             raise DataError(f"{source} has {len(names)} class names; ImageNet folders need all 1000 in synset order")
         for folder in folders:
@@ -145,12 +139,11 @@ def class_folder(
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise DataError(f"{root} has no class sub-folders (for a flat folder of images pass --labels FILE)")
-    imagenet = dataset == "imagenet"
-    if dataset is None and classnames is None and all(is_synset(f) for f in folders):
-        if set(folders) <= set(imagenet_synsets()):
-            logger.info("%s: synset folders, using ImageNet-1k class indices and names", root)
-            imagenet = True
-    mapping, names, keys, source = _class_index(folders, classnames, imagenet, source, root)
+    in1k = dataset == "imagenet"
+    if dataset is None and classnames is None and imagenet.label_folders(folders) is not None:
+        logger.info("%s: synset folders, using ImageNet-1k class indices and names", root)
+        in1k = True
+    mapping, names, keys, source = _class_index(folders, classnames, in1k, source, root)
     paths: list[Path] = []
     labels: list[int] = []
     for folder in folders:
@@ -158,7 +151,7 @@ def class_folder(
         paths.extend(files)
         labels.extend([mapping[folder]] * len(files))
     if not paths:
-        raise DataError(f"{root}: no images in its {len(folders)} class folders (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"{root}: no images in its {len(folders)} class folders (extensions: {', '.join(IMAGE_FILE_EXTS)})")
     return ImageSet(root, paths, labels=labels, classnames=names, class_keys=keys, source=source)
 
 
@@ -188,12 +181,12 @@ def flat_folder(
         raise DataError(f"--data {root}: not a directory")
     paths = _images_in(root)
     if not paths:
-        raise DataError(f"{root}: no image files (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"{root}: no image files (extensions: {', '.join(IMAGE_FILE_EXTS)})")
     if not labels_file.is_file():
         raise DataError(f"--labels {labels_file}: no such file")
     if dataset == "imagenet":
-        names = imagenet_classnames() if classnames is None else classnames
-        keys = list(imagenet_synsets())
+        names = imagenet.classnames() if classnames is None else classnames
+        keys = list(imagenet.synsets())
         source = source if classnames is not None else "open_clip ImageNet names"
     elif classnames is None:
         raise DataError(f"{root} is a flat folder: pass --classnames FILE (or --dataset imagenet) to name its labels")
@@ -254,31 +247,6 @@ def _pick_column(columns: Sequence[str], wanted: str | None, candidates: Sequenc
     )
 
 
-def _table_rows(table: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) from a CSV/TSV with a header or a JSON-lines file."""
-    try:
-        text = table.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {table}: {exc}") from exc
-    if table.suffix.lower() in (".jsonl", ".json"):
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{table} line {n}: not JSON ({exc.msg}); write one object per line") from exc
-            if not isinstance(row, dict):
-                raise DataError(f"{table} line {n}: expected a JSON object with an image path and captions")
-            yield n, row
-        return
-    reader = csv.DictReader(text.splitlines(), delimiter="\t" if table.suffix.lower() == ".tsv" else ",")
-    for row in reader:
-        if None in row:
-            raise DataError(f"{table} line {reader.line_num}: more fields than the header has")
-        yield reader.line_num, row
-
-
 def caption_table(
     table: str | os.PathLike, image_column: str | None = None, caption_column: str | None = None
 ) -> ImageSet:
@@ -288,7 +256,7 @@ def caption_table(
         raise DataError(f"--data {table}: no such caption table")
     images: dict[Path, list[str]] = {}
     image_key = caption_key = None
-    for n, row in _table_rows(table):
+    for n, row in read_table(table):
         if image_key is None:
             columns = list(row)
             image_key = _pick_column(columns, image_column, _IMAGE_COLUMNS, "image", table)
@@ -333,12 +301,9 @@ class _Files(Dataset):
         key = os.path.relpath(path, self.images.root)
         item: dict[str, Any] = {"key": key}
         try:
-            with warnings.catch_warnings():
-                # PIL only warns between 1x and 2x MAX_IMAGE_PIXELS; treat that as the bomb it is.
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as img:
-                    item["image"] = self.transform(img)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            with open_image(path, Image.MAX_IMAGE_PIXELS or 2**62) as img:
+                item["image"] = self.transform(img)
+        except (BadSample, OSError, ValueError, SyntaxError) as exc:
             item["error"] = f"cannot read image {path}: {' '.join(str(exc).split())}; fix or remove the file"
             return item
         if self.images.labels is not None:

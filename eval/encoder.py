@@ -1,12 +1,19 @@
-"""The encoder protocol that evaluation runs on, and an adapter for open_clip models.
+"""The encoder protocol that evaluation runs on, and how `clip-eval` loads models.
 
 Evaluation needs only four things from a model: image and text embeddings, a tokenizer and the
 image preprocessing it was trained with. Our checkpoints (`clip_train.load`) and open_clip models
 (through `OpenClipEncoder`) both provide them, so one code path evaluates either.
+
+clip_eval imports nothing from clip_train: the packages depend one way, clip_train -> clip_eval
+(its in-training evaluation, `clip_train.evaluation`). Our run and export directories are loaded
+through `MODEL_DIR_LOADER`, a "module:function" name (the form of a Python entry point) resolved
+only when such a directory is evaluated, so clip_eval works on open_clip models where clip_train
+is not installed.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -20,6 +27,9 @@ from torch import Tensor, nn
 from data_tools.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
+
+# Who loads a run or export directory (clip-train's `load(path, device=...)`); see above.
+MODEL_DIR_LOADER = "clip_train:load"
 
 
 @runtime_checkable
@@ -167,3 +177,16 @@ def load_open_clip(
                                     f"{stat.st_mtime_ns}|{config}")
     encoder.eval()
     return encoder
+
+
+def load_model_dir(path: str, device: str | torch.device = "cpu") -> Encoder:
+    """A run or export directory, through the loader named in `MODEL_DIR_LOADER`."""
+    module_name, _, function = MODEL_DIR_LOADER.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if exc.name != module_name:
+            raise
+        raise ConfigError(f"--model {path}: a run or export directory is loaded by {module_name}, "
+                          "which is not installed (pip install the clip-train package)") from exc
+    return getattr(module, function)(path, device=device)

@@ -1,15 +1,12 @@
-"""Class names and prompt templates: ImageNet's (from open_clip and timm), or read from files.
+"""Class names and prompt templates: ImageNet's (from open_clip), or read from files.
 
-ImageNet-1k class indices follow the sorted WordNet synset ids (n01440764 = 0 ... n15075141 =
-999): that is the order of open_clip's `IMAGENET_CLASSNAMES` and of timm's synset list, which
-ships in the timm wheel, so an ImageNet folder with synset sub-folders maps to indices offline.
+ImageNet-1k synsets, class indices and class names come from `data_tools.imagenet`, the one
+place that labels ImageNet for the shard builders and for evaluation.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-import re
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
@@ -21,29 +18,6 @@ PathLike = Union[str, os.PathLike]
 TEMPLATE_SETS = ("openai", "simple")
 DATASETS = ("imagenet",)
 DEFAULT_TEMPLATE = "a photo of a {}."
-_SYNSET = re.compile(r"^n\d{8}$")
-
-
-def imagenet_classnames() -> list[str]:
-    """open_clip's 1000 ImageNet class names, in class-index order."""
-    from open_clip import IMAGENET_CLASSNAMES
-
-    return list(IMAGENET_CLASSNAMES)
-
-
-@functools.lru_cache(maxsize=1)
-def imagenet_synsets() -> tuple[str, ...]:
-    """The 1000 ImageNet-1k synset ids in class-index (sorted) order, from timm's bundled list."""
-    from timm.data import ImageNetInfo
-
-    synsets = tuple(ImageNetInfo("imagenet-1k").label_names())
-    assert len(synsets) == 1000 and list(synsets) == sorted(synsets)
-    return synsets
-
-
-def is_synset(name: str) -> bool:
-    """Whether `name` looks like a WordNet synset id (n + 8 digits), as ImageNet folders are named."""
-    return bool(_SYNSET.match(name))
 
 
 def template_set(name: str) -> list[Template]:

@@ -35,7 +35,8 @@ import yaml
 
 from data_tools.errors import ConfigError
 from data_tools.fmt import format_metrics
-from clip_eval._common import write_json_atomic, write_text_atomic
+from data_tools.io import write_text_atomic
+from clip_eval._common import write_json_atomic
 from clip_eval.encoder import Encoder
 from clip_eval.tasks import few_shot_task, linear_probe_task, retrieval_task, zero_shot_task
 

@@ -19,10 +19,12 @@ from typing import Any, Iterator, Sequence, Union
 
 import torch
 
+from data_tools import imagenet
 from data_tools.errors import ConfigError, DataError
 from data_tools.fmt import format_metrics
 from data_tools.loader import expand_shards, make_loader
-from data_tools.urls import is_remote, sample_key
+from data_tools.tario import sample_key
+from data_tools.urls import is_remote
 from clip_eval._common import EvalDataError
 from clip_eval.datasets import (
     FileLoader,
@@ -40,9 +42,6 @@ from clip_eval.prompts import (
     DATASETS,
     DEFAULT_TEMPLATE,
     Template,
-    imagenet_classnames,
-    imagenet_synsets,
-    is_synset,
     resolve_classnames,
     resolve_templates,
 )
@@ -123,7 +122,7 @@ class _Labelled:
         shards = expand_shards(data)
         self.default_dir = _data_dir(data, shards)
         if dataset == "imagenet":
-            names, self.source = resolve_classnames(classnames, imagenet_classnames())
+            names, self.source = resolve_classnames(classnames, imagenet.classnames())
             if classnames is None:
                 self.source = "open_clip ImageNet names"
                 self.remap = _synset_remap(self.default_dir / "classnames.txt")
@@ -166,9 +165,9 @@ def _synset_remap(path: Path) -> torch.Tensor | None:
         return None
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     keys = [line.split("\t")[0].strip() for line in lines]
-    if not keys or not all(is_synset(k) for k in keys):
+    if not keys or not all(imagenet.is_synset(k) for k in keys):
         return None
-    index = {s: i for i, s in enumerate(imagenet_synsets())}
+    index = {s: i for i, s in enumerate(imagenet.synsets())}
     unknown = [k for k in keys if k not in index]
     if unknown:
         raise DataError(f"{path}: {unknown[0]!r} is not an ImageNet-1k synset; this is not an ImageNet-1k shard set")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data_tools import build as build_mod
+from data_tools import build_writer as writer_mod
 from data_tools.build import EncodeOptions, build
 from data_tools.cli import main
 from data_tools.counts import shard_sample_counts
@@ -149,7 +149,7 @@ def test_table_errors_are_one_line(tmp_path, capsys):
     assert "no image path column 'img' (columns: a, b)" in capsys.readouterr().err
     j = tmp_path / "t.jsonl"
     j.write_text('{"image": "a.jpg", "caption": "x"}\n{broken\n')
-    with pytest.raises(DataError, match="t.jsonl:2: invalid JSON"):
+    with pytest.raises(DataError, match="t.jsonl line 2: invalid JSON"):
         build(j, tmp_path / "o2")
 
 
@@ -208,7 +208,7 @@ def test_build_is_resumable_and_never_half_written(photo_folder, tmp_path, monke
     ref = tmp_path / "ref"
     build(photo_folder, ref, samples_per_shard=2)
     out = tmp_path / "out"
-    real = build_mod.encode_item
+    real = writer_mod.encode_item
     calls = {"n": 0}
 
     def dies_on_seventh(item, *a, **k):
@@ -217,7 +217,7 @@ def test_build_is_resumable_and_never_half_written(photo_folder, tmp_path, monke
             raise KeyboardInterrupt  # killed in the middle of shard 3
         return real(item, *a, **k)
 
-    monkeypatch.setattr(build_mod, "encode_item", dies_on_seventh)
+    monkeypatch.setattr(writer_mod, "encode_item", dies_on_seventh)
     with pytest.raises(KeyboardInterrupt):
         build(photo_folder, out, samples_per_shard=2)
     left = sorted(p.name for p in (out / "train").iterdir())
@@ -226,7 +226,7 @@ def test_build_is_resumable_and_never_half_written(photo_folder, tmp_path, monke
     for name in left[1:]:
         assert (out / "train" / name).read_bytes() == (ref / "train" / name).read_bytes()
     assert not (out / "manifest.json").exists()
-    monkeypatch.setattr(build_mod, "encode_item", real)
+    monkeypatch.setattr(writer_mod, "encode_item", real)
     m = build(photo_folder, out, samples_per_shard=2)
     assert m["resumed_shards"] == 3
     for p in (ref / "train").glob("*.tar"):

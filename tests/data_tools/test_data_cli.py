@@ -79,7 +79,7 @@ def test_validate_lists_bad_samples_and_exits_1(bad_shards, tmp_path, capsys):
     assert "bad samples (" in out.out and "invalid:" in out.err
     rows = [json.loads(line) for line in report.read_text().splitlines()]
     got = {(r["key"], r["reason"]) for r in rows}
-    assert got >= {("corrupt", "decode"), ("truncjpg", "decode"), ("notxt", "missing_txt"),
+    assert got >= {("corrupt", "decode"), ("truncjpg", "decode"), ("notxt", "missing_caption"),
                    ("emptytxt", "empty_caption"), ("latin1", "bad_utf8"),
                    ("noimage", "missing_image"), ("bomb", "too_large"),
                    ("../escape", "unsafe_member"), ("t2", "truncated_tar")}

@@ -15,7 +15,8 @@ from data_tools.errors import DataError
 from data_tools.inspect_shards import inspect_shards
 from data_tools.loader import epoch_batches, make_loader
 from data_tools.reshard import reshard
-from data_tools.shards import ShardWriter, write_json_atomic
+from data_tools.io import write_json_atomic
+from data_tools.shards import ShardWriter
 from data_tools.transforms import ImageTransform
 
 

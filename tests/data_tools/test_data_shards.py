@@ -5,7 +5,8 @@ import pytest
 import webdataset as wds
 
 from data_tools.errors import DataError
-from data_tools.shards import ShardWriter, write_json_atomic, write_text_atomic
+from data_tools.io import write_json_atomic, write_text_atomic
+from data_tools.shards import ShardWriter
 from data_tools.counts import count_samples, shard_sample_counts
 
 
