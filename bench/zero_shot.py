@@ -13,9 +13,10 @@ Models (DESIGN.md's bench_tiny sizes):
   built with `open_clip.build_zero_shot_classifier` (10 classes x all templates per forward, all
   padded to the 32-token context). The same OpenCLIP model is also run through our builder
   (`ours_on_open_clip_model`), which shows the trimmed path eval uses for open_clip towers.
-- Eval images/s: ONE model (ours) for both loops, on the same generated JPEG class folder:
-  our `evaluate_zero_shot` over our folder loader vs a plain loop (torchvision `ImageFolder`,
-  `DataLoader`, encode, normalize, logits, top-1/top-5), as in open_clip_train's zero-shot eval.
+- Eval images/s: ONE model (ours) for both loops, on the same generated JPEG class folder and
+  the same loader worker count: our `evaluate_zero_shot` over our folder loader vs a plain loop
+  (torchvision `ImageFolder`, `DataLoader`, encode, normalize, logits, top-1/top-5), as in
+  open_clip_train's zero-shot eval.
 
 Prints one JSON line per figure with both numbers and the ratio (ours / OpenCLIP for speed,
 >1 = ours faster): `ratio` from the totals, plus the median and worst of per-round ratios.
@@ -54,7 +55,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--images", type=int, default=1024, help="images in the eval folder (default 1024)")
     p.add_argument("--batch-size", type=int, default=128, help="eval images per batch (default 128)")
     p.add_argument("--text-batch-size", type=int, default=1024, help="our prompts per text forward (default 1024, as in eval)")
-    p.add_argument("--num-workers", type=int, default=0, help="eval loader workers, both sides (default 0)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="eval loader workers, both sides (default: clip-eval zero-shot's, min(4, CPUs // 2))")
     p.add_argument("--rounds", type=int, default=5, help="class chunks timed back to back per side (default 5)")
     p.add_argument("--eval-rounds", type=int, default=5, help="eval passes per side, alternating (default 5)")
     p.add_argument("--device", default="cpu")
@@ -189,7 +191,11 @@ def _plain_eval(model, classifier, root: Path, preprocess, args, device) -> int:
 def bench_eval(args, ours, device) -> None:
     """Images/s of the whole eval pass (read, decode, preprocess, encode, score), same model."""
     from clip_eval.datasets import FileLoader, class_folder
+    from clip_eval.image_pass import default_num_workers
     from clip_eval.zero_shot import build_zero_shot_classifier, evaluate_zero_shot
+
+    if args.num_workers is None:  # both sides get what clip-eval zero-shot uses by default
+        args.num_workers = default_num_workers()
 
     with tempfile.TemporaryDirectory(prefix="bench_zs_") as tmp:
         root = Path(tmp)

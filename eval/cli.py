@@ -93,8 +93,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained", default=None, metavar="FILE",
                    help="local open_clip weight file for --model NAME")
     p.add_argument("-b", "--batch-size", type=int, default=128, help="images per batch")
-    p.add_argument("-j", "--num-workers", type=int, default=0,
-                   help="data loader worker processes")
+    p.add_argument("-j", "--num-workers", type=int, default=None,
+                   help="data loader worker processes (default: zero-shot min(4, CPUs/2), "
+                   "the other tasks 0)")
     p.add_argument("--device", default=None,
                    help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when there is a GPU, "
                    "else cpu; bf16 autocast on cuda)")
@@ -260,7 +261,7 @@ def _device(args: argparse.Namespace) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError(f"--device {args.device}: CUDA is not available on this machine "
                         "(use --device cpu)")
-    if args.batch_size < 1 or args.num_workers < 0:
+    if args.batch_size < 1 or (args.num_workers is not None and args.num_workers < 0):
         raise DataError("--batch-size must be >= 1 and --num-workers >= 0")
     return device
 
@@ -269,8 +270,9 @@ def _evaluate(args: argparse.Namespace, device: torch.device,
               task: Callable[[Encoder, dict], dict]) -> int:
     """Load --model, run `task(encoder, loader options)`, write and print the metrics."""
     encoder = load_encoder(args.model, args.pretrained, str(device))
-    opts = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device,
-                progress=args.progress)
+    opts = dict(batch_size=args.batch_size, device=device, progress=args.progress)
+    if args.num_workers is not None:  # else each task's own default
+        opts["num_workers"] = args.num_workers
     metrics = task(encoder, opts)
     if args.results_file:
         write_json_atomic(args.results_file, metrics, what="--results-file")
@@ -336,7 +338,9 @@ def _cmd_suite(args: argparse.Namespace) -> int:
         args.cache_dir = suite.cache_dir
     cache = None if args.no_cache else str(_cache_dir(args))
     # Suite tasks carry their own batch_size/num_workers; the command line's apply to the rest.
-    defaults = {"batch_size": args.batch_size, "num_workers": args.num_workers}
+    defaults = {"batch_size": args.batch_size}
+    if args.num_workers is not None:
+        defaults["num_workers"] = args.num_workers
     tasks = tuple(dataclasses.replace(t, options={**defaults, **t.options}) for t in suite.tasks)
     suite = dataclasses.replace(suite, tasks=tasks, cache_dir=cache)
     return _evaluate(args, device, lambda encoder, opts: run_suite(

@@ -37,6 +37,7 @@ from clip_eval.datasets import (
     split_classname_lines,
 )
 from clip_eval.encoder import Encoder
+from clip_eval.image_pass import default_num_workers
 from clip_eval.probe import DEFAULT_WEIGHT_DECAYS, extract_features, few_shot, linear_probe
 from clip_eval.prompts import (
     DATASETS,
@@ -184,7 +185,7 @@ def zero_shot_task(
     dataset: str | None = None,
     labels: PathLike | None = None,
     batch_size: int = 128,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     device: str | torch.device = "cpu",
     cache_dir: PathLike | None = None,
     progress: bool = False,
@@ -197,8 +198,10 @@ def zero_shot_task(
     `templates.txt` next to the shards or inside the folder (a folder without them uses its
     sub-folder names and 'a photo of a {}.'). `labels` is the labels file of a flat folder.
     With `cache_dir` the classifier is cached there. The encoder must be on `device`.
+    `num_workers` decode images in parallel; None: `default_num_workers()`, min(4, CPUs // 2).
     """
     device = torch.device(device)
+    num_workers = default_num_workers() if num_workers is None else num_workers
     stream = _Labelled(
         encoder, data, classnames=classnames, dataset=dataset, labels=labels,
         batch_size=batch_size, num_workers=num_workers, device=device,

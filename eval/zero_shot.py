@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from data_tools.errors import ConfigError
-from clip_eval._common import EvalDataError, autocast, inference, precision_name, progress_bar
+from clip_eval._common import EvalDataError, inference, precision_name, progress_bar
 from clip_eval.cache import cache_key, load_classifier, model_identity, save_classifier
 from clip_eval.encoder import Encoder
+from clip_eval.image_pass import CPU_CHUNK, image_features
 from clip_eval.metrics import classification_metrics
 from clip_eval.prompts import Template
 from clip_eval.text import encode_texts
@@ -102,19 +103,22 @@ def evaluate_zero_shot(
     device: str | torch.device,
     progress: bool = False,
     total: int | None = None,
+    cpu_chunk: int | None = CPU_CHUNK,
 ) -> dict[str, float]:
     """Classify every image of `batches` (dicts with "image" and "label") against `classifier`.
 
     Returns acc1, acc5, mean_per_class_recall and num_samples. The encoder must already be on
     `device`; it is put in eval mode for the pass and its modes are restored after. `total` is
-    the number of batches, for the progress bar only.
+    the number of batches, for the progress bar only. On the CPU each batch is encoded in chunks
+    of `cpu_chunk` images on several threads (`clip_eval.image_pass`; None: whole batches on this
+    thread); the logits equal the whole-batch ones to 1e-6.
     """
     device = torch.device(device)
     classifier = classifier.to(device=device, dtype=torch.float32)
     num_classes = classifier.shape[1]
     all_logits: list[Tensor] = []
     all_labels: list[Tensor] = []
-    with inference(encoder):
+    with inference(encoder), image_features(encoder, device, cpu_chunk) as encode:
         for batch in progress_bar(batches, progress, "zero-shot", total=total, unit="batch"):
             if "label" not in batch:
                 raise EvalDataError("zero-shot batch has no 'label': the shards need a .cls entry per sample")
@@ -127,10 +131,7 @@ def evaluate_zero_shot(
                     f"sample {key!r} has label {int(labels[i])} but there are only {num_classes} class names; "
                     f"check that the class names match the data"
                 )
-            images = batch["image"].to(device, non_blocking=True)
-            with autocast(device):
-                features = encoder.encode_image(images)
-            features = F.normalize(features.float(), dim=-1)
+            features = F.normalize(encode(batch["image"]), dim=-1)
             all_logits.append((features @ classifier).cpu())
             all_labels.append(labels)
     if not all_logits:
