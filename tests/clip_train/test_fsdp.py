@@ -1,0 +1,163 @@
+"""`train.fsdp` under torchrun with two CPU processes (gloo): an FSDP run trains the same weights as
+a DDP run, resumes after SIGKILL to the same model and optimizer state, bit for bit, as a run never
+interrupted, and exports a model `clip_train.load` reads (issue 10, item 3).
+
+Bit-equality with DDP is expected, not luck: each process computes its gradients from the same
+all-gathered weights with the same kernels; both reduce them as a mean over two processes (DDP
+divides before summing, FSDP's reduce-scatter after; halving is exact in floating point); AdamW is
+elementwise, so it gives the same numbers on a shard as on the whole tensor; and the gradient norm
+only decides whether a step is finite (no clipping here).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from smoke_config import TINY
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 12
+# GradCache's two micro-batches exercise FSDP's gradient accumulation without sync.
+COMMON = [*TINY, f"train.steps={STEPS}", "train.save_every=4", "train.keep_last=10", "train.accum_steps=2",
+          "eval.at_end=false", "data.num_workers=1"]
+
+
+def _torchrun(synth_dir, out, *args):
+    """A two-process `clip-train` on this checkout, each worker in its own session (torchrun's way)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    if args[0] == "train":
+        args = ("train", "--config", "configs/demo.yaml", f"data.train={synth_dir}/train", f"run.output_dir={out}",
+                *COMMON, *args[1:])
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "clip_train", "-q", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _finish(proc):
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def _kill_when(proc, path):
+    """SIGKILL the launcher and every worker once `path` exists (a lost node)."""
+    deadline = time.monotonic() + 300
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    for pid in [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def _same_tensors(a, b):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+
+
+def _optimizer_shards(step_dir):
+    """Every process's optimizer shard file of an FSDP checkpoint, by file name."""
+    files = sorted((step_dir / "optimizer").iterdir())
+    assert [f.suffix for f in files] == [".safetensors"] * 2  # one per process; no pickled .metadata
+    return {f.name: load_file(str(f)) for f in files}
+
+
+@pytest.fixture(scope="module")
+def runs(synth_dir, tmp_path_factory):
+    """One uninterrupted FSDP run (exporting at its end) and the DDP run of the same settings."""
+    out = tmp_path_factory.mktemp("fsdp_runs")
+    fsdp = _torchrun(synth_dir, out, "train", "run.name=fsdp", "train.fsdp=true")
+    _finish(fsdp)  # one at a time: the machine's cores are few
+    _finish(_torchrun(synth_dir, out, "train", "run.name=ddp", "export.at_end=false"))
+    return out
+
+
+@pytest.mark.slow
+def test_fsdp_trains_the_weights_of_ddp(runs):
+    ckpt = f"checkpoints/step_{STEPS}/model.safetensors"
+    fsdp, ddp = load_file(str(runs / "fsdp" / ckpt)), load_file(str(runs / "ddp" / ckpt))
+    _same_tensors(fsdp, ddp)  # bit-equal, for the reasons in the module docstring
+    assert fsdp["logit_scale"].shape == () and fsdp["visual.trunk.blocks.0.attn.qkv.weight"].shape == (144, 48)
+
+
+@pytest.mark.slow
+def test_fsdp_killed_and_resumed_ends_as_the_straight_run(synth_dir, runs, tmp_path):
+    ckpts = tmp_path / "killed" / "checkpoints"
+    _kill_when(_torchrun(synth_dir, tmp_path, "train", "run.name=killed", "train.fsdp=true"),
+               ckpts / "step_4" / "trainer_state.json")
+    assert not (ckpts / f"step_{STEPS}").exists()
+    _finish(_torchrun(synth_dir, tmp_path, "resume", str(tmp_path / "killed")))
+
+    straight, resumed = runs / "fsdp" / "checkpoints" / f"step_{STEPS}", ckpts / f"step_{STEPS}"
+    _same_tensors(load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors")))
+    a, b = _optimizer_shards(straight), _optimizer_shards(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        _same_tensors(a[name], b[name])
+    meta_a, meta_b = (torch.load(d / "optimizer.pt", weights_only=True) for d in (straight, resumed))
+    assert meta_a == meta_b and meta_a["optimizer"]["sharded"] == "optimizer"
+    # the shards cover every trainable parameter's AdamW state, whole tensors (logit_scale) once
+    keys = set().union(*(shard.keys() for shard in a.values()))
+    assert {"logit_scale/exp_avg", "visual.trunk.blocks.0.attn.qkv.weight/exp_avg_sq",
+            "text.text_projection/step"} <= keys
+
+
+@pytest.mark.slow
+def test_fsdp_export_loads_with_the_checkpoint_embeddings(runs):
+    import clip_train
+    from clip_train.export import load_model
+
+    run = runs / "fsdp"
+    exported = clip_train.load(run / "export")
+    from_ckpt = load_model(run / "checkpoints" / f"step_{STEPS}").eval()
+    _same_tensors(load_file(str(run / "export" / "model.safetensors")), from_ckpt.state_dict())
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 3, 32, 32, generator=g)
+    tokens = exported.tokenizer(["a red circle", "two blue squares", "a small star", "green"])
+    with torch.no_grad():
+        assert torch.equal(exported.encode_image(images), from_ckpt.encode_image(images))
+        assert torch.equal(exported.encode_text(tokens), from_ckpt.encode_text(tokens))
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_changed_fsdp_setting(runs):
+    from clip_train.config import load_config
+    from clip_train.train import train
+    from data_tools.errors import ConfigError
+
+    cfg = load_config(runs / "fsdp" / "config.yaml", ["train.fsdp=false"])
+    with pytest.raises(ConfigError, match="saved with train.fsdp=true; resume it with train.fsdp=true"):
+        train(cfg, resume=True)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["train.mixed_precision=fp16"], "does not support train.mixed_precision=fp16"),
+    (["train.compile=true"], "does not support train.compile=true"),
+])
+def test_config_refuses_what_fsdp_does_not_support(synth_dir, tmp_path, make_cfg, extra, message):
+    from data_tools.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        make_cfg(synth_dir, tmp_path, "run", "train.fsdp=true", *extra)
+
+
+def test_fsdp_refuses_one_process(synth_dir, tmp_path, make_cfg):
+    from clip_train.train import train
+    from data_tools.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.fsdp=true shards over several processes, but this run has one"):
+        train(make_cfg(synth_dir, tmp_path, "run", "train.fsdp=true"))
+    assert not (tmp_path / "run").exists()
