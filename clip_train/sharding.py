@@ -88,22 +88,23 @@ def no_gradient_sync(model: FSDPModule) -> Iterator[None]:
 def clip_grad_norm(params: List[nn.Parameter], max_norm: Optional[float]) -> torch.Tensor:
     """Total gradient norm over all processes' shards (clipping to `max_norm` when set).
 
-    torch's DTensor-aware norm sums the shards' squares across processes; the whole (replicated)
-    gradients are counted once, not once per shard.
+    torch's DTensor-aware norm combines the shards' norms across processes; the whole (replicated)
+    gradients are counted once, not once per process. torch's `clip_grad_norm_` cannot take both
+    kinds in one list, hence the two groups.
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    sharded = [g for g in grads if isinstance(g, DTensor)]
-    whole = [g for g in grads if not isinstance(g, DTensor)]
+    with_grad = [p for p in params if p.grad is not None]
+    sharded = [p for p in with_grad if isinstance(p.grad, DTensor)]
+    whole = [p for p in with_grad if not isinstance(p.grad, DTensor)]
     norms = []
     if sharded:
-        norms.append(torch.nn.utils.get_total_norm(sharded).full_tensor())
+        norms.append(torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor())
     if whole:
-        norms.append(torch.nn.utils.get_total_norm(whole))
+        norms.append(torch.nn.utils.get_total_norm([p.grad for p in whole]))
     total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
     if max_norm:
         for group in (sharded, whole):
             if group:
-                torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+                torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)  # scales each p.grad
     return total
 
 
