@@ -139,7 +139,8 @@ def _flat_optimizer_tensors(osd: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     return flat
 
 
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, torch.Tensor], List[Dict[str, Any]]]:
+def optimizer_state(model: nn.Module,
+                    optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, torch.Tensor], List[Dict[str, Any]]]:
     """(this process's optimizer shards by name, the param groups) -- the groups are plain values,
     the same on every process, stored by the main process with the checkpoint (collective)."""
     osd = get_optimizer_state_dict(model, optimizer)

@@ -338,6 +338,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
     preempted: Optional[str] = None  # the signal that stopped the run early
     saved_step = -1
 
+    # GradCache's non-final micro-batches keep their gradients local (DDP's no_sync; FSDP's own switch).
+    no_sync = (lambda: sharding.no_gradient_sync(model)) if fsdp else (lambda: accelerator.no_sync(model))
+
     def sum_over_processes(t: torch.Tensor) -> torch.Tensor:
         return accelerator.reduce(t, reduction="sum") if world > 1 else t
 
@@ -367,7 +370,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
 
             losses = forward_backward(model, loss_fn, images, tokens, accum_steps=cfg.train.accum_steps,
                                       autocast=accelerator.autocast, backward=accelerator.backward,
-                                      no_sync=lambda: sharding.no_gradient_sync(model) if fsdp else accelerator.no_sync(model))
+                                      no_sync=no_sync)
             if fsdp:
                 sharding.average_replicated_grads(model)
                 grad_norm = sharding.clip_grad_norm(list(model.parameters()), cfg.optim.grad_clip)
