@@ -25,9 +25,10 @@ from smoke_config import TINY
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 12
-# GradCache's two micro-batches exercise FSDP's gradient accumulation without sync.
+# GradCache's two micro-batches exercise FSDP's gradient accumulation without sync; the mid-run
+# zero-shot evaluations run on a gathered copy of the sharded model.
 COMMON = [*TINY, f"train.steps={STEPS}", "train.save_every=4", "train.keep_last=10", "train.accum_steps=2",
-          "eval.at_end=false", "data.num_workers=1"]
+          "eval.every=4", "eval.at_end=false", "data.num_workers=1"]
 
 
 def _torchrun(synth_dir, out, *args):
@@ -36,7 +37,7 @@ def _torchrun(synth_dir, out, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     if args[0] == "train":
         args = ("train", "--config", "configs/demo.yaml", f"data.train={synth_dir}/train", f"run.output_dir={out}",
-                *COMMON, *args[1:])
+                f"data.zeroshot={synth_dir}/zeroshot", "data.retrieval=null", *COMMON, *args[1:])
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "clip_train", "-q", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -122,6 +123,8 @@ def test_fsdp_trains_the_weights_of_ddp(runs):
     ckpt = f"checkpoints/step_{STEPS}/model.safetensors"
     fsdp, ddp = load_file(str(runs / "fsdp" / ckpt)), load_file(str(runs / "ddp" / ckpt))
     _same_tensors(fsdp, ddp)  # bit-equal, for the reasons in the module docstring
+    evals = [line for line in (runs / "fsdp" / "metrics.jsonl").read_text().splitlines() if "eval/" in line]
+    assert len(evals) == 2  # steps 4 and 8
     assert fsdp["logit_scale"].shape == () and fsdp["visual.trunk.blocks.0.attn.qkv.weight"].shape == (144, 48)
 
 
