@@ -5,6 +5,10 @@ A checkpoint is a directory `step_N/` built under a temporary name and published
 therefore leaves every published checkpoint complete. On load, a directory that is incomplete or
 unreadable is skipped in favour of the previous one. Nothing is unpickled beyond tensors and plain
 containers (safetensors, `torch.load(weights_only=True)`).
+
+A run with `train.fsdp` keeps its optimizer state sharded: `optimizer.pt` then holds
+`{"sharded": "optimizer", "param_groups": ...}` and every process writes its part into `optimizer/`
+(clip_train/sharding.py) inside the same temporary directory, before anything is published.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.pt"
+SHARDED_OPTIM_DIR = "optimizer"  # FSDP runs: each process's optimizer shards (safetensors)
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete directory
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -100,7 +105,11 @@ class CheckpointManager:
 
     # -- save -----------------------------------------------------------------------------------
     def save(self, step: int, model_state: Dict[str, torch.Tensor], training_state: Dict[str, Any],
-             trainer_state: Dict[str, Any], config_yaml: str, rank_state: Optional[Dict[str, Any]] = None) -> Path:
+             trainer_state: Dict[str, Any], config_yaml: str, rank_state: Optional[Dict[str, Any]] = None,
+             write_shards: Optional[Callable[[Path], None]] = None) -> Path:
+        """Publish checkpoint `step_N` (every process calls this; `model_state` and `training_state`
+        are read on the main process only). `write_shards(tmp_dir)`, when given, runs on every
+        process before the checkpoint is published: state each process holds a part of."""
         final = self.root / f"step_{step}"
         tmp = self.root / f".tmp_step_{step}"
         if self.is_main:
@@ -112,6 +121,8 @@ class CheckpointManager:
         torch.save(rng_state(), tmp / f"rng_{self.rank}.pt")
         if rank_state is not None:  # every process has its own loader position
             (tmp / f"rank_{self.rank}.json").write_text(json.dumps(rank_state))
+        if write_shards is not None:
+            write_shards(tmp)
         if self.is_main:
             save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
             torch.save(training_state, tmp / OPTIM_FILE)
@@ -122,9 +133,12 @@ class CheckpointManager:
             with open(tmp / STATE_FILE, "w") as f:
                 json.dump(state, f, indent=1)
             share_tree(tmp)  # safetensors writes 0600
-            for child in tmp.iterdir():
-                with open(child, "rb") as f:
-                    os.fsync(f.fileno())
+            for child in sorted(tmp.rglob("*"), reverse=True):  # files and sub-directories first
+                if child.is_dir():
+                    _fsync_dir(child)
+                else:
+                    with open(child, "rb") as f:
+                        os.fsync(f.fileno())
             _fsync_dir(tmp)
             if final.exists():  # a re-save of the same step (e.g. after resume) replaces it whole
                 shutil.rmtree(final)
@@ -188,6 +202,9 @@ def load_checkpoint_dir(path: Path, rank: int = 0, with_training_state: bool = T
         trainer_state = json.loads(state_file.read_text())
         model = load_file(str(path / MODEL_FILE))
         training = torch.load(path / OPTIM_FILE, weights_only=True) if with_training_state else {}
+        sharded = (training.get("optimizer") or {}).get("sharded")
+        if sharded and not any((path / sharded).glob("*.safetensors")):
+            raise ValueError(f"no optimizer shards in {sharded}/")
         rng_file = path / f"rng_{rank}.pt"
         rng = torch.load(rng_file, weights_only=True) if with_training_state and rng_file.is_file() else None
         rank_file = path / f"rank_{rank}.json"

@@ -134,6 +134,9 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the model
+    # Shard parameters, gradients and optimizer state over the processes (torch's FSDP2,
+    # clip_train/sharding.py) instead of replicating them (DDP); docs/scaling.md#fsdp.
+    fsdp: bool = False
     max_nonfinite: int = 5  # stop after this many steps in a row with non-finite loss or gradients
     peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU; None: known GPUs only
     seed: int = 0
@@ -308,6 +311,11 @@ def validate(cfg: Config) -> None:
     if cfg.eval.every and not (cfg.data.zeroshot or cfg.data.retrieval or cfg.eval.suite):
         raise ConfigError("eval.every is set but there is nothing to evaluate: set data.zeroshot, "
                           "data.retrieval or eval.suite")
+    if cfg.train.fsdp and cfg.train.mixed_precision == "fp16":
+        raise ConfigError("train.fsdp=true does not support train.mixed_precision=fp16 (its loss scaler is untested "
+                          "on sharded gradients); use bf16")
+    if cfg.train.fsdp and cfg.train.compile:
+        raise ConfigError("train.fsdp=true does not support train.compile=true yet; turn one of them off")
     if cfg.train.accum_steps < 1:
         raise ConfigError("train.accum_steps must be at least 1")
     if cfg.loss.local_loss and not cfg.loss.gather_with_grad:

@@ -4,6 +4,7 @@ Launch:
     clip-train train --config configs/demo.yaml data.train=/data/shards        # one process
     accelerate launch -m clip_train train --config configs/bench_tiny.yaml ...  # multi-GPU / node
     torchrun --nproc_per_node 2 -m clip_train train --config ...                 # 2 CPU processes (gloo)
+    torchrun --nproc_per_node 2 -m clip_train train --config ... train.fsdp=true # sharded (FSDP2)
     clip-train resume runs/<name>                                               # continue exactly
 
 SIGTERM or SIGUSR1 (SLURM's `--signal=USR1@120`) stop the run after the current step with a
@@ -26,10 +27,11 @@ from typing import Any, Dict, Optional
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from clip_train.checkpoint import CheckpointManager, set_rng_state
+from clip_train import sharding
+from clip_train.checkpoint import SHARDED_OPTIM_DIR, CheckpointManager, set_rng_state
 from clip_train.config import Config, config_to_dict, loss_terms, to_yaml
 from clip_train.encoder import make_tokenizer
 from clip_train.evaluation import evaluate, load_eval_suite
@@ -89,8 +91,16 @@ def _accelerator(cfg: Config) -> Accelerator:
     AcceleratorState._reset_state()
     # cpu=True on GPU-less machines: Accelerate only forms a multi-process CPU group (gloo) under
     # torchrun when told so; otherwise every process would silently train alone.
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
-                       log_with=cfg.run.trackers or None, project_dir=str(cfg.run_dir))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
+                              log_with=cfg.run.trackers or None, project_dir=str(cfg.run_dir))
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # Its checkpoints would hold one process's shards; clip-train shards the model itself.
+        raise ConfigError("Accelerate's FSDP (distributed_type: FSDP) is not supported: launch with a DDP "
+                          "(multi-GPU) Accelerate config and set train.fsdp=true (docs/scaling.md#fsdp)")
+    if cfg.train.fsdp and accelerator.num_processes == 1:
+        raise ConfigError("train.fsdp=true shards over several processes, but this run has one: launch it with "
+                          "torchrun or accelerate launch, or drop train.fsdp")
+    return accelerator
 
 
 # What a run writes into its directory; --overwrite removes these and nothing else.
@@ -185,10 +195,16 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     tokenizer = make_tokenizer(cfg.model)
+    fsdp = cfg.train.fsdp
+    if fsdp:  # before the optimizer, which must hold the sharded parameters
+        sharding.shard_model(model, device)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     # The scheduler stays unprepared: Accelerate's wrapper would step it once per process.
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp:  # the model is sharded already; a DDP wrapper would replicate it again
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     if cfg.train.compile:
         unwrapped.compile()  # in place: parameter names and checkpoints are unchanged
@@ -209,8 +225,18 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
             log.info("no checkpoint in %s: starting from step 0", ckpts.root)
         else:
             _check_same_architecture(ckpt.path, cfg)
-            unwrapped.load_state_dict(ckpt.model)
-            optimizer.load_state_dict(ckpt.training["optimizer"])
+            saved_optim = ckpt.training["optimizer"]
+            if bool(saved_optim.get("sharded")) != fsdp:
+                saved_fsdp = str(not fsdp).lower()
+                raise ConfigError(f"cannot resume {ckpt.path}: it was saved with train.fsdp={saved_fsdp}; "
+                                  f"resume it with train.fsdp={saved_fsdp}")
+            if fsdp:
+                sharding.load_full_model_state(unwrapped, ckpt.model)
+                sharding.load_optimizer(unwrapped, optimizer.optimizer, ckpt.path / saved_optim["sharded"],
+                                        saved_optim["param_groups"])
+            else:
+                unwrapped.load_state_dict(ckpt.model)
+                optimizer.load_state_dict(saved_optim)
             scheduler.load_state_dict(ckpt.training["scheduler"])
             if accelerator.scaler is not None and ckpt.training.get("scaler"):
                 accelerator.scaler.load_state_dict(ckpt.training["scaler"])
@@ -222,10 +248,27 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
             log.info("resumed from %s at step %d", ckpt.path, state["step"])
 
     def save() -> Path:
-        training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        training = {"scheduler": scheduler.state_dict(),
                     "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
         position = {"loader": loader.state_dict(), "bad_samples": budget.state_dict()}
-        return ckpts.save(state["step"], unwrapped.state_dict(), training, dict(state), to_yaml(cfg), position)
+        if not fsdp:
+            training = {"optimizer": optimizer.state_dict(), **training}
+            return ckpts.save(state["step"], unwrapped.state_dict(), training, dict(state), to_yaml(cfg), position)
+        # FSDP: the model gathered whole (what eval, export and load read), the optimizer in shards
+        shards, groups = sharding.optimizer_state(unwrapped, optimizer.optimizer)
+        training = {"optimizer": {"sharded": SHARDED_OPTIM_DIR, "param_groups": groups}, **training}
+        return ckpts.save(state["step"], sharding.full_model_state(unwrapped), training, dict(state), to_yaml(cfg),
+                          position, write_shards=lambda tmp: sharding.save_shards(shards, tmp / SHARDED_OPTIM_DIR))
+
+    def plain_model() -> Optional[torch.nn.Module]:
+        """The model as one process runs it (evaluation, export); every process must call this.
+
+        Under FSDP a forward needs every process, so the main one gets a gathered copy (the others
+        None); otherwise the model itself."""
+        if not fsdp:
+            return unwrapped
+        full = sharding.full_model_state(unwrapped)
+        return sharding.plain_copy(full, cfg.model, device) if is_main else None
 
     # ---------------------------------------------------------------- data
     train_transform = image_transform(unwrapped.image_size, train=True)
@@ -292,6 +335,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
     preempted: Optional[str] = None  # the signal that stopped the run early
     saved_step = -1
 
+    # GradCache's non-final micro-batches keep their gradients local (DDP's no_sync; FSDP's own switch).
+    no_sync = (lambda: sharding.no_gradient_sync(model)) if fsdp else (lambda: accelerator.no_sync(model))
+
     def sum_over_processes(t: torch.Tensor) -> torch.Tensor:
         return accelerator.reduce(t, reduction="sum") if world > 1 else t
 
@@ -323,8 +369,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
             losses = forward_backward(model, loss_fn, images, tokens, accum_steps=cfg.train.accum_steps,
                                       labels=labels, text_views=2 if "text_views" in loss_fn.needs else 1,
                                       autocast=accelerator.autocast, backward=accelerator.backward,
-                                      no_sync=lambda: accelerator.no_sync(model))
-            grad_norm = _grad_norm(model, accelerator, cfg.optim.grad_clip)
+                                      no_sync=no_sync)
+            if fsdp:
+                sharding.average_replicated_grads(model)
+                grad_norm = sharding.clip_grad_norm(list(model.parameters()), cfg.optim.grad_clip)
+            else:
+                grad_norm = _grad_norm(model, accelerator, cfg.optim.grad_clip)
             if accelerator.scaler is not None:
                 # fp16: the loss scaler skips overflowing steps and lowers its scale by itself; such a
                 # skip is routine, so it is counted but never stops the run.
@@ -390,10 +440,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
                 save()
                 saved_step = state["step"]
             if cfg.eval.every and state["step"] % cfg.eval.every == 0 and state["step"] < cfg.train.steps:
+                eval_model = plain_model()
                 if is_main:  # the others wait at the barrier (long suites: raise the NCCL timeout)
-                    results = evaluate(unwrapped, cfg, device, suite, run_dir / "eval" / f"step_{state['step']}")
+                    results = evaluate(eval_model, cfg, device, suite, run_dir / "eval" / f"step_{state['step']}")
                     metrics.write({"step": state["step"], "samples_seen": state["samples_seen"], **_flat(results, "eval")})
                 accelerator.wait_for_everyone()
+                del eval_model
                 window.update(steps=0, finite=0, data_time=0.0, flops=0.0, start=time.perf_counter())
                 loss_sums = {}
             # A scheduler's warning (SLURM --signal, preemption): stop here with a checkpoint.
@@ -422,14 +474,15 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return summary
+    final_model = plain_model() if cfg.eval.at_end or cfg.export.at_end else None
     if is_main and cfg.eval.at_end:
-        summary["eval"] = evaluate(unwrapped, cfg, device, suite, run_dir / "eval" / f"step_{state['step']}")
+        summary["eval"] = evaluate(final_model, cfg, device, suite, run_dir / "eval" / f"step_{state['step']}")
         write_text_atomic(run_dir / "eval_results.json", json.dumps(summary["eval"], indent=1) + "\n")
         metrics.write({"step": state["step"], "samples_seen": state["samples_seen"], **_flat(summary["eval"], "eval")})
     if is_main and cfg.export.at_end:
         from clip_train.export import export_model
 
-        summary["export_dir"] = str(export_model(unwrapped, run_dir / "export"))
+        summary["export_dir"] = str(export_model(final_model, run_dir / "export"))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
