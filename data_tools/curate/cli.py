@@ -45,7 +45,9 @@ def load_model(model: str, pretrained: str | None, device: str) -> Any:
     try:
         encoder = load_encoder(model, pretrained, device)
     except ClipTrainError as exc:
-        raise DataError(f"--model {model}: cannot be loaded: {one_line(exc)}") from None
+        text = one_line(exc)
+        raise DataError(text if text.startswith("--") else
+                        f"--model {model}: cannot be loaded: {text}") from None
     except Exception as exc:  # noqa: BLE001 - a broken file raises anything; say so in one line
         raise DataError(f"--model {model}: cannot be loaded ({type(exc).__name__}: "
                         f"{one_line(exc)}); give a run or export directory, or an open_clip "
@@ -64,10 +66,13 @@ def _cmd_score(args: argparse.Namespace) -> int:
     check_run(Path(args.output), _run_options(ident, urls))  # before the model loads
     device = _device(args.device)
     encoder = load_model(args.model, args.pretrained, device)
+    from clip_eval.text import trimmed_text_forward
+
+    forward = None if args.no_trim_text else trimmed_text_forward(encoder)
     rank, _ = dist_info()
     info = score_shards(encoder, args.shards, args.output, model_id=ident,
                         batch_size=args.batch_size, num_workers=args.num_workers, device=device,
-                        trim_text=not args.no_trim_text, progress=args.progress and rank == 0)
+                        text_forward=forward, progress=args.progress and rank == 0)
     if info is not None:
         print(f"scored {info['count']} samples of {len(info['shards'])} shards into "
               f"{args.output} (mean cosine {info['score_mean']:.4f}, dim {info['dim']})")
@@ -161,7 +166,8 @@ def register(sub: argparse._SubParsersAction, output: Callable[[argparse.Argumen
     output(p)
     loader_flags(p, 256)
     p.add_argument("--no-trim-text", action="store_true",
-                   help="always run the text tower over the full context (no padding trim)")
+                   help="run open_clip text towers over the full context (by default the "
+                   "padding after each batch's longest caption is skipped; ours always skip it)")
 
     p = add_subcommand(
         sub, "filter", _cmd_filter,

@@ -132,20 +132,15 @@ def _write_part(out: Path, i: int, rows: list[tuple[str, float, np.ndarray, np.n
     write_bytes_atomic(part_path(out, i), buffer.getvalue())
 
 
-def _trimmer(encoder: Any, tokens: torch.Tensor, device: torch.device) -> bool:
-    """Whether this text tower gives the same features on tokens cut after the longest caption.
-
-    A causal text tower pooled at the end token ignores the padding after it, so cutting the
-    padding columns saves most of the text compute on short captions; towers that need the
-    full context (absolute position tables added whole) fail or differ, and are left alone.
-    """
-    used = int((tokens != 0).any(0).nonzero().max()) + 1 if tokens.any() else tokens.shape[1]
-    if used >= tokens.shape[1]:
-        return True  # nothing to cut here; later batches are checked no further
+def _confirm(encoder: Any, text_forward: Any, tokens: torch.Tensor,
+             device: torch.device) -> bool:
+    """Whether `text_forward` gives the model's own text features (checked once, on 4 rows:
+    the check runs the full-context tower, the cost the trimmed forward exists to avoid)."""
+    tokens = tokens[:4]
     try:
         full = encoder.encode_text(tokens.to(device), normalize=True).float()
-        cut = encoder.encode_text(tokens[:, :used].to(device), normalize=True).float()
-    except Exception:  # noqa: BLE001 - any failure just means: do not trim
+        cut = torch.nn.functional.normalize(text_forward(tokens.to(device)).float(), dim=-1)
+    except Exception:  # noqa: BLE001 - any failure just means: use the model's own forward
         return False
     return bool(torch.allclose(full, cut, atol=1e-4))
 
@@ -177,12 +172,15 @@ def check_run(out: Path, options: dict[str, Any]) -> None:
 @torch.inference_mode()
 def score_shards(encoder: Any, shards: Any, out_dir: str | Path, *, model_id: str,
                  batch_size: int = 256, num_workers: int = 0,
-                 device: str | torch.device = "cpu", trim_text: bool = True,
+                 device: str | torch.device = "cpu", text_forward: Any = None,
                  progress: bool = False) -> dict[str, Any] | None:
     """Score every sample of `shards` with `encoder` into `out_dir` (see the module docstring).
 
     Returns the info dict on rank 0 (None on other ranks). `model_id` names the model in
-    run.json so a resume with another model is refused.
+    run.json so a resume with another model is refused. `text_forward`: a text forward that
+    skips the padding after each batch's longest caption (the CLI passes clip_eval's
+    `trimmed_text_forward` for open_clip towers; ours trim inside `encode_text`); it is
+    checked against `encode_text` on the first batch and dropped if it differs.
     """
     from data_tools.progress import progress as progress_bar
 
@@ -211,7 +209,7 @@ def score_shards(encoder: Any, shards: Any, out_dir: str | Path, *, model_id: st
                  len(mine) - len(pending), len(mine))
     if pending:
         _score(encoder, urls, pending, out, batch_size, num_workers, torch.device(device),
-               trim_text, progress_bar, progress)
+               text_forward, progress_bar, progress)
     _barrier(world)
     if rank != 0:
         return None
@@ -219,7 +217,7 @@ def score_shards(encoder: Any, shards: Any, out_dir: str | Path, *, model_id: st
 
 
 def _score(encoder: Any, urls: list[str], pending: list[int], out: Path, batch_size: int,
-           num_workers: int, device: torch.device, trim_text: bool, progress_bar: Any,
+           num_workers: int, device: torch.device, text_forward: Any, progress_bar: Any,
            progress: bool) -> None:
     from data_tools.loader import make_loader
 
@@ -236,19 +234,22 @@ def _score(encoder: Any, urls: list[str], pending: list[int], out: Path, batch_s
         _write_part(out, i, rows, dim)
 
     walkers = [_Attribution(pending[w::workers], keys, done) for w in range(workers)]
-    trim: bool | None = None if trim_text else False
+    trim: bool | None = None if text_forward is not None else False
     bar = progress_bar(total=sum(len(k) for k in keys.values()), desc="score", unit="sample",
                        enabled=progress)
     try:
         for batch in loader:
             tokens = batch["text"]
             if trim is None:
-                trim = _trimmer(encoder, tokens, device)
-                log.debug("text tower trimmed to the longest caption: %s", trim)
-            if trim and tokens.any():
-                tokens = tokens[:, : int((tokens != 0).any(0).nonzero().max()) + 1]
+                trim = _confirm(encoder, text_forward, tokens, device)
+                log.info("text tower %s", "trimmed to each batch's longest caption" if trim
+                         else "run over the full context (the trimmed forward differs)")
+            if trim:
+                txt = torch.nn.functional.normalize(text_forward(tokens.to(device)), dim=-1)
+            else:
+                txt = encoder.encode_text(tokens.to(device), normalize=True)
             img = encoder.encode_image(batch["image"].to(device), normalize=True).float()
-            txt = encoder.encode_text(tokens.to(device), normalize=True).float()
+            txt = txt.float()
             score = (img * txt).sum(-1).cpu().numpy()
             img, txt = img.cpu().numpy(), txt.cpu().numpy()
             dim = img.shape[1]

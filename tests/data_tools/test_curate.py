@@ -366,3 +366,32 @@ def test_score_under_torchrun_matches_one_process(data, export, cli_scores, tmp_
     assert k1 == k2
     np.testing.assert_allclose(s1, s2, atol=1e-5)
     np.testing.assert_allclose(e1.astype(np.float32), e2.astype(np.float32), atol=2e-3)
+
+
+def test_trimmed_open_clip_text_tower_gives_the_same_scores(data, tmp_path, caplog):
+    import logging
+
+    import open_clip
+    from clip_eval.encoder import load_open_clip
+    from clip_eval.text import trimmed_text_forward
+
+    name = "cliptrain-curate-tiny"
+    if name not in open_clip.list_models():
+        cfg = tmp_path / f"{name}.json"
+        cfg.write_text(json.dumps({
+            "embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                           "patch_size": 8},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
+                         "layers": 1}}))
+        open_clip.add_model_config(cfg)
+    torch.manual_seed(0)
+    enc = load_open_clip(name, None, "cpu")
+    shards = sorted((data[0] / "dirty").glob("*.tar"))[:1]
+    with caplog.at_level(logging.INFO, logger="data_tools"):
+        score_shards(enc, shards, tmp_path / "trim", model_id=name, batch_size=16,
+                     text_forward=trimmed_text_forward(enc))
+    assert "trimmed to each batch's longest caption" in caplog.text
+    score_shards(enc, shards, tmp_path / "full", model_id=name, batch_size=16)
+    np.testing.assert_allclose(np.load(tmp_path / "trim" / "scores.npy"),
+                               np.load(tmp_path / "full" / "scores.npy"), atol=1e-5)
