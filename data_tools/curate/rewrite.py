@@ -1,7 +1,8 @@
 """Copy the kept samples of each input shard into one output shard, resumably.
 
 Output shard i holds the kept samples of input shard i, byte for byte and in order (so
-sizes shrink; `clip-data reshard` evens them out). `curate_state.json` records the run's
+sizes shrink, and a shard with none left is an empty tar: the next step, e.g. dedup after
+filter with the same scores, finds shard i at index i; `clip-data reshard` evens them out). `curate_state.json` records the run's
 fingerprint (inputs + decisions) and the shards done; a rerun with the same fingerprint skips
 them, one with another is refused, and shards we did not write are never replaced.
 """
@@ -9,14 +10,16 @@ them, one with another is refused, and shards we did not write are never replace
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from data_tools.errors import DataError
-from data_tools.shards import ShardWriter, write_json_atomic
+from data_tools.shards import ShardWriter, write_bytes_atomic, write_json_atomic
 from data_tools.tario import iter_shard
 
 STATE = "curate_state.json"
@@ -68,6 +71,10 @@ def rewrite(urls: list[str], out: Path, state: dict[str, Any],
                 if keep(i, s.key):
                     writer.write({"__key__": s.key, **s.fields})
                     n += 1
+        if n == 0:  # an empty shard keeps shard i at index i for the next step
+            empty = io.BytesIO()
+            tarfile.open(fileobj=empty, mode="w", format=tarfile.PAX_FORMAT).close()
+            write_bytes_atomic(out / f"{PREFIX}-{i:06d}.tar", empty.getvalue())
         done[str(i)] = n
         write_json_atomic(out / STATE, state)
         if progress is not None:

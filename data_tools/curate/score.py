@@ -5,6 +5,8 @@ A score directory holds:
   parts/NNNNNN.npz   one per input shard, written atomically once that shard is done: keys,
                      score (float32), image and text (float16 [n, D], L2-normalised)
   keys.jsonl         one line per scored sample, row i of the arrays: {"shard": i, "key": k}
+  unscored.jsonl     the samples the loader skipped as bad (same form), so that every key of
+                     the shards is accounted for when `filter`/`dedup` check them
   scores.npy         float32 [N] cosine of image and caption embedding
   image_emb.npy, text_emb.npy   float16 [N, D], L2-normalised (for dedup and search)
   info.json          written last: the run is complete when it exists
@@ -120,11 +122,13 @@ class _Attribution:
 
 
 def _write_part(out: Path, i: int, rows: list[tuple[str, float, np.ndarray, np.ndarray]],
-                dim: int) -> None:
+                dim: int, listed: list[str]) -> None:
     buffer = io.BytesIO()
+    scored = {r[0] for r in rows}
     np.savez(
         buffer,
         keys=np.array([r[0] for r in rows], dtype=str),
+        unscored=np.array([k for k in listed if k not in scored], dtype=str),
         score=np.array([r[1] for r in rows], dtype=np.float32),
         image=(np.stack([r[2] for r in rows]) if rows else np.zeros((0, dim))).astype(np.float16),
         text=(np.stack([r[3] for r in rows]) if rows else np.zeros((0, dim))).astype(np.float16),
@@ -231,7 +235,7 @@ def _score(encoder: Any, urls: list[str], pending: list[int], out: Path, batch_s
     dim = 0
 
     def done(i: int, rows: list) -> None:
-        _write_part(out, i, rows, dim)
+        _write_part(out, i, rows, dim, keys[i])
 
     walkers = [_Attribution(pending[w::workers], keys, done) for w in range(workers)]
     trim: bool | None = None if text_forward is not None else False
@@ -269,7 +273,7 @@ def _score(encoder: Any, urls: list[str], pending: list[int], out: Path, batch_s
 
 def merge(out: Path, urls: list[str], model_id: str) -> dict[str, Any]:
     """Join the per-shard parts into the arrays and key table; info.json last."""
-    keys, scores, images, texts = [], [], [], []
+    keys, unscored, scores, images, texts = [], [], [], [], []
     for i in range(len(urls)):
         path = part_path(out, i)
         if not path.is_file():
@@ -277,6 +281,7 @@ def merge(out: Path, urls: list[str], model_id: str) -> dict[str, Any]:
                             "`clip-data score` with the same options to finish it")
         with np.load(path) as part:
             keys.extend(json.dumps({"shard": i, "key": str(k)}) for k in part["keys"])
+            unscored.extend(json.dumps({"shard": i, "key": str(k)}) for k in part["unscored"])
             scores.append(part["score"])
             images.append(part["image"])
             texts.append(part["text"])
@@ -291,6 +296,7 @@ def merge(out: Path, urls: list[str], model_id: str) -> dict[str, Any]:
     save_npy(out / "image_emb.npy", image)
     save_npy(out / "text_emb.npy", text)
     write_text_atomic(out / "keys.jsonl", "\n".join(keys) + "\n")
+    write_text_atomic(out / "unscored.jsonl", "".join(line + "\n" for line in unscored))
     info = {"format": FORMAT, "model": model_id,
             "shards": [os.path.abspath(u) for u in urls], "count": len(score),
             "dim": int(dim), "score_mean": float(score.mean())}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,8 @@ class Scores:
     keys: list[str]
     score: np.ndarray  # float32 [N]
     image: np.ndarray  # float16 [N, D]
-    model: str
+    model: Any
+    unscored: set[tuple[int, str]]
 
     def rows_of(self, i: int) -> dict[str, int]:
         """key -> row for the samples of shard i."""
@@ -46,29 +48,33 @@ def read_scores(path: str | Path, *, embeddings: bool = True) -> Scores:
     if len(rows) != len(score) or (embeddings and len(image) != len(score)):
         raise DataError(f"--scores {out}: keys.jsonl, scores.npy and image_emb.npy disagree in "
                         "length; score again into a new directory")
+    bad = [json.loads(line) for line in (out / "unscored.jsonl").read_text().splitlines() if line]
     return Scores(urls=list(info["shards"]), shard=np.array([r["shard"] for r in rows], np.int32),
-                  keys=[r["key"] for r in rows], score=score, image=image, model=info["model"])
+                  keys=[r["key"] for r in rows], score=score, image=image, model=info["model"],
+                  unscored={(r["shard"], r["key"]) for r in bad})
 
 
 def check_same_shards(scores: Scores, shards: object, where: str) -> list[str]:
-    """The expanded `shards`, refused unless they are the shards `scores` was made from.
+    """The expanded `shards`, refused unless they are the scored shards or a curated subset.
 
-    Same count and file names in the same order, and every scored key present in its shard
-    (read from tar headers), so scores of another shard set never steer a filter.
+    Shard i must hold only keys that were scored (or skipped as bad) in scored shard i, so
+    `filter` then `dedup` can share one score run, and scores of another shard set never
+    steer a decision. Output shards of filter/dedup keep the input's count and order.
     """
     urls = expand_shards(shards)  # type: ignore[arg-type]
-    names = [os.path.basename(u) for u in urls]
-    theirs = [os.path.basename(u) for u in scores.urls]
-    if names != theirs:
-        raise DataError(f"--scores {where} was made from {len(theirs)} other shards "
-                        f"({theirs[0] if theirs else 'none'} ...) than SHARDS ({len(names)}: "
-                        f"{names[0] if names else 'none'} ...); score these shards first")
+    if len(urls) != len(scores.urls):
+        raise DataError(f"--scores {where} was made from {len(scores.urls)} other shards "
+                        f"({os.path.basename(scores.urls[0]) if scores.urls else 'none'} ...) "
+                        f"than SHARDS ({len(urls)}); score these shards first")
+    known: dict[int, set[str]] = {}
+    for r, i in enumerate(scores.shard.tolist()):
+        known.setdefault(i, set()).add(scores.keys[r])
+    for i, key in scores.unscored:
+        known.setdefault(i, set()).add(key)
     for i, url in enumerate(urls):
-        have = set(shard_keys(url))
-        rows = np.flatnonzero(scores.shard == i)
-        missing = [scores.keys[r] for r in rows if scores.keys[r] not in have]
-        if missing:
-            raise DataError(f"--scores {where}: key {missing[0]!r} of shard {names[i]} is not "
-                            f"in {url} (keys do not match: scores of another shard set?); "
-                            "score these shards first")
+        extra = [k for k in shard_keys(url) if k not in known.get(i, set())]
+        if extra:
+            raise DataError(f"--scores {where}: sample {extra[0]!r} of {url} was not scored "
+                            f"(keys do not match: scores of another shard set?); score these "
+                            "shards first")
     return urls

@@ -255,7 +255,7 @@ def test_filter_refuses_scores_of_other_shards(data, cli_scores, tmp_path, capsy
         assert main(["filter", str(shards), "--scores", str(cli_scores), "--min-score", "0",
                      "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "other shards" in err[0] and "keys do not match" in err[1]
+    assert len(err) == 2 and "other shards" in err[0] and "keys do not match" in err[1], err
     assert not (tmp_path / "out").exists()
 
 
@@ -395,3 +395,12 @@ def test_trimmed_open_clip_text_tower_gives_the_same_scores(data, tmp_path, capl
     score_shards(enc, shards, tmp_path / "full", model_id=name, batch_size=16)
     np.testing.assert_allclose(np.load(tmp_path / "trim" / "scores.npy"),
                                np.load(tmp_path / "full" / "scores.npy"), atol=1e-5)
+
+
+def test_filter_then_dedup_share_one_score_run(data, pixel_scores, tmp_path):
+    root, _ = data
+    rep = filter_shards(root / "dirty", pixel_scores, tmp_path / "f",
+                        FilterOptions(keep_fraction=0.3))
+    assert len(list((tmp_path / "f").glob("train-*.tar"))) == 4  # empty ones too: index i = i
+    got = dd.dedup_shards(tmp_path / "f", pixel_scores, tmp_path / "d", threshold=0.97)
+    assert got["counts"]["input"] == rep["counts"]["kept"]
