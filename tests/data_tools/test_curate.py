@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from data_tools.cli import main
 from data_tools.curate import dedup as dd
 from data_tools.curate.evalsets import embed_eval_set
+from data_tools.curate.filter import FilterOptions, filter_shards
 from data_tools.curate.inject import dirty_copy
 from data_tools.curate.score import score_shards
 from data_tools.errors import DataError
