@@ -55,10 +55,14 @@ def _index(x: np.ndarray, flat_max: int, nprobe: int) -> Any:
     if len(x) <= flat_max:
         index = faiss.IndexFlatIP(dim)
     else:
-        nlist = int(min(len(x) // 39, 4 * np.sqrt(len(x))))  # ~39+ points per centroid
+        # ~2 sqrt(N) cells, k-means on 32 points a cell for 10 rounds: the training costs
+        # about what the search does, and the cells only need to be good enough to route.
+        nlist = max(1, int(2 * np.sqrt(len(x))))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.niter = 10
+        index.cp.min_points_per_centroid = 16
         rng = np.random.default_rng(0)
-        train = x[rng.choice(len(x), min(len(x), 256 * nlist), replace=False)]
+        train = x[np.sort(rng.choice(len(x), min(len(x), 32 * nlist), replace=False))]
         index.train(train)
         index.nprobe = min(nprobe, nlist)
     index.add(x)
@@ -197,28 +201,31 @@ def dedup_shards(shards: Any, scores_dir: str | Path, out_dir: str | Path, *,
                       for k, v in sorted(eval_sets.items())})
     state = prepare_output(out, fp, "dedup")
 
+    # Only the scored samples still in SHARDS take part (after `filter`, a subset of them).
     hashes = content_hashes(urls)
-    order_key = list(zip(scores.shard.tolist(), scores.keys))
-    row_hash = [hashes.get(k) for k in order_key]
-    decisions = decide(scores.score, scores.image, order_key, row_hash, threshold=threshold,
+    rows = np.array([r for r, k in enumerate(zip(scores.shard.tolist(), scores.keys))
+                     if k in hashes], np.int64)
+    order_key = [(int(scores.shard[r]), scores.keys[r]) for r in rows]
+    decisions = decide(scores.score[rows], np.asarray(scores.image[rows]), order_key,
+                       [hashes[k] for k in order_key], threshold=threshold,
                        eval_sets=eval_sets, eval_threshold=eval_threshold, flat_max=flat_max,
                        nprobe=nprobe)
-    keep = {order_key[r] for r, d in enumerate(decisions) if not d["reason"]}
+    keep = {order_key[j] for j, d in enumerate(decisions) if not d["reason"]}
     counts: dict[str, Any] = {"input": len(hashes), "kept": len(keep), "exact": 0, "near": 0,
                               "contaminated": {name: 0 for name in eval_sets},
-                              "unscored": len(set(hashes) - set(order_key))}
+                              "unscored": len(hashes) - len(order_key)}
     lines = []
-    for r, d in enumerate(decisions):
+    for j, d in enumerate(decisions):
         if not d["reason"]:
             continue
-        entry = {"shard": int(scores.shard[r]), "key": scores.keys[r], "reason": d["reason"]}
+        entry = {"shard": order_key[j][0], "key": order_key[j][1], "reason": d["reason"]}
         if d["reason"] == "contaminated":
             counts["contaminated"][d["eval_set"]] += 1
             entry.update({k: d[k] for k in ("eval_set", "eval_index", "similarity")})
         else:
             counts[d["reason"]] += 1
             k = d["kept"]
-            entry["kept"] = {"shard": int(scores.shard[k]), "key": scores.keys[k]}
+            entry["kept"] = {"shard": order_key[k][0], "key": order_key[k][1]}
         lines.append(json.dumps(entry))
 
     with progress_bar(total=len(urls), desc="dedup: write", unit="shard",
@@ -227,7 +234,7 @@ def dedup_shards(shards: Any, scores_dir: str | Path, out_dir: str | Path, *,
     write_text_atomic(out / "removed.jsonl", "".join(line + "\n" for line in lines))
     result = {"command": "dedup", "shards": len(urls), "threshold": threshold,
               "eval_threshold": eval_threshold if eval_sets else None,
-              "search": "exact" if len(scores.score) <= flat_max else f"ivf (nprobe {nprobe})",
+              "search": "exact" if len(rows) <= flat_max else f"ivf (nprobe {nprobe})",
               "counts": counts, "written": written}
     write_json_atomic(out / "report.json", result)
     return result

@@ -404,4 +404,6 @@ def test_filter_then_dedup_share_one_score_run(data, pixel_scores, tmp_path):
                         FilterOptions(keep_fraction=0.3))
     assert len(list((tmp_path / "f").glob("train-*.tar"))) == 4  # empty ones too: index i = i
     got = dd.dedup_shards(tmp_path / "f", pixel_scores, tmp_path / "d", threshold=0.97)
-    assert got["counts"]["input"] == rep["counts"]["kept"]
+    c = got["counts"]
+    assert c["input"] == rep["counts"]["kept"] and c["unscored"] == 0
+    assert c["kept"] + c["exact"] + c["near"] == c["input"]  # only samples still there count
