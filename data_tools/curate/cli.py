@@ -112,7 +112,11 @@ def _eval_sets(args: argparse.Namespace, scores_model: Any) -> dict[str, Any]:
     encoder = None
     device = _device(args.device)
     if any(k != "scores" for _, _, k in specs):
-        encoder = load_model(scores_model["model"], scores_model["pretrained"], device)
+        if not isinstance(scores_model, dict) or "model" not in scores_model:
+            raise DataError(f"--scores was made through the Python API with model "
+                            f"{scores_model!r}, which this command cannot load; give each "
+                            "--eval as a score directory made with that model")
+        encoder = load_model(scores_model["model"], scores_model.get("pretrained"), device)
     return {name: embed_eval_set(path, encoder, model_id=scores_model,
                                  batch_size=args.batch_size, num_workers=args.num_workers,
                                  device=device) for name, path, _ in specs}
