@@ -1,7 +1,7 @@
 """Near-duplicate search time of `clip-data dedup` on N image embeddings (default 1M x 256).
 
     python bench/dedup.py                         # 1,000,000 x 256 (k-means cells, as dedup above 50k)
-    python bench/dedup.py --n 100000 --nprobe 3
+    python bench/dedup.py --n 100000 --nprobe 2
 
 Embeddings: random unit vectors (float16, as `clip-data score` stores them) plus 1% planted
 near duplicates (cosine ~0.99 to a random other row). Times `dedup.decide` (k-means, cell
@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--threshold", type=float, default=0.95)
-    p.add_argument("--nprobe", type=int, default=2)
+    p.add_argument("--nprobe", type=int, default=3)
     a = p.parse_args()
     import faiss
 

@@ -219,7 +219,7 @@ def register(sub: argparse._SubParsersAction, output: Callable[[argparse.Argumen
                    "directory); repeatable")
     p.add_argument("--eval-threshold", type=float, default=0.95,
                    help="cosine to an eval image at which a training sample is removed")
-    p.add_argument("--nprobe", type=int, default=2,
+    p.add_argument("--nprobe", type=int, default=3,
                    help="above 50,000 samples: k-means cells each sample is compared in "
                    "(more: slower, misses fewer near pairs)")
     loader_flags(p, 256)
