@@ -8,6 +8,9 @@
     clip-data inspect data/mine/train                    # counts, histograms, problems
     clip-data validate data/mine/train                   # + decode every image; exit 1 if bad
     clip-data reshard data/mine/train --output data/mine256 --max-side 256
+    clip-data score data/mine/train --model RUN --output data/scores   # curation: docs/curation.md
+    clip-data filter data/mine/train --scores data/scores --keep-fraction 0.3 --output data/f
+    clip-data dedup data/f --scores data/f-scores --eval data/synth/zeroshot --output data/d
 
 Errors a user can fix print one line (`error: ...`) and exit with status 2; `validate` exits
 with status 1 when it finds bad samples. Shared flags (-v, -q, --no-progress, --version) and
@@ -378,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images with more pixels are bad (default: PIL's bound, ~89M)")
     p.add_argument("--max-list", type=int, default=100, help="bad samples printed")
     p.add_argument("--report", default=None, help="write every bad sample as JSON lines here")
+
+    from data_tools.curate.cli import register
+
+    register(sub, output)
     return parser
 
 
