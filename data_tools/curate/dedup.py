@@ -26,7 +26,7 @@ import numpy as np
 from data_tools.curate.rewrite import fingerprint, prepare_output, rewrite
 from data_tools.curate.scoredir import check_same_shards, read_scores
 from data_tools.errors import DataError
-from data_tools.shards import write_json_atomic, write_text_atomic
+from data_tools.io import write_json_atomic, write_text_atomic
 from data_tools.tario import iter_shard
 
 log = logging.getLogger(__name__)

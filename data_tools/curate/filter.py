@@ -22,7 +22,7 @@ from data_tools.curate import report
 from data_tools.curate.rewrite import fingerprint, prepare_output, rewrite
 from data_tools.curate.scoredir import check_same_shards, read_scores
 from data_tools.errors import DataError
-from data_tools.shards import write_json_atomic
+from data_tools.io import write_json_atomic
 from data_tools.tario import iter_shard
 
 REASONS = ("unscored", "caption_words", "min_side", "score")

@@ -20,7 +20,8 @@ from typing import Any
 from PIL import Image
 
 from data_tools.errors import DataError
-from data_tools.shards import ShardWriter, write_json_atomic
+from data_tools.shards import ShardWriter
+from data_tools.io import write_json_atomic
 from data_tools.tario import iter_shard
 from data_tools.urls import expand_shards
 

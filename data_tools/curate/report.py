@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from data_tools.shards import write_bytes_atomic
+from data_tools.io import write_bytes_atomic
 from data_tools.tario import iter_shard
 
 

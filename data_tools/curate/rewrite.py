@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from data_tools.errors import DataError
-from data_tools.shards import ShardWriter, write_bytes_atomic, write_json_atomic
+from data_tools.shards import ShardWriter
+from data_tools.io import write_bytes_atomic, write_json_atomic
 from data_tools.tario import iter_shard
 
 STATE = "curate_state.json"

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from data_tools.errors import DataError
-from data_tools.shards import write_bytes_atomic, write_json_atomic, write_text_atomic
+from data_tools.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from data_tools.tario import ReadMode, iter_shard
 from data_tools.urls import expand_shards
 
