@@ -7,13 +7,14 @@ features itself through `clip_train.distributed`.
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from clip_train.distributed import gather_features
+from clip_train.tiled_loss import tiled_cross_entropy
 from data_tools.errors import ConfigError
 
 
@@ -24,18 +25,49 @@ class ClipInfoNCE(nn.Module):
     open_clip's ClipLoss default). local_loss=True: each process computes only its own B rows
     against all world*B columns; with gather_with_grad=True the gradients still equal those of the
     full loss (see `clip_train.distributed.gather_features`).
+
+    tiled=True computes the same loss and gradients in tiles of `tile_size` columns and rows
+    (`clip_train.tiled_loss`), never holding the logits; "auto" does so from AUTO_TILED_BATCH
+    gathered samples on, where the logits' ~16 bytes x B^2 start to dominate a step's memory.
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1, local_loss: bool = False, gather_with_grad: bool = True):
+    def __init__(self, rank: int = 0, world_size: int = 1, local_loss: bool = False,
+                 gather_with_grad: bool = True, tiled: Union[bool, str] = "auto",
+                 tile_size: int = 1024):
         super().__init__()
         self.rank, self.world_size = rank, world_size
         self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
+        if tiled not in (True, False, "auto"):
+            raise ConfigError(f"loss.tiled must be true, false or auto, not {tiled!r}")
+        if tile_size < 1:
+            raise ConfigError(f"loss.tile_size must be positive, not {tile_size}")
+        self.tiled, self.tile_size = tiled, tile_size
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor, **_: torch.Tensor) -> Dict[str, torch.Tensor]:
-        batch = image_features.shape[0]
         all_image = gather_features(image_features, self.rank, self.world_size, self.gather_with_grad)
         all_text = gather_features(text_features, self.rank, self.world_size, self.gather_with_grad)
+        auto = self.tiled == "auto" and all_image.shape[0] >= AUTO_TILED_BATCH
+        terms = self._tiled if self.tiled is True or auto else self._full
+        loss_i2t, loss_t2i = terms(image_features, text_features, all_image, all_text, logit_scale)
+        loss = (loss_i2t + loss_t2i) / 2
+        return {"loss": loss, "loss_i2t": loss_i2t.detach(), "loss_t2i": loss_t2i.detach()}
+
+    def _tiled(self, image_features: Tensor, text_features: Tensor, all_image: Tensor,
+               all_text: Tensor, logit_scale: Tensor) -> Tuple[Tensor, Tensor]:
+        if self.local_loss:
+            offset = self.rank * image_features.shape[0]
+            loss_i2t, _ = tiled_cross_entropy(image_features, all_text, logit_scale, offset=offset,
+                                              tile=self.tile_size)
+            loss_t2i, _ = tiled_cross_entropy(text_features, all_image, logit_scale, offset=offset,
+                                              tile=self.tile_size)
+            return loss_i2t, loss_t2i
+        return tiled_cross_entropy(all_image, all_text, logit_scale, tile=self.tile_size,
+                                   symmetric=True)
+
+    def _full(self, image_features: Tensor, text_features: Tensor, all_image: Tensor,
+              all_text: Tensor, logit_scale: Tensor) -> Tuple[Tensor, Tensor]:
+        batch = image_features.shape[0]
         if self.local_loss:
             logits_per_image = logit_scale * image_features @ all_text.T
             logits_per_text = logit_scale * text_features @ all_image.T
@@ -44,11 +76,11 @@ class ClipInfoNCE(nn.Module):
             logits_per_image = logit_scale * all_image @ all_text.T
             logits_per_text = logits_per_image.T
             labels = torch.arange(all_image.shape[0], device=image_features.device)
-        loss_i2t = F.cross_entropy(logits_per_image, labels)
-        loss_t2i = F.cross_entropy(logits_per_text, labels)
-        loss = (loss_i2t + loss_t2i) / 2
-        return {"loss": loss, "loss_i2t": loss_i2t.detach(), "loss_t2i": loss_t2i.detach()}
+        return F.cross_entropy(logits_per_image, labels), F.cross_entropy(logits_per_text, labels)
 
+
+# Gathered batch from which loss.tiled=auto tiles: see docs/benchmarks.md, "Tiled contrastive loss".
+AUTO_TILED_BATCH = 8192
 
 LOSSES: Dict[str, Callable[..., nn.Module]] = {"clip": ClipInfoNCE}
 

@@ -194,7 +194,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
     if cfg.train.compile:
         unwrapped.compile()  # in place: parameter names and checkpoints are unchanged
     loss_fn = build_loss(cfg.loss.name, rank=rank, world_size=world, local_loss=cfg.loss.local_loss,
-                         gather_with_grad=cfg.loss.gather_with_grad)
+                         gather_with_grad=cfg.loss.gather_with_grad, tiled=cfg.loss.tiled,
+                         tile_size=cfg.loss.tile_size)
     peak = device_peak_flops(device, cfg.train.peak_flops)
     image_tokens = unwrapped.visual.trunk.patch_embed.num_patches + 1
     flops = TrainFlops(unwrapped) if peak else None  # only for MFU, which needs a known peak
