@@ -91,7 +91,7 @@ class LossConfig:
     gather_with_grad: bool = True  # exact full-batch gradients; False (open_clip's default) scales them by
     # 1/processes with the full loss and is wrong with local_loss
     # InfoNCE in tiles (clip_train.tiled_loss): same loss and gradients without the B x B logits.
-    # auto: tiled from clip_train.losses.AUTO_TILED_BATCH gathered samples on (docs/scaling.md).
+    # auto: tiled when the logits would reach 8192 x 8192 entries, ~1 GiB (docs/scaling.md).
     tiled: Union[bool, str] = "auto"
     tile_size: int = 1024  # rows and columns of one tile
 

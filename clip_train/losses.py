@@ -27,8 +27,8 @@ class ClipInfoNCE(nn.Module):
     full loss (see `clip_train.distributed.gather_features`).
 
     tiled=True computes the same loss and gradients in tiles of `tile_size` columns and rows
-    (`clip_train.tiled_loss`), never holding the logits; "auto" does so from AUTO_TILED_BATCH
-    gathered samples on, where the logits' ~16 bytes x B^2 start to dominate a step's memory.
+    (`clip_train.tiled_loss`), never holding the logits; "auto" does so when the logits would have
+    AUTO_TILED_BATCH^2 entries or more (~16 bytes each with their softmax and gradient: 1 GiB).
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1, local_loss: bool = False,
@@ -47,7 +47,8 @@ class ClipInfoNCE(nn.Module):
                 logit_scale: torch.Tensor, **_: torch.Tensor) -> Dict[str, torch.Tensor]:
         all_image = gather_features(image_features, self.rank, self.world_size, self.gather_with_grad)
         all_text = gather_features(text_features, self.rank, self.world_size, self.gather_with_grad)
-        auto = self.tiled == "auto" and all_image.shape[0] >= AUTO_TILED_BATCH
+        rows = image_features.shape[0] if self.local_loss else all_image.shape[0]
+        auto = self.tiled == "auto" and rows * all_image.shape[0] >= AUTO_TILED_BATCH ** 2
         terms = self._tiled if self.tiled is True or auto else self._full
         loss_i2t, loss_t2i = terms(image_features, text_features, all_image, all_text, logit_scale)
         loss = (loss_i2t + loss_t2i) / 2
@@ -79,7 +80,8 @@ class ClipInfoNCE(nn.Module):
         return F.cross_entropy(logits_per_image, labels), F.cross_entropy(logits_per_text, labels)
 
 
-# Gathered batch from which loss.tiled=auto tiles: see docs/benchmarks.md, "Tiled contrastive loss".
+# loss.tiled=auto tiles from this many rows x columns squared: a full 8192 x 8192 logit matrix costs
+# ~1 GiB with its softmax and gradient (docs/benchmarks.md, "Tiled contrastive loss").
 AUTO_TILED_BATCH = 8192
 
 LOSSES: Dict[str, Callable[..., nn.Module]] = {"clip": ClipInfoNCE}
