@@ -15,8 +15,9 @@ its own worker: peak RSS (VmHWM) of a fresh subprocess per figure, after a warm-
    then a full training step at --batch (bench_tiny, GradCache micro-batches of --micro) with each
    loss, --steps timed after one warm-up step each at one micro-batch.
 3. largest: full tiled training steps at --mem-batch and twice that (micro-batches of --micro)
-   give a + b x B (b at least the batch's own bytes, as bench/train_step.py); the tiled loss alone adds d x B (its slope from part 1, counted on top of the
-   step's, so the prediction errs towards fitting); largest B = (budget - a) / (b + d). A full
+   give a + b x B (b at least the batch's own bytes, as in bench/train_step.py); the tiled loss
+   alone adds d x B (its slope from part 1, counted on top of the step's, so the prediction errs
+   towards fitting); largest B = (budget - a) / (b + d). A full
    step at a batch the full logits cannot reach is run to check the fit (--verify-batch); a full
    step at 100,000 takes most of an hour on 2 CPU cores, so that one is predicted, and the loss
    itself is measured there (part 1).
@@ -49,18 +50,21 @@ def bench_memory(args, common: dict) -> Dict[str, List[dict]]:
     runs: Dict[str, List[dict]] = {"full": [], "tiled": []}
     for batch in args.loss_batches:
         for name in ("full", "tiled"):
-            runs[name].append(ts.measure(_args_with(args, name == "tiled"), "loss", batch, warmup_batch=64))
+            side = _args_with(args, name == "tiled")
+            runs[name].append(ts.measure(side, "loss", batch, warmup_batch=64))
     for batch in args.tiled_batches:
         runs["tiled"].append(ts.measure(_args_with(args, True), "loss", batch, warmup_batch=64))
     full, tiled = runs["full"], runs["tiled"]
     c = (full[-1]["peak"] - full[0]["peak"]) / (full[-1]["batch"] ** 2 - full[0]["batch"] ** 2)
     _, d = ts._lstsq([[1.0, r["batch"]] for r in tiled], [r["peak"] for r in tiled])
-    ts.emit({"metric": "loss_peak_rss_gib", "memory": ts.memory_unit(args), "tile_size": args.tile_size,
+    ts.emit({"metric": "loss_peak_rss_gib", "memory": ts.memory_unit(args),
+             "tile_size": args.tile_size,
              "full": {r["batch"]: round(r["peak"] / GIB, 3) for r in full},
              "tiled": {r["batch"]: round(r["peak"] / GIB, 3) for r in tiled},
              "full_bytes_per_sample_sq": round(c, 2), "tiled_bytes_per_sample": round(d, 1),
-             "step_s": {f"{k} {r['batch']}": round(r["step_s"], 2) for k, v in runs.items() for r in v},
-             "note": "the loss alone, forward + backward, fresh process per figure (absolute VmHWM)"},
+             "step_s": {f"{k} {r['batch']}": round(r["step_s"], 2)
+                        for k, v in runs.items() for r in v},
+             "note": "the loss alone, forward + backward, fresh process per figure (VmHWM)"},
             common)
     return runs
 
@@ -77,7 +81,8 @@ def bench_speed(args, common: dict) -> None:
 
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
-    feats = [F.normalize(torch.randn(args.batch, 256, generator=gen), dim=-1).to(device) for _ in range(2)]
+    feats = [F.normalize(torch.randn(args.batch, 256, generator=gen), dim=-1).to(device)
+             for _ in range(2)]
     losses = {"full": build_loss("clip", tiled=False),
               "tiled": build_loss("clip", tiled=True, tile_size=args.tile_size)}
     loss_s: Dict[str, List[float]] = {k: [] for k in losses}
@@ -102,7 +107,8 @@ def bench_speed(args, common: dict) -> None:
     med = {k: statistics.median(v) for k, v in loss_s.items()}
     step = {k: statistics.median(v) for k, v in step_s.items()}
     ts.emit({"metric": "tiled_time_ratio", "batch": args.batch, "tile_size": args.tile_size,
-             "micro": args.micro, "loss_full_s": round(med["full"], 3), "loss_tiled_s": round(med["tiled"], 3),
+             "micro": args.micro, "loss_full_s": round(med["full"], 3),
+             "loss_tiled_s": round(med["tiled"], 3),
              "loss_ratio": round(med["tiled"] / med["full"], 3),
              "step_full_s": round(step["full"], 2), "step_tiled_s": round(step["tiled"], 2),
              "step_ratio": round(step["tiled"] / step["full"], 3),
@@ -125,13 +131,16 @@ def bench_largest(args, common: dict, loss_runs: Dict[str, List[dict]]) -> None:
                                        for n in args.tiled_batches]
     _, d = ts._lstsq([[1.0, r["batch"]] for r in tiled], [r["peak"] for r in tiled])
     predicted = int((budget - a) / (b + d))
-    ts.log(f"tiled step: {a / GIB:.3f} GiB + ({b / 1024:.1f} + {d / 1024:.2f}) KiB x B -> {predicted}")
+    ts.log(f"tiled step: {a / GIB:.3f} GiB + ({b / 1024:.1f} + {d / 1024:.2f}) KiB x B "
+           f"-> {predicted}")
     verify = ts.measure(tiled_args, "ours", args.verify_batch, micro=args.micro, warmup_batch=64)
-    ts.emit({"metric": "largest_batch_tiled", "budget_gib": args.budget_gib, "memory": ts.memory_unit(args),
+    ts.emit({"metric": "largest_batch_tiled", "budget_gib": args.budget_gib,
+             "memory": ts.memory_unit(args),
              "tile_size": args.tile_size, "micro": args.micro, "predicted": predicted,
              "fit": {"const_gib": round(a / GIB, 3), "step_per_sample_kib": round(b / 1024, 2),
                      "loss_per_sample_kib": round(d / 1024, 3)},
-             "verified_batch": args.verify_batch, "verified_peak_gib": round(verify["peak"] / GIB, 3),
+             "verified_batch": args.verify_batch,
+             "verified_peak_gib": round(verify["peak"] / GIB, 3),
              "verified_predicted_gib": round((a + (b + d) * args.verify_batch) / GIB, 3),
              "verified_step_s": round(verify["step_s"], 1),
              "points": [ts._point(r) for r in runs + [verify]]}, common)
@@ -142,7 +151,8 @@ def _ints(text: str) -> List[int]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=("memory", "speed", "largest"), action="append")
     p.add_argument("--device", default="cpu")
     p.add_argument("--preset", choices=sorted(ts.PRESETS), default="bench_tiny")
@@ -152,7 +162,8 @@ def main(argv=None) -> None:
     p.add_argument("--tiled-batches", type=_ints, default=[32768, 100000])
     p.add_argument("--batch", type=int, default=4096, help="speed: contrastive batch")
     p.add_argument("--micro", type=int, default=64, help="GradCache micro-batch of the full steps")
-    p.add_argument("--rounds", type=int, default=5, help="speed: alternated calls of the loss alone")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="speed: alternated calls of the loss alone")
     p.add_argument("--steps", type=int, default=2, help="speed: timed full steps per side")
     p.add_argument("--mem-batch", type=int, default=512)
     p.add_argument("--budget-gib", type=float, default=8.0)
@@ -162,8 +173,10 @@ def main(argv=None) -> None:
     only = set(args.only or ("memory", "speed", "largest"))
     torch.set_num_threads(args.threads)
     common = {"bench": "tiled_loss", "preset": args.preset, "device": args.device,
-              "machine": ts.machine(torch.device(args.device)), "date": time.strftime("%Y-%m-%d", time.gmtime()),
-              "command": "python bench/tiled_loss.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+              "machine": ts.machine(torch.device(args.device)),
+              "date": time.strftime("%Y-%m-%d", time.gmtime()),
+              "command": "python bench/tiled_loss.py "
+                         + " ".join(sys.argv[1:] if argv is None else argv)}
     loss_runs = bench_memory(args, common) if "memory" in only else {}
     if "speed" in only:
         bench_speed(args, common)
