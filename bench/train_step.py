@@ -7,7 +7,8 @@
 
 What is compared (DESIGN.md, "Benchmarks"):
 - ours: `configs/bench_tiny.yaml` (or the ViT-B/16 preset) -> `build_model`, `build_optimizer`,
-  `build_loss("clip")`; one step = `forward_backward(..., accum_steps=k)` + `optimizer.step()` +
+  `build_loss("clip", tiled=False)` (--tiled: the tiled loss); one step =
+  `forward_backward(..., accum_steps=k)` + `optimizer.step()` +
   `zero_grad(set_to_none=True)` + `clamp_logit_scale()`, as `clip_train.train` does it.
 - OpenCLIP: `open_clip.CLIP` (its native ViT and text transformer) with the same sizes, read from
   our config, `open_clip.ClipLoss()`, `torch.optim.AdamW` with open_clip_train's parameter groups
@@ -85,6 +86,16 @@ PRESETS: Dict[str, List[str]] = {
                 "model.text.layers=12"],
 }
 WARMUP_BATCH = 64  # fit/verify runs: one small step first, so the optimiser state exists
+# The figures in docs/benchmarks.md before issue 11 are of the full logits; --tiled picks the loss.
+LOSS_UNTILED = {"tiled": False}
+
+
+def loss_kwargs(args) -> dict:
+    """build_loss keywords for our side from --tiled/--tile-size (untiled when absent)."""
+    tiled = getattr(args, "tiled", "false")
+    if tiled == "false":
+        return dict(LOSS_UNTILED)
+    return {"tiled": True if tiled == "true" else tiled, "tile_size": getattr(args, "tile_size", 1024)}
 
 
 # -- models, steps and data ------------------------------------------------------------------------
@@ -118,7 +129,7 @@ class Contestant:
 
 class Ours(Contestant):
     def __init__(self, preset: str, device: torch.device, precision: str, micro: Optional[int] = None,
-                 trim_padding: bool = True):
+                 trim_padding: bool = True, loss: Optional[dict] = None):
         from clip_train.losses import build_loss
         from clip_train.model import build_model
         from clip_train.optim import build_optimizer
@@ -127,7 +138,7 @@ class Ours(Contestant):
         self.cfg = our_config(preset, [] if trim_padding else ["model.text.trim_padding=false"])
         self.model = build_model(self.cfg.model).to(device).train()
         self.optimizer = build_optimizer(self.model, self.cfg.optim)
-        self.loss = build_loss("clip")
+        self.loss = build_loss("clip", **(loss or LOSS_UNTILED))
         self.micro = micro
         self.autocast = _autocast(device, precision)
 
@@ -258,9 +269,10 @@ def log(msg: str) -> None:
 # -- 1. speed --------------------------------------------------------------------------------------
 def bench_speed(args, device: torch.device, common: dict) -> None:
     torch.manual_seed(0)
-    contestants = [Ours(args.preset, device, args.precision), OpenClip(args.preset, device, args.precision)]
+    loss = loss_kwargs(args)
+    contestants = [Ours(args.preset, device, args.precision, loss=loss), OpenClip(args.preset, device, args.precision)]
     if not args.no_ablation:
-        contestants.append(Ours(args.preset, device, args.precision, trim_padding=False))
+        contestants.append(Ours(args.preset, device, args.precision, trim_padding=False, loss=loss))
     cfg = contestants[0].cfg
     pool = [make_batch(cfg, args.batch, seed, device) for seed in range(args.pool)]
     times: Dict[str, List[float]] = {c.name: [] for c in contestants}
@@ -356,7 +368,8 @@ def worker(spec: dict) -> dict:
     if spec["impl"] == "loss":  # our loss alone on random unit features: its B^2 term
         from clip_train.losses import build_loss
 
-        loss_fn, dim = build_loss("clip"), our_config(spec["preset"]).model.embed_dim
+        loss_fn = build_loss("clip", **spec.get("loss", LOSS_UNTILED))
+        dim = our_config(spec["preset"]).model.embed_dim
         build_rss = _rss_now()
 
         def data(batch: int, seed: int):
@@ -367,7 +380,8 @@ def worker(spec: dict) -> dict:
         def run(feats) -> None:
             loss_fn(*feats, torch.tensor(1 / 0.07, device=device))["loss"].backward()
     else:
-        c = (Ours(spec["preset"], device, spec["precision"], micro=spec.get("micro")) if spec["impl"] == "ours"
+        c = (Ours(spec["preset"], device, spec["precision"], micro=spec.get("micro"),
+                  loss=spec.get("loss")) if spec["impl"] == "ours"
              else OpenClip(spec["preset"], device, spec["precision"]))
         build_rss = _rss_now()
         cfg = our_config(spec["preset"])
@@ -399,7 +413,8 @@ def worker(spec: dict) -> dict:
 
 def measure(args, impl: str, batch: int, micro: Optional[int] = None, warmup_batch: Optional[int] = None) -> dict:
     spec = {"impl": impl, "batch": batch, "micro": micro, "warmup_batch": warmup_batch or batch,
-            "preset": args.preset, "device": args.device, "precision": args.precision, "threads": args.threads}
+            "preset": args.preset, "device": args.device, "precision": args.precision, "threads": args.threads,
+            "loss": loss_kwargs(args)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -596,6 +611,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, help="largest batch: cap on our verification run; 0 = none (default none)")
     p.add_argument("--larger-max-s", type=float, default=240.0,
                    help="largest batch: also verify 5%% above the prediction when a step at it took less (default 240)")
+    p.add_argument("--tiled", choices=("false", "true", "auto"), default="false",
+                   help="our loss: loss.tiled (default false: the full logits, as the recorded figures)")
+    p.add_argument("--tile-size", type=int, default=1024, help="our loss: loss.tile_size (default 1024)")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick

@@ -10,7 +10,7 @@ import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Union
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -107,6 +107,10 @@ class LossConfig:
     local_loss: bool = False  # each process computes only its own rows of the logits
     gather_with_grad: bool = True  # exact full-batch gradients; False (open_clip's default) scales them by
     # 1/processes with the full loss and is wrong with local_loss
+    # InfoNCE in tiles (clip_train.tiled_loss): same loss and gradients without the B x B logits.
+    # auto: tiled when the logits would reach 8192 x 8192 entries, ~1 GiB (docs/scaling.md).
+    tiled: Union[bool, str] = "auto"
+    tile_size: int = 1024  # rows and columns of one tile
 
 
 @dataclass
@@ -321,6 +325,10 @@ def validate(cfg: Config) -> None:
     if cfg.loss.local_loss and not cfg.loss.gather_with_grad:
         raise ConfigError("loss.local_loss=true needs loss.gather_with_grad=true: without it the gradients are "
                           "not those of the contrastive loss")
+    if cfg.loss.tiled not in (True, False, "auto"):
+        raise ConfigError(f"loss.tiled must be true, false or auto, not '{cfg.loss.tiled}'")
+    if cfg.loss.tile_size < 1:
+        raise ConfigError(f"loss.tile_size must be positive, not {cfg.loss.tile_size}")
     if cfg.train.max_nonfinite < 1:
         raise ConfigError("train.max_nonfinite must be at least 1")
     unknown = set(cfg.run.trackers) - {"tensorboard", "wandb"}

@@ -137,9 +137,11 @@ class SimCSE(nn.Module):
 
 
 def _clip(rank: int = 0, world_size: int = 1, local_loss: bool = False, gather_with_grad: bool = True,
-          label_smoothing: float = 0.0, **_: object) -> nn.Module:
+          label_smoothing: float = 0.0, tiled: object = "auto", tile_size: int = 1024,
+          **_: object) -> nn.Module:
     return ClipInfoNCE(rank=rank, world_size=world_size, local_loss=local_loss,
-                       gather_with_grad=gather_with_grad, label_smoothing=label_smoothing)
+                       gather_with_grad=gather_with_grad, tiled=tiled, tile_size=tile_size,
+                       label_smoothing=label_smoothing)
 
 
 TERMS: Dict[str, Callable[..., nn.Module]] = {"clip": _clip, "siglip": SigLIP, "margin": MarginLoss,
@@ -200,6 +202,7 @@ def build_objective(cfg: LossConfig, rank: int = 0, world_size: int = 1) -> Obje
         options = {k: getattr(term, k) for k in LossTermConfig.__dataclass_fields__
                    if k not in ("name", "weight") and getattr(term, k) is not None}  # None: the term's default
         module = TERMS[term.name](rank=rank, world_size=world_size, local_loss=cfg.local_loss,
-                                  gather_with_grad=cfg.gather_with_grad, **options)
+                                  gather_with_grad=cfg.gather_with_grad, tiled=cfg.tiled,
+                                  tile_size=cfg.tile_size, **options)
         terms.append((term.name, float(term.weight), module))
     return Objective(terms)

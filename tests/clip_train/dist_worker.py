@@ -1,7 +1,9 @@
 """Run under torchrun by test_distributed.py: one step of gradients on this rank's half of a batch.
 
 Each variant (loss layout x accumulation) writes, on rank 0, the DDP-averaged gradients and the
-loss averaged over processes, for comparison with one process on the whole batch.
+loss averaged over processes, for comparison with one process on the whole batch. `--tiled` runs
+the same variants with the tiled loss, in tiles of 3: they split neither the 8 rows of a process
+nor the 16 gathered columns evenly.
 """
 
 import sys
@@ -31,7 +33,7 @@ def batch(n: int = 16):
     return images, open_clip.tokenizer.SimpleTokenizer(context_length=16)(captions)
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, tiled: bool = False) -> None:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     images, tokens = batch()
@@ -41,7 +43,7 @@ def main(out_path: str) -> None:
         torch.manual_seed(0)
         model = accelerator.prepare(build_model(CFG))
         loss_fn = build_loss("clip", rank=rank, world_size=world, local_loss=variant["local_loss"],
-                             gather_with_grad=variant["gather_with_grad"])
+                             gather_with_grad=variant["gather_with_grad"], tiled=tiled, tile_size=3)
         mine = slice(rank * per, (rank + 1) * per)
         losses = forward_backward(model, loss_fn, images[mine], tokens[mine], accum_steps=variant["accum_steps"],
                                   backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model))
@@ -55,4 +57,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], tiled="--tiled" in sys.argv[2:])
