@@ -29,8 +29,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     args = argparse.Namespace(
-        train_data=a.shards, val_data=None, train_num_samples=10**7, dataset_resampled=True,
-        seed=a.seed, batch_size=a.batch_size, world_size=1, workers=a.workers,
+        train_data=a.shards,
+        val_data=None,
+        train_num_samples=10**7,
+        dataset_resampled=True,
+        seed=a.seed,
+        batch_size=a.batch_size,
+        world_size=1,
+        workers=a.workers,
         train_data_upsampling_factors=None,
     )
     preprocess = open_clip.image_transform(a.image_size, is_train=True)

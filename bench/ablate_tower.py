@@ -49,12 +49,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from train_step import openclip_param_groups, openclip_sizes  # noqa: E402  (bench/, beside this file)
+
 from clip_train.config import load_config  # noqa: E402
 from clip_train.losses import ClipInfoNCE  # noqa: E402
 from clip_train.model import build_model, init_embeddings_fan_in, init_linear_fan_in  # noqa: E402
 from clip_train.optim import param_groups  # noqa: E402
 from data_tools.transforms import image_transform  # noqa: E402
-from train_step import openclip_param_groups, openclip_sizes  # noqa: E402  (bench/, beside this file)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +71,7 @@ def read_split(folder: Path, size: int) -> tuple[torch.Tensor, list[str], list[i
                 if m.isfile():
                     key, _, ext = m.name.partition(".")
                     members.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        for key, fields in members.items():
+        for fields in members.values():
             jpg = fields.get("jpg") or fields.get("png")
             if jpg is None:
                 continue
@@ -95,9 +96,15 @@ def check_variant(name: str) -> tuple[str, set[str]]:
     base, *parts = name.split("+")
     changes = set(parts)
     unknown = changes - CHANGES | ({base} - {"ours", "openclip"})
-    if unknown or len(changes & set(INITS)) > 1 or (base == "openclip" and changes - {"decay_embed"}):
-        raise SystemExit(f"variant {name!r}: use ours|openclip, then '+' changes from {sorted(CHANGES)} "
-                         f"(at most one of {sorted(INITS)}; openclip takes only decay_embed)")
+    if (
+        unknown
+        or len(changes & set(INITS)) > 1
+        or (base == "openclip" and changes - {"decay_embed"})
+    ):
+        raise SystemExit(
+            f"variant {name!r}: use ours|openclip, then '+' changes from {sorted(CHANGES)} "
+            f"(at most one of {sorted(INITS)}; openclip takes only decay_embed)"
+        )
     return base, changes
 
 
@@ -142,7 +149,9 @@ def evaluate(model, images, captions, labels, classnames, templates, tokenizer, 
     if classnames:
         w = []
         for c in classnames:
-            e = F.normalize(model.encode_text(tokenizer([t.format(c) for t in templates]).to(device)), dim=-1)
+            e = F.normalize(
+                model.encode_text(tokenizer([t.format(c) for t in templates]).to(device)), dim=-1
+            )
             w.append(F.normalize(e.mean(0), dim=0))
         pred = (img @ torch.stack(w).T).argmax(1).cpu()
         lab = torch.tensor(labels)
@@ -158,18 +167,25 @@ def train_one(variant: str, seed: int, args, data: dict, device) -> dict:
     model.to(device).train()
     groups = openclip_param_groups(model, args.wd) if decay_embed else param_groups(model, args.wd)
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / args.warmup if s < args.warmup else
-                                              0.5 * (1 + math.cos(math.pi * (s - args.warmup) / max(1, args.steps - args.warmup))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            (s + 1) / args.warmup
+            if s < args.warmup
+            else 0.5
+            * (1 + math.cos(math.pi * (s - args.warmup) / max(1, args.steps - args.warmup)))
+        ),
+    )
     loss_fn = ClipInfoNCE()
     images, tokens = data["train_images"], data["train_tokens"]
     n = images.shape[0]
     order = torch.Generator().manual_seed(1000 + seed)  # the same batches for every variant
     perm, pos, losses = torch.randperm(n, generator=order), 0, []
     start = time.perf_counter()
-    for step in range(args.steps):
+    for _ in range(args.steps):
         if pos + args.batch > n:
             perm, pos = torch.randperm(n, generator=order), 0
-        idx = perm[pos:pos + args.batch]
+        idx = perm[pos : pos + args.batch]
         pos += args.batch
         x = normalise(images[idx].to(device, non_blocking=True))
         out = model(x, tokens[idx].to(device))
@@ -182,22 +198,42 @@ def train_one(variant: str, seed: int, args, data: dict, device) -> dict:
             (model.logit_scale if hasattr(model, "logit_scale") else None).clamp_(0, math.log(100))
         losses.append(loss.item())
     seconds = time.perf_counter() - start
-    metrics = evaluate(model, data["ret_images"], data["ret_captions"], None, None, None, data["tokenizer"], device)
+    metrics = evaluate(
+        model, data["ret_images"], data["ret_captions"], None, None, None, data["tokenizer"], device
+    )
     if data.get("zs_images") is not None:
-        zs = evaluate(model, data["zs_images"], data["zs_captions"], data["zs_labels"], data["classnames"],
-                      data["templates"], data["tokenizer"], device)
+        zs = evaluate(
+            model,
+            data["zs_images"],
+            data["zs_captions"],
+            data["zs_labels"],
+            data["classnames"],
+            data["templates"],
+            data["tokenizer"],
+            device,
+        )
         metrics["zeroshot_top1"] = zs["zeroshot_top1"]
     w = args.window
-    curve = [round(statistics.fmean(losses[i:i + w]), 3) for i in range(0, len(losses), w)]
-    return {"variant": variant, "seed": seed, "steps": args.steps, "train_s": round(seconds, 1),
-            "final_loss": round(statistics.fmean(losses[-w:]), 4), "loss_curve": curve,
-            **{k: round(v, 2) for k, v in metrics.items()}}
+    curve = [round(statistics.fmean(losses[i : i + w]), 3) for i in range(0, len(losses), w)]
+    return {
+        "variant": variant,
+        "seed": seed,
+        "steps": args.steps,
+        "train_s": round(seconds, 1),
+        "final_loss": round(statistics.fmean(losses[-w:]), 4),
+        "loss_curve": curve,
+        **{k: round(v, 2) for k, v in metrics.items()},
+    }
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", required=True, help="folder with train/, retrieval/ and zeroshot/ shards")
-    p.add_argument("--variants", nargs="+", default=["ours", "openclip", "ours+avg", "ours+openclip_init"])
+    p.add_argument(
+        "--data", required=True, help="folder with train/, retrieval/ and zeroshot/ shards"
+    )
+    p.add_argument(
+        "--variants", nargs="+", default=["ours", "openclip", "ours+avg", "ours+openclip_init"]
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=252)
     p.add_argument("--batch", type=int, default=128)
@@ -227,8 +263,18 @@ def main(argv=None) -> None:
         data["templates"] = (zs / "templates.txt").read_text().splitlines()
     if device.type == "cuda":
         data["train_images"] = data["train_images"].to(device)
-    print(json.dumps({"data": str(root), "train": len(caps), "retrieval": len(data["ret_captions"]),
-                      "device": str(device), "torch": torch.__version__}), flush=True)
+    print(
+        json.dumps(
+            {
+                "data": str(root),
+                "train": len(caps),
+                "retrieval": len(data["ret_captions"]),
+                "device": str(device),
+                "torch": torch.__version__,
+            }
+        ),
+        flush=True,
+    )
     results = []
     for seed in args.seeds:
         for variant in args.variants:  # alternate variants within a seed
@@ -238,9 +284,14 @@ def main(argv=None) -> None:
     for variant in args.variants:
         rows = [r for r in results if r["variant"] == variant]
         keys = [k for k in rows[0] if k not in ("variant", "seed", "steps", "loss_curve")]
-        summary = {"summary": variant, "seeds": len(rows),
-                   **{k: round(statistics.fmean(r[k] for r in rows), 3) for k in keys},
-                   "loss_curve": [round(statistics.fmean(c), 3) for c in zip(*(r["loss_curve"] for r in rows))]}
+        summary = {
+            "summary": variant,
+            "seeds": len(rows),
+            **{k: round(statistics.fmean(r[k] for r in rows), 3) for k in keys},
+            "loss_curve": [
+                round(statistics.fmean(c), 3) for c in zip(*(r["loss_curve"] for r in rows))
+            ],
+        }
         print(json.dumps(summary), flush=True)
 
 

@@ -39,23 +39,35 @@ def main() -> None:
     n_dup = a.n // 100
     x = rng.standard_normal((a.n, a.dim), dtype=np.float32)
     src = rng.choice(a.n - n_dup, n_dup, replace=False)
-    x[a.n - n_dup:] = x[src] + 0.1 * rng.standard_normal((n_dup, a.dim), dtype=np.float32)
+    x[a.n - n_dup :] = x[src] + 0.1 * rng.standard_normal((n_dup, a.dim), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     emb = x.astype(np.float16)
     score = rng.random(a.n).astype(np.float32)
     order = list(zip([0] * a.n, range(a.n)))
     start = time.perf_counter()
-    decisions = dedup.decide(score, emb, order, [None] * a.n, threshold=a.threshold,
-                             nprobe=a.nprobe)
+    decisions = dedup.decide(
+        score, emb, order, [None] * a.n, threshold=a.threshold, nprobe=a.nprobe
+    )
     took = time.perf_counter() - start
     removed = {r for r, d in enumerate(decisions) if d["reason"]}
     found = sum(1 for i, s in zip(range(a.n - n_dup, a.n), src) if i in removed or s in removed)
-    print(json.dumps({"n": a.n, "dim": a.dim, "threshold": a.threshold,
-                      "search": "exact" if a.n <= dedup.FLAT_MAX else f"k-means cells, nprobe {a.nprobe}",
-                      "seconds": round(took, 1), "removed": len(removed),
-                      "planted_pairs_found": f"{found}/{n_dup}", "cpus": os.cpu_count(),
-                      "faiss_threads": faiss.omp_get_max_threads(), "faiss": faiss.__version__,
-                      "python": platform.python_version()}))
+    print(
+        json.dumps(
+            {
+                "n": a.n,
+                "dim": a.dim,
+                "threshold": a.threshold,
+                "search": "exact" if a.n <= dedup.FLAT_MAX else f"k-means cells, nprobe {a.nprobe}",
+                "seconds": round(took, 1),
+                "removed": len(removed),
+                "planted_pairs_found": f"{found}/{n_dup}",
+                "cpus": os.cpu_count(),
+                "faiss_threads": faiss.omp_get_max_threads(),
+                "faiss": faiss.__version__,
+                "python": platform.python_version(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -40,12 +40,31 @@ def build_shards(data: Path, samples: int, per_shard: int, image_size: int) -> s
     manifest = data / "manifest.json"
     if manifest.is_file():
         m = json.loads(manifest.read_text())
-        if (m.get("counts", {}).get("train") == samples and m.get("image_size") == image_size
-                and m.get("config", {}).get("samples_per_shard") == per_shard):
+        if (
+            m.get("counts", {}).get("train") == samples
+            and m.get("image_size") == image_size
+            and m.get("config", {}).get("samples_per_shard") == per_shard
+        ):
             return _pattern(data, m)
-    cmd = [sys.executable, "-m", "data_tools", "synth", "--output", str(data), "--train-samples",
-           str(samples), "--zeroshot-per-class", "1", "--retrieval-samples", "1",
-           "--image-size", str(image_size), "--samples-per-shard", str(per_shard), "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_tools",
+        "synth",
+        "--output",
+        str(data),
+        "--train-samples",
+        str(samples),
+        "--zeroshot-per-class",
+        "1",
+        "--retrieval-samples",
+        "1",
+        "--image-size",
+        str(image_size),
+        "--samples-per-shard",
+        str(per_shard),
+        "-q",
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT)
     return _pattern(data, json.loads(manifest.read_text()))
 
@@ -55,17 +74,30 @@ def _pattern(data: Path, manifest: dict) -> str:
     return f"{data}/train/train-{{000000..{n - 1:06d}}}.tar"
 
 
-def ours(shards: str, size: int, workers: int, batch_size: int, warmup: int, batches: int,
-         shuffle: int, seed: int) -> float:
+def ours(
+    shards: str,
+    size: int,
+    workers: int,
+    batch_size: int,
+    warmup: int,
+    batches: int,
+    shuffle: int,
+    seed: int,
+) -> float:
     import open_clip
 
     from data_tools.loader import make_loader
     from data_tools.transforms import ImageTransform
 
     loader = make_loader(
-        shards, batch_size=batch_size, image_transform=ImageTransform(size, train=True),
-        tokenizer=open_clip.get_tokenizer("ViT-B-32"), mode="resampled", num_workers=workers,
-        shuffle_buffer=shuffle, seed=seed,
+        shards,
+        batch_size=batch_size,
+        image_transform=ImageTransform(size, train=True),
+        tokenizer=open_clip.get_tokenizer("ViT-B-32"),
+        mode="resampled",
+        num_workers=workers,
+        shuffle_buffer=shuffle,
+        seed=seed,
     )
     it = iter(loader)
     for _ in range(warmup):
@@ -81,11 +113,33 @@ def ours(shards: str, size: int, workers: int, batch_size: int, warmup: int, bat
     return n / took
 
 
-def openclip(python: str, shards: str, size: int, workers: int, batch_size: int, warmup: int,
-             batches: int, seed: int) -> float:
-    cmd = [python, str(ROOT / "bench" / "_openclip_loader.py"), shards, "--image-size",
-           str(size), "--workers", str(workers), "--batch-size", str(batch_size), "--warmup",
-           str(warmup), "--batches", str(batches), "--seed", str(seed)]
+def openclip(
+    python: str,
+    shards: str,
+    size: int,
+    workers: int,
+    batch_size: int,
+    warmup: int,
+    batches: int,
+    seed: int,
+) -> float:
+    cmd = [
+        python,
+        str(ROOT / "bench" / "_openclip_loader.py"),
+        shards,
+        "--image-size",
+        str(size),
+        "--workers",
+        str(workers),
+        "--batch-size",
+        str(batch_size),
+        "--warmup",
+        str(warmup),
+        "--batches",
+        str(batches),
+        "--seed",
+        str(seed),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd="/")
     if r.returncode != 0:
         raise SystemExit(f"OpenCLIP side failed ({' '.join(cmd)}):\n{r.stderr[-3000:]}")
@@ -104,25 +158,36 @@ def profile(shards: str, size: int, batch_size: int, batches: int) -> None:
     from data_tools.transforms import ImageTransform
 
     torch.set_num_threads(1)
-    loader = make_loader(shards, batch_size=batch_size,
-                         image_transform=ImageTransform(size, train=True),
-                         tokenizer=open_clip.get_tokenizer("ViT-B-32"), mode="resampled",
-                         shuffle_buffer=1000, max_batches=batches)
+    loader = make_loader(
+        shards,
+        batch_size=batch_size,
+        image_transform=ImageTransform(size, train=True),
+        tokenizer=open_clip.get_tokenizer("ViT-B-32"),
+        mode="resampled",
+        shuffle_buffer=1000,
+        max_batches=batches,
+    )
     prof = cProfile.Profile()
     start = time.perf_counter()
     prof.enable()
     n = sum(b["image"].shape[0] for b in loader)
     prof.disable()
     took = time.perf_counter() - start
-    print(f"# profile: {n} samples at {size}px in one process: {n / took:.0f} samples/s "
-          f"(under cProfile)", file=sys.stderr)
+    print(
+        f"# profile: {n} samples at {size}px in one process: {n / took:.0f} samples/s "
+        f"(under cProfile)",
+        file=sys.stderr,
+    )
     pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(18)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default="/tmp/clip-train-bench-loader",
-                    help="where the shards are built (reused when they match)")
+    ap.add_argument(
+        "--data",
+        default="/tmp/clip-train-bench-loader",
+        help="where the shards are built (reused when they match)",
+    )
     ap.add_argument("--samples", type=int, default=4000)
     ap.add_argument("--samples-per-shard", type=int, default=250)
     ap.add_argument("--source-size", type=int, default=256, help="JPEG side in the shards")
@@ -131,11 +196,18 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--warmup", type=int, default=3, help="batches before the clock starts")
     ap.add_argument("--batches", type=int, default=16, help="batches timed per measurement")
-    ap.add_argument("--shuffle-buffer", type=int, default=5000,
-                    help="ours; OpenCLIP's is fixed at 5000 (1000 before the first sample)")
+    ap.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=5000,
+        help="ours; OpenCLIP's is fixed at 5000 (1000 before the first sample)",
+    )
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--openclip-python", default=None,
-                    help="python of the OpenCLIP venv (default: made by bench/openclip_env.sh)")
+    ap.add_argument(
+        "--openclip-python",
+        default=None,
+        help="python of the OpenCLIP venv (default: made by bench/openclip_env.sh)",
+    )
     ap.add_argument("--skip-openclip", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also profile ours at --sizes[0]")
     a = ap.parse_args()
@@ -144,13 +216,24 @@ def main() -> None:
     py = a.openclip_python
     if py is None and not a.skip_openclip:
         env_sh = ROOT / "bench" / "openclip_env.sh"
-        py = subprocess.run(["bash", str(env_sh)], check=True, capture_output=True,
-                            text=True).stdout.strip().splitlines()[-1]
-    info = {"bench": "loader-setup", "shards": shards, "samples": a.samples,
-            "source_px": a.source_size, "workers": a.workers, "batch_size": a.batch_size,
-            "batches_timed": a.batches, "cpus": os.cpu_count(), "machine": platform.machine(),
-            "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d")}
+        py = (
+            subprocess.run(["bash", str(env_sh)], check=True, capture_output=True, text=True)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+    info = {
+        "bench": "loader-setup",
+        "shards": shards,
+        "samples": a.samples,
+        "source_px": a.source_size,
+        "workers": a.workers,
+        "batch_size": a.batch_size,
+        "batches_timed": a.batches,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     print(json.dumps(info), flush=True)
     results: dict[int, dict[str, list[float]]] = {s: {"ours": [], "openclip": []} for s in a.sizes}
     for r in range(a.rounds):
@@ -159,11 +242,20 @@ def main() -> None:
             order = ("ours", "openclip") if r % 2 == 0 else ("openclip", "ours")
             for side in order:
                 if side == "ours":
-                    row["ours"] = ours(shards, size, a.workers, a.batch_size, a.warmup,
-                                       a.batches, a.shuffle_buffer, r)
+                    row["ours"] = ours(
+                        shards,
+                        size,
+                        a.workers,
+                        a.batch_size,
+                        a.warmup,
+                        a.batches,
+                        a.shuffle_buffer,
+                        r,
+                    )
                 elif not a.skip_openclip:
-                    row["openclip"] = openclip(py, shards, size, a.workers, a.batch_size,
-                                               a.warmup, a.batches, r)
+                    row["openclip"] = openclip(
+                        py, shards, size, a.workers, a.batch_size, a.warmup, a.batches, r
+                    )
             for k in ("ours", "openclip"):
                 if k in row:
                     results[size][k].append(row[k])
@@ -175,15 +267,24 @@ def main() -> None:
         if not results[size]["ours"]:
             continue
         o = statistics.median(results[size]["ours"])
-        row = {"bench": "loader-summary", "image_size": size, "rounds": a.rounds,
-               "ours": round(o, 1)}
+        row = {
+            "bench": "loader-summary",
+            "image_size": size,
+            "rounds": a.rounds,
+            "ours": round(o, 1),
+        }
         if results[size]["openclip"]:
             c = statistics.median(results[size]["openclip"])
             ratios = [x / y for x, y in zip(results[size]["ours"], results[size]["openclip"])]
             # the median of per-round ratios: each pair ran back to back, so it is the
             # figure least moved by other load on the machine
-            row.update({"openclip": round(c, 1), "ratio": round(statistics.median(ratios), 2),
-                        "ratio_min": round(min(ratios), 2)})
+            row.update(
+                {
+                    "openclip": round(c, 1),
+                    "ratio": round(statistics.median(ratios), 2),
+                    "ratio_min": round(min(ratios), 2),
+                }
+            )
         print(json.dumps(row), flush=True)
     if a.profile:
         profile(shards, a.sizes[0], a.batch_size, 8)

@@ -46,7 +46,7 @@ class TarPairs(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        mine = self.shards if info is None else self.shards[info.id::info.num_workers]
+        mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
         for shard in mine:
             fields: dict = {}
             with tarfile.open(shard) as tar:
@@ -68,8 +68,9 @@ def plain_loop(model_name: str, shards: list[str], batch: int, workers: int, dev
     def run() -> tuple[float, dict]:
         start = time.perf_counter()
         out = {}
-        loader = torch.utils.data.DataLoader(TarPairs(shards, preprocess), batch_size=batch,
-                                             num_workers=workers)
+        loader = torch.utils.data.DataLoader(
+            TarPairs(shards, preprocess), batch_size=batch, num_workers=workers
+        )
         with torch.no_grad():
             for keys, images, captions in loader:
                 a = model.encode_image(images.to(device), normalize=True)
@@ -83,7 +84,6 @@ def plain_loop(model_name: str, shards: list[str], batch: int, workers: int, dev
 
 def ours(model_name: str, shards: list[str], batch: int, workers: int, device: str, tmp: Path):
     from clip_eval.text import trimmed_text_forward
-
     from data_tools.curate.cli import load_model
     from data_tools.curate.score import score_shards
 
@@ -94,8 +94,16 @@ def ours(model_name: str, shards: list[str], batch: int, workers: int, device: s
         out_dir = tmp / "scores"
         shutil.rmtree(out_dir, ignore_errors=True)
         start = time.perf_counter()
-        score_shards(encoder, shards, out_dir, model_id=model_name, batch_size=batch,
-                     num_workers=workers, device=device, text_forward=forward)
+        score_shards(
+            encoder,
+            shards,
+            out_dir,
+            model_id=model_name,
+            batch_size=batch,
+            num_workers=workers,
+            device=device,
+            text_forward=forward,
+        )
         took = time.perf_counter() - start
         keys = [json.loads(line)["key"] for line in (out_dir / "keys.jsonl").open()]
         return took, dict(zip(keys, np.load(out_dir / "scores.npy").tolist()))
@@ -105,10 +113,15 @@ def ours(model_name: str, shards: list[str], batch: int, workers: int, device: s
 
 BENCH_TINY = {
     "embed_dim": 256,
-    "vision_cfg": {"image_size": 64, "layers": 6, "width": 192, "head_width": 64,
-                   "patch_size": 8, "mlp_ratio": 4.0},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 256, "heads": 4,
-                 "layers": 4},
+    "vision_cfg": {
+        "image_size": 64,
+        "layers": 6,
+        "width": 192,
+        "head_width": 64,
+        "patch_size": 8,
+        "mlp_ratio": 4.0,
+    },
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 4},
 }
 
 
@@ -118,14 +131,24 @@ def open_clip_folder(folder: Path) -> Path:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
-    (folder / "open_clip_config.json").write_text(json.dumps({
-        "model_cfg": BENCH_TINY,
-        "preprocess_cfg": {"size": 64, "mean": list(open_clip.OPENAI_DATASET_MEAN),
-                           "std": list(open_clip.OPENAI_DATASET_STD)}}))
+    (folder / "open_clip_config.json").write_text(
+        json.dumps(
+            {
+                "model_cfg": BENCH_TINY,
+                "preprocess_cfg": {
+                    "size": 64,
+                    "mean": list(open_clip.OPENAI_DATASET_MEAN),
+                    "std": list(open_clip.OPENAI_DATASET_STD),
+                },
+            }
+        )
+    )
     torch.manual_seed(0)
     model = open_clip.CLIP(**BENCH_TINY)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(folder / "open_clip_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(folder / "open_clip_model.safetensors"),
+    )
     return folder
 
 
@@ -144,35 +167,62 @@ def main() -> None:
         from data_tools.synth import SynthConfig, write_synth
         from data_tools.urls import expand_shards
 
-        write_synth(tmp / "data", SynthConfig(train_samples=a.samples, zeroshot_per_class=1,
-                                              retrieval_samples=10, image_size=a.image_size,
-                                              samples_per_shard=max(1, a.samples // 8)))
+        write_synth(
+            tmp / "data",
+            SynthConfig(
+                train_samples=a.samples,
+                zeroshot_per_class=1,
+                retrieval_samples=10,
+                image_size=a.image_size,
+                samples_per_shard=max(1, a.samples // 8),
+            ),
+        )
         shards = expand_shards(str(tmp / "data" / "train"))
         name = f"local-dir:{open_clip_folder(tmp / 'model')}"
-        sides = {"ours": ours(name, shards, a.batch_size, a.workers, a.device, tmp),
-                 "plain": plain_loop(name, shards, a.batch_size, a.workers, a.device)}
+        sides = {
+            "ours": ours(name, shards, a.batch_size, a.workers, a.device, tmp),
+            "plain": plain_loop(name, shards, a.batch_size, a.workers, a.device),
+        }
         for side in sides.values():  # warm-up: page cache, worker start-up paths, kernels
             side()
         rates: dict[str, list[float]] = {"ours": [], "plain": []}
         for r in range(a.rounds):
             got = {}
-            for name_ in (["ours", "plain"] if r % 2 == 0 else ["plain", "ours"]):
+            for name_ in ["ours", "plain"] if r % 2 == 0 else ["plain", "ours"]:
                 took, scores = sides[name_]()
                 rates[name_].append(len(scores) / took)
                 got[name_] = scores
             diff = max(abs(got["ours"][k] - got["plain"][k]) for k in got["plain"])
             assert got["ours"].keys() == got["plain"].keys() and diff < 1e-4, diff
-            print(json.dumps({"round": r, "ours": round(rates["ours"][-1], 1),
-                              "plain": round(rates["plain"][-1], 1),
-                              "ratio": round(rates["ours"][-1] / rates["plain"][-1], 2),
-                              "max_score_diff": diff}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "round": r,
+                        "ours": round(rates["ours"][-1], 1),
+                        "plain": round(rates["plain"][-1], 1),
+                        "ratio": round(rates["ours"][-1] / rates["plain"][-1], 2),
+                        "max_score_diff": diff,
+                    }
+                ),
+                flush=True,
+            )
         ratios = [o / p_ for o, p_ in zip(rates["ours"], rates["plain"])]
-        print(json.dumps({"summary": True, "samples": len(scores), "device": a.device,
-                          "ours_samples_per_s": round(float(np.median(rates["ours"])), 1),
-                          "plain_samples_per_s": round(float(np.median(rates["plain"])), 1),
-                          "ratio_median": round(float(np.median(ratios)), 2),
-                          "ratio_worst": round(min(ratios), 2), "cpus": os.cpu_count(),
-                          "torch": torch.__version__, "python": platform.python_version()}))
+        print(
+            json.dumps(
+                {
+                    "summary": True,
+                    "samples": len(scores),
+                    "device": a.device,
+                    "ours_samples_per_s": round(float(np.median(rates["ours"])), 1),
+                    "plain_samples_per_s": round(float(np.median(rates["plain"])), 1),
+                    "ratio_median": round(float(np.median(ratios)), 2),
+                    "ratio_worst": round(min(ratios), 2),
+                    "cpus": os.cpu_count(),
+                    "torch": torch.__version__,
+                    "python": platform.python_version(),
+                }
+            )
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

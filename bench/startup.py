@@ -53,8 +53,9 @@ def header_shard(path: Path, samples: int, offset: int) -> None:
                 tf.addfile(info, io.BytesIO(b""))
 
 
-def layout(root: Path, name: str, templates: list[Path], shards: int, stats: bool,
-           per_shard: int) -> Path:
+def layout(
+    root: Path, name: str, templates: list[Path], shards: int, stats: bool, per_shard: int
+) -> Path:
     """`shards` hard links to the templates in root/name, img2dataset-style names."""
     d = root / name
     d.mkdir()
@@ -62,9 +63,19 @@ def layout(root: Path, name: str, templates: list[Path], shards: int, stats: boo
         tar = d / f"{i:05d}.tar"
         os.link(templates[i % len(templates)], tar)
         if stats:
-            (d / f"{i:05d}_stats.json").write_text(json.dumps(
-                {"count": per_shard, "successes": per_shard, "failed_to_download": 0,
-                 "failed_to_resize": 0, "duration": 1.0, "status_dict": {}}, indent=4))
+            (d / f"{i:05d}_stats.json").write_text(
+                json.dumps(
+                    {
+                        "count": per_shard,
+                        "successes": per_shard,
+                        "failed_to_download": 0,
+                        "failed_to_resize": 0,
+                        "duration": 1.0,
+                        "status_dict": {},
+                    },
+                    indent=4,
+                )
+            )
     return d
 
 
@@ -99,9 +110,20 @@ def main() -> None:
         built = layout(root, "built", templates, n, False, args.per_shard)
         names = sorted(p.name for p in built.glob("*.tar"))
         size = templates[0].stat().st_size
-        (root / "manifest.json").write_text(json.dumps({"splits": {"train": {
-            "path": "built", "shards": names, "shard_counts": [args.per_shard] * n,
-            "shard_bytes": [size] * n}}}))
+        (root / "manifest.json").write_text(
+            json.dumps(
+                {
+                    "splits": {
+                        "train": {
+                            "path": "built",
+                            "shards": names,
+                            "shard_counts": [args.per_shard] * n,
+                            "shard_bytes": [size] * n,
+                        }
+                    }
+                }
+            )
+        )
         i2d = layout(root, "img2dataset", templates, n, True, args.per_shard)
 
         def before() -> None:  # the old epoch_batches: every header of every shard
@@ -109,19 +131,39 @@ def main() -> None:
             assert sum(counts.count_headers(u) for u in urls) == total
 
         rows = [("headers (before)", before)]
-        for name, d in (("manifest", built), ("img2dataset", i2d),
-                        ("no sidecar, first start", plain), ("no sidecar, cached", plain)):
+        for name, d in (
+            ("manifest", built),
+            ("img2dataset", i2d),
+            ("no sidecar, first start", plain),
+            ("no sidecar, cached", plain),
+        ):
             rows.append((name, lambda d=d: epoch_batches(d, **kw)))
         for name, fn in rows:
             secs = timed(fn)
-            print(json.dumps({"bench": "startup", "layout": name, "seconds": round(secs, 3),
-                              "shards": n, "samples": total,
-                              "samples_per_s": round(total / secs) if secs else None}),
-                  flush=True)
+            print(
+                json.dumps(
+                    {
+                        "bench": "startup",
+                        "layout": name,
+                        "seconds": round(secs, 3),
+                        "shards": n,
+                        "samples": total,
+                        "samples_per_s": round(total / secs) if secs else None,
+                    }
+                ),
+                flush=True,
+            )
         assert counts.count_samples(built) == counts.count_samples(plain) == total
-        print(json.dumps({"bench": "startup", "machine": platform.processor() or
-                          platform.machine(), "cpus": os.cpu_count(),
-                          "python": platform.python_version()}))
+        print(
+            json.dumps(
+                {
+                    "bench": "startup",
+                    "machine": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                }
+            )
+        )
     finally:
         if args.keep:
             print(f"kept {root}", file=sys.stderr)

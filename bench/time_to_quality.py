@@ -56,8 +56,22 @@ def log(msg: str) -> None:
 def build_synth(work: Path, samples: int) -> Path:
     out = work / f"synth-{samples}"
     if not (out / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "data_tools", "synth", "--output", str(out),
-                        "--train-samples", str(samples), "-q"], check=True, cwd=ROOT, stdout=sys.stderr)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "data_tools",
+                "synth",
+                "--output",
+                str(out),
+                "--train-samples",
+                str(samples),
+                "-q",
+            ],
+            check=True,
+            cwd=ROOT,
+            stdout=sys.stderr,
+        )
     return out
 
 
@@ -86,27 +100,74 @@ def _device_env(device: str) -> dict:
     return env
 
 
-def run_openclip(a, python: str, data: Path, seed: int, steps_per_epoch: int, out: Path, cfg) -> dict:
+def run_openclip(
+    a, python: str, data: Path, seed: int, steps_per_epoch: int, out: Path, cfg
+) -> dict:
     name = f"openclip-s{seed}"
     shutil.rmtree(out / name, ignore_errors=True)
     config = out / "ttq_bench_tiny.json"
     config.write_text(json.dumps(openclip_sizes(cfg)))
     shards = "::".join(str(p) for p in sorted((data / "train").glob("*.tar")))
-    args = ["--train-data", shards, "--dataset-type", "webdataset",
-            "--train-num-samples", str(steps_per_epoch * a.batch), "--epochs", str(a.epochs),
-            "--batch-size", str(a.batch), "--lr", str(a.lr), "--wd", str(a.wd), "--warmup", str(a.warmup),
-            "--beta1", "0.9", "--beta2", "0.999", "--eps", "1e-8", "--workers", str(a.workers),
-            "--seed", str(seed), "--model", "ttq_bench_tiny", "--precision", "fp32", "--device", a.device,
-            "--logs", str(out), "--name", name, "--log-every-n-steps", "1",
-            "--save-frequency", str(a.epochs), "--zeroshot-frequency", "0"]
+    args = [
+        "--train-data",
+        shards,
+        "--dataset-type",
+        "webdataset",
+        "--train-num-samples",
+        str(steps_per_epoch * a.batch),
+        "--epochs",
+        str(a.epochs),
+        "--batch-size",
+        str(a.batch),
+        "--lr",
+        str(a.lr),
+        "--wd",
+        str(a.wd),
+        "--warmup",
+        str(a.warmup),
+        "--beta1",
+        "0.9",
+        "--beta2",
+        "0.999",
+        "--eps",
+        "1e-8",
+        "--workers",
+        str(a.workers),
+        "--seed",
+        str(seed),
+        "--model",
+        "ttq_bench_tiny",
+        "--precision",
+        "fp32",
+        "--device",
+        a.device,
+        "--logs",
+        str(out),
+        "--name",
+        name,
+        "--log-every-n-steps",
+        "1",
+        "--save-frequency",
+        str(a.epochs),
+        "--zeroshot-frequency",
+        "0",
+    ]
     start = time.perf_counter()
-    r = subprocess.run([python, str(ROOT / "bench" / "_openclip_train.py"), str(config), "--", *args],
-                       capture_output=True, text=True, cwd=out, env=_device_env(a.device))
+    r = subprocess.run(
+        [python, str(ROOT / "bench" / "_openclip_train.py"), str(config), "--", *args],
+        capture_output=True,
+        text=True,
+        cwd=out,
+        env=_device_env(a.device),
+    )
     wall = time.perf_counter() - start
     logfile = out / name / "out.log"
     if r.returncode != 0 or not logfile.is_file():
         raise SystemExit(f"open_clip_train failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
-    losses = [float(x) for x in re.findall(r"Contrastive_loss: ([-+0-9.eE]+|nan|inf) ", logfile.read_text())]
+    losses = [
+        float(x)
+        for x in re.findall(r"Contrastive_loss: ([-+0-9.eE]+|nan|inf) ", logfile.read_text())
+    ]
     ckpt = out / name / "checkpoints" / f"epoch_{a.epochs}.pt"
     # The checkpoint as an open_clip local directory for clip-eval (weights only, no optimizer).
     import torch
@@ -116,32 +177,75 @@ def run_openclip(a, python: str, data: Path, seed: int, steps_per_epoch: int, ou
     local = out / name / "open_clip"
     local.mkdir(exist_ok=True)
     torch.save(state, local / "open_clip_pytorch_model.bin")
-    (local / "open_clip_config.json").write_text(json.dumps({"model_cfg": openclip_sizes(cfg), "preprocess_cfg": {}}))
+    (local / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": openclip_sizes(cfg), "preprocess_cfg": {}})
+    )
     model = ["--model", f"local-dir:{local}"]  # clip-eval finds the weight file as open_clip does
-    return {"side": "openclip", "seed": seed, "steps": len(losses), "wall_s": round(wall, 1), "losses": losses,
-            **evaluate(model, data, out / name, a.device)}
+    return {
+        "side": "openclip",
+        "seed": seed,
+        "steps": len(losses),
+        "wall_s": round(wall, 1),
+        "losses": losses,
+        **evaluate(model, data, out / name, a.device),
+    }
 
 
 def run_ours(a, data: Path, seed: int, steps: int, out: Path, tag: str = "ours") -> dict:
     name = f"{tag}-s{seed}"
     shutil.rmtree(out / name, ignore_errors=True)
-    overrides = [f"data.train={data / 'train'}", f"train.steps={steps}", f"train.batch_size={a.batch}",
-                 f"optim.lr={a.lr}", f"optim.weight_decay={a.wd}", f"optim.warmup_steps={a.warmup}",
-                 "optim.beta1=0.9", "optim.beta2=0.999", "optim.eps=1e-8", f"data.num_workers={a.workers}",
-                 f"data.shuffle_buffer={a.shuffle_buffer}", f"train.seed={seed}", "train.log_every=1",
-                 "train.save_every=0", "eval.at_end=false", "export.at_end=false", "run.progress=false",
-                 f"run.output_dir={out}", f"run.name={name}", *a.ours]
+    overrides = [
+        f"data.train={data / 'train'}",
+        f"train.steps={steps}",
+        f"train.batch_size={a.batch}",
+        f"optim.lr={a.lr}",
+        f"optim.weight_decay={a.wd}",
+        f"optim.warmup_steps={a.warmup}",
+        "optim.beta1=0.9",
+        "optim.beta2=0.999",
+        "optim.eps=1e-8",
+        f"data.num_workers={a.workers}",
+        f"data.shuffle_buffer={a.shuffle_buffer}",
+        f"train.seed={seed}",
+        "train.log_every=1",
+        "train.save_every=0",
+        "eval.at_end=false",
+        "export.at_end=false",
+        "run.progress=false",
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        *a.ours,
+    ]
     env = _device_env(a.device)
     start = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "clip_train", "train", "--config", str(ROOT / "configs" / "bench_tiny.yaml"),
-                        *overrides], capture_output=True, text=True, cwd=ROOT, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clip_train",
+            "train",
+            "--config",
+            str(ROOT / "configs" / "bench_tiny.yaml"),
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     wall = time.perf_counter() - start
     if r.returncode != 0:
         raise SystemExit(f"clip-train failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
     lines = (out / name / "metrics.jsonl").read_text().splitlines()
     losses = [json.loads(line)["loss"] for line in lines]
-    return {"side": tag, "seed": seed, "steps": len(losses), "wall_s": round(wall, 1), "losses": losses,
-            **evaluate(["--model", str(out / name)], data, out / name, a.device)}
+    return {
+        "side": tag,
+        "seed": seed,
+        "steps": len(losses),
+        "wall_s": round(wall, 1),
+        "losses": losses,
+        **evaluate(["--model", str(out / name)], data, out / name, a.device),
+    }
 
 
 def evaluate(model: list[str], data: Path, where: Path, device: str) -> dict:
@@ -151,8 +255,20 @@ def evaluate(model: list[str], data: Path, where: Path, device: str) -> dict:
         if not (data / split).is_dir():
             continue
         result = where / f"eval_{split}.json"
-        cmd = [sys.executable, "-m", "clip_eval", task, *model, "--data", str(data / split), "--device", device,
-               "--no-progress", "--results-file", str(result)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "clip_eval",
+            task,
+            *model,
+            "--data",
+            str(data / split),
+            "--device",
+            device,
+            "--no-progress",
+            "--results-file",
+            str(result),
+        ]
         if task == "zero-shot":
             cmd.append("--no-cache")
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -167,25 +283,35 @@ def evaluate(model: list[str], data: Path, where: Path, device: str) -> dict:
 
 
 def curve(losses: list[float], window: int) -> list[float]:
-    return [round(statistics.fmean(losses[i:i + window]), 3) for i in range(0, len(losses), window)]
+    return [
+        round(statistics.fmean(losses[i : i + window]), 3) for i in range(0, len(losses), window)
+    ]
 
 
 def compare(ours: dict, theirs: dict, keys: list[str]) -> dict:
     row = {}
     for k in keys:
         if k in ours and k in theirs:
-            row[k] = {"ours": ours[k], "openclip": theirs[k],
-                      "ratio": round(ours[k] / theirs[k], 3) if theirs[k] else None}
+            row[k] = {
+                "ours": ours[k],
+                "openclip": theirs[k],
+                "ratio": round(ours[k] / theirs[k], 3) if theirs[k] else None,
+            }
     return row
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", help="folder with train/, zeroshot/, retrieval/ (default: a synthetic set in --work)")
+    p.add_argument(
+        "--data",
+        help="folder with train/, zeroshot/, retrieval/ (default: a synthetic set in --work)",
+    )
     p.add_argument("--synth-samples", type=int, default=10000)
     p.add_argument("--work", default="/tmp/clip-train-ttq")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=6, help="passes over the train shards (both trainers)")
+    p.add_argument(
+        "--epochs", type=int, default=6, help="passes over the train shards (both trainers)"
+    )
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--wd", type=float, default=0.1)
@@ -193,10 +319,16 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--shuffle-buffer", type=int, default=1000, help="ours (data.shuffle_buffer)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--window", type=int, default=20, help="steps per point of the printed loss curves")
-    p.add_argument("--equal-time", action="store_true", help="also train ours for OpenCLIP's wall time")
+    p.add_argument(
+        "--window", type=int, default=20, help="steps per point of the printed loss curves"
+    )
+    p.add_argument(
+        "--equal-time", action="store_true", help="also train ours for OpenCLIP's wall time"
+    )
     p.add_argument("--ours", nargs="*", default=[], help="extra clip-train overrides (an ablation)")
-    p.add_argument("--openclip-python", help="python of the OpenCLIP venv (default: bench/openclip_env.sh)")
+    p.add_argument(
+        "--openclip-python", help="python of the OpenCLIP venv (default: bench/openclip_env.sh)"
+    )
     a = p.parse_args(argv)
 
     from clip_train.config import load_config
@@ -205,25 +337,63 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     data = Path(a.data).resolve() if a.data else build_synth(work, a.synth_samples)
     cfg = load_config(ROOT / "configs" / "bench_tiny.yaml", [f"data.train={data / 'train'}"])
-    python = a.openclip_python or subprocess.run(
-        ["bash", str(ROOT / "bench" / "openclip_env.sh")], check=True, capture_output=True,
-        text=True).stdout.strip().splitlines()[-1]
+    python = (
+        a.openclip_python
+        or subprocess.run(
+            ["bash", str(ROOT / "bench" / "openclip_env.sh")],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     counts = shard_counts(data / "train")
     spe = openclip_steps_per_epoch(counts, a.batch, a.workers)
     steps = spe * a.epochs
     if spe == 0:
-        raise SystemExit(f"{data / 'train'}: too few samples for batch {a.batch} x {a.workers} workers")
-    print(json.dumps({"bench": "time_to_quality", "data": str(data), "train_samples": sum(counts),
-                      "shards": len(counts), "steps": steps, "steps_per_epoch": spe, "batch": a.batch,
-                      "lr": a.lr, "wd": a.wd, "warmup": a.warmup, "workers": a.workers, "device": a.device,
-                      "ours_overrides": a.ours, "ours_shuffle_buffer": a.shuffle_buffer,
-                      "differs": "data order (ours: epoch mode, shuffle buffer above; OpenCLIP: shard shuffle, "
-                                 "5000 buffer); ours fused AdamW; OpenCLIP decays embeddings and class token",
-                      "cpus": os.cpu_count(), "python": platform.python_version(),
-                      "date": time.strftime("%Y-%m-%d")}), flush=True)
-    keys = ["final_loss", "wall_s", "acc1", "acc5", "mean_per_class_recall", "image_retrieval_recall@1",
-            "image_retrieval_recall@5", "image_retrieval_recall@10", "text_retrieval_recall@1",
-            "text_retrieval_recall@5", "text_retrieval_recall@10"]
+        raise SystemExit(
+            f"{data / 'train'}: too few samples for batch {a.batch} x {a.workers} workers"
+        )
+    print(
+        json.dumps(
+            {
+                "bench": "time_to_quality",
+                "data": str(data),
+                "train_samples": sum(counts),
+                "shards": len(counts),
+                "steps": steps,
+                "steps_per_epoch": spe,
+                "batch": a.batch,
+                "lr": a.lr,
+                "wd": a.wd,
+                "warmup": a.warmup,
+                "workers": a.workers,
+                "device": a.device,
+                "ours_overrides": a.ours,
+                "ours_shuffle_buffer": a.shuffle_buffer,
+                "differs": "data order (ours: epoch mode, shuffle buffer above; OpenCLIP: shard shuffle, "
+                "5000 buffer); ours fused AdamW; OpenCLIP decays embeddings and class token",
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "date": time.strftime("%Y-%m-%d"),
+            }
+        ),
+        flush=True,
+    )
+    keys = [
+        "final_loss",
+        "wall_s",
+        "acc1",
+        "acc5",
+        "mean_per_class_recall",
+        "image_retrieval_recall@1",
+        "image_retrieval_recall@5",
+        "image_retrieval_recall@10",
+        "text_retrieval_recall@1",
+        "text_retrieval_recall@5",
+        "text_retrieval_recall@10",
+    ]
     rows = []
     for seed in a.seeds:
         # alternate which side runs first so machine load drifts do not favour one
@@ -231,8 +401,11 @@ def main(argv=None) -> None:
         res = {}
         for side in order:
             log(f"seed {seed}: {side}, {steps} steps")
-            res[side] = (run_ours(a, data, seed, steps, work) if side == "ours"
-                         else run_openclip(a, python, data, seed, spe, work, cfg))
+            res[side] = (
+                run_ours(a, data, seed, steps, work)
+                if side == "ours"
+                else run_openclip(a, python, data, seed, spe, work, cfg)
+            )
         if a.equal_time:
             eq_steps = int(steps * res["openclip"]["wall_s"] / res["ours"]["wall_s"])
             log(f"seed {seed}: ours at OpenCLIP's wall time, {eq_steps} steps")
@@ -240,17 +413,42 @@ def main(argv=None) -> None:
         for r in res.values():
             w = min(a.window, len(r["losses"]))
             r["final_loss"] = round(statistics.fmean(r["losses"][-w:]), 4)
-            print(json.dumps({**{k: v for k, v in r.items() if k != "losses"},
-                              "loss_curve": curve(r["losses"], a.window)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        **{k: v for k, v in r.items() if k != "losses"},
+                        "loss_curve": curve(r["losses"], a.window),
+                    }
+                ),
+                flush=True,
+            )
         rows.append(res)
         n = min(len(res["ours"]["losses"]), len(res["openclip"]["losses"]))
-        log(f"seed {seed}: train loss by step (mean over {a.window} steps)\n" + "\n".join(
-            f"  step {i + a.window:5d}  ours {o:.3f}  openclip {c:.3f}"
-            for i, o, c in zip(range(0, n, a.window), curve(res["ours"]["losses"][:n], a.window),
-                               curve(res["openclip"]["losses"][:n], a.window))))
-        print(json.dumps({"seed": seed, "equal_steps": compare(res["ours"], res["openclip"], keys),
-                          **({"equal_time": compare(res["ours_equal_time"], res["openclip"], keys)}
-                             if a.equal_time else {})}), flush=True)
+        log(
+            f"seed {seed}: train loss by step (mean over {a.window} steps)\n"
+            + "\n".join(
+                f"  step {i + a.window:5d}  ours {o:.3f}  openclip {c:.3f}"
+                for i, o, c in zip(
+                    range(0, n, a.window),
+                    curve(res["ours"]["losses"][:n], a.window),
+                    curve(res["openclip"]["losses"][:n], a.window),
+                )
+            )
+        )
+        print(
+            json.dumps(
+                {
+                    "seed": seed,
+                    "equal_steps": compare(res["ours"], res["openclip"], keys),
+                    **(
+                        {"equal_time": compare(res["ours_equal_time"], res["openclip"], keys)}
+                        if a.equal_time
+                        else {}
+                    ),
+                }
+            ),
+            flush=True,
+        )
 
     def mean(side: str, k: str) -> float | None:
         vals = [r[side][k] for r in rows if k in r[side]]
@@ -259,11 +457,16 @@ def main(argv=None) -> None:
     summary = {"summary": "time_to_quality", "seeds": a.seeds, "steps": steps}
     for side in rows[0]:
         summary[side] = {k: mean(side, k) for k in keys if mean(side, k) is not None}
-        summary[side]["loss_curve"] = [round(statistics.fmean(c), 3) for c in
-                                       zip(*(curve(r[side]["losses"][:steps], a.window) for r in rows))]
+        summary[side]["loss_curve"] = [
+            round(statistics.fmean(c), 3)
+            for c in zip(*(curve(r[side]["losses"][:steps], a.window) for r in rows))
+        ]
     for side in [s for s in rows[0] if s != "openclip"]:
-        summary[f"{side}_ratio"] = {k: round(summary[side][k] / summary["openclip"][k], 3)
-                                    for k in keys if summary[side].get(k) and summary["openclip"].get(k)}
+        summary[f"{side}_ratio"] = {
+            k: round(summary[side][k] / summary["openclip"][k], 3)
+            for k in keys
+            if summary[side].get(k) and summary["openclip"].get(k)
+        }
     print(json.dumps(summary), flush=True)
     if any(math.isnan(v) for r in rows for s in r.values() for v in s["losses"]):
         raise SystemExit("a run produced a NaN loss")

@@ -49,16 +49,39 @@ OPEN_CLIP_NAME = "bench-tiny-openclip"
 
 
 def _parse() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--classes", type=int, default=1000, help="ImageNet classes to use (first N; default 1000)")
-    p.add_argument("--templates", type=int, default=80, help="OpenAI templates to use (first N; default 80)")
-    p.add_argument("--images", type=int, default=1024, help="images in the eval folder (default 1024)")
-    p.add_argument("--batch-size", type=int, default=128, help="eval images per batch (default 128)")
-    p.add_argument("--text-batch-size", type=int, default=1024, help="our prompts per text forward (default 1024, as in eval)")
-    p.add_argument("--num-workers", type=int, default=None,
-                   help="eval loader workers, both sides (default: clip-eval zero-shot's, min(4, CPUs // 2))")
-    p.add_argument("--rounds", type=int, default=5, help="class chunks timed back to back per side (default 5)")
-    p.add_argument("--eval-rounds", type=int, default=5, help="eval passes per side, alternating (default 5)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--classes", type=int, default=1000, help="ImageNet classes to use (first N; default 1000)"
+    )
+    p.add_argument(
+        "--templates", type=int, default=80, help="OpenAI templates to use (first N; default 80)"
+    )
+    p.add_argument(
+        "--images", type=int, default=1024, help="images in the eval folder (default 1024)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=128, help="eval images per batch (default 128)"
+    )
+    p.add_argument(
+        "--text-batch-size",
+        type=int,
+        default=1024,
+        help="our prompts per text forward (default 1024, as in eval)",
+    )
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="eval loader workers, both sides (default: clip-eval zero-shot's, min(4, CPUs // 2))",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=5, help="class chunks timed back to back per side (default 5)"
+    )
+    p.add_argument(
+        "--eval-rounds", type=int, default=5, help="eval passes per side, alternating (default 5)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="100 classes x 80 templates, 256 images")
     p.add_argument("--skip-eval", action="store_true", help="only the classifier build")
@@ -73,16 +96,18 @@ def _parse() -> argparse.Namespace:
 def _models(device: torch.device):
     import open_clip
 
+    from clip_eval.encoder import OpenClipEncoder
     from clip_train.config import load_config
     from clip_train.encoder import ClipEncoder
     from clip_train.model import build_model
-    from clip_eval.encoder import OpenClipEncoder
 
     cfg = load_config(ROOT / "configs" / "bench_tiny.yaml", ["data.train=unused"])
     torch.manual_seed(0)
     ours = ClipEncoder(build_model(cfg.model)).to(device).eval()
     oc_cfg = {**openclip_sizes(cfg), "custom_text": True}
-    with tempfile.TemporaryDirectory(prefix="bench_oc_cfg_") as cfg_dir:  # read once, at registration
+    with tempfile.TemporaryDirectory(
+        prefix="bench_oc_cfg_"
+    ) as cfg_dir:  # read once, at registration
         (Path(cfg_dir) / f"{OPEN_CLIP_NAME}.json").write_text(json.dumps(oc_cfg))
         open_clip.add_model_config(Path(cfg_dir) / f"{OPEN_CLIP_NAME}.json")
     oc_model = open_clip.create_model(OPEN_CLIP_NAME, device=device).eval()
@@ -135,10 +160,14 @@ def bench_classifier(args, ours, oc_model, oc_encoder, tokenizer, device) -> Non
     bounds = [round(i * len(classnames) / rounds) for i in range(rounds + 1)]
     builders = {
         "open_clip": lambda names: open_clip.build_zero_shot_classifier(
-            oc_model, tokenizer, names, templates, num_classes_per_batch=10, device=device),
-        "ours": lambda names: build_zero_shot_classifier(ours, names, templates, device, batch_size=args.text_batch_size),
+            oc_model, tokenizer, names, templates, num_classes_per_batch=10, device=device
+        ),
+        "ours": lambda names: build_zero_shot_classifier(
+            ours, names, templates, device, batch_size=args.text_batch_size
+        ),
         "ours_oc": lambda names: build_zero_shot_classifier(
-            oc_encoder, names, templates, device, batch_size=args.text_batch_size),
+            oc_encoder, names, templates, device, batch_size=args.text_batch_size
+        ),
     }
     times: dict[str, list[float]] = {name: [] for name in builders}
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in builders}
@@ -146,18 +175,30 @@ def bench_classifier(args, ours, oc_model, oc_encoder, tokenizer, device) -> Non
     for r in range(rounds):
         names = classnames[bounds[r] : bounds[r + 1]]
         for name in order[r % 3 :] + order[: r % 3]:  # rotate who goes first
-            t, out = _timed(lambda: builders[name](names))
+            t, out = _timed(lambda name=name, names=names: builders[name](names))
             times[name].append(t)
             parts[name].append(out)
     reference = torch.cat(parts["open_clip"], dim=1).float()
     for name, label in (("ours", "clip_train_model"), ("ours_oc", "ours_on_open_clip_model")):
         diff = (torch.cat(parts[name], dim=1).float() - reference).abs().max().item()
-        print(json.dumps({
-            "bench": "zero_shot_classifier_build", "variant": label, "classes": len(classnames),
-            "templates": len(templates), "prompts": len(classnames) * len(templates),
-            **_summary(times, name, "open_clip"), "max_abs_diff": diff, "same_to_1e-5": diff <= 1e-5,
-            "text_batch_size": args.text_batch_size, "device": str(device), "machine": _machine(device),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "bench": "zero_shot_classifier_build",
+                    "variant": label,
+                    "classes": len(classnames),
+                    "templates": len(templates),
+                    "prompts": len(classnames) * len(templates),
+                    **_summary(times, name, "open_clip"),
+                    "max_abs_diff": diff,
+                    "same_to_1e-5": diff <= 1e-5,
+                    "text_batch_size": args.text_batch_size,
+                    "device": str(device),
+                    "machine": _machine(device),
+                }
+            ),
+            flush=True,
+        )
 
 
 def _image_folder(root: Path, num_images: int, num_classes: int = 10, size: int = 80) -> None:
@@ -173,8 +214,11 @@ def _plain_eval(model, classifier, root: Path, preprocess, args, device) -> int:
     """What a plain loop does (open_clip_train's zero-shot eval): ImageFolder, encode, top-k."""
     from torchvision.datasets import ImageFolder
 
-    loader = torch.utils.data.DataLoader(ImageFolder(str(root), transform=preprocess), batch_size=args.batch_size,
-                                         num_workers=args.num_workers)
+    loader = torch.utils.data.DataLoader(
+        ImageFolder(str(root), transform=preprocess),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
     top1 = top5 = n = 0
     with torch.no_grad():
         for images, target in loader:
@@ -201,30 +245,51 @@ def bench_eval(args, ours, device) -> None:
         root = Path(tmp)
         _image_folder(root, args.images)
         images = class_folder(root)
-        classifier = build_zero_shot_classifier(ours, images.classnames, ["a photo of a {}."], device)
+        classifier = build_zero_shot_classifier(
+            ours, images.classnames, ["a photo of a {}."], device
+        )
         with torch.no_grad():  # warm-up: first-call allocations count for neither side
-            ours.encode_image(torch.zeros(args.batch_size, 3, ours.model.image_size, ours.model.image_size, device=device))
+            ours.encode_image(
+                torch.zeros(
+                    args.batch_size, 3, ours.model.image_size, ours.model.image_size, device=device
+                )
+            )
 
         def run_ours() -> int:
             loader = FileLoader(images, ours.preprocess, args.batch_size, args.num_workers)
             return evaluate_zero_shot(ours, loader, classifier, device)["num_samples"]
 
-        sides = {"ours": run_ours, "plain": lambda: _plain_eval(ours, classifier, root, ours.preprocess, args, device)}
+        sides = {
+            "ours": run_ours,
+            "plain": lambda: _plain_eval(ours, classifier, root, ours.preprocess, args, device),
+        }
         times: dict[str, list[float]] = {"ours": [], "plain": []}
         for r in range(args.eval_rounds):
-            for name in (["ours", "plain"] if r % 2 == 0 else ["plain", "ours"]):
+            for name in ["ours", "plain"] if r % 2 == 0 else ["plain", "ours"]:
                 t, n = _timed(sides[name])
                 assert n == args.images
                 times[name].append(t)
         summary = _summary(times, "ours", "plain")
-        print(json.dumps({
-            "bench": "zero_shot_eval", "images": args.images, "batch_size": args.batch_size,
-            "num_workers": args.num_workers,
-            "ours_images_per_s": round(args.images * len(times["ours"]) / sum(times["ours"]), 1),
-            "open_clip_images_per_s": round(args.images * len(times["plain"]) / sum(times["plain"]), 1),
-            **{k: v for k, v in summary.items() if k.startswith(("ratio", "rounds"))},
-            "device": str(device), "machine": _machine(device),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "bench": "zero_shot_eval",
+                    "images": args.images,
+                    "batch_size": args.batch_size,
+                    "num_workers": args.num_workers,
+                    "ours_images_per_s": round(
+                        args.images * len(times["ours"]) / sum(times["ours"]), 1
+                    ),
+                    "open_clip_images_per_s": round(
+                        args.images * len(times["plain"]) / sum(times["plain"]), 1
+                    ),
+                    **{k: v for k, v in summary.items() if k.startswith(("ratio", "rounds"))},
+                    "device": str(device),
+                    "machine": _machine(device),
+                }
+            ),
+            flush=True,
+        )
 
 
 def main() -> None:

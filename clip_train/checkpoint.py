@@ -19,9 +19,10 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def rng_state() -> Dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     """Every global RNG this process uses, as tensors and plain values (safe to load)."""
     np_state = np.random.get_state()
     state = {
@@ -65,7 +66,7 @@ def rng_state() -> Dict[str, Any]:
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy(), *rest))
@@ -80,11 +81,11 @@ class Checkpoint:
 
     path: Path
     step: int
-    model: Dict[str, torch.Tensor]
-    training: Dict[str, Any]  # optimizer, scheduler, scaler state dicts
-    rng: Optional[Dict[str, Any]]
-    trainer_state: Dict[str, Any]
-    rank_state: Optional[Dict[str, Any]] = None  # this process's data position (JSON)
+    model: dict[str, torch.Tensor]
+    training: dict[str, Any]  # optimizer, scheduler, scaler state dicts
+    rng: dict[str, Any] | None
+    trainer_state: dict[str, Any]
+    rank_state: dict[str, Any] | None = None  # this process's data position (JSON)
 
 
 class CheckpointManager:
@@ -94,19 +95,37 @@ class CheckpointManager:
     RNG state, the main process everything else.
     """
 
-    def __init__(self, root: str | Path, keep_last: int = 2, rank: int = 0, world_size: int = 1,
-                 barrier: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        root: str | Path,
+        keep_last: int = 2,
+        rank: int = 0,
+        world_size: int = 1,
+        barrier: Callable[[], None] = lambda: None,
+    ):
         self.root = Path(root)
-        self.keep_last, self.rank, self.world_size, self.barrier = keep_last, rank, world_size, barrier
+        self.keep_last, self.rank, self.world_size, self.barrier = (
+            keep_last,
+            rank,
+            world_size,
+            barrier,
+        )
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     # -- save -----------------------------------------------------------------------------------
-    def save(self, step: int, model_state: Dict[str, torch.Tensor], training_state: Dict[str, Any],
-             trainer_state: Dict[str, Any], config_yaml: str, rank_state: Optional[Dict[str, Any]] = None,
-             write_shards: Optional[Callable[[Path], None]] = None) -> Path:
+    def save(
+        self,
+        step: int,
+        model_state: dict[str, torch.Tensor],
+        training_state: dict[str, Any],
+        trainer_state: dict[str, Any],
+        config_yaml: str,
+        rank_state: dict[str, Any] | None = None,
+        write_shards: Callable[[Path], None] | None = None,
+    ) -> Path:
         """Publish checkpoint `step_N` (every process calls this; `model_state` and `training_state`
         are read on the main process only). `write_shards(tmp_dir)`, when given, runs on every
         process before the checkpoint is published: state each process holds a part of."""
@@ -124,7 +143,10 @@ class CheckpointManager:
         if write_shards is not None:
             write_shards(tmp)
         if self.is_main:
-            save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in model_state.items()},
+                str(tmp / MODEL_FILE),
+            )
             torch.save(training_state, tmp / OPTIM_FILE)
             (tmp / "config.yaml").write_text(config_yaml)
         self.barrier()
@@ -158,7 +180,7 @@ class CheckpointManager:
             shutil.rmtree(stale, ignore_errors=True)
 
     # -- find -----------------------------------------------------------------------------------
-    def complete_steps(self) -> List[int]:
+    def complete_steps(self) -> list[int]:
         if not self.root.is_dir():
             return []
         steps = []
@@ -168,9 +190,9 @@ class CheckpointManager:
                 steps.append(int(match.group(1)))
         return sorted(steps)
 
-    def candidates(self) -> List[Path]:
+    def candidates(self) -> list[Path]:
         """Checkpoint dirs to try, newest first: the `latest` pointer, then every complete dir."""
-        order: List[Path] = []
+        order: list[Path] = []
         pointer = self.root / LATEST
         if pointer.is_file():
             order.append(self.root / pointer.read_text().strip())
@@ -183,11 +205,13 @@ class CheckpointManager:
         return unique
 
     # -- load -----------------------------------------------------------------------------------
-    def load_latest(self, with_training_state: bool = True) -> Optional[Checkpoint]:
+    def load_latest(self, with_training_state: bool = True) -> Checkpoint | None:
         """The newest checkpoint that loads; broken ones are reported and skipped."""
         for path in self.candidates():
             try:
-                return load_checkpoint_dir(path, rank=self.rank, with_training_state=with_training_state)
+                return load_checkpoint_dir(
+                    path, rank=self.rank, with_training_state=with_training_state
+                )
             except CheckpointError as exc:
                 log.warning("skipping checkpoint: %s", exc)
         return None
@@ -197,7 +221,9 @@ def load_checkpoint_dir(path: Path, rank: int = 0, with_training_state: bool = T
     path = Path(path)
     state_file = path / STATE_FILE
     if not state_file.is_file():
-        raise CheckpointError(f"{path} is incomplete (no {STATE_FILE}); it was being written when the run stopped")
+        raise CheckpointError(
+            f"{path} is incomplete (no {STATE_FILE}); it was being written when the run stopped"
+        )
     try:
         trainer_state = json.loads(state_file.read_text())
         model = load_file(str(path / MODEL_FILE))
@@ -206,10 +232,27 @@ def load_checkpoint_dir(path: Path, rank: int = 0, with_training_state: bool = T
         if sharded and not any((path / sharded).glob("*.safetensors")):
             raise ValueError(f"no optimizer shards in {sharded}/")
         rng_file = path / f"rng_{rank}.pt"
-        rng = torch.load(rng_file, weights_only=True) if with_training_state and rng_file.is_file() else None
+        rng = (
+            torch.load(rng_file, weights_only=True)
+            if with_training_state and rng_file.is_file()
+            else None
+        )
         rank_file = path / f"rank_{rank}.json"
-        rank_state = json.loads(rank_file.read_text()) if with_training_state and rank_file.is_file() else None
+        rank_state = (
+            json.loads(rank_file.read_text())
+            if with_training_state and rank_file.is_file()
+            else None
+        )
     except Exception as exc:  # corrupt files raise many types; report the directory and the cause
-        raise CheckpointError(f"{path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    return Checkpoint(path=path, step=int(trainer_state["step"]), model=model, training=training,
-                      rng=rng, trainer_state=trainer_state, rank_state=rank_state)
+        raise CheckpointError(
+            f"{path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from None
+    return Checkpoint(
+        path=path,
+        step=int(trainer_state["step"]),
+        model=model,
+        training=training,
+        rng=rng,
+        trainer_state=trainer_state,
+        rank_state=rank_state,
+    )

@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from data_tools.cli_common import add_option, add_subcommand, make_parser, run
 from data_tools.errors import ClipTrainError
@@ -27,11 +27,13 @@ from data_tools.errors import ClipTrainError
 log = logging.getLogger("clip_train")
 
 
-def format_summary(summary: Dict[str, Any]) -> str:
+def format_summary(summary: dict[str, Any]) -> str:
     """The few lines a user reads after a run."""
-    lines = [f"run:           {summary['run_dir']}",
-             f"steps:         {summary['steps']}  (samples seen {summary['samples_seen']:,}, "
-             f"{summary['train_seconds']} s training)"]
+    lines = [
+        f"run:           {summary['run_dir']}",
+        f"steps:         {summary['steps']}  (samples seen {summary['samples_seen']:,}, "
+        f"{summary['train_seconds']} s training)",
+    ]
     if summary.get("final_loss") is not None:
         lines.append(f"final loss:    {summary['final_loss']:.4f}")
     results = summary.get("eval", {})
@@ -42,13 +44,18 @@ def format_summary(summary: Dict[str, Any]) -> str:
         lines.append(f"zero-shot:     top-1 {zs['acc1']:.3f}  top-5 {zs['acc5']:.3f}{ratio}")
     rt = results.get("retrieval")
     if rt:
-        lines.append(f"retrieval:     image->text R@1 {rt['text_retrieval_recall@1']:.3f} R@5 {rt['text_retrieval_recall@5']:.3f}"
-                     f" | text->image R@1 {rt['image_retrieval_recall@1']:.3f} R@5 {rt['image_retrieval_recall@5']:.3f}"
-                     + (f"  (chance R@1 {1 / rt['num_images']:.4f})" if rt.get("num_images") else ""))
+        lines.append(
+            f"retrieval:     image->text R@1 {rt['text_retrieval_recall@1']:.3f} R@5 {rt['text_retrieval_recall@5']:.3f}"
+            f" | text->image R@1 {rt['image_retrieval_recall@1']:.3f} R@5 {rt['image_retrieval_recall@5']:.3f}"
+            + (f"  (chance R@1 {1 / rt['num_images']:.4f})" if rt.get("num_images") else "")
+        )
     for name, metrics in results.items():
         if name not in ("zeroshot", "retrieval"):  # eval suite tasks
-            shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
-                              if isinstance(v, float) and not k.startswith("num_"))
+            shown = ", ".join(
+                f"{k} {v:.3f}"
+                for k, v in metrics.items()
+                if isinstance(v, float) and not k.startswith("num_")
+            )
             lines.append(f"{name + ':':<15}{shown}")
     lines.append(f"checkpoint:    {summary['checkpoint']}")
     if summary.get("export_dir"):
@@ -60,8 +67,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from clip_train.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    return _run(cfg, resume=args.resume, as_json=args.json, overwrite=args.overwrite,
-                progress=args.progress)
+    return _run(
+        cfg, resume=args.resume, as_json=args.json, overwrite=args.overwrite, progress=args.progress
+    )
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -70,7 +78,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     saved = run_dir / "config.yaml"
     if not saved.is_file():
-        raise ClipTrainError(f"{run_dir} is not a run directory (no config.yaml); start it with `clip-train train`")
+        raise ClipTrainError(
+            f"{run_dir} is not a run directory (no config.yaml); start it with `clip-train train`"
+        )
     cfg = load_config(saved, args.overrides)
     return _run(cfg, resume=True, as_json=args.json, progress=args.progress)
 
@@ -85,9 +95,12 @@ def _run(cfg, resume: bool, as_json: bool, overwrite: bool = False, progress: bo
         if main_process and as_json:
             print(json.dumps(summary, indent=1))
         elif main_process:
-            print(f"preempted ({summary['preempted']}) after step {summary['steps']}: checkpoint "
-                  f"{summary['checkpoint']}; continue with `clip-train resume "
-                  f"{summary['run_dir']}` (exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr)
+            print(
+                f"preempted ({summary['preempted']}) after step {summary['steps']}: checkpoint "
+                f"{summary['checkpoint']}; continue with `clip-train resume "
+                f"{summary['run_dir']}` (exit code {PREEMPTED_EXIT_CODE})",
+                file=sys.stderr,
+            )
         return PREEMPTED_EXIT_CODE
     if main_process:
         print(json.dumps(summary, indent=1) if as_json else format_summary(summary))
@@ -125,10 +138,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
     encoder = clip_train.load(args.model, device=args.device)
     total = count_samples(args.data)
     with progress(total=total, unit="sample", desc="embed", enabled=args.progress) as bar:
-        info = embed_shards(encoder, args.data, args.output,
-                            model_path=str(Path(args.model).resolve()),
-                            batch_size=args.batch_size, num_workers=args.num_workers,
-                            device=args.device, progress=bar)
+        info = embed_shards(
+            encoder,
+            args.data,
+            args.output,
+            model_path=str(Path(args.model).resolve()),
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=args.device,
+            progress=bar,
+        )
     print(f"{info['count']} image and text embeddings (dim {info['dim']}) in {args.output}")
     return 0
 
@@ -149,7 +168,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     from clip_train.embed import read_info, search
 
     if (args.text is None) == (args.image is None):
-        raise ClipTrainError("give exactly one query: --text 'a caption' or --image path/to/image.jpg")
+        raise ClipTrainError(
+            "give exactly one query: --text 'a caption' or --image path/to/image.jpg"
+        )
     if args.text is not None and not args.text.strip():
         raise ClipTrainError("--text is empty: give the caption to search for")
     if args.k < 1:
@@ -165,7 +186,11 @@ def cmd_search(args: argparse.Namespace) -> int:
             query, default_target = encoder.embed_images([Image.open(path)])[0], "text"
     hits = search(args.emb_dir, query, target=args.target or default_target, k=args.k)
     for hit in hits:
-        print(json.dumps(hit) if args.json else f"{hit['rank']:>3}  {hit['score']:.4f}  {hit['key']}  {hit['caption']}")
+        print(
+            json.dumps(hit)
+            if args.json
+            else f"{hit['rank']:>3}  {hit['score']:.4f}  {hit['key']}  {hit['caption']}"
+        )
     return 0
 
 
@@ -186,86 +211,139 @@ def build_parser() -> argparse.ArgumentParser:
         add_option(p, "--output", aliases=["--out"], metavar="DIR", **kwargs)
 
     p = add_subcommand(
-        sub, "train", cmd_train, help="train a model from a YAML config",
+        sub,
+        "train",
+        cmd_train,
+        help="train a model from a YAML config",
         epilog="example:\n  clip-train train --config configs/demo.yaml "
-               "data.train=demo_out/data/train train.steps=200 run.name=try1")
+        "data.train=demo_out/data/train train.steps=200 run.name=try1",
+    )
     p.add_argument("--config", required=True, help="YAML preset (configs/*.yaml)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the run's latest checkpoint if there is one")
-    p.add_argument("--overwrite", action="store_true",
-                   help="the run directory holds an earlier run: remove its checkpoints, metrics "
-                        "and eval results (other files stay) and start over")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the run's latest checkpoint if there is one",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="the run directory holds an earlier run: remove its checkpoints, metrics "
+        "and eval results (other files stay) and start over",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
     p = add_subcommand(
-        sub, "resume", cmd_resume, help="continue a run exactly from its latest checkpoint",
+        sub,
+        "resume",
+        cmd_resume,
+        help="continue a run exactly from its latest checkpoint",
         epilog="example:\n  clip-train resume demo_out/runs/demo            # same config\n"
-               "  clip-train resume demo_out/runs/demo train.steps=2000   # extend the run")
+        "  clip-train resume demo_out/runs/demo train.steps=2000   # extend the run",
+    )
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
     p = add_subcommand(
-        sub, "export", cmd_export, help="write the towers (ours, timm, open_clip formats)",
+        sub,
+        "export",
+        cmd_export,
+        help="write the towers (ours, timm, open_clip formats)",
         epilog="example:\n  clip-train export demo_out/runs/demo --output exports/demo\n"
-               "  clip-train export demo_out/runs/demo --onnx\n"
-               "  python -c \"import clip_train; enc = clip_train.load('exports/demo')\"")
+        "  clip-train export demo_out/runs/demo --onnx\n"
+        "  python -c \"import clip_train; enc = clip_train.load('exports/demo')\"",
+    )
     p.add_argument("path", help="run dir, checkpoint dir or export dir")
     output(p, help="output dir (default: <path>/export)")
-    p.add_argument("--onnx", action="store_true",
-                   help="also write onnx/image_encoder.onnx and onnx/text_encoder.onnx")
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write onnx/image_encoder.onnx and onnx/text_encoder.onnx",
+    )
 
     p = add_subcommand(
-        sub, "embed", cmd_embed,
+        sub,
+        "embed",
+        cmd_embed,
         help="image and text embeddings of a shard set (.npy + metadata)",
         epilog="example:\n  clip-train embed demo_out/runs/demo/export --data demo_out/data/retrieval "
-               "--output emb/demo")
+        "--output emb/demo",
+    )
     p.add_argument("model", help="export dir, run dir or checkpoint dir")
     p.add_argument("--data", required=True, help="shard spec: dir, brace pattern, glob or a::b")
     output(p, required=True, help="output dir")
     p.add_argument("-b", "--batch-size", type=int, default=256, help="images per batch")
     p.add_argument("-j", "--num-workers", type=int, default=0, help="data loader processes")
-    p.add_argument("--device", default=None,
-                   help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when there is a GPU, else cpu)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when there is a GPU, else cpu)",
+    )
 
     p = add_subcommand(
-        sub, "index", cmd_index, help="faiss index over an embedding dir",
+        sub,
+        "index",
+        cmd_index,
+        help="faiss index over an embedding dir",
         epilog="example:\n  clip-train index emb/demo\n"
-               "  clip-train index emb/demo --kind ivf --modality image")
+        "  clip-train index emb/demo --kind ivf --modality image",
+    )
     p.add_argument("emb_dir", help="output of clip-train embed")
-    p.add_argument("--kind", choices=["flat", "ivf"], default="flat",
-                   help="flat: exact; ivf: faster, approximate")
-    p.add_argument("--modality", nargs="+", choices=["image", "text"], default=["image", "text"],
-                   help="which embeddings to index")
+    p.add_argument(
+        "--kind",
+        choices=["flat", "ivf"],
+        default="flat",
+        help="flat: exact; ivf: faster, approximate",
+    )
+    p.add_argument(
+        "--modality",
+        nargs="+",
+        choices=["image", "text"],
+        default=["image", "text"],
+        help="which embeddings to index",
+    )
 
     p = add_subcommand(
-        sub, "search", cmd_search, help="nearest images (or captions) to a text or image query",
+        sub,
+        "search",
+        cmd_search,
+        help="nearest images (or captions) to a text or image query",
         epilog="example:\n  clip-train search emb/demo --text 'two small red circles on the left' "
-               "-k 5\n  clip-train search emb/demo --image query.jpg --target image")
+        "-k 5\n  clip-train search emb/demo --image query.jpg --target image",
+    )
     p.add_argument("emb_dir", help="output of clip-train embed (and index)")
     p.add_argument("--text", help="text query")
     p.add_argument("--image", help="image query (path)")
-    p.add_argument("--target", choices=["image", "text"],
-                   help="what to search (default: the other modality)")
+    p.add_argument(
+        "--target", choices=["image", "text"], help="what to search (default: the other modality)"
+    )
     p.add_argument("-k", type=int, default=5, help="number of hits")
     p.add_argument("--model", help="model path (default: the one that made the embeddings)")
     p.add_argument("--json", action="store_true", help="one JSON object per hit")
 
     p = add_subcommand(
-        sub, "report", cmd_report, help="PNG plots and a summary of a run's metrics.jsonl",
+        sub,
+        "report",
+        cmd_report,
+        help="PNG plots and a summary of a run's metrics.jsonl",
         epilog="example:\n  clip-train report demo_out/runs/demo\n"
-               "  clip-train report demo_out/runs/demo --output /tmp/demo_report")
+        "  clip-train report demo_out/runs/demo --output /tmp/demo_report",
+    )
     p.add_argument("run_dir")
     output(p, help="output dir (default: <run_dir>/report)")
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point of `clip-train`; returns the exit status (2: a user error, 130: Ctrl-C)."""
-    return run(build_parser(), argv, main_process=os.environ.get("RANK", "0") == "0",
-               interrupted="interrupted: the last complete checkpoint is intact; "
-                           "continue with `clip-train resume`")
+    return run(
+        build_parser(),
+        argv,
+        main_process=os.environ.get("RANK", "0") == "0",
+        interrupted="interrupted: the last complete checkpoint is intact; "
+        "continue with `clip-train resume`",
+    )
 
 
 if __name__ == "__main__":

@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_tools.errors import ConfigError
 
-
 IMAGE_INITS = ("timm", "timm-jax", "openclip")
 DECAY_RULES = ("clip-train", "open_clip")  # the keys of clip_train.optim.DECAY_RULES
-LOSS_TERMS = ("clip", "siglip", "margin", "supcon", "simcse")  # the keys of clip_train.objective.TERMS
+LOSS_TERMS = (
+    "clip",
+    "siglip",
+    "margin",
+    "supcon",
+    "simcse",
+)  # the keys of clip_train.objective.TERMS
 
 
 @dataclass
@@ -28,12 +34,12 @@ class ImageTowerConfig:
     """A timm ViT: a registered name, optionally resized by explicit sizes (None = as registered)."""
 
     timm_name: str = "vit_base_patch16_224"
-    img_size: Optional[int] = 64
-    patch_size: Optional[int] = 8
-    width: Optional[int] = 192
-    depth: Optional[int] = 6
-    heads: Optional[int] = 3
-    mlp_ratio: Optional[float] = 4.0
+    img_size: int | None = 64
+    patch_size: int | None = 8
+    width: int | None = 192
+    depth: int | None = 6
+    heads: int | None = 3
+    mlp_ratio: float | None = 4.0
     pool: str = "token"  # timm global_pool: "token" (class token) or "avg"
     # LayerNorm on the embedded tokens (ln_pre) and no patch bias: open_clip's ViT exactly, which
     # open_clip then loads at any size. Off by default: at narrow widths it learns later on
@@ -66,26 +72,28 @@ class ModelConfig:
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     init_logit_scale: float = math.log(1 / 0.07)
     # A learned logit bias (SigLIP: -10); None: no such parameter. A siglip loss term sets it.
-    init_logit_bias: Optional[float] = None
+    init_logit_bias: float | None = None
     max_logit_scale: float = 100.0  # clamp on exp(logit_scale), as in CLIP
     lock_image: bool = False  # freeze the image trunk (LiT); its projection still trains
     lock_text: bool = False  # freeze the text tower except its projection
     # Starting weights (clip_train.pretrained): a run/export dir of ours, open_clip:FILE,
     # timm:FILE or timm:NAME (from the local Hugging Face cache). None: random init.
-    init_from: Optional[str] = None
+    init_from: str | None = None
     init_download: bool = False  # timm:NAME may download into the cache
 
 
 @dataclass
 class DataConfig:
     train: str = MISSING  # shard spec: a directory, brace pattern, glob or `a::b` list
-    zeroshot: Optional[str] = None  # labelled shards with classnames.txt / templates.txt
-    retrieval: Optional[str] = None
+    zeroshot: str | None = None  # labelled shards with classnames.txt / templates.txt
+    retrieval: str | None = None
     num_workers: int = 2
     shuffle_buffer: int = 1000
-    mode: str = "epoch"  # epoch: each sample once per pass; resampled: shards drawn with replacement
-    weights: Optional[List[float]] = None  # one per '::'-separated source of data.train (resampled)
-    samples_per_epoch: Optional[int] = None  # resampled: samples in one pass (for epochs in the log)
+    mode: str = (
+        "epoch"  # epoch: each sample once per pass; resampled: shards drawn with replacement
+    )
+    weights: list[float] | None = None  # one per '::'-separated source of data.train (resampled)
+    samples_per_epoch: int | None = None  # resampled: samples in one pass (for epochs in the log)
     max_bad_fraction: float = 0.01  # stop when more of the samples read than this are unusable
 
 
@@ -97,19 +105,21 @@ class LossTermConfig:
     weight: float = 1.0
     label_smoothing: float = 0.0  # clip: cross-entropy label smoothing
     margin: float = 1.0  # margin: distance unmatched pairs are pushed beyond
-    temperature: Optional[float] = None  # supcon (default 0.1), simcse (0.05): fixed temperature
+    temperature: float | None = None  # supcon (default 0.1), simcse (0.05): fixed temperature
 
 
 @dataclass
 class LossConfig:
     name: str = "clip"  # one term (clip_train.objective.TERMS), weight 1; or list them in `terms`
-    terms: List[LossTermConfig] = field(default_factory=list)
+    terms: list[LossTermConfig] = field(default_factory=list)
     local_loss: bool = False  # each process computes only its own rows of the logits
-    gather_with_grad: bool = True  # exact full-batch gradients; False (open_clip's default) scales them by
+    gather_with_grad: bool = (
+        True  # exact full-batch gradients; False (open_clip's default) scales them by
+    )
     # 1/processes with the full loss and is wrong with local_loss
     # InfoNCE in tiles (clip_train.tiled_loss): same loss and gradients without the B x B logits.
     # auto: tiled when the logits would reach 8192 x 8192 entries, ~1 GiB (docs/scaling.md).
-    tiled: Union[bool, str] = "auto"
+    tiled: bool | str = "auto"
     tile_size: int = 1024  # rows and columns of one tile
 
 
@@ -127,7 +137,7 @@ class OptimConfig:
     warmup_steps: int = 100
     cooldown_steps: int = 0  # const-cooldown: linear decay to min_lr over the last N steps
     min_lr_ratio: float = 0.0
-    grad_clip: Optional[float] = None
+    grad_clip: float | None = None
 
 
 @dataclass
@@ -142,7 +152,7 @@ class TrainConfig:
     # clip_train/sharding.py) instead of replicating them (DDP); docs/scaling.md#fsdp.
     fsdp: bool = False
     max_nonfinite: int = 5  # stop after this many steps in a row with non-finite loss or gradients
-    peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU; None: known GPUs only
+    peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: known GPUs only
     seed: int = 0
     log_every: int = 10
     save_every: int = 500  # 0: only at the end
@@ -153,7 +163,7 @@ class TrainConfig:
 class EvalConfig:
     at_end: bool = True
     every: int = 0  # also evaluate every N steps (0: only at the end)
-    suite: Optional[str] = None  # eval suite YAML (eval/suite.py) run with data.zeroshot/retrieval
+    suite: str | None = None  # eval suite YAML (eval/suite.py) run with data.zeroshot/retrieval
     batch_size: int = 128
     num_workers: int = 0
 
@@ -168,7 +178,7 @@ class RunConfig:
     name: str = "run"
     output_dir: str = "runs"
     progress: bool = True  # tqdm bar on the main process when stderr is a terminal (else log lines)
-    trackers: List[str] = field(default_factory=list)  # tensorboard, wandb (Accelerate trackers)
+    trackers: list[str] = field(default_factory=list)  # tensorboard, wandb (Accelerate trackers)
 
 
 @dataclass
@@ -187,7 +197,7 @@ class Config:
         return Path(self.run.output_dir) / self.run.name
 
 
-def _known_keys(node: Any = None, prefix: str = "") -> List[str]:
+def _known_keys(node: Any = None, prefix: str = "") -> list[str]:
     """Every dotted key of the schema (`model.image.width`, ...)."""
     node = OmegaConf.structured(Config) if node is None else node
     keys = []
@@ -205,7 +215,9 @@ def _one_line(exc: OmegaConfBaseException, source: str) -> str:
     msg = str(exc).splitlines()[0]
     if "Key '" in msg and "not in" in msg:
         close = difflib.get_close_matches(key, _known_keys(), n=1, cutoff=0.6)
-        hint = f"did you mean '{close[0]}'?" if close else "check the spelling against configs/*.yaml"
+        hint = (
+            f"did you mean '{close[0]}'?" if close else "check the spelling against configs/*.yaml"
+        )
         return f"unknown config key '{key}' in {source}; {hint}"
     if key:
         return f"bad value for config key '{key}' in {source}: {msg}"
@@ -239,13 +251,15 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(_one_line(exc, source)) from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ConfigError(f"config key '{missing[0]}' is required (set it in the YAML or as {missing[0]}=...)")
+        raise ConfigError(
+            f"config key '{missing[0]}' is required (set it in the YAML or as {missing[0]}=...)"
+        )
     obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     validate(obj)
     return obj
 
 
-def loss_terms(cfg: LossConfig) -> List[LossTermConfig]:
+def loss_terms(cfg: LossConfig) -> list[LossTermConfig]:
     """The objective's terms: `loss.terms`, or `loss.name` alone with weight 1."""
     return list(cfg.terms) or [LossTermConfig(name=cfg.name)]
 
@@ -259,19 +273,25 @@ def _check_loss_terms(cfg: Config) -> None:
         where = f"loss.terms[{i}]" if cfg.loss.terms else "loss.name"
         if term.name not in LOSS_TERMS:
             close = difflib.get_close_matches(term.name, LOSS_TERMS, n=1)
-            raise ConfigError(f"{where} '{term.name}' is not one of: {', '.join(LOSS_TERMS)}"
-                              + (f"; did you mean '{close[0]}'?" if close else ""))
+            raise ConfigError(
+                f"{where} '{term.name}' is not one of: {', '.join(LOSS_TERMS)}"
+                + (f"; did you mean '{close[0]}'?" if close else "")
+            )
         if not term.weight > 0:
             raise ConfigError(f"{where}: weight must be > 0, not {term.weight}")
         if not 0 <= term.label_smoothing < 1:
-            raise ConfigError(f"{where}: label_smoothing must be in [0, 1), not {term.label_smoothing}")
+            raise ConfigError(
+                f"{where}: label_smoothing must be in [0, 1), not {term.label_smoothing}"
+            )
         if not term.margin > 0:
             raise ConfigError(f"{where}: margin must be > 0, not {term.margin}")
         if term.temperature is not None and not term.temperature > 0:
             raise ConfigError(f"{where}: temperature must be > 0, not {term.temperature}")
     if any(t.name == "simcse" for t in terms) and not cfg.model.text.dropout > 0:
-        raise ConfigError("loss term simcse contrasts two dropout views of each caption: set model.text.dropout "
-                          "(SimCSE uses 0.1)")
+        raise ConfigError(
+            "loss term simcse contrasts two dropout views of each caption: set model.text.dropout "
+            "(SimCSE uses 0.1)"
+        )
     if not 0 <= cfg.model.text.dropout < 1:
         raise ConfigError(f"model.text.dropout must be in [0, 1), not {cfg.model.text.dropout}")
     if len({t.name for t in terms}) < len(terms):
@@ -287,16 +307,26 @@ def validate(cfg: Config) -> None:
     """Combinations the types cannot express; each failure names the key."""
     img, txt = cfg.model.image, cfg.model.text
     if img.width and img.heads and img.width % img.heads:
-        raise ConfigError(f"model.image.width={img.width} is not divisible by model.image.heads={img.heads}")
+        raise ConfigError(
+            f"model.image.width={img.width} is not divisible by model.image.heads={img.heads}"
+        )
     if img.img_size and img.patch_size and img.img_size % img.patch_size:
-        raise ConfigError(f"model.image.img_size={img.img_size} is not divisible by model.image.patch_size={img.patch_size}")
+        raise ConfigError(
+            f"model.image.img_size={img.img_size} is not divisible by model.image.patch_size={img.patch_size}"
+        )
     if txt.width % txt.heads:
-        raise ConfigError(f"model.text.width={txt.width} is not divisible by model.text.heads={txt.heads}")
+        raise ConfigError(
+            f"model.text.width={txt.width} is not divisible by model.text.heads={txt.heads}"
+        )
     _validate_timm_name(img.timm_name)
     if img.init not in IMAGE_INITS:
-        raise ConfigError(f"model.image.init must be one of {', '.join(IMAGE_INITS)}, not '{img.init}'")
+        raise ConfigError(
+            f"model.image.init must be one of {', '.join(IMAGE_INITS)}, not '{img.init}'"
+        )
     if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, not '{cfg.train.mixed_precision}'")
+        raise ConfigError(
+            f"train.mixed_precision must be no, bf16 or fp16, not '{cfg.train.mixed_precision}'"
+        )
     for key in ("train.steps", "train.batch_size", "train.log_every", "model.embed_dim"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:
@@ -306,25 +336,35 @@ def validate(cfg: Config) -> None:
     if cfg.data.mode == "epoch" and (cfg.data.weights or cfg.data.samples_per_epoch):
         raise ConfigError("data.weights and data.samples_per_epoch need data.mode=resampled")
     if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.train.split("::")):
-        raise ConfigError(f"data.weights has {len(cfg.data.weights)} entries but data.train has "
-                          f"{len(cfg.data.train.split('::'))} '::'-separated sources")
+        raise ConfigError(
+            f"data.weights has {len(cfg.data.weights)} entries but data.train has "
+            f"{len(cfg.data.train.split('::'))} '::'-separated sources"
+        )
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError("data.max_bad_fraction must be in [0, 1]")
     if cfg.eval.every < 0:
         raise ConfigError("eval.every must be >= 0")
     if cfg.eval.every and not (cfg.data.zeroshot or cfg.data.retrieval or cfg.eval.suite):
-        raise ConfigError("eval.every is set but there is nothing to evaluate: set data.zeroshot, "
-                          "data.retrieval or eval.suite")
+        raise ConfigError(
+            "eval.every is set but there is nothing to evaluate: set data.zeroshot, "
+            "data.retrieval or eval.suite"
+        )
     if cfg.train.fsdp and cfg.train.mixed_precision == "fp16":
-        raise ConfigError("train.fsdp=true does not support train.mixed_precision=fp16 (its loss scaler is untested "
-                          "on sharded gradients); use bf16")
+        raise ConfigError(
+            "train.fsdp=true does not support train.mixed_precision=fp16 (its loss scaler is untested "
+            "on sharded gradients); use bf16"
+        )
     if cfg.train.fsdp and cfg.train.compile:
-        raise ConfigError("train.fsdp=true does not support train.compile=true yet; turn one of them off")
+        raise ConfigError(
+            "train.fsdp=true does not support train.compile=true yet; turn one of them off"
+        )
     if cfg.train.accum_steps < 1:
         raise ConfigError("train.accum_steps must be at least 1")
     if cfg.loss.local_loss and not cfg.loss.gather_with_grad:
-        raise ConfigError("loss.local_loss=true needs loss.gather_with_grad=true: without it the gradients are "
-                          "not those of the contrastive loss")
+        raise ConfigError(
+            "loss.local_loss=true needs loss.gather_with_grad=true: without it the gradients are "
+            "not those of the contrastive loss"
+        )
     if cfg.loss.tiled not in (True, False, "auto"):
         raise ConfigError(f"loss.tiled must be true, false or auto, not '{cfg.loss.tiled}'")
     if cfg.loss.tile_size < 1:
@@ -333,12 +373,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.max_nonfinite must be at least 1")
     unknown = set(cfg.run.trackers) - {"tensorboard", "wandb"}
     if unknown:
-        raise ConfigError(f"run.trackers: unknown tracker(s) {sorted(unknown)}; use tensorboard and/or wandb")
+        raise ConfigError(
+            f"run.trackers: unknown tracker(s) {sorted(unknown)}; use tensorboard and/or wandb"
+        )
     _check_loss_terms(cfg)
     if cfg.optim.decay_rule not in DECAY_RULES:
-        raise ConfigError(f"optim.decay_rule must be one of {', '.join(DECAY_RULES)}, not '{cfg.optim.decay_rule}'")
-    if cfg.optim.schedule == "const-cooldown" and not 0 < cfg.optim.cooldown_steps <= cfg.train.steps:
-        raise ConfigError("optim.cooldown_steps must be in (0, train.steps] with optim.schedule=const-cooldown")
+        raise ConfigError(
+            f"optim.decay_rule must be one of {', '.join(DECAY_RULES)}, not '{cfg.optim.decay_rule}'"
+        )
+    if (
+        cfg.optim.schedule == "const-cooldown"
+        and not 0 < cfg.optim.cooldown_steps <= cfg.train.steps
+    ):
+        raise ConfigError(
+            "optim.cooldown_steps must be in (0, train.steps] with optim.schedule=const-cooldown"
+        )
     if cfg.train.keep_last < 1:
         raise ConfigError("train.keep_last must be at least 1")
     if cfg.optim.warmup_steps < 0:
@@ -346,9 +395,14 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError("optim.min_lr_ratio must be in [0, 1]")
     opt = cfg.optim
-    for key, ok, rule in (("lr", opt.lr > 0, "> 0"), ("weight_decay", opt.weight_decay >= 0, ">= 0"),
-                          ("beta1", 0 <= opt.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= opt.beta2 < 1, "in [0, 1)"),
-                          ("eps", opt.eps > 0, "> 0"), ("grad_clip", opt.grad_clip is None or opt.grad_clip > 0, "> 0")):
+    for key, ok, rule in (
+        ("lr", opt.lr > 0, "> 0"),
+        ("weight_decay", opt.weight_decay >= 0, ">= 0"),
+        ("beta1", 0 <= opt.beta1 < 1, "in [0, 1)"),
+        ("beta2", 0 <= opt.beta2 < 1, "in [0, 1)"),
+        ("eps", opt.eps > 0, "> 0"),
+        ("grad_clip", opt.grad_clip is None or opt.grad_clip > 0, "> 0"),
+    ):
         if not ok:
             raise ConfigError(f"optim.{key}={getattr(opt, key)} must be {rule}")
 
@@ -358,11 +412,15 @@ def _validate_timm_name(name: str) -> None:
 
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models("vit_*"), n=1, cutoff=0.6)
-        raise ConfigError(f"model.image.timm_name '{name}' is not a timm model"
-                          + (f"; did you mean '{close[0]}'?" if close else "; see timm.list_models('vit_*')"))
+        raise ConfigError(
+            f"model.image.timm_name '{name}' is not a timm model"
+            + (f"; did you mean '{close[0]}'?" if close else "; see timm.list_models('vit_*')")
+        )
     if not timm.models.is_model_in_modules(name, ["vision_transformer", "deit"]):
-        raise ConfigError(f"model.image.timm_name '{name}' is not a timm VisionTransformer (the image tower is a ViT); "
-                          f"use one of timm.list_models('vit_*'), e.g. vit_base_patch16_224")
+        raise ConfigError(
+            f"model.image.timm_name '{name}' is not a timm VisionTransformer (the image tower is a ViT); "
+            f"use one of timm.list_models('vit_*'), e.g. vit_base_patch16_224"
+        )
 
 
 def to_yaml(cfg: Config) -> str:

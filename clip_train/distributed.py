@@ -12,7 +12,9 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 
 
-def gather_features(features: torch.Tensor, rank: int, world_size: int, with_grad: bool = True) -> torch.Tensor:
+def gather_features(
+    features: torch.Tensor, rank: int, world_size: int, with_grad: bool = True
+) -> torch.Tensor:
     """Concatenate `features` from every process along dim 0, in rank order.
 
     with_grad=True backpropagates through the all-gather, so each process gets the gradient of the

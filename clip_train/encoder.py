@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, List
+from collections.abc import Callable
 
 import torch
 from open_clip.tokenizer import SimpleTokenizer
@@ -14,7 +14,7 @@ from clip_train.model import CLIPModel
 from data_tools.transforms import image_transform
 
 
-def make_tokenizer(cfg: ModelConfig) -> Callable[[List[str]], torch.Tensor]:
+def make_tokenizer(cfg: ModelConfig) -> Callable[[list[str]], torch.Tensor]:
     """open_clip's BPE tokenizer (its vocabulary ships in the wheel: no download)."""
     return SimpleTokenizer(context_length=cfg.text.context_length)
 
@@ -26,7 +26,9 @@ class ClipEncoder(nn.Module):
         super().__init__()
         self.model = model
         self.tokenizer = make_tokenizer(model.cfg)
-        self.preprocess: Callable[[Image.Image], torch.Tensor] = image_transform(model.image_size, train=False)
+        self.preprocess: Callable[[Image.Image], torch.Tensor] = image_transform(
+            model.image_size, train=False
+        )
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         return self.model.encode_image(images, normalize=normalize)
@@ -35,11 +37,13 @@ class ClipEncoder(nn.Module):
         return self.model.encode_text(tokens, normalize=normalize)
 
     @torch.no_grad()
-    def embed_texts(self, texts: List[str], normalize: bool = True) -> torch.Tensor:
+    def embed_texts(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
         device = next(self.model.parameters()).device
         return self.encode_text(self.tokenizer(texts).to(device), normalize=normalize)
 
     @torch.no_grad()
-    def embed_images(self, images: List[Image.Image], normalize: bool = True) -> torch.Tensor:
+    def embed_images(self, images: list[Image.Image], normalize: bool = True) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        return self.encode_image(torch.stack([self.preprocess(im) for im in images]).to(device), normalize=normalize)
+        return self.encode_image(
+            torch.stack([self.preprocess(im) for im in images]).to(device), normalize=normalize
+        )

@@ -11,7 +11,7 @@ through the loader named in `clip_eval.encoder.MODEL_DIR_LOADER`, not an import.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 
@@ -31,18 +31,25 @@ def load_eval_suite(cfg: Config) -> Any:
     taken = {"zeroshot": cfg.data.zeroshot, "retrieval": cfg.data.retrieval}
     clash = [t.name for t in suite.tasks if taken.get(t.name)]
     if clash:
-        raise ConfigError(f"eval.suite task name(s) {clash} are used by data.zeroshot/"
-                          f"data.retrieval results; rename them in {cfg.eval.suite}")
+        raise ConfigError(
+            f"eval.suite task name(s) {clash} are used by data.zeroshot/"
+            f"data.retrieval results; rename them in {cfg.eval.suite}"
+        )
     return suite
 
 
-def evaluate(model: torch.nn.Module, cfg: Config, device: torch.device, suite: Any = None,
-             output_dir: Optional[Path] = None) -> Dict[str, Dict[str, float]]:
+def evaluate(
+    model: torch.nn.Module,
+    cfg: Config,
+    device: torch.device,
+    suite: Any = None,
+    output_dir: Path | None = None,
+) -> dict[str, dict[str, float]]:
     """Zero-shot and retrieval on the configured held-out splits, then the eval suite if any."""
     from clip_eval.tasks import retrieval_task, zero_shot_task
 
     encoder = ClipEncoder(model)
-    results: Dict[str, Dict[str, float]] = {}
+    results: dict[str, dict[str, float]] = {}
     opts = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.eval.num_workers, device=device)
     if cfg.data.zeroshot:
         results["zeroshot"] = zero_shot_task(encoder, cfg.data.zeroshot, **opts)

@@ -20,16 +20,16 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import timm
 import torch
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from omegaconf import OmegaConf
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from safetensors.torch import load_file, save_file
 
 from clip_train import openclip_vit
-from clip_train.checkpoint import CheckpointManager, MODEL_FILE
+from clip_train.checkpoint import MODEL_FILE, CheckpointManager
 from clip_train.config import Config, ModelConfig, config_to_dict
 from clip_train.encoder import ClipEncoder
 from clip_train.model import CLIPModel, build_model, timm_overrides
@@ -41,11 +41,15 @@ log = logging.getLogger(__name__)
 FORMAT = "clip-train/1"
 
 
-def _tensors(state: Dict[str, torch.Tensor], prefix: str = "") -> Dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith(prefix)}
+def _tensors(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    return {
+        k[len(prefix) :]: v.detach().contiguous().cpu()
+        for k, v in state.items()
+        if k.startswith(prefix)
+    }
 
 
-def _timm_adapter_incompatibility(cfg: ModelConfig) -> Optional[str]:
+def _timm_adapter_incompatibility(cfg: ModelConfig) -> str | None:
     """Why open_clip's timm adapter cannot build this trunk, or None if it can.
 
     The adapter calls `timm.create_model(name)` without size arguments, so the image trunk must be
@@ -55,19 +59,28 @@ def _timm_adapter_incompatibility(cfg: ModelConfig) -> Optional[str]:
         return "its timm adapter builds the registered ViT without pre_norm"
     with torch.device("meta"):  # only the sizes are read: no weights allocated or initialised
         registered = timm.create_model(cfg.image.timm_name, pretrained=False, num_classes=0)
-    defaults = {"img_size": registered.patch_embed.img_size[0], "patch_size": registered.patch_embed.patch_size[0],
-                "embed_dim": registered.embed_dim, "depth": len(registered.blocks),
-                "num_heads": registered.blocks[0].attn.num_heads,
-                "mlp_ratio": registered.blocks[0].mlp.fc1.out_features / registered.embed_dim}
-    differing = [f"{k}={v} (registered {defaults[k]})" for k, v in timm_overrides(cfg.image).items()
-                 if k in defaults and float(v) != float(defaults[k])]
+    defaults = {
+        "img_size": registered.patch_embed.img_size[0],
+        "patch_size": registered.patch_embed.patch_size[0],
+        "embed_dim": registered.embed_dim,
+        "depth": len(registered.blocks),
+        "num_heads": registered.blocks[0].attn.num_heads,
+        "mlp_ratio": registered.blocks[0].mlp.fc1.out_features / registered.embed_dim,
+    }
+    differing = [
+        f"{k}={v} (registered {defaults[k]})"
+        for k, v in timm_overrides(cfg.image).items()
+        if k in defaults and float(v) != float(defaults[k])
+    ]
     if differing:
-        return (f"its timm adapter builds '{cfg.image.timm_name}' at its registered sizes, but this model sets "
-                + ", ".join(differing))
+        return (
+            f"its timm adapter builds '{cfg.image.timm_name}' at its registered sizes, but this model sets "
+            + ", ".join(differing)
+        )
     return None
 
 
-def open_clip_incompatibility(model: CLIPModel) -> Optional[str]:
+def open_clip_incompatibility(model: CLIPModel) -> str | None:
     """Why open_clip cannot build `model`, or None if it can (as its own ViT, or through timm)."""
     native = openclip_vit.incompatibility(model.visual.trunk)
     if native is None:
@@ -78,7 +91,7 @@ def open_clip_incompatibility(model: CLIPModel) -> Optional[str]:
     return f"open_clip's own ViT cannot express it ({native}), and {adapter}"
 
 
-def open_clip_export(model: CLIPModel) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+def open_clip_export(model: CLIPModel) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """open_clip's `model_cfg` and state dict for `model` (check `open_clip_incompatibility` first).
 
     Preferred: open_clip's own `VisionTransformer` (any size; `model.image.pre_norm`, the default).
@@ -86,11 +99,17 @@ def open_clip_export(model: CLIPModel) -> Tuple[Dict[str, Any], Dict[str, torch.
     """
     cfg, trunk = model.cfg, model.visual.trunk
     text = cfg.text
-    model_cfg: Dict[str, Any] = {
+    model_cfg: dict[str, Any] = {
         "embed_dim": cfg.embed_dim,
         "custom_text": True,
-        "text_cfg": {"context_length": text.context_length, "vocab_size": text.vocab_size, "width": text.width,
-                     "heads": text.heads, "layers": text.layers, "mlp_ratio": text.mlp_ratio},
+        "text_cfg": {
+            "context_length": text.context_length,
+            "vocab_size": text.vocab_size,
+            "width": text.width,
+            "heads": text.heads,
+            "layers": text.layers,
+            "mlp_ratio": text.mlp_ratio,
+        },
     }
     if cfg.init_logit_bias is not None:  # SigLIP: open_clip then has the logit_bias parameter too
         model_cfg["init_logit_bias"] = cfg.init_logit_bias
@@ -98,17 +117,27 @@ def open_clip_export(model: CLIPModel) -> Tuple[Dict[str, Any], Dict[str, torch.
     if openclip_vit.incompatibility(trunk) is None:
         model_cfg["vision_cfg"] = openclip_vit.vision_config(trunk)
         return model_cfg, openclip_vit.to_open_clip(state, trunk)
-    model_cfg["vision_cfg"] = {"timm_model_name": cfg.image.timm_name, "timm_model_pretrained": False,
-                               "timm_pool": cfg.image.pool, "timm_proj": "linear", "image_size": model.image_size}
+    model_cfg["vision_cfg"] = {
+        "timm_model_name": cfg.image.timm_name,
+        "timm_model_pretrained": False,
+        "timm_pool": cfg.image.pool,
+        "timm_proj": "linear",
+        "image_size": model.image_size,
+    }
     return model_cfg, state
 
 
-def open_clip_preprocess(image_size: int) -> Dict[str, Any]:
-    return {"size": image_size, "mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD),
-            "interpolation": "bicubic", "resize_mode": "shortest"}
+def open_clip_preprocess(image_size: int) -> dict[str, Any]:
+    return {
+        "size": image_size,
+        "mean": list(OPENAI_DATASET_MEAN),
+        "std": list(OPENAI_DATASET_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
 
 
-def timm_config(cfg: ModelConfig, trunk: torch.nn.Module, image_size: int) -> Dict[str, Any]:
+def timm_config(cfg: ModelConfig, trunk: torch.nn.Module, image_size: int) -> dict[str, Any]:
     model_args = dict(timm_overrides(cfg.image), num_classes=0, global_pool=cfg.image.pool)
     if cfg.image.pre_norm:
         model_args["pre_norm"] = True
@@ -117,10 +146,16 @@ def timm_config(cfg: ModelConfig, trunk: torch.nn.Module, image_size: int) -> Di
         "num_features": int(trunk.num_features),
         "num_classes": 0,
         "model_args": model_args,
-        "pretrained_cfg": {"input_size": [3, image_size, image_size], "interpolation": "bicubic",
-                           "mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD),
-                           "crop_pct": 1.0, "crop_mode": "center", "num_classes": 0,
-                           "fixed_input_size": True},
+        "pretrained_cfg": {
+            "input_size": [3, image_size, image_size],
+            "interpolation": "bicubic",
+            "mean": list(OPENAI_DATASET_MEAN),
+            "std": list(OPENAI_DATASET_STD),
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "num_classes": 0,
+            "fixed_input_size": True,
+        },
     }
 
 
@@ -131,16 +166,22 @@ def _write_json(path: Path, obj: Any) -> None:
 def is_export_dir(path: Path) -> bool:
     """Whether `path` holds an export this module wrote (so replacing it loses nothing of the user's)."""
     try:
-        return (path / "export_info.json").is_file() and json.loads((path / "config.json").read_text()).get("format") == FORMAT
+        return (path / "export_info.json").is_file() and json.loads(
+            (path / "config.json").read_text()
+        ).get("format") == FORMAT
     except (OSError, ValueError):
         return False
 
 
 def check_export_target(out_dir: Path) -> None:
     """Refuse a directory an export would replace that holds anything but an export of ours."""
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not is_export_dir(out_dir))):
-        raise ClipTrainError(f"{out_dir} exists and is not a clip-train export (no export_info.json/config.json of "
-                             f"ours); export into a new or empty directory")
+    if out_dir.exists() and (
+        not out_dir.is_dir() or (any(out_dir.iterdir()) and not is_export_dir(out_dir))
+    ):
+        raise ClipTrainError(
+            f"{out_dir} exists and is not a clip-train export (no export_info.json/config.json of "
+            f"ours); export into a new or empty directory"
+        )
 
 
 def export_model(model: CLIPModel, out_dir: str | Path) -> Path:
@@ -172,8 +213,10 @@ def export_model(model: CLIPModel, out_dir: str | Path) -> Path:
     if reason is None:
         (tmp / "open_clip").mkdir()
         oc_cfg, oc_state = open_clip_export(model)
-        _write_json(tmp / "open_clip" / "open_clip_config.json",
-                    {"model_cfg": oc_cfg, "preprocess_cfg": open_clip_preprocess(size)})
+        _write_json(
+            tmp / "open_clip" / "open_clip_config.json",
+            {"model_cfg": oc_cfg, "preprocess_cfg": open_clip_preprocess(size)},
+        )
         save_file(oc_state, str(tmp / "open_clip" / "open_clip_model.safetensors"))
     else:
         log.info("no open_clip export: %s", reason)
@@ -191,15 +234,17 @@ def export_model(model: CLIPModel, out_dir: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------ loading
-def _model_from(cfg: ModelConfig, weights: Dict[str, torch.Tensor], source: Path) -> CLIPModel:
+def _model_from(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: Path) -> CLIPModel:
     model = build_model(cfg)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise ClipTrainError(f"{source} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ClipTrainError(
+            f"{source} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     return model.eval()
 
 
-def _model_config(raw: Dict[str, Any]) -> ModelConfig:
+def _model_config(raw: dict[str, Any]) -> ModelConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))  # type: ignore[return-value]
 
 
@@ -209,8 +254,12 @@ def load_model(path: str | Path) -> CLIPModel:
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         meta = json.loads((path / "config.json").read_text())
         if meta.get("format") != FORMAT:
-            raise ClipTrainError(f"{path / 'config.json'} is not a clip-train export (format {meta.get('format')!r})")
-        return _model_from(_model_config(meta["model"]), load_file(str(path / "model.safetensors")), path)
+            raise ClipTrainError(
+                f"{path / 'config.json'} is not a clip-train export (format {meta.get('format')!r})"
+            )
+        return _model_from(
+            _model_config(meta["model"]), load_file(str(path / "model.safetensors")), path
+        )
     if (path / "config.yaml").is_file() and (path / MODEL_FILE).is_file():  # one checkpoint dir
         cfg = _run_config(path / "config.yaml")
         return _model_from(cfg.model, load_file(str(path / MODEL_FILE)), path)
@@ -221,8 +270,10 @@ def load_model(path: str | Path) -> CLIPModel:
         return _model_from(_run_config(ckpt.path / "config.yaml").model, ckpt.model, ckpt.path)
     if not path.exists():
         raise ClipTrainError(f"model path not found: {path}")
-    raise ClipTrainError(f"{path} is neither a clip-train export (config.json + model.safetensors), "
-                         "a run directory nor a checkpoint directory")
+    raise ClipTrainError(
+        f"{path} is neither a clip-train export (config.json + model.safetensors), "
+        "a run directory nor a checkpoint directory"
+    )
 
 
 def _run_config(path: Path) -> Config:

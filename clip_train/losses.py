@@ -7,7 +7,7 @@ features itself through `clip_train.distributed`.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple, Union
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +31,16 @@ class ClipInfoNCE(nn.Module):
     AUTO_TILED_BATCH^2 entries or more (~16 bytes each with their softmax and gradient: 1 GiB).
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1, local_loss: bool = False,
-                 gather_with_grad: bool = True, tiled: Union[bool, str] = "auto",
-                 tile_size: int = 1024, label_smoothing: float = 0.0):
+    def __init__(
+        self,
+        rank: int = 0,
+        world_size: int = 1,
+        local_loss: bool = False,
+        gather_with_grad: bool = True,
+        tiled: bool | str = "auto",
+        tile_size: int = 1024,
+        label_smoothing: float = 0.0,
+    ):
         super().__init__()
         self.rank, self.world_size = rank, world_size
         self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
@@ -42,37 +49,64 @@ class ClipInfoNCE(nn.Module):
         if tile_size < 1:
             raise ConfigError(f"loss.tile_size must be positive, not {tile_size}")
         if tiled is True and label_smoothing:
-            raise ConfigError("loss.tiled=true computes plain cross-entropy: set label_smoothing=0 or "
-                              "loss.tiled=auto/false")
+            raise ConfigError(
+                "loss.tiled=true computes plain cross-entropy: set label_smoothing=0 or "
+                "loss.tiled=auto/false"
+            )
         self.tiled, self.tile_size = tiled, tile_size
         self.label_smoothing = label_smoothing  # the full logits only ("auto" then never tiles)
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                logit_scale: torch.Tensor, **_: torch.Tensor) -> Dict[str, torch.Tensor]:
-        all_image = gather_features(image_features, self.rank, self.world_size, self.gather_with_grad)
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        **_: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        all_image = gather_features(
+            image_features, self.rank, self.world_size, self.gather_with_grad
+        )
         all_text = gather_features(text_features, self.rank, self.world_size, self.gather_with_grad)
         rows = image_features.shape[0] if self.local_loss else all_image.shape[0]
-        auto = (self.tiled == "auto" and not self.label_smoothing
-                and rows * all_image.shape[0] >= AUTO_TILED_BATCH ** 2)
+        auto = (
+            self.tiled == "auto"
+            and not self.label_smoothing
+            and rows * all_image.shape[0] >= AUTO_TILED_BATCH**2
+        )
         terms = self._tiled if self.tiled is True or auto else self._full
         loss_i2t, loss_t2i = terms(image_features, text_features, all_image, all_text, logit_scale)
         loss = (loss_i2t + loss_t2i) / 2
         return {"loss": loss, "loss_i2t": loss_i2t.detach(), "loss_t2i": loss_t2i.detach()}
 
-    def _tiled(self, image_features: Tensor, text_features: Tensor, all_image: Tensor,
-               all_text: Tensor, logit_scale: Tensor) -> Tuple[Tensor, Tensor]:
+    def _tiled(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        all_image: Tensor,
+        all_text: Tensor,
+        logit_scale: Tensor,
+    ) -> tuple[Tensor, Tensor]:
         if self.local_loss:
             offset = self.rank * image_features.shape[0]
-            loss_i2t, _ = tiled_cross_entropy(image_features, all_text, logit_scale, offset=offset,
-                                              tile=self.tile_size)
-            loss_t2i, _ = tiled_cross_entropy(text_features, all_image, logit_scale, offset=offset,
-                                              tile=self.tile_size)
+            loss_i2t, _ = tiled_cross_entropy(
+                image_features, all_text, logit_scale, offset=offset, tile=self.tile_size
+            )
+            loss_t2i, _ = tiled_cross_entropy(
+                text_features, all_image, logit_scale, offset=offset, tile=self.tile_size
+            )
             return loss_i2t, loss_t2i
-        return tiled_cross_entropy(all_image, all_text, logit_scale, tile=self.tile_size,
-                                   symmetric=True)
+        return tiled_cross_entropy(
+            all_image, all_text, logit_scale, tile=self.tile_size, symmetric=True
+        )
 
-    def _full(self, image_features: Tensor, text_features: Tensor, all_image: Tensor,
-              all_text: Tensor, logit_scale: Tensor) -> Tuple[Tensor, Tensor]:
+    def _full(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        all_image: Tensor,
+        all_text: Tensor,
+        logit_scale: Tensor,
+    ) -> tuple[Tensor, Tensor]:
         batch = image_features.shape[0]
         if self.local_loss:
             logits_per_image = logit_scale * image_features @ all_text.T
@@ -83,15 +117,17 @@ class ClipInfoNCE(nn.Module):
             logits_per_text = logits_per_image.T
             labels = torch.arange(all_image.shape[0], device=image_features.device)
         smoothing = self.label_smoothing
-        return (F.cross_entropy(logits_per_image, labels, label_smoothing=smoothing),
-                F.cross_entropy(logits_per_text, labels, label_smoothing=smoothing))
+        return (
+            F.cross_entropy(logits_per_image, labels, label_smoothing=smoothing),
+            F.cross_entropy(logits_per_text, labels, label_smoothing=smoothing),
+        )
 
 
 # loss.tiled=auto tiles from this many rows x columns squared: a full 8192 x 8192 logit matrix costs
 # ~1 GiB with its softmax and gradient (docs/benchmarks.md, "Tiled contrastive loss").
 AUTO_TILED_BATCH = 8192
 
-LOSSES: Dict[str, Callable[..., nn.Module]] = {"clip": ClipInfoNCE}
+LOSSES: dict[str, Callable[..., nn.Module]] = {"clip": ClipInfoNCE}
 
 
 def build_loss(name: str, **kwargs) -> nn.Module:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Optional
 
 import timm
 import torch
@@ -20,14 +19,23 @@ from torch import nn
 from clip_train.config import ImageTowerConfig, ModelConfig, TextTowerConfig
 
 # Our size names -> timm VisionTransformer keyword arguments.
-_TIMM_KWARGS = {"img_size": "img_size", "patch_size": "patch_size", "width": "embed_dim",
-                "depth": "depth", "heads": "num_heads", "mlp_ratio": "mlp_ratio"}
+_TIMM_KWARGS = {
+    "img_size": "img_size",
+    "patch_size": "patch_size",
+    "width": "embed_dim",
+    "depth": "depth",
+    "heads": "num_heads",
+    "mlp_ratio": "mlp_ratio",
+}
 
 
 def timm_overrides(cfg: ImageTowerConfig) -> dict:
     """The explicit sizes in `cfg`, as timm keyword arguments."""
-    return {timm_key: getattr(cfg, ours) for ours, timm_key in _TIMM_KWARGS.items()
-            if getattr(cfg, ours) is not None}
+    return {
+        timm_key: getattr(cfg, ours)
+        for ours, timm_key in _TIMM_KWARGS.items()
+        if getattr(cfg, ours) is not None
+    }
 
 
 def init_linear_fan_in(trunk: nn.Module, qkv_only: bool = False) -> None:
@@ -50,7 +58,7 @@ def init_linear_fan_in(trunk: nn.Module, qkv_only: bool = False) -> None:
 
 def init_embeddings_fan_in(trunk: nn.Module) -> None:
     """Class token and position embeddings N(0, width^-1/2), as open_clip's ViT (timm: 1e-6, 0.02)."""
-    std = trunk.embed_dim ** -0.5
+    std = trunk.embed_dim**-0.5
     if trunk.cls_token is not None:
         nn.init.normal_(trunk.cls_token, std=std)
     if trunk.pos_embed is not None:
@@ -81,11 +89,19 @@ class ImageTower(nn.Module):
             extra["pre_norm"] = True
         if cfg.init == "timm-jax":
             extra["weight_init"] = "jax"
-        self.trunk = timm.create_model(cfg.timm_name, pretrained=False, num_classes=0,
-                                       global_pool=cfg.pool, **timm_overrides(cfg), **extra)
+        self.trunk = timm.create_model(
+            cfg.timm_name,
+            pretrained=False,
+            num_classes=0,
+            global_pool=cfg.pool,
+            **timm_overrides(cfg),
+            **extra,
+        )
         init_image_trunk(self.trunk, cfg.init)
-        self.head = nn.Sequential(OrderedDict(proj=nn.Linear(self.trunk.num_features, embed_dim, bias=False)))
-        nn.init.normal_(self.head.proj.weight, std=self.trunk.num_features ** -0.5)
+        self.head = nn.Sequential(
+            OrderedDict(proj=nn.Linear(self.trunk.num_features, embed_dim, bias=False))
+        )
+        nn.init.normal_(self.head.proj.weight, std=self.trunk.num_features**-0.5)
 
     @property
     def image_size(self) -> int:
@@ -107,8 +123,15 @@ class TextTower(TextTransformer):
     """
 
     def __init__(self, cfg: TextTowerConfig, embed_dim: int):
-        super().__init__(context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.width,
-                         heads=cfg.heads, layers=cfg.layers, mlp_ratio=cfg.mlp_ratio, output_dim=embed_dim)
+        super().__init__(
+            context_length=cfg.context_length,
+            vocab_size=cfg.vocab_size,
+            width=cfg.width,
+            heads=cfg.heads,
+            layers=cfg.layers,
+            mlp_ratio=cfg.mlp_ratio,
+            output_dim=embed_dim,
+        )
         self.trim_padding = cfg.trim_padding
         if cfg.dropout:  # on the residual branches, before open_clip's (parameter-free) layer scale
             for block in self.transformer.resblocks:
@@ -161,8 +184,12 @@ class CLIPModel(nn.Module):
     def clamp_logit_scale(self) -> None:
         self.logit_scale.clamp_(0, math.log(self.cfg.max_logit_scale))
 
-    def forward(self, images: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None,
-                text_views: int = 1) -> dict:
+    def forward(
+        self,
+        images: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None,
+        text_views: int = 1,
+    ) -> dict:
         """Normalised features and the temperature; `text_views=2` also encodes the captions a
         second time (`text_features_2`: another dropout mask, for SimCSE)."""
         out = {"logit_scale": self.logit_scale.exp()}
@@ -198,4 +225,6 @@ def lock_towers(model: CLIPModel, cfg: ModelConfig) -> None:
 
 def locked_modules(model: CLIPModel, cfg: ModelConfig) -> list:
     """Modules that must stay in eval mode while the rest trains."""
-    return ([model.visual.trunk] if cfg.lock_image else []) + (list(model.text.children()) if cfg.lock_text else [])
+    return ([model.visual.trunk] if cfg.lock_image else []) + (
+        list(model.text.children()) if cfg.lock_text else []
+    )

@@ -15,7 +15,7 @@ around the ring of processes (open_clip's implementation, never the whole batch 
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +39,14 @@ class SigLIP(nn.Module):
 
         self.loss = SigLipLoss(rank=rank, world_size=world_size)
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: Optional[torch.Tensor] = None, **_: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+        **_: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         if logit_bias is None:
             raise ValueError("the siglip term needs the model's logit_bias (model.init_logit_bias)")
         return {"loss": self.loss(image_features, text_features, logit_scale, logit_bias)}
@@ -59,15 +65,23 @@ class MarginLoss(nn.Module):
         super().__init__()
         self.rank, self.world_size, self.margin = rank, world_size, margin
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: Optional[torch.Tensor] = None, **_: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+        **_: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         batch = image_features.shape[0]
         all_text = gather_features(text_features, self.rank, self.world_size, True)
         distance = torch.cdist(image_features, all_text).clamp_min(0)
         matched = torch.zeros_like(distance, dtype=torch.bool)
         matched[torch.arange(batch), torch.arange(batch) + self.rank * batch] = True
         pulled = torch.where(matched, distance.square(), torch.zeros_like(distance))
-        pushed = torch.where(matched, torch.zeros_like(distance), F.relu(self.margin - distance).square())
+        pushed = torch.where(
+            matched, torch.zeros_like(distance), F.relu(self.margin - distance).square()
+        )
         pairs = all_text.shape[0] * all_text.shape[0]
         loss = (pulled.sum() + pushed.sum()) * self.world_size / pairs
         return {"loss": loss, "matched": pulled.sum().detach() / batch}
@@ -86,9 +100,14 @@ class SupCon(nn.Module):
         super().__init__()
         self.rank, self.world_size, self.temperature = rank, world_size, temperature
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         if labels is None:
             raise ValueError("the supcon term needs class labels (.cls in the shards)")
         batch = image_features.shape[0]
@@ -105,7 +124,9 @@ class SupCon(nn.Module):
         logits = anchors @ candidates.T / self.temperature
         is_self = torch.zeros_like(logits, dtype=torch.bool)
         is_self[torch.arange(2 * batch), self_column] = True
-        log_prob = logits - torch.logsumexp(logits.masked_fill(is_self, float("-inf")), dim=1, keepdim=True)
+        log_prob = logits - torch.logsumexp(
+            logits.masked_fill(is_self, float("-inf")), dim=1, keepdim=True
+        )
         positive = (anchor_labels[:, None] == candidate_labels[None, :]) & ~is_self
         per_anchor = -(log_prob * positive).sum(1) / positive.sum(1)
         loss = per_anchor.sum() * self.world_size / (2 * all_image.shape[0])
@@ -123,11 +144,19 @@ class SimCSE(nn.Module):
         super().__init__()
         self.rank, self.world_size, self.temperature = rank, world_size, temperature
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: Optional[torch.Tensor] = None, text_features_2: Optional[torch.Tensor] = None,
-                **_: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+        text_features_2: torch.Tensor | None = None,
+        **_: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         if text_features_2 is None:
-            raise ValueError("the simcse term needs a second encoding of the captions (text_views=2)")
+            raise ValueError(
+                "the simcse term needs a second encoding of the captions (text_views=2)"
+            )
         batch = text_features.shape[0]
         columns = gather_features(text_features_2, self.rank, self.world_size, True)
         logits = text_features @ columns.T / self.temperature
@@ -136,39 +165,66 @@ class SimCSE(nn.Module):
         return {"loss": loss}
 
 
-def _clip(rank: int = 0, world_size: int = 1, local_loss: bool = False, gather_with_grad: bool = True,
-          label_smoothing: float = 0.0, tiled: object = "auto", tile_size: int = 1024,
-          **_: object) -> nn.Module:
-    return ClipInfoNCE(rank=rank, world_size=world_size, local_loss=local_loss,
-                       gather_with_grad=gather_with_grad, tiled=tiled, tile_size=tile_size,
-                       label_smoothing=label_smoothing)
+def _clip(
+    rank: int = 0,
+    world_size: int = 1,
+    local_loss: bool = False,
+    gather_with_grad: bool = True,
+    label_smoothing: float = 0.0,
+    tiled: object = "auto",
+    tile_size: int = 1024,
+    **_: object,
+) -> nn.Module:
+    return ClipInfoNCE(
+        rank=rank,
+        world_size=world_size,
+        local_loss=local_loss,
+        gather_with_grad=gather_with_grad,
+        tiled=tiled,
+        tile_size=tile_size,
+        label_smoothing=label_smoothing,
+    )
 
 
-TERMS: Dict[str, Callable[..., nn.Module]] = {"clip": _clip, "siglip": SigLIP, "margin": MarginLoss,
-                                              "supcon": SupCon, "simcse": SimCSE}
+TERMS: dict[str, Callable[..., nn.Module]] = {
+    "clip": _clip,
+    "siglip": SigLIP,
+    "margin": MarginLoss,
+    "supcon": SupCon,
+    "simcse": SimCSE,
+}
 # What each term reads besides the features: model parameters (a parameter no term reads is frozen
 # by `freeze_unused`: it would get no gradient, and DDP would then skip averaging its bucket) and
 # per-sample inputs the loader and model must provide (`labels`: the shards' .cls; `text_views`:
 # a second encoding of each caption under another dropout mask).
-TERM_NEEDS: Dict[str, frozenset] = {"clip": frozenset({"logit_scale"}),
-                                    "siglip": frozenset({"logit_scale", "logit_bias"}),
-                                    "margin": frozenset(), "supcon": frozenset({"labels"}),
-                                    "simcse": frozenset({"text_views"})}
+TERM_NEEDS: dict[str, frozenset] = {
+    "clip": frozenset({"logit_scale"}),
+    "siglip": frozenset({"logit_scale", "logit_bias"}),
+    "margin": frozenset(),
+    "supcon": frozenset({"labels"}),
+    "simcse": frozenset({"text_views"}),
+}
 
 
 class Objective(nn.Module):
     """The weighted sum of the configured terms; what the trainer minimises."""
 
-    def __init__(self, terms: List[Tuple[str, float, nn.Module]]):
+    def __init__(self, terms: list[tuple[str, float, nn.Module]]):
         super().__init__()
         self.names = [name for name, _, _ in terms]
         self.needs = frozenset().union(*(TERM_NEEDS[name] for name in self.names))
         self.weights = [weight for _, weight, _ in terms]
         self.terms = nn.ModuleList(term for _, _, term in terms)
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                text_features_2: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        text_features_2: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         inputs = {"logit_bias": logit_bias}
         if labels is not None:
             inputs["labels"] = labels
@@ -176,7 +232,7 @@ class Objective(nn.Module):
             inputs["text_features_2"] = text_features_2
         if len(self.terms) == 1 and self.weights[0] == 1.0:
             return self.terms[0](image_features, text_features, logit_scale, **inputs)
-        out: Dict[str, torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = {}
         total = image_features.new_zeros(())
         for name, weight, term in zip(self.names, self.weights, self.terms):
             parts = term(image_features, text_features, logit_scale, **inputs)
@@ -199,10 +255,19 @@ def build_objective(cfg: LossConfig, rank: int = 0, world_size: int = 1) -> Obje
     """The terms of `cfg` (validated by the config) for this process."""
     terms = []
     for term in loss_terms(cfg):
-        options = {k: getattr(term, k) for k in LossTermConfig.__dataclass_fields__
-                   if k not in ("name", "weight") and getattr(term, k) is not None}  # None: the term's default
-        module = TERMS[term.name](rank=rank, world_size=world_size, local_loss=cfg.local_loss,
-                                  gather_with_grad=cfg.gather_with_grad, tiled=cfg.tiled,
-                                  tile_size=cfg.tile_size, **options)
+        options = {
+            k: getattr(term, k)
+            for k in LossTermConfig.__dataclass_fields__
+            if k not in ("name", "weight") and getattr(term, k) is not None
+        }  # None: the term's default
+        module = TERMS[term.name](
+            rank=rank,
+            world_size=world_size,
+            local_loss=cfg.local_loss,
+            gather_with_grad=cfg.gather_with_grad,
+            tiled=cfg.tiled,
+            tile_size=cfg.tile_size,
+            **options,
+        )
         terms.append((term.name, float(term.weight), module))
     return Objective(terms)

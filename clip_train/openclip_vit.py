@@ -11,19 +11,24 @@ checkpoints); nothing converts a timm ViT into open_clip's layout, so the map is
 
 from __future__ import annotations
 
-from typing import Dict, Optional
-
 import torch
 from timm.layers import Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 # timm block parameter names -> open_clip residual-block names (weights and biases alike).
-_BLOCK_NAMES = {"norm1": "ln_1", "attn.qkv.weight": "attn.in_proj_weight", "attn.qkv.bias": "attn.in_proj_bias",
-                "attn.proj": "attn.out_proj", "norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+_BLOCK_NAMES = {
+    "norm1": "ln_1",
+    "attn.qkv.weight": "attn.in_proj_weight",
+    "attn.qkv.bias": "attn.in_proj_bias",
+    "attn.proj": "attn.out_proj",
+    "norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
 
 
-def _layer_norm_eps(trunk: VisionTransformer) -> Optional[float]:
+def _layer_norm_eps(trunk: VisionTransformer) -> float | None:
     """The one eps of every LayerNorm in the trunk, or None if they differ or are not LayerNorms."""
     norms = [trunk.norm_pre, trunk.norm if trunk.global_pool == "token" else trunk.fc_norm]
     for block in trunk.blocks:
@@ -34,7 +39,7 @@ def _layer_norm_eps(trunk: VisionTransformer) -> Optional[float]:
     return eps.pop() if len(eps) == 1 else None
 
 
-def incompatibility(trunk: nn.Module) -> Optional[str]:
+def incompatibility(trunk: nn.Module) -> str | None:
     """Why open_clip's `VisionTransformer` cannot compute what `trunk` computes, or None."""
     if not isinstance(trunk, VisionTransformer):
         return f"the trunk is a {type(trunk).__name__}, not a timm VisionTransformer"
@@ -47,11 +52,19 @@ def incompatibility(trunk: nn.Module) -> Optional[str]:
     if trunk.global_pool == "avg" and isinstance(trunk.fc_norm, nn.Identity):
         return "average pooling without the final LayerNorm after it"
     for block in trunk.blocks:
-        plain = (type(block) is Block and isinstance(block.ls1, nn.Identity) and isinstance(block.ls2, nn.Identity)
-                 and isinstance(block.attn.q_norm, nn.Identity) and isinstance(block.attn.k_norm, nn.Identity)
-                 and isinstance(block.attn.norm, nn.Identity) and block.attn.qkv.bias is not None
-                 and type(block.mlp) is Mlp and isinstance(block.mlp.norm, nn.Identity)
-                 and type(block.mlp.act) is nn.GELU and block.mlp.act.approximate == "none")
+        plain = (
+            type(block) is Block
+            and isinstance(block.ls1, nn.Identity)
+            and isinstance(block.ls2, nn.Identity)
+            and isinstance(block.attn.q_norm, nn.Identity)
+            and isinstance(block.attn.k_norm, nn.Identity)
+            and isinstance(block.attn.norm, nn.Identity)
+            and block.attn.qkv.bias is not None
+            and type(block.mlp) is Mlp
+            and isinstance(block.mlp.norm, nn.Identity)
+            and type(block.mlp.act) is nn.GELU
+            and block.mlp.act.approximate == "none"
+        )
         if not plain:
             return "the trunk's blocks differ from open_clip's (layer scale, q/k norm, activation or qkv bias)"
     if _layer_norm_eps(trunk) is None:
@@ -59,30 +72,39 @@ def incompatibility(trunk: nn.Module) -> Optional[str]:
     return None
 
 
-def vision_config(trunk: VisionTransformer) -> Dict:
+def vision_config(trunk: VisionTransformer) -> dict:
     """open_clip's `vision_cfg` for `trunk` (check `incompatibility` first)."""
     width = trunk.embed_dim
     block = trunk.blocks[0]
-    return {"layers": len(trunk.blocks), "width": width, "head_width": width // block.attn.num_heads,
-            "mlp_ratio": block.mlp.fc1.out_features / width, "patch_size": trunk.patch_embed.patch_size[0],
-            "image_size": trunk.patch_embed.img_size[0],
-            "pool_type": "tok" if trunk.global_pool == "token" else "avg",
-            "final_ln_after_pool": trunk.global_pool == "avg",  # timm's fc_norm follows the average
-            "norm_kwargs": {"eps": _layer_norm_eps(trunk)}}
+    return {
+        "layers": len(trunk.blocks),
+        "width": width,
+        "head_width": width // block.attn.num_heads,
+        "mlp_ratio": block.mlp.fc1.out_features / width,
+        "patch_size": trunk.patch_embed.patch_size[0],
+        "image_size": trunk.patch_embed.img_size[0],
+        "pool_type": "tok" if trunk.global_pool == "token" else "avg",
+        "final_ln_after_pool": trunk.global_pool == "avg",  # timm's fc_norm follows the average
+        "norm_kwargs": {"eps": _layer_norm_eps(trunk)},
+    }
 
 
-def to_open_clip(state: Dict[str, torch.Tensor], trunk: VisionTransformer) -> Dict[str, torch.Tensor]:
+def to_open_clip(
+    state: dict[str, torch.Tensor], trunk: VisionTransformer
+) -> dict[str, torch.Tensor]:
     """Our model's state dict in open_clip's `CustomTextCLIP` names with a native `visual` ViT.
 
     Keys outside the image tower (`text.*`, `logit_scale`) are already open_clip's.
     """
-    post = "norm" if trunk.global_pool == "token" else "fc_norm"  # the LayerNorm open_clip calls ln_post
+    post = (
+        "norm" if trunk.global_pool == "token" else "fc_norm"
+    )  # the LayerNorm open_clip calls ln_post
     out = {}
     for key, value in state.items():
         if not key.startswith("visual."):
             out[key] = value
             continue
-        name = key[len("visual."):]
+        name = key[len("visual.") :]
         if name == "head.proj.weight":
             out["visual.proj"] = value.t().contiguous()
             continue
@@ -101,7 +123,7 @@ def to_open_clip(state: Dict[str, torch.Tensor], trunk: VisionTransformer) -> Di
             _, index, rest = name.split(".", 2)
             for ours, theirs in _BLOCK_NAMES.items():
                 if rest.startswith(ours):
-                    rest = theirs + rest[len(ours):]
+                    rest = theirs + rest[len(ours) :]
                     break
             out[f"visual.transformer.resblocks.{index}.{rest}"] = value
         else:

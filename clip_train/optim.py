@@ -8,7 +8,7 @@ that follow OpenCLIP's published runs use.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -17,8 +17,15 @@ from clip_train.config import OptimConfig
 from data_tools.errors import ConfigError
 
 # Parameters that are scales, offsets or lookup tables: decaying them towards zero hurts.
-_NO_DECAY_NAMES = ("logit_scale", "logit_bias", "pos_embed", "positional_embedding", "cls_token",
-                   "token_embedding", "reg_token")
+_NO_DECAY_NAMES = (
+    "logit_scale",
+    "logit_bias",
+    "pos_embed",
+    "positional_embedding",
+    "cls_token",
+    "token_embedding",
+    "reg_token",
+)
 
 
 def is_no_decay(name: str, param: torch.Tensor) -> bool:
@@ -29,29 +36,45 @@ def is_no_decay(name: str, param: torch.Tensor) -> bool:
 def is_no_decay_open_clip(name: str, param: torch.Tensor) -> bool:
     """open_clip_train's rule: 1-d parameters, names with bn/ln/bias, and the temperature. Its class
     embedding is 1-d; timm's `cls_token`, the same parameter, is 3-d, so it is named here."""
-    return (param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-            or name.endswith("cls_token"))
+    return (
+        param.ndim < 2
+        or "bn" in name
+        or "ln" in name
+        or "bias" in name
+        or "logit_scale" in name
+        or name.endswith("cls_token")
+    )
 
 
-DECAY_RULES: Dict[str, Callable[[str, torch.Tensor], bool]] = {
-    "clip-train": is_no_decay, "open_clip": is_no_decay_open_clip}
+DECAY_RULES: dict[str, Callable[[str, torch.Tensor], bool]] = {
+    "clip-train": is_no_decay,
+    "open_clip": is_no_decay_open_clip,
+}
 
 
-def param_groups(model: nn.Module, weight_decay: float, rule: str = "clip-train") -> List[dict]:
+def param_groups(model: nn.Module, weight_decay: float, rule: str = "clip-train") -> list[dict]:
     """[decayed, not decayed] trainable parameters under a rule of `DECAY_RULES`."""
     no_decay_fn = DECAY_RULES[rule]
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if no_decay_fn(name, param) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     # fused: one kernel for all parameters; on the CPU the default per-tensor loop was a sixth of a
     # bench_tiny step (bench/train_step.py).
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_rule), lr=cfg.lr,
-                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay, cfg.decay_rule),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=True,
+    )
 
 
 def _warmup(step: int, warmup: int) -> float:
@@ -82,14 +105,20 @@ def const_cooldown(step: int, total: int, cfg: OptimConfig) -> float:
     return 1.0 - (1.0 - cfg.min_lr_ratio) * progress
 
 
-SCHEDULES: Dict[str, Callable[[int, int, OptimConfig], float]] = {
-    "cosine": cosine, "constant": constant, "const-cooldown": const_cooldown}
+SCHEDULES: dict[str, Callable[[int, int, OptimConfig], float]] = {
+    "cosine": cosine,
+    "constant": constant,
+    "const-cooldown": const_cooldown,
+}
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR (its state is a step counter, so resume is exact) over a named schedule."""
     if cfg.schedule not in SCHEDULES:
-        raise ConfigError(f"optim.schedule '{cfg.schedule}' is not one of: {', '.join(sorted(SCHEDULES))}")
+        raise ConfigError(
+            f"optim.schedule '{cfg.schedule}' is not one of: {', '.join(sorted(SCHEDULES))}"
+        )
     fn = SCHEDULES[cfg.schedule]
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: fn(step, total_steps, cfg))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: fn(step, total_steps, cfg))

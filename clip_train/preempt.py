@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
-from typing import Callable, Dict, Optional
 
 import torch
 
@@ -29,10 +29,10 @@ class PreemptionGuard:
     """
 
     def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self._previous: Dict[int, object] = {}
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "PreemptionGuard":
+    def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._record)
@@ -43,7 +43,7 @@ class PreemptionGuard:
             signal.signal(sig, handler)
         self._previous = {}
 
-    def _record(self, signum: int, frame: Optional[FrameType]) -> None:
+    def _record(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
             self.signum = signum
 
@@ -52,8 +52,9 @@ class PreemptionGuard:
         """The signal this process received ("a signal to another process" when none)."""
         return signal.Signals(self.signum).name if self.signum else "a signal to another process"
 
-    def stop_agreed(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
-                    device: torch.device) -> bool:
+    def stop_agreed(
+        self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor], device: torch.device
+    ) -> bool:
         """True on every process when any process was signalled; every process must call it."""
         flag = torch.tensor([0.0 if self.signum is None else 1.0], device=device)
         return bool(all_reduce_sum(flag).item() > 0)

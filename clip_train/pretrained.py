@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, Optional
 
 import torch
 
@@ -30,10 +29,16 @@ from data_tools.errors import ConfigError
 log = logging.getLogger(__name__)
 
 # open_clip's `CLIP` keeps its text tower at the top level; `CustomTextCLIP` (and ours) under text.
-_TEXT_TOP_LEVEL = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+_TEXT_TOP_LEVEL = (
+    "token_embedding.",
+    "positional_embedding",
+    "transformer.",
+    "ln_final.",
+    "text_projection",
+)
 
 
-def _read_state(path: Path, what: str) -> Dict[str, torch.Tensor]:
+def _read_state(path: Path, what: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConfigError(f"model.init_from {what}: no such file {path}")
     try:
@@ -44,22 +49,28 @@ def _read_state(path: Path, what: str) -> Dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: torch and safetensors raise many types
-        raise ConfigError(f"model.init_from {what}: cannot read {path} ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(
+            f"model.init_from {what}: cannot read {path} ({str(exc).splitlines()[0]})"
+        ) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def _open_clip_to_ours(state: Dict[str, torch.Tensor], model: CLIPModel, what: str) -> Dict[str, torch.Tensor]:
+def _open_clip_to_ours(
+    state: dict[str, torch.Tensor], model: CLIPModel, what: str
+) -> dict[str, torch.Tensor]:
     """open_clip names (either layout, its own ViT or its timm adapter) -> ours."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    out: Dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
     if "visual.class_embedding" in state:  # open_clip's own ViT
         if "visual.trunk.norm_pre.weight" not in model.state_dict():
-            raise ConfigError(f"model.init_from {what}: the checkpoint's ViT has ln_pre and no patch bias; "
-                              "set model.image.pre_norm=true to load it")
+            raise ConfigError(
+                f"model.init_from {what}: the checkpoint's ViT has ln_pre and no patch bias; "
+                "set model.image.pre_norm=true to load it"
+            )
         trunk = checkpoint_filter_fn(state, model.visual.trunk)  # timm's open_clip -> timm map
         head = trunk.pop("head.weight", None)
         trunk.pop("head.bias", None)
@@ -76,11 +87,13 @@ def _open_clip_to_ours(state: Dict[str, torch.Tensor], model: CLIPModel, what: s
     return out
 
 
-def _timm_to_ours(state: Dict[str, torch.Tensor], model: CLIPModel) -> Dict[str, torch.Tensor]:
+def _timm_to_ours(state: dict[str, torch.Tensor], model: CLIPModel) -> dict[str, torch.Tensor]:
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     trunk = checkpoint_filter_fn(state, model.visual.trunk)  # timm's own loader map
-    return {f"visual.trunk.{k}": v for k, v in trunk.items() if not k.startswith("head.")}  # no classifier
+    return {
+        f"visual.trunk.{k}": v for k, v in trunk.items() if not k.startswith("head.")
+    }  # no classifier
 
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
@@ -94,8 +107,10 @@ def _timm_pretrained_file(name: str, what: str, download: bool) -> Path:
 
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None or not cfg.hf_hub_id:
-        raise ConfigError(f"model.init_from {what}: timm has no Hugging Face weights named '{name}' "
-                          "(see timm.list_pretrained()), and no such file exists")
+        raise ConfigError(
+            f"model.init_from {what}: timm has no Hugging Face weights named '{name}' "
+            "(see timm.list_pretrained()), and no such file exists"
+        )
     repo = cfg.hf_hub_id.split("@")[0]
     for attempt in ("cache", "download"):
         for filename in _WEIGHT_FILES:
@@ -103,16 +118,20 @@ def _timm_pretrained_file(name: str, what: str, download: bool) -> Path:
             if isinstance(found, str):
                 return Path(found)
         if attempt == "cache" and not download:
-            raise ConfigError(f"model.init_from {what}: not in the local Hugging Face cache; fetch it once "
-                              f"with `python -c \"import timm; timm.create_model('{name}', pretrained=True)\"` "
-                              "or set model.init_download=true")
+            raise ConfigError(
+                f"model.init_from {what}: not in the local Hugging Face cache; fetch it once "
+                f"with `python -c \"import timm; timm.create_model('{name}', pretrained=True)\"` "
+                "or set model.init_download=true"
+            )
         if attempt == "cache":
             log.info("downloading timm weights %s (model.init_download=true)", name)
             timm.create_model(name, pretrained=True, num_classes=0)
-    raise ConfigError(f"model.init_from {what}: timm loaded the weights but left no file in the cache")
+    raise ConfigError(
+        f"model.init_from {what}: timm loaded the weights but left no file in the cache"
+    )
 
 
-def source_weights(model: CLIPModel, cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+def source_weights(model: CLIPModel, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The tensors `cfg.init_from` gives, in our names (a subset of the model's keys)."""
     source = cfg.init_from
     what = source
@@ -121,7 +140,11 @@ def source_weights(model: CLIPModel, cfg: ModelConfig) -> Dict[str, torch.Tensor
         return _open_clip_to_ours(_read_state(Path(rest).expanduser(), what), model, what)
     if kind == "timm" and rest:
         path = Path(rest).expanduser()
-        if not path.exists() and "/" not in rest and not rest.endswith((".safetensors", ".bin", ".pt", ".pth")):
+        if (
+            not path.exists()
+            and "/" not in rest
+            and not rest.endswith((".safetensors", ".bin", ".pt", ".pth"))
+        ):
             path = _timm_pretrained_file(rest, what, cfg.init_download)
         return _timm_to_ours(_read_state(path, what), model)
     from clip_train.export import load_model  # one of ours: an export, run or checkpoint dir
@@ -132,7 +155,7 @@ def source_weights(model: CLIPModel, cfg: ModelConfig) -> Dict[str, torch.Tensor
         raise ConfigError(f"model.init_from {what}: {str(exc).splitlines()[0]}") from None
 
 
-def init_from_source(model: CLIPModel, cfg: ModelConfig) -> Optional[str]:
+def init_from_source(model: CLIPModel, cfg: ModelConfig) -> str | None:
     """Copy the weights of `cfg.init_from` into `model`; returns which towers they covered.
 
     Every tensor must fit the configured architecture; a tower the source does not cover keeps
@@ -144,19 +167,28 @@ def init_from_source(model: CLIPModel, cfg: ModelConfig) -> Optional[str]:
     own = model.state_dict()
     for key, value in weights.items():
         if key not in own:
-            log.info("model.init_from %s: %s has no place in this model, skipped", cfg.init_from, key)
+            log.info(
+                "model.init_from %s: %s has no place in this model, skipped", cfg.init_from, key
+            )
         elif value.shape != own[key].shape:
-            raise ConfigError(f"model.init_from {cfg.init_from}: {key} is {tuple(value.shape)} there and "
-                              f"{tuple(own[key].shape)} in this model; set the model sizes to the checkpoint's")
+            raise ConfigError(
+                f"model.init_from {cfg.init_from}: {key} is {tuple(value.shape)} there and "
+                f"{tuple(own[key].shape)} in this model; set the model sizes to the checkpoint's"
+            )
     covered = {k for k in weights if k in own}
     towers = []
-    for name, prefix in (("image trunk", "visual.trunk."), ("image projection", "visual.head."),
-                         ("text tower", "text.")):
+    for name, prefix in (
+        ("image trunk", "visual.trunk."),
+        ("image projection", "visual.head."),
+        ("text tower", "text."),
+    ):
         keys = [k for k in own if k.startswith(prefix)]
         missing = [k for k in keys if k not in covered]
         if missing and len(missing) < len(keys):  # a tower half covered is another architecture
-            raise ConfigError(f"model.init_from {cfg.init_from}: the source has no {missing[0]} (and "
-                              f"{len(missing) - 1} more {name} tensors); it is not this architecture")
+            raise ConfigError(
+                f"model.init_from {cfg.init_from}: the source has no {missing[0]} (and "
+                f"{len(missing) - 1} more {name} tensors); it is not this architecture"
+            )
         if keys and not missing:
             towers.append(name)
     with torch.no_grad():
@@ -167,11 +199,15 @@ def init_from_source(model: CLIPModel, cfg: ModelConfig) -> Optional[str]:
     return summary
 
 
-def warn_locked_without_weights(cfg: ModelConfig, covered: Optional[str]) -> None:
+def warn_locked_without_weights(cfg: ModelConfig, covered: str | None) -> None:
     """A locked tower that starts from random weights stays random: say so."""
     if cfg.lock_image and "image trunk" not in (covered or ""):
-        log.warning("model.lock_image=true freezes an image trunk that was not initialised from weights "
-                    "(set model.init_from); it will stay at its random init")
+        log.warning(
+            "model.lock_image=true freezes an image trunk that was not initialised from weights "
+            "(set model.init_from); it will stay at its random init"
+        )
     if cfg.lock_text and "text tower" not in (covered or ""):
-        log.warning("model.lock_text=true freezes a text tower that was not initialised from weights "
-                    "(set model.init_from); it will stay at its random init")
+        log.warning(
+            "model.lock_text=true freezes a text tower that was not initialised from weights "
+            "(set model.init_from); it will stay at its random init"
+        )

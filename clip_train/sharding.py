@@ -25,16 +25,21 @@ read it unchanged.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
@@ -61,7 +66,7 @@ def shard_model(model: CLIPModel, device: torch.device) -> CLIPModel:
     return model
 
 
-def replicated_params(model: nn.Module) -> List[nn.Parameter]:
+def replicated_params(model: nn.Module) -> list[nn.Parameter]:
     """Parameters FSDP2 cannot shard (0-dim): kept whole on every process."""
     return [p for p in model.parameters() if p.ndim == 0]
 
@@ -85,7 +90,7 @@ def no_gradient_sync(model: FSDPModule) -> Iterator[None]:
         model.set_requires_gradient_sync(True)
 
 
-def clip_grad_norm(params: List[nn.Parameter], max_norm: Optional[float]) -> torch.Tensor:
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None) -> torch.Tensor:
     """Total gradient norm over all processes' shards (clipping to `max_norm` when set).
 
     torch's DTensor-aware norm combines the shards' norms across processes; the whole (replicated)
@@ -109,17 +114,17 @@ def clip_grad_norm(params: List[nn.Parameter], max_norm: Optional[float]) -> tor
 
 
 # -------------------------------------------------------------------------------- state
-def full_model_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The complete state dict on the CPU of rank 0 (empty elsewhere); every process must call it."""
     return get_model_state_dict(model, options=_FULL)
 
 
-def load_full_model_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a complete state dict (given on every process) into the sharded model."""
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
 
-def plain_copy(state: Dict[str, torch.Tensor], cfg: ModelConfig, device: torch.device) -> CLIPModel:
+def plain_copy(state: dict[str, torch.Tensor], cfg: ModelConfig, device: torch.device) -> CLIPModel:
     """An unsharded model from a full state (rank 0): evaluation and export run on one process,
     which a sharded model cannot (its forward all-gathers from every process)."""
     with torch.random.fork_rng(devices=[]):  # building draws an init: keep the run's RNG untouched
@@ -128,34 +133,44 @@ def plain_copy(state: Dict[str, torch.Tensor], cfg: ModelConfig, device: torch.d
     return model.to(device)
 
 
-def _flat_optimizer_tensors(osd: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+def _flat_optimizer_tensors(osd: dict[str, Any]) -> dict[str, torch.Tensor]:
     """{"state": {fqn: {"exp_avg": t, ...}}} -> {"fqn/exp_avg": t}; DCP then reads/writes in place."""
     flat = {}
     for fqn, entries in osd["state"].items():
         for name, value in entries.items():
             if not isinstance(value, torch.Tensor):
-                raise TypeError(f"optimizer state {fqn}/{name} is not a tensor ({type(value).__name__})")
+                raise TypeError(
+                    f"optimizer state {fqn}/{name} is not a tensor ({type(value).__name__})"
+                )
             flat[f"{fqn}/{name}"] = value
     return flat
 
 
-def optimizer_state(model: nn.Module,
-                    optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, torch.Tensor], List[Dict[str, Any]]]:
+def optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """(this process's optimizer shards by name, the param groups) -- the groups are plain values,
     the same on every process, stored by the main process with the checkpoint (collective)."""
     osd = get_optimizer_state_dict(model, optimizer)
     return _flat_optimizer_tensors(osd), osd["param_groups"]
 
 
-def save_shards(tensors: Dict[str, torch.Tensor], path: Path) -> None:
+def save_shards(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write this process's part of `tensors` (DTensor shards; whole tensors once) under `path` (collective)."""
     dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(path), save_distributed=True))
 
 
-def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path,
-                   param_groups: List[Dict[str, Any]]) -> None:
+def load_optimizer(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    path: Path,
+    param_groups: list[dict[str, Any]],
+) -> None:
     """Read the shards this process needs from `path` (any number of processes wrote them)."""
-    osd = get_optimizer_state_dict(model, optimizer)  # creates AdamW's state (a zero-lr step) to load into
+    osd = get_optimizer_state_dict(
+        model, optimizer
+    )  # creates AdamW's state (a zero-lr step) to load into
     dcp.load(_flat_optimizer_tensors(osd), storage_reader=dcp.HuggingFaceStorageReader(str(path)))
-    set_optimizer_state_dict(model, optimizer, {"state": osd["state"], "param_groups": param_groups})
-
+    set_optimizer_state_dict(
+        model, optimizer, {"state": osd["state"], "param_groups": param_groups}
+    )

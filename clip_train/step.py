@@ -11,7 +11,7 @@ gradients equal those of the whole batch at once.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Dict, List, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -35,27 +35,45 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
 FEATURES = ("image_features", "text_features", "text_features_2")
 
 
-def _extras(out: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _extras(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Model outputs a loss takes besides features and temperature (SigLIP's logit bias)."""
     return {k: out[k] for k in ("logit_bias",) if k in out}
 
 
-def _labels(labels: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _labels(labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
     return {} if labels is None else {"labels": labels}
 
 
-def _loss(loss_fn: nn.Module, features: Dict[str, torch.Tensor], scalars: Dict[str, torch.Tensor],
-          labels: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _loss(
+    loss_fn: nn.Module,
+    features: dict[str, torch.Tensor],
+    scalars: dict[str, torch.Tensor],
+    labels: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
     extra = {k: v for k, v in features.items() if k not in ("image_features", "text_features")}
-    return loss_fn(features["image_features"], features["text_features"], scalars["logit_scale"],
-                   **{k: v for k, v in scalars.items() if k != "logit_scale"}, **extra, **_labels(labels))
+    return loss_fn(
+        features["image_features"],
+        features["text_features"],
+        scalars["logit_scale"],
+        **{k: v for k, v in scalars.items() if k != "logit_scale"},
+        **extra,
+        **_labels(labels),
+    )
 
 
-def forward_backward(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, tokens: torch.Tensor, *,
-                     accum_steps: int = 1, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-                     backward: Backward = lambda loss: loss.backward(),
-                     no_sync: Callable[[], ContextManager] = contextlib.nullcontext,
-                     labels: Optional[torch.Tensor] = None, text_views: int = 1) -> Dict[str, torch.Tensor]:
+def forward_backward(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    accum_steps: int = 1,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    backward: Backward = lambda loss: loss.backward(),
+    no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    labels: torch.Tensor | None = None,
+    text_views: int = 1,
+) -> dict[str, torch.Tensor]:
     """Forward and backward of one step; returns the (detached) loss terms.
 
     `labels` (class ids of the batch) go to the loss when given (a supcon term reads them);
@@ -64,25 +82,32 @@ def forward_backward(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor,
     `autocast`, `backward` and `no_sync` come from Accelerate (mixed precision, loss scaling, DDP
     gradient sync); the defaults run plain PyTorch.
     """
-    def forward(im: torch.Tensor, tok: torch.Tensor) -> Dict[str, torch.Tensor]:
+
+    def forward(im: torch.Tensor, tok: torch.Tensor) -> dict[str, torch.Tensor]:
         return model(im, tok) if text_views == 1 else model(im, tok, text_views=text_views)
 
     if accum_steps == 1:
         with autocast():
             out = forward(images, tokens)
-            losses = _loss(loss_fn, {k: out[k] for k in FEATURES if k in out},
-                           {"logit_scale": out["logit_scale"], **_extras(out)}, labels)
+            losses = _loss(
+                loss_fn,
+                {k: out[k] for k in FEATURES if k in out},
+                {"logit_scale": out["logit_scale"], **_extras(out)},
+                labels,
+            )
         backward(losses["loss"])
         return {k: v.detach() for k, v in losses.items()}
 
     image_chunks, token_chunks = images.chunk(accum_steps), tokens.chunk(accum_steps)
     if len(image_chunks) != accum_steps or images.shape[0] % accum_steps:
-        raise ValueError(f"batch of {images.shape[0]} does not split into {accum_steps} equal micro-batches")
+        raise ValueError(
+            f"batch of {images.shape[0]} does not split into {accum_steps} equal micro-batches"
+        )
     device = images.device
 
     # 1. embeddings of every micro-batch, no graph; remember the RNG so step 3 replays it exactly
-    rng_states: List[tuple] = []
-    cached: Dict[str, List[torch.Tensor]] = {}
+    rng_states: list[tuple] = []
+    cached: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
         for im, tok in zip(image_chunks, token_chunks):
             rng_states.append(_rng_state(device))
@@ -109,7 +134,7 @@ def forward_backward(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor,
     for k, (im, tok) in enumerate(zip(image_chunks, token_chunks)):
         last = k == accum_steps - 1
         _set_rng_state(rng_states[k], device)
-        with (contextlib.nullcontext() if last else no_sync()):
+        with contextlib.nullcontext() if last else no_sync():
             with autocast():
                 out = forward(im, tok)
             outputs = [out[name] for name in feature_grads]

@@ -7,8 +7,6 @@ frameworks.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -17,21 +15,34 @@ from torch import nn
 # not 989), and a substring match would give an L40 the L4's figure. Unknown names get no MFU;
 # `train.peak_flops` sets it.
 PEAK_FLOPS = {
-    "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12,
-    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
-    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
     "NVIDIA A100-PCIE-40GB": 312e12,
-    "NVIDIA L40S": 362e12, "NVIDIA L40": 181e12, "NVIDIA L4": 121e12, "NVIDIA A10": 125e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA L40": 181e12,
+    "NVIDIA L4": 121e12,
+    "NVIDIA A10": 125e12,
     "NVIDIA GeForce RTX 4090": 165e12,
-    "Tesla V100-SXM2-16GB": 125e12, "Tesla V100-SXM2-32GB": 125e12, "Tesla V100-PCIE-16GB": 112e12,
+    "Tesla V100-SXM2-16GB": 125e12,
+    "Tesla V100-SXM2-32GB": 125e12,
+    "Tesla V100-PCIE-16GB": 112e12,
     "Tesla V100-PCIE-32GB": 112e12,
 }
 
 
 def _matmul_params(module: nn.Module) -> int:
     """Parameters that take part in a matmul per token (embedding tables are lookups)."""
-    return sum(p.numel() for name, p in module.named_parameters()
-               if p.ndim >= 2 and not any("embed" in part for part in name.split(".")))
+    return sum(
+        p.numel()
+        for name, p in module.named_parameters()
+        if p.ndim >= 2 and not any("embed" in part for part in name.split("."))
+    )
 
 
 class TrainFlops:
@@ -40,7 +51,10 @@ class TrainFlops:
     def __init__(self, model: nn.Module):
         self.towers = []
         for tower in (model.visual, model.text):
-            blocks = getattr(getattr(tower, "trunk", tower), "blocks", None) or tower.transformer.resblocks
+            blocks = (
+                getattr(getattr(tower, "trunk", tower), "blocks", None)
+                or tower.transformer.resblocks
+            )
             norm = blocks[0].norm1 if hasattr(blocks[0], "norm1") else blocks[0].ln_1
             self.towers.append((_matmul_params(tower), len(blocks), norm.normalized_shape[0]))
 
@@ -52,7 +66,7 @@ class TrainFlops:
         return total
 
 
-def device_peak_flops(device: torch.device, configured: Optional[float]) -> Optional[float]:
+def device_peak_flops(device: torch.device, configured: float | None) -> float | None:
     if configured:
         return configured
     if device.type != "cuda":
@@ -60,6 +74,6 @@ def device_peak_flops(device: torch.device, configured: Optional[float]) -> Opti
     return peak_flops_for(torch.cuda.get_device_name(device))
 
 
-def peak_flops_for(device_name: str) -> Optional[float]:
+def peak_flops_for(device_name: str) -> float | None:
     """The datasheet peak of a device by its exact CUDA name, or None when we do not know it."""
     return PEAK_FLOPS.get(device_name.strip())

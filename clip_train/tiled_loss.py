@@ -16,8 +16,6 @@ are small, and the lse accumulation needs the precision.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
 
@@ -37,8 +35,15 @@ class _TiledCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, offset: int, tile: int,
-                symmetric: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        scale: torch.Tensor,
+        offset: int,
+        tile: int,
+        symmetric: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         with _no_autocast(x):
             xf, yf, s = x.float(), y.float(), scale.float()
             n, m = xf.shape[0], yf.shape[0]
@@ -50,7 +55,7 @@ class _TiledCrossEntropy(torch.autograd.Function):
                     row_lse[r0:r1] = torch.logaddexp(row_lse[r0:r1], logits.logsumexp(dim=1))
                     if symmetric:
                         col_lse[c0:c1] = torch.logaddexp(col_lse[c0:c1], logits.logsumexp(dim=0))
-            positive = s * (xf * yf[offset:offset + n]).sum(dim=1)
+            positive = s * (xf * yf[offset : offset + n]).sum(dim=1)
             row_loss = (row_lse - positive).mean()
             col_loss = (col_lse - positive).mean() if symmetric else row_loss.new_zeros(())
         ctx.save_for_backward(x, y, scale, row_lse, col_lse if symmetric else row_lse)
@@ -81,25 +86,32 @@ class _TiledCrossEntropy(torch.autograd.Function):
                     d_scale += (g * raw).sum()
             # the labels: -w at (i, offset + i) in each direction
             w_pos = w_row + (w_col if symmetric else 0.0)
-            y_pos = yf[offset:offset + n]
+            y_pos = yf[offset : offset + n]
             dx.sub_(w_pos * y_pos)
-            dy[offset:offset + n].sub_(w_pos * xf)
+            dy[offset : offset + n].sub_(w_pos * xf)
             d_scale -= w_pos * (xf * y_pos).sum()
             dx.mul_(s)
             dy.mul_(s)
         return dx.to(x.dtype), dy.to(y.dtype), d_scale.to(scale.dtype), None, None, None
 
 
-def tiled_cross_entropy(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *, offset: int = 0,
-                        tile: int = 1024, symmetric: bool = False
-                        ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def tiled_cross_entropy(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    offset: int = 0,
+    tile: int = 1024,
+    symmetric: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mean cross-entropy of the rows of `scale * x @ y.T` (labels `offset + i`) and, with
     `symmetric`, of its columns; the second value is None when not symmetric."""
     if tile < 1:
         raise ValueError(f"tile must be positive, not {tile}")
     if offset < 0 or offset + x.shape[0] > y.shape[0]:
-        raise ValueError(f"rows {offset}..{offset + x.shape[0]} have no positive among "
-                         f"{y.shape[0]} columns")
+        raise ValueError(
+            f"rows {offset}..{offset + x.shape[0]} have no positive among {y.shape[0]} columns"
+        )
     if symmetric and (offset or x.shape[0] != y.shape[0]):
         raise ValueError("the symmetric loss needs as many rows as columns and offset 0")
     row, col = _TiledCrossEntropy.apply(x, y, scale, offset, tile, symmetric)

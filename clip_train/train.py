@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -35,11 +35,11 @@ from clip_train.checkpoint import SHARDED_OPTIM_DIR, CheckpointManager, set_rng_
 from clip_train.config import Config, config_to_dict, loss_terms, to_yaml
 from clip_train.encoder import make_tokenizer
 from clip_train.evaluation import evaluate, load_eval_suite
-from clip_train.objective import build_objective, freeze_unused
 from clip_train.model import build_model, lock_towers, locked_modules
-from clip_train.pretrained import init_from_source, warn_locked_without_weights
+from clip_train.objective import build_objective, freeze_unused
 from clip_train.optim import build_optimizer, build_scheduler
 from clip_train.preempt import PreemptionGuard
+from clip_train.pretrained import init_from_source, warn_locked_without_weights
 from clip_train.step import forward_backward
 from clip_train.throughput import TrainFlops, device_peak_flops
 from data_tools.errors import ClipTrainError, ConfigError, DataError
@@ -65,16 +65,21 @@ class MetricsLog:
         """On resume, drop lines the interrupted run wrote after the checkpoint it resumes from."""
         if not (self.enabled and self.path.is_file()):
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
         write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
-    def write(self, record: Dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if self.accelerator.trackers:
-            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self.accelerator.log(
+                {k: v for k, v in record.items() if k != "step"}, step=record["step"]
+            )
 
 
 def _accelerator(cfg: Config) -> Accelerator:
@@ -83,23 +88,33 @@ def _accelerator(cfg: Config) -> Accelerator:
     for tracker, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
         # Accelerate only warns about a missing tracker package and then logs nothing.
         if tracker in cfg.run.trackers and importlib.util.find_spec(module) is None:
-            raise ConfigError(f"run.trackers has {tracker} but the {module} package is not installed: "
-                              f"pip install 'clip-train[{tracker}]'"
-                              + (" (set WANDB_MODE=offline to log without network)" if tracker == "wandb" else ""))
+            raise ConfigError(
+                f"run.trackers has {tracker} but the {module} package is not installed: "
+                f"pip install 'clip-train[{tracker}]'"
+                + (" (set WANDB_MODE=offline to log without network)" if tracker == "wandb" else "")
+            )
     # Accelerate keeps process-wide state; drop a previous run's precision settings so `train` can
     # be called again in one process (notebooks, sweeps, tests). The process group is kept.
     AcceleratorState._reset_state()
     # cpu=True on GPU-less machines: Accelerate only forms a multi-process CPU group (gloo) under
     # torchrun when told so; otherwise every process would silently train alone.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
-                              log_with=cfg.run.trackers or None, project_dir=str(cfg.run_dir))
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=cfg.run.trackers or None,
+        project_dir=str(cfg.run_dir),
+    )
     if accelerator.distributed_type == DistributedType.FSDP:
         # Its checkpoints would hold one process's shards; clip-train shards the model itself.
-        raise ConfigError("Accelerate's FSDP (distributed_type: FSDP) is not supported: launch with a DDP "
-                          "(multi-GPU) Accelerate config and set train.fsdp=true (docs/scaling.md#fsdp)")
+        raise ConfigError(
+            "Accelerate's FSDP (distributed_type: FSDP) is not supported: launch with a DDP "
+            "(multi-GPU) Accelerate config and set train.fsdp=true (docs/scaling.md#fsdp)"
+        )
     if cfg.train.fsdp and accelerator.num_processes == 1:
-        raise ConfigError("train.fsdp=true shards over several processes, but this run has one: launch it with "
-                          "torchrun or accelerate launch, or drop train.fsdp")
+        raise ConfigError(
+            "train.fsdp=true shards over several processes, but this run has one: launch it with "
+            "torchrun or accelerate launch, or drop train.fsdp"
+        )
     return accelerator
 
 
@@ -117,7 +132,11 @@ def _previous_run(run_dir: Path) -> list:
 def _clear_previous_run(run_dir: Path, run_name: str) -> None:
     from clip_train.export import is_export_dir
 
-    for name in (*RUN_OUTPUTS, run_name, "wandb"):  # + tracker logs: TensorBoard's <run.name>/, W&B's
+    for name in (
+        *RUN_OUTPUTS,
+        run_name,
+        "wandb",
+    ):  # + tracker logs: TensorBoard's <run.name>/, W&B's
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -129,8 +148,14 @@ def _clear_previous_run(run_dir: Path, run_name: str) -> None:
 
 
 # Model keys a resume may change: they shape neither the weights nor the optimizer's groups.
-_RESUMABLE_MODEL_KEYS = {"image.init", "text.trim_padding", "max_logit_scale", "init_logit_scale", "init_from",
-                         "init_download"}
+_RESUMABLE_MODEL_KEYS = {
+    "image.init",
+    "text.trim_padding",
+    "max_logit_scale",
+    "init_logit_scale",
+    "init_from",
+    "init_download",
+}
 
 
 def _check_same_architecture(ckpt_dir: Path, cfg: Config) -> None:
@@ -140,22 +165,33 @@ def _check_same_architecture(ckpt_dir: Path, cfg: Config) -> None:
     from clip_train.config import ModelConfig
 
     try:
-        saved = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(ModelConfig),
-                                                       OmegaConf.load(ckpt_dir / "config.yaml").model))
+        saved = OmegaConf.to_container(
+            OmegaConf.merge(
+                OmegaConf.structured(ModelConfig), OmegaConf.load(ckpt_dir / "config.yaml").model
+            )
+        )
     except Exception as exc:  # OmegaConf raises several types
-        raise ConfigError(f"cannot read the model config of {ckpt_dir}/config.yaml: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(
+            f"cannot read the model config of {ckpt_dir}/config.yaml: {str(exc).splitlines()[0]}"
+        ) from None
     now = config_to_dict(cfg.model)
     flat_saved = {k.replace("/", "."): v for k, v in _flat(saved).items()}
     flat_now = {k.replace("/", "."): v for k, v in _flat(now).items()}
-    changed = [f"model.{k} ({flat_saved.get(k)} in the checkpoint, {v} now)" for k, v in flat_now.items()
-               if k not in _RESUMABLE_MODEL_KEYS and flat_saved.get(k) != v]
+    changed = [
+        f"model.{k} ({flat_saved.get(k)} in the checkpoint, {v} now)"
+        for k, v in flat_now.items()
+        if k not in _RESUMABLE_MODEL_KEYS and flat_saved.get(k) != v
+    ]
     if changed:
-        raise ConfigError(f"cannot resume {ckpt_dir}: the overrides change the model or its trainable parts: "
-                          f"{', '.join(changed)}; resume with the run's model settings, or start a new run")
+        raise ConfigError(
+            f"cannot resume {ckpt_dir}: the overrides change the model or its trainable parts: "
+            f"{', '.join(changed)}; resume with the run's model settings, or start a new run"
+        )
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False,
-          progress: bool = True) -> Dict[str, Any]:
+def train(
+    cfg: Config, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """Train (or resume) the run described by `cfg`; returns the summary the CLI prints.
 
     A run directory that already holds checkpoints or metrics is never restarted silently: pass
@@ -176,18 +212,28 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
 
         check_export_target(run_dir / "export")  # fail now, not after the whole run
     if previous and not overwrite:
-        raise ConfigError(f"{run_dir} already holds a run ({', '.join(previous)}): continue it with "
-                          f"`clip-train resume {run_dir}` (or `train --resume`), start it over with "
-                          f"`train --overwrite`, or choose another run.name")
+        raise ConfigError(
+            f"{run_dir} already holds a run ({', '.join(previous)}): continue it with "
+            f"`clip-train resume {run_dir}` (or `train --resume`), start it over with "
+            f"`train --overwrite`, or choose another run.name"
+        )
     suite = load_eval_suite(cfg)  # a bad suite file fails now, not hours into the run
     set_seed(cfg.train.seed)
     step_batch = cfg.train.batch_size * cfg.train.accum_steps  # per process, one contrastive batch
-    log.info("run %s: %d processes on %s, %d train shards, contrastive batch %d",
-             run_dir, world, device, len(shards), step_batch * world)
+    log.info(
+        "run %s: %d processes on %s, %d train shards, contrastive batch %d",
+        run_dir,
+        world,
+        device,
+        len(shards),
+        step_batch * world,
+    )
 
     # ---------------------------------------------------------------- model
     model = build_model(cfg.model)
-    covered = init_from_source(model, cfg.model)  # a checkpoint, when resuming, replaces these below
+    covered = init_from_source(
+        model, cfg.model
+    )  # a checkpoint, when resuming, replaces these below
     warn_locked_without_weights(cfg.model, covered)
     lock_towers(model, cfg.model)
     loss_fn = build_objective(cfg.loss, rank=rank, world_size=world)
@@ -213,11 +259,16 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
     flops = TrainFlops(unwrapped) if peak else None  # only for MFU, which needs a known peak
 
     # ---------------------------------------------------------------- resume
-    ckpts = CheckpointManager(run_dir / "checkpoints", cfg.train.keep_last, rank, world,
-                              barrier=accelerator.wait_for_everyone)
+    ckpts = CheckpointManager(
+        run_dir / "checkpoints",
+        cfg.train.keep_last,
+        rank,
+        world,
+        barrier=accelerator.wait_for_everyone,
+    )
     state = {"step": 0, "samples_seen": 0, "epoch": 0, "batch_in_epoch": 0, "nonfinite_skipped": 0}
     metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator)
-    rank_state: Dict[str, Any] = {}
+    rank_state: dict[str, Any] = {}
     ckpt_step = 0
     if resume:
         ckpt = ckpts.load_latest()
@@ -228,12 +279,18 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
             saved_optim = ckpt.training["optimizer"]
             if bool(saved_optim.get("sharded")) != fsdp:
                 saved_fsdp = str(not fsdp).lower()
-                raise ConfigError(f"cannot resume {ckpt.path}: it was saved with train.fsdp={saved_fsdp}; "
-                                  f"resume it with train.fsdp={saved_fsdp}")
+                raise ConfigError(
+                    f"cannot resume {ckpt.path}: it was saved with train.fsdp={saved_fsdp}; "
+                    f"resume it with train.fsdp={saved_fsdp}"
+                )
             if fsdp:
                 sharding.load_full_model_state(unwrapped, ckpt.model)
-                sharding.load_optimizer(unwrapped, optimizer.optimizer, ckpt.path / saved_optim["sharded"],
-                                        saved_optim["param_groups"])
+                sharding.load_optimizer(
+                    unwrapped,
+                    optimizer.optimizer,
+                    ckpt.path / saved_optim["sharded"],
+                    saved_optim["param_groups"],
+                )
             else:
                 unwrapped.load_state_dict(ckpt.model)
                 optimizer.load_state_dict(saved_optim)
@@ -248,19 +305,30 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
             log.info("resumed from %s at step %d", ckpt.path, state["step"])
 
     def save() -> Path:
-        training = {"scheduler": scheduler.state_dict(),
-                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
+        training = {
+            "scheduler": scheduler.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        }
         position = {"loader": loader.state_dict(), "bad_samples": budget.state_dict()}
         if not fsdp:
             training = {"optimizer": optimizer.state_dict(), **training}
-            return ckpts.save(state["step"], unwrapped.state_dict(), training, dict(state), to_yaml(cfg), position)
+            return ckpts.save(
+                state["step"], unwrapped.state_dict(), training, dict(state), to_yaml(cfg), position
+            )
         # FSDP: the model gathered whole (what eval, export and load read), the optimizer in shards
         shards, groups = sharding.optimizer_state(unwrapped, optimizer.optimizer)
         training = {"optimizer": {"sharded": SHARDED_OPTIM_DIR, "param_groups": groups}, **training}
-        return ckpts.save(state["step"], sharding.full_model_state(unwrapped), training, dict(state), to_yaml(cfg),
-                          position, write_shards=lambda tmp: sharding.save_shards(shards, tmp / SHARDED_OPTIM_DIR))
+        return ckpts.save(
+            state["step"],
+            sharding.full_model_state(unwrapped),
+            training,
+            dict(state),
+            to_yaml(cfg),
+            position,
+            write_shards=lambda tmp: sharding.save_shards(shards, tmp / SHARDED_OPTIM_DIR),
+        )
 
-    def plain_model() -> Optional[torch.nn.Module]:
+    def plain_model() -> torch.nn.Module | None:
         """The model as one process runs it (evaluation, export); every process must call this.
 
         Under FSDP a forward needs every process, so the main one gets a gathered copy (the others
@@ -275,11 +343,20 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
     # Epoch mode: every process stops a pass after the same number of batches, or DDP would hang.
     max_batches = None
     if cfg.data.mode == "epoch":
-        max_batches = min(epoch_batches(cfg.data.train, batch_size=step_batch, world_size=world,
-                                        num_workers=cfg.data.num_workers, drop_last=True))
+        max_batches = min(
+            epoch_batches(
+                cfg.data.train,
+                batch_size=step_batch,
+                world_size=world,
+                num_workers=cfg.data.num_workers,
+                drop_last=True,
+            )
+        )
         if max_batches == 0:
-            raise DataError(f"data.train '{cfg.data.train}' has too few samples for one batch of {step_batch} on "
-                            f"each of {world} processes; use a smaller train.batch_size or more data")
+            raise DataError(
+                f"data.train '{cfg.data.train}' has too few samples for one batch of {step_batch} on "
+                f"each of {world} processes; use a smaller train.batch_size or more data"
+            )
     needs_labels = "labels" in loss_fn.needs
     if needs_labels:
         _check_labelled(shards, cfg)
@@ -287,18 +364,32 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
     if rank_state.get("bad_samples"):
         budget.load_state_dict(rank_state["bad_samples"])
 
-    def open_loader(epoch: int, position: Optional[Dict[str, Any]] = None):
+    def open_loader(epoch: int, position: dict[str, Any] | None = None):
         """One pass of batches; `position` (a loader state) resumes mid-pass without decoding the rest.
 
         The loader feeds `budget` (stopping the run, naming bad keys, past data.max_bad_fraction),
         including the samples of each pass's dropped tail, which reach no batch."""
-        return make_loader(cfg.data.train, batch_size=step_batch, image_transform=train_transform,
-                           tokenizer=tokenizer, mode=cfg.data.mode, num_workers=cfg.data.num_workers,
-                           shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed, epoch=epoch,
-                           rank=rank, world_size=world, drop_last=True, pin_memory=device.type == "cuda",
-                           weights=cfg.data.weights, samples_per_epoch=cfg.data.samples_per_epoch,
-                           max_batches=max_batches, state=position, budget=budget,
-                           with_label=needs_labels)
+        return make_loader(
+            cfg.data.train,
+            batch_size=step_batch,
+            image_transform=train_transform,
+            tokenizer=tokenizer,
+            mode=cfg.data.mode,
+            num_workers=cfg.data.num_workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            seed=cfg.train.seed,
+            epoch=epoch,
+            rank=rank,
+            world_size=world,
+            drop_last=True,
+            pin_memory=device.type == "cuda",
+            weights=cfg.data.weights,
+            samples_per_epoch=cfg.data.samples_per_epoch,
+            max_batches=max_batches,
+            state=position,
+            budget=budget,
+            with_label=needs_labels,
+        )
 
     # ---------------------------------------------------------------- publish
     # Config, model, checkpoint and data are known good: only now is anything in the run dir changed.
@@ -311,7 +402,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
         if resume:
-            metrics.truncate_after(ckpt_step)  # a run resumed before its first checkpoint restarts its log
+            metrics.truncate_after(
+                ckpt_step
+            )  # a run resumed before its first checkpoint restarts its log
     if cfg.run.trackers:
         accelerator.init_trackers(cfg.run.name, config=_flat(config_to_dict(cfg)))
 
@@ -322,21 +415,29 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
     loader = open_loader(state["epoch"], rank_state.get("loader"))
     data_iter = iter(loader)
     sync_pass_end = world > 1 and cfg.data.mode == "epoch"
-    loss_sums: Dict[str, torch.Tensor] = {}
+    loss_sums: dict[str, torch.Tensor] = {}
     window = {"steps": 0, "finite": 0, "data_time": 0.0, "flops": 0.0, "start": time.perf_counter()}
-    last_loss: Optional[float] = None
+    last_loss: float | None = None
     nonfinite_in_a_row = 0
     # A bar only on a terminal: in a cluster log its redraws would pile up as one endless line, so
     # there each log step is one plain log line instead.
     use_bar = is_main and cfg.run.progress and progress and sys.stderr.isatty()
-    progress = tqdm(total=cfg.train.steps, initial=state["step"], disable=not use_bar,
-                    desc=f"train {cfg.run.name}", unit="step", dynamic_ncols=True)
+    progress = tqdm(
+        total=cfg.train.steps,
+        initial=state["step"],
+        disable=not use_bar,
+        desc=f"train {cfg.run.name}",
+        unit="step",
+        dynamic_ncols=True,
+    )
     t_start = time.perf_counter()
-    preempted: Optional[str] = None  # the signal that stopped the run early
+    preempted: str | None = None  # the signal that stopped the run early
     saved_step = -1
 
     # GradCache's non-final micro-batches keep their gradients local (DDP's no_sync; FSDP's own switch).
-    no_sync = (lambda: sharding.no_gradient_sync(model)) if fsdp else (lambda: accelerator.no_sync(model))
+    no_sync = (
+        (lambda: sharding.no_gradient_sync(model)) if fsdp else (lambda: accelerator.no_sync(model))
+    )
 
     def sum_over_processes(t: torch.Tensor) -> torch.Tensor:
         return accelerator.reduce(t, reduction="sum") if world > 1 else t
@@ -353,8 +454,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
                     batch = None
             if batch is None:  # end of epoch: reshuffle and go on
                 if state["batch_in_epoch"] == 0:
-                    raise DataError(f"data.train '{cfg.data.train}' gave no full batch of {step_batch} on process "
-                                    f"{rank}; use fewer processes, a smaller train.batch_size or more data")
+                    raise DataError(
+                        f"data.train '{cfg.data.train}' gave no full batch of {step_batch} on process "
+                        f"{rank}; use fewer processes, a smaller train.batch_size or more data"
+                    )
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
                 loader.close()
@@ -366,10 +469,18 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
             tokens = batch["text"].to(device, non_blocking=True)
 
             labels = batch["label"].to(device, non_blocking=True) if needs_labels else None
-            losses = forward_backward(model, loss_fn, images, tokens, accum_steps=cfg.train.accum_steps,
-                                      labels=labels, text_views=2 if "text_views" in loss_fn.needs else 1,
-                                      autocast=accelerator.autocast, backward=accelerator.backward,
-                                      no_sync=no_sync)
+            losses = forward_backward(
+                model,
+                loss_fn,
+                images,
+                tokens,
+                accum_steps=cfg.train.accum_steps,
+                labels=labels,
+                text_views=2 if "text_views" in loss_fn.needs else 1,
+                autocast=accelerator.autocast,
+                backward=accelerator.backward,
+                no_sync=no_sync,
+            )
             if fsdp:
                 sharding.average_replicated_grads(model)
                 grad_norm = sharding.clip_grad_norm(list(model.parameters()), cfg.optim.grad_clip)
@@ -391,13 +502,17 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
                 else:
                     state["nonfinite_skipped"] += 1
                     nonfinite_in_a_row += 1
-                    log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
-                                state["step"] + 1, nonfinite_in_a_row)
+                    log.warning(
+                        "step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                        state["step"] + 1,
+                        nonfinite_in_a_row,
+                    )
                     if nonfinite_in_a_row >= cfg.train.max_nonfinite:
                         raise TrainingDiverged(
                             f"loss or gradients were not finite for {nonfinite_in_a_row} steps in a row (up to step "
                             f"{state['step'] + 1}); lower optim.lr or set optim.grad_clip; "
-                            f"the last good checkpoint is in {ckpts.root}")
+                            f"the last good checkpoint is in {ckpts.root}"
+                        )
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             unwrapped.clamp_logit_scale()
@@ -411,42 +526,77 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
                     loss_sums[k] = loss_sums.get(k, 0.0) + v.float()
             window["steps"] += 1
             if flops is not None:
-                window["flops"] += images.shape[0] * flops.per_sample(image_tokens, int(tokens.argmax(-1).max()) + 1)
+                window["flops"] += images.shape[0] * flops.per_sample(
+                    image_tokens, int(tokens.argmax(-1).max()) + 1
+                )
             progress.update(1)
 
             if state["step"] % cfg.train.log_every == 0 or state["step"] == cfg.train.steps:
                 elapsed = time.perf_counter() - window["start"]
                 means = _mean_over_processes(loss_sums, window["finite"], accelerator)
-                record = {"step": state["step"], "samples_seen": state["samples_seen"], "epoch": state["epoch"],
-                          **means,
-                          "lr": scheduler.get_last_lr()[0], "logit_scale": unwrapped.logit_scale.exp().item(),
-                          "samples_per_s": window["steps"] * images.shape[0] * world / elapsed,
-                          "data_wait_frac": window["data_time"] / elapsed,
-                          "nonfinite_skipped": state["nonfinite_skipped"]}
+                record = {
+                    "step": state["step"],
+                    "samples_seen": state["samples_seen"],
+                    "epoch": state["epoch"],
+                    **means,
+                    "lr": scheduler.get_last_lr()[0],
+                    "logit_scale": unwrapped.logit_scale.exp().item(),
+                    "samples_per_s": window["steps"] * images.shape[0] * world / elapsed,
+                    "data_wait_frac": window["data_time"] / elapsed,
+                    "nonfinite_skipped": state["nonfinite_skipped"],
+                }
                 if peak:
                     record["mfu"] = window["flops"] / elapsed / peak
                 last_loss = record.get("loss", last_loss)
                 metrics.write(record)
                 if is_main and not use_bar:
-                    log.info("step %d/%d  loss %.4f  lr %.3g  logit scale %.2f  %.0f samples/s  data wait %.0f%%",
-                             state["step"], cfg.train.steps, last_loss if last_loss is not None else float("nan"),
-                             record["lr"], record["logit_scale"], record["samples_per_s"],
-                             100 * record["data_wait_frac"])
-                progress.set_postfix(loss=f"{last_loss:.3f}" if last_loss is not None else "nan",
-                                     scale=f"{record['logit_scale']:.1f}")
+                    log.info(
+                        "step %d/%d  loss %.4f  lr %.3g  logit scale %.2f  %.0f samples/s  data wait %.0f%%",
+                        state["step"],
+                        cfg.train.steps,
+                        last_loss if last_loss is not None else float("nan"),
+                        record["lr"],
+                        record["logit_scale"],
+                        record["samples_per_s"],
+                        100 * record["data_wait_frac"],
+                    )
+                progress.set_postfix(
+                    loss=f"{last_loss:.3f}" if last_loss is not None else "nan",
+                    scale=f"{record['logit_scale']:.1f}",
+                )
                 loss_sums = {}
-                window.update(steps=0, finite=0, data_time=0.0, flops=0.0, start=time.perf_counter())
-            if cfg.train.save_every and state["step"] % cfg.train.save_every == 0 and state["step"] < cfg.train.steps:
+                window.update(
+                    steps=0, finite=0, data_time=0.0, flops=0.0, start=time.perf_counter()
+                )
+            if (
+                cfg.train.save_every
+                and state["step"] % cfg.train.save_every == 0
+                and state["step"] < cfg.train.steps
+            ):
                 save()
                 saved_step = state["step"]
-            if cfg.eval.every and state["step"] % cfg.eval.every == 0 and state["step"] < cfg.train.steps:
+            if (
+                cfg.eval.every
+                and state["step"] % cfg.eval.every == 0
+                and state["step"] < cfg.train.steps
+            ):
                 eval_model = plain_model()
                 if is_main:  # the others wait at the barrier (long suites: raise the NCCL timeout)
-                    results = evaluate(eval_model, cfg, device, suite, run_dir / "eval" / f"step_{state['step']}")
-                    metrics.write({"step": state["step"], "samples_seen": state["samples_seen"], **_flat(results, "eval")})
+                    results = evaluate(
+                        eval_model, cfg, device, suite, run_dir / "eval" / f"step_{state['step']}"
+                    )
+                    metrics.write(
+                        {
+                            "step": state["step"],
+                            "samples_seen": state["samples_seen"],
+                            **_flat(results, "eval"),
+                        }
+                    )
                 accelerator.wait_for_everyone()
                 del eval_model
-                window.update(steps=0, finite=0, data_time=0.0, flops=0.0, start=time.perf_counter())
+                window.update(
+                    steps=0, finite=0, data_time=0.0, flops=0.0, start=time.perf_counter()
+                )
                 loss_sums = {}
             # A scheduler's warning (SLURM --signal, preemption): stop here with a checkpoint.
             # The last step goes on to the normal end (save, evaluate, export) instead.
@@ -456,8 +606,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
                     final_ckpt = ckpts.root / f"step_{saved_step}"
                 else:
                     final_ckpt = save()
-                log.info("%s: stopped after step %d, checkpoint %s", preempted, state["step"],
-                         final_ckpt)
+                log.info(
+                    "%s: stopped after step %d, checkpoint %s", preempted, state["step"], final_ckpt
+                )
                 break
     progress.close()
     train_time = time.perf_counter() - t_start
@@ -466,9 +617,15 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
     if not preempted:
         final_ckpt = save()
     loader.close()
-    summary: Dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": str(final_ckpt), "steps": state["step"],
-                               "samples_seen": state["samples_seen"], "final_loss": last_loss,
-                               "train_seconds": round(train_time, 1), "nonfinite_skipped": state["nonfinite_skipped"]}
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "checkpoint": str(final_ckpt),
+        "steps": state["step"],
+        "samples_seen": state["samples_seen"],
+        "final_loss": last_loss,
+        "train_seconds": round(train_time, 1),
+        "nonfinite_skipped": state["nonfinite_skipped"],
+    }
     if preempted:  # the checkpoint is saved; evaluation and export are for the finished run
         summary["preempted"] = preempted
         accelerator.wait_for_everyone()
@@ -476,9 +633,19 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False,
         return summary
     final_model = plain_model() if cfg.eval.at_end or cfg.export.at_end else None
     if is_main and cfg.eval.at_end:
-        summary["eval"] = evaluate(final_model, cfg, device, suite, run_dir / "eval" / f"step_{state['step']}")
-        write_text_atomic(run_dir / "eval_results.json", json.dumps(summary["eval"], indent=1) + "\n")
-        metrics.write({"step": state["step"], "samples_seen": state["samples_seen"], **_flat(summary["eval"], "eval")})
+        summary["eval"] = evaluate(
+            final_model, cfg, device, suite, run_dir / "eval" / f"step_{state['step']}"
+        )
+        write_text_atomic(
+            run_dir / "eval_results.json", json.dumps(summary["eval"], indent=1) + "\n"
+        )
+        metrics.write(
+            {
+                "step": state["step"],
+                "samples_seen": state["samples_seen"],
+                **_flat(summary["eval"], "eval"),
+            }
+        )
     if is_main and cfg.export.at_end:
         from clip_train.export import export_model
 
@@ -495,13 +662,16 @@ def _check_labelled(shards: list, cfg: Config) -> None:
     first = next(iter_shard(str(shards[0])), None)
     if first is None or not ({"cls"} & (set(first.fields) | set(first.refs))):
         terms = ", ".join(t.name for t in loss_terms(cfg.loss))
-        raise ConfigError(f"loss term(s) {terms} read class labels, but {shards[0]} has no .cls in its first "
-                          f"sample{'' if first is None else f' ({first.key})'}; give every sample an integer .cls "
-                          "(clip-data from-imagefolder writes them) or drop those terms")
+        raise ConfigError(
+            f"loss term(s) {terms} read class labels, but {shards[0]} has no .cls in its first "
+            f"sample{'' if first is None else f' ({first.key})'}; give every sample an integer .cls "
+            "(clip-data from-imagefolder writes them) or drop those terms"
+        )
 
 
-def _mean_over_processes(sums: Dict[str, torch.Tensor], steps: int,
-                         accelerator: Accelerator) -> Dict[str, float]:
+def _mean_over_processes(
+    sums: dict[str, torch.Tensor], steps: int, accelerator: Accelerator
+) -> dict[str, float]:
     """Window means of the loss terms, averaged over processes (every process must call this).
 
     With `loss.local_loss` each process's loss covers only its own rows; the mean over processes
@@ -516,19 +686,23 @@ def _mean_over_processes(sums: Dict[str, torch.Tensor], steps: int,
     return dict(zip(names, means.tolist()))
 
 
-def _grad_norm(model: torch.nn.Module, accelerator: Accelerator, clip: Optional[float]) -> torch.Tensor:
+def _grad_norm(
+    model: torch.nn.Module, accelerator: Accelerator, clip: float | None
+) -> torch.Tensor:
     """Total gradient norm (clipping to `clip` when set); non-finite when any gradient is."""
     params = [p for p in model.parameters() if p.grad is not None]
     if clip:
         return torch.as_tensor(accelerator.clip_grad_norm_(params, clip))
     if accelerator.scaler is not None:
         accelerator.unscale_gradients()
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])
+    )
 
 
-def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a/b": 1}: tracker and metrics.jsonl keys."""
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}/{key}" if prefix else str(key)
         if isinstance(value, dict):

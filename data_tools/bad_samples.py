@@ -23,8 +23,9 @@ from data_tools.samples import REASONS
 log = logging.getLogger("data_tools.loader")  # the name users filter the loader's log on
 
 # What the loader can meet (`data_tools.samples.REASONS` less the builders' own).
-SKIP_REASONS = tuple(r for r in REASONS
-                     if r not in ("caption_too_short", "caption_too_long", "duplicate_key"))
+SKIP_REASONS = tuple(
+    r for r in REASONS if r not in ("caption_too_short", "caption_too_long", "duplicate_key")
+)
 _SHARD_REASONS = ("truncated_tar", "unsafe_member", "unreadable_shard")
 _MAX_BAD_WARNINGS = 20  # per worker; later bad samples are only counted (and logged at DEBUG)
 _BAD_KEYS_PER_BATCH = 16
@@ -50,8 +51,9 @@ class BadSampleLog:
         if len(self.bad_keys) < _BAD_KEYS_PER_BATCH:
             self.bad_keys.append(f"{key or '?'} ({reason}) in {url}")
         level = logging.WARNING if self.total_bad <= _MAX_BAD_WARNINGS else logging.DEBUG
-        log.log(level, "%s: skipping bad sample %r in %s: %s: %s", self.where, key, url,
-                reason, detail)
+        log.log(
+            level, "%s: skipping bad sample %r in %s: %s: %s", self.where, key, url, reason, detail
+        )
 
     def take(self) -> dict[str, Any]:
         """The batch keys ``_seen``, ``_skipped`` and ``_bad_keys``; starts a new span."""
@@ -86,8 +88,13 @@ class BadSampleBudget:
     across a resume.
     """
 
-    def __init__(self, max_fraction: float, min_samples: int = 1000,
-                 shards: ShardSpec | None = None, name: str = "data.max_bad_fraction") -> None:
+    def __init__(
+        self,
+        max_fraction: float,
+        min_samples: int = 1000,
+        shards: ShardSpec | None = None,
+        name: str = "data.max_bad_fraction",
+    ) -> None:
         if not 0 <= max_fraction <= 1:
             raise DataError(f"{name}={max_fraction!r} must be in [0, 1]")
         self.max_fraction = float(max_fraction)
@@ -128,8 +135,12 @@ class BadSampleBudget:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seen": self.seen, "bad": self.bad, "by_reason": dict(self.by_reason),
-                "first_keys": list(self.first_keys)}
+        return {
+            "seen": self.seen,
+            "bad": self.bad,
+            "by_reason": dict(self.by_reason),
+            "first_keys": list(self.first_keys),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seen, self.bad = int(state["seen"]), int(state["bad"])

@@ -88,8 +88,13 @@ def build(
     kind = detect_input(input_path)
     out = Path(out_dir)
     if kind == "table":
-        listing = table_items(input_path, image_col=image_col, caption_col=caption_col,
-                              key_col=key_col, image_root=image_root)
+        listing = table_items(
+            input_path,
+            image_col=image_col,
+            caption_col=caption_col,
+            key_col=key_col,
+            image_root=image_root,
+        )
     elif kind == "folder":
         listing = folder_items(input_path)
     else:
@@ -105,9 +110,17 @@ def build(
     for name, its in (("train", train), ("val", val)):
         if not its:
             continue
-        splits[name] = write_split(its, out / name, name, samples_per_shard=samples_per_shard,
-                                   opts=opts, num_workers=num_workers, overwrite=overwrite,
-                                   progress=progress, desc=f"build {name}")
+        splits[name] = write_split(
+            its,
+            out / name,
+            name,
+            samples_per_shard=samples_per_shard,
+            opts=opts,
+            num_workers=num_workers,
+            overwrite=overwrite,
+            progress=progress,
+            desc=f"build {name}",
+        )
     skipped = Counter(listing.skipped)
     bad = list(listing.bad)
     for r in splits.values():
@@ -116,8 +129,13 @@ def build(
     manifest = {
         "format": BUILD_FORMAT,
         "input": {**listing.info, "path": str(input_path), "kind": listing.info.get("kind", kind)},
-        "options": {**asdict(opts), "samples_per_shard": samples_per_shard, "shuffle": shuffle,
-                    "seed": seed, "val_fraction": val_fraction},
+        "options": {
+            **asdict(opts),
+            "samples_per_shard": samples_per_shard,
+            "shuffle": shuffle,
+            "seed": seed,
+            "val_fraction": val_fraction,
+        },
         "counts": {name: r.written for name, r in splits.items()},
         "splits": {name: r.to_json(out) for name, r in splits.items()},
         "inputs": len(listing.items) + sum(listing.skipped.values()),
@@ -133,23 +151,33 @@ def build(
 def _reuse(listing: Listing, input_path: str | Path, out: Path) -> dict[str, Any]:
     """img2dataset shards used where they are: count, compare with its stats, no copy."""
     if listing.info.get("kind") not in ("img2dataset", "shards"):
-        raise DataError("--reuse applies to an img2dataset (or shards) folder; "
-                        f"{input_path} is a {listing.info.get('kind')}")
+        raise DataError(
+            "--reuse applies to an img2dataset (or shards) folder; "
+            f"{input_path} is a {listing.info.get('kind')}"
+        )
     counts: Counter = Counter(it.url for it in listing.items)
     stats = listing.info.get("img2dataset", {})
     n = len(listing.items)
     if stats.get("successes") is not None and stats["successes"] != n:
-        log.warning("img2dataset stats say %d successes but the shards hold %d samples",
-                    stats["successes"], n)
+        log.warning(
+            "img2dataset stats say %d successes but the shards hold %d samples",
+            stats["successes"],
+            n,
+        )
     src = Path(input_path).resolve()
     manifest = {
         "format": BUILD_FORMAT,
         "input": {**listing.info, "path": str(input_path)},
         "reused": True,
         "counts": {"train": n},
-        "splits": {"train": {"path": str(src), "samples": n,
-                             "shards": [os.path.basename(u) for u in counts],
-                             "shard_counts": list(counts.values())}},
+        "splits": {
+            "train": {
+                "path": str(src),
+                "samples": n,
+                "shards": [os.path.basename(u) for u in counts],
+                "shard_counts": list(counts.values()),
+            }
+        },
         "inputs": n + sum(listing.skipped.values()),
         "written": 0,
         "skipped": dict(listing.skipped),
@@ -159,4 +187,3 @@ def _reuse(listing: Listing, input_path: str | Path, out: Path) -> dict[str, Any
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
-

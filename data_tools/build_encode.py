@@ -39,9 +39,10 @@ class EncodeOptions:
         if self.max_pixels < 1:
             raise DataError(f"--max-pixels {self.max_pixels} must be >= 1")
         if self.max_caption_len is not None and self.max_caption_len < self.min_caption_len:
-            raise DataError(f"--max-caption-len {self.max_caption_len} < --min-caption-len "
-                            f"{self.min_caption_len}")
-
+            raise DataError(
+                f"--max-caption-len {self.max_caption_len} < --min-caption-len "
+                f"{self.min_caption_len}"
+            )
 
 
 _OPTS: EncodeOptions | None = None
@@ -55,17 +56,21 @@ def init_worker(opts: EncodeOptions) -> None:
 
 def _caption(raw: bytes | str | None, opts: EncodeOptions) -> str | None:
     """The checked caption, or `BadSample` (reason and why)."""
-    row, bad = check_sample({} if raw is None else {"txt": raw}, image=False,
-                            caption="yes" if opts.require_caption else "present",
-                            min_caption_len=opts.min_caption_len,
-                            max_caption_len=opts.max_caption_len)
+    row, bad = check_sample(
+        {} if raw is None else {"txt": raw},
+        image=False,
+        caption="yes" if opts.require_caption else "present",
+        min_caption_len=opts.min_caption_len,
+        max_caption_len=opts.max_caption_len,
+    )
     if bad:
         raise BadSample(*bad[0])
     return row.get("caption")
 
 
-def encode_item(item: Item, opts: EncodeOptions | None = None,
-                fields: FieldLoader | None = None) -> tuple[dict[str, Any] | None, str, str]:
+def encode_item(
+    item: Item, opts: EncodeOptions | None = None, fields: FieldLoader | None = None
+) -> tuple[dict[str, Any] | None, str, str]:
     """(sample, "", "") for a good item, (None, reason, detail) for a bad one."""
     opts = opts or _OPTS or EncodeOptions()
     try:
@@ -85,21 +90,25 @@ def encode_item(item: Item, opts: EncodeOptions | None = None,
                     with open(item.image, "rb") as f:
                         image = f.read()
                 except OSError as e:
-                    raise BadSample("missing_image",
-                                    f"cannot read {item.image} ({e.strerror})") from e
+                    raise BadSample(
+                        "missing_image", f"cannot read {item.image} ({e.strerror})"
+                    ) from e
             raw_cap: bytes | str | None = item.caption
             if raw_cap is None and item.caption_path is not None:
                 try:
                     with open(item.caption_path, "rb") as f:
                         raw_cap = f.read()
                 except OSError as e:
-                    raise BadSample("missing_caption",
-                                    f"cannot read {item.caption_path}") from e
+                    raise BadSample("missing_caption", f"cannot read {item.caption_path}") from e
             caption = _caption(raw_cap, opts)
         if image is None:
             raise BadSample("missing_image", "no image")
-        data_out, ext, _ = encode_image(image, max_side=opts.max_side,
-                                        jpeg_quality=opts.jpeg_quality, max_pixels=opts.max_pixels)
+        data_out, ext, _ = encode_image(
+            image,
+            max_side=opts.max_side,
+            jpeg_quality=opts.jpeg_quality,
+            max_pixels=opts.max_pixels,
+        )
     except BadSample as e:
         return None, e.reason, str(e)
     sample: dict[str, Any] = {"__key__": item.key, ext: data_out}

@@ -68,7 +68,6 @@ class Listing:
         log.debug("skipping %r (%s): %s: %s", key, source, reason, detail)
 
 
-
 # -- keys ------------------------------------------------------------------------------------
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -97,8 +96,10 @@ def detect_input(path: str | Path) -> str:
     if p.is_file():
         if p.suffix.lower() in TABLE_EXTS:
             return "table"
-        raise DataError(f"{p}: not a table (give a {', '.join(TABLE_EXTS)} file, "
-                        "or a folder of images with .txt captions)")
+        raise DataError(
+            f"{p}: not a table (give a {', '.join(TABLE_EXTS)} file, "
+            "or a folder of images with .txt captions)"
+        )
     if not p.is_dir():
         raise DataError(f"input not found: {p} (give a folder, a table or an img2dataset folder)")
     if any(p.glob("*.tar")):
@@ -122,18 +123,24 @@ def folder_items(root: str | Path) -> Listing:
             rel = os.path.relpath(os.path.join(dirpath, name), root)
             if ext.lower() in IMAGE_FILE_EXTS:
                 txt = stem + ".txt"
-                items.append(Item(
-                    key=make_key(os.path.splitext(rel)[0]),
-                    source=rel,
-                    image=os.path.join(dirpath, name),
-                    caption_path=os.path.join(dirpath, txt) if txt in names else None,
-                    meta={"source": rel},
-                ))
+                items.append(
+                    Item(
+                        key=make_key(os.path.splitext(rel)[0]),
+                        source=rel,
+                        image=os.path.join(dirpath, name),
+                        caption_path=os.path.join(dirpath, txt) if txt in names else None,
+                        meta={"source": rel},
+                    )
+                )
             elif ext.lower() == ".txt" and not any(
                 stem + e in names or stem + e.upper() in names for e in IMAGE_FILE_EXTS
             ):
-                listing.skip("missing_image", make_key(os.path.splitext(rel)[0]), rel,
-                             "a caption without an image of the same name")
+                listing.skip(
+                    "missing_image",
+                    make_key(os.path.splitext(rel)[0]),
+                    rel,
+                    "a caption without an image of the same name",
+                )
     if not items:
         raise DataError(f"no images ({', '.join(IMAGE_FILE_EXTS)}) under {root}")
     listing.items = _dedupe(items, listing)
@@ -152,23 +159,38 @@ def _json_safe(v: Any) -> Any:
     return str(v)
 
 
-def _pick_column(path: Path, columns: Sequence[str], given: str | None, options: Sequence[str],
-                 what: str, flag: str) -> str:
+def _pick_column(
+    path: Path,
+    columns: Sequence[str],
+    given: str | None,
+    options: Sequence[str],
+    what: str,
+    flag: str,
+) -> str:
     if given is not None:
         if given not in columns:
-            raise DataError(f"{path}: no {what} column {given!r} (columns: "
-                            f"{', '.join(columns)}); pass {flag} with one of them")
+            raise DataError(
+                f"{path}: no {what} column {given!r} (columns: "
+                f"{', '.join(columns)}); pass {flag} with one of them"
+            )
         return given
     for name in options:
         if name in columns:
             return name
-    raise DataError(f"{path}: cannot tell which column holds the {what} (columns: "
-                    f"{', '.join(columns)}); pass {flag}")
+    raise DataError(
+        f"{path}: cannot tell which column holds the {what} (columns: "
+        f"{', '.join(columns)}); pass {flag}"
+    )
 
 
-def table_items(path: str | Path, *, image_col: str | None = None,
-                caption_col: str | None = None, key_col: str | None = None,
-                image_root: str | Path | None = None) -> Listing:
+def table_items(
+    path: str | Path,
+    *,
+    image_col: str | None = None,
+    caption_col: str | None = None,
+    key_col: str | None = None,
+    image_root: str | Path | None = None,
+) -> Listing:
     """Rows of a CSV/TSV/JSONL/parquet table of local image paths and captions."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
@@ -179,8 +201,9 @@ def table_items(path: str | Path, *, image_col: str | None = None,
         if img_c is None:
             cols = list(row)
             img_c = _pick_column(path, cols, image_col, IMAGE_COLUMNS, "image path", "--image-col")
-            cap_c = _pick_column(path, cols, caption_col, CAPTION_COLUMNS, "caption",
-                                 "--caption-col")
+            cap_c = _pick_column(
+                path, cols, caption_col, CAPTION_COLUMNS, "caption", "--caption-col"
+            )
             if key_col is not None and key_col not in cols:
                 raise DataError(f"{path}: no key column {key_col!r} (columns: {', '.join(cols)})")
             listing.info.update({"image_col": img_c, "caption_col": cap_c})
@@ -201,13 +224,15 @@ def table_items(path: str | Path, *, image_col: str | None = None,
         if isinstance(caption, float) and not math.isfinite(caption):
             caption = None  # pandas-written NaN
         extra = {str(k): _json_safe(v) for k, v in row.items() if k not in (img_c, cap_c)}
-        items.append(Item(
-            key=key,
-            source=where,
-            image=str(root / value) if not os.path.isabs(value) else value,
-            caption=None if caption is None else str(caption),
-            meta=extra or None,
-        ))
+        items.append(
+            Item(
+                key=key,
+                source=where,
+                image=str(root / value) if not os.path.isabs(value) else value,
+                caption=None if caption is None else str(caption),
+                meta=extra or None,
+            )
+        )
     if img_c is None:
         raise DataError(f"{path}: the table has no rows")
     listing.items = _dedupe(items, listing)
@@ -241,10 +266,11 @@ def shard_list_items(shards: Sequence[str]) -> Listing:
     for url in shards:
         for s in iter_shard(url, mode=ReadMode(False), on_problem=problem):
             if not s.refs:  # read front to back: a gzip shard has no offsets to come back to
-                raise DataError(f"{url}: a compressed (.tar.gz) shard; build and reshard read "
-                                "shards by offset: decompress it first (gunzip -k FILE)")
-            items.append(Item(key=s.key, source=os.path.basename(url), url=url,
-                              refs=dict(s.refs)))
+                raise DataError(
+                    f"{url}: a compressed (.tar.gz) shard; build and reshard read "
+                    "shards by offset: decompress it first (gunzip -k FILE)"
+                )
+            items.append(Item(key=s.key, source=os.path.basename(url), url=url, refs=dict(s.refs)))
     listing.items = _dedupe(items, listing)
     return listing
 
@@ -271,8 +297,9 @@ def img2dataset_stats(root: Path) -> dict[str, Any]:
                 t = pq.read_table(p)
                 if "status" not in t.column_names:
                     continue
-                for row in t.select([c for c in ("status", "error_message")
-                                     if c in t.column_names]).to_pylist():
+                for row in t.select(
+                    [c for c in ("status", "error_message") if c in t.column_names]
+                ).to_pylist():
                     out["parquet_rows"] += 1
                     if row.get("status") == "success":
                         out["parquet_success"] += 1

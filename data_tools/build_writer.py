@@ -114,8 +114,10 @@ def write_split(
         state = None
     if state is None:
         if existing and not overwrite:
-            raise DataError(f"{out} already holds {prefix}-*.tar shards that this build did not "
-                            "make; pass --overwrite to replace them, or choose another --output")
+            raise DataError(
+                f"{out} already holds {prefix}-*.tar shards that this build did not "
+                "make; pass --overwrite to replace them, or choose another --output"
+            )
         for p in existing:
             p.unlink()
         state = {"format": BUILD_FORMAT, "fingerprint": fp, "shards": {}}
@@ -132,34 +134,44 @@ def write_split(
     resumed = n_shards - len(todo)
     if resumed:
         log.info("%s: %d of %d shards already complete, resuming", out, resumed, n_shards)
-    work = [(i, items[i * samples_per_shard:(i + 1) * samples_per_shard]) for i in todo]
+    work = [(i, items[i * samples_per_shard : (i + 1) * samples_per_shard]) for i in todo]
     flat = (it for _, chunk in work for it in chunk)
     n_work = sum(len(c) for _, c in work)
     pool = None
     if num_workers > 0 and n_work:
-        pool = mp.get_context("spawn").Pool(num_workers, initializer=init_worker,
-                                            initargs=(opts,))
+        pool = mp.get_context("spawn").Pool(num_workers, initializer=init_worker, initargs=(opts,))
         results: Iterator[tuple[dict[str, Any] | None, str, str]] = pool.imap(
-            encode_in_worker, flat, chunksize=4)
+            encode_in_worker, flat, chunksize=4
+        )
     else:
         fields = FieldLoader()
         results = (encode_item(it, opts, fields) for it in flat)
     try:
-        with progress_bar(total=len(items), initial=len(items) - n_work, unit="img",
-                          enabled=progress, desc=desc or prefix) as bar:
+        with progress_bar(
+            total=len(items),
+            initial=len(items) - n_work,
+            unit="img",
+            enabled=progress,
+            desc=desc or prefix,
+        ) as bar:
             for i, chunk in work:
                 skipped: Counter = Counter()
                 bad: list[dict[str, str]] = []
-                with ShardWriter(out, prefix, samples_per_shard=len(chunk) + 1,
-                                 start_index=i) as w:
+                with ShardWriter(out, prefix, samples_per_shard=len(chunk) + 1, start_index=i) as w:
                     for it in chunk:
                         sample, reason, detail = next(results)
                         bar.update(1)
                         if sample is None:
                             skipped[reason] += 1
                             if len(bad) < MAX_LISTED:
-                                bad.append({"key": it.key, "reason": reason,
-                                            "source": it.source, "detail": detail})
+                                bad.append(
+                                    {
+                                        "key": it.key,
+                                        "reason": reason,
+                                        "source": it.source,
+                                        "detail": detail,
+                                    }
+                                )
                             continue
                         w.write(sample)
                 done[str(i)] = {"samples": w.num_samples, "skipped": dict(skipped), "bad": bad}
@@ -179,5 +191,6 @@ def write_split(
         if d["samples"]:
             shards.append(writer.final_path(i).name)
             counts.append(d["samples"])
-    return SplitResult(out, prefix, shards, counts, sum(counts), skipped_all, bad_all, resumed,
-                       len(items))
+    return SplitResult(
+        out, prefix, shards, counts, sum(counts), skipped_all, bad_all, resumed, len(items)
+    )

@@ -13,7 +13,8 @@ import argparse
 import contextlib
 import logging
 import sys
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from data_tools.errors import ClipTrainError
 
@@ -42,9 +43,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if (default is None or default is False or default == argparse.SUPPRESS
-                or not action.option_strings or "default" in text
-                or isinstance(action, argparse._CountAction)):
+        if (
+            default is None
+            or default is False
+            or default == argparse.SUPPRESS
+            or not action.option_strings
+            or "default" in text
+            or isinstance(action, argparse._CountAction)
+        ):
             return text
         return f"{text} (default: %(default)s)"
 
@@ -54,31 +60,61 @@ def _add_shared(parser: argparse.ArgumentParser, top: bool) -> None:
     # own default (argparse copies every attribute of the subcommand's namespace upwards).
     default = {} if top else {"default": argparse.SUPPRESS}
     group = parser.add_argument_group("shared options (any clip-* command, before or after it)")
-    group.add_argument("-v", "--verbose", action="count", default=0 if top else argparse.SUPPRESS,
-                       help="more log lines: our debug lines and the info lines of libraries "
-                       "(-vv: their debug lines too)")
-    group.add_argument("-q", "--quiet", action="store_true", **default,
-                       help="only warnings and errors on stderr, no progress")
-    group.add_argument("--no-progress", action="store_true", **default,
-                       help="no progress bar (on a terminal) or progress log lines (elsewhere)")
-    group.add_argument("--version", action="version", help="print the version and exit",
-                       version=f"{parser.prog.split()[0]} {version()}")
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0 if top else argparse.SUPPRESS,
+        help="more log lines: our debug lines and the info lines of libraries "
+        "(-vv: their debug lines too)",
+    )
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        **default,
+        help="only warnings and errors on stderr, no progress",
+    )
+    group.add_argument(
+        "--no-progress",
+        action="store_true",
+        **default,
+        help="no progress bar (on a terminal) or progress log lines (elsewhere)",
+    )
+    group.add_argument(
+        "--version",
+        action="version",
+        help="print the version and exit",
+        version=f"{parser.prog.split()[0]} {version()}",
+    )
 
 
 def make_parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser of a clip-* command, with the shared flags."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=epilog, formatter_class=HelpFormatter
+    )
     _add_shared(parser, top=True)
     return parser
 
 
-def add_subcommand(sub: argparse._SubParsersAction, name: str, func: Callable[..., int], *,
-                   help: str, description: str | None = None,
-                   epilog: str | None = None) -> argparse.ArgumentParser:
+def add_subcommand(
+    sub: argparse._SubParsersAction,
+    name: str,
+    func: Callable[..., int],
+    *,
+    help: str,
+    description: str | None = None,
+    epilog: str | None = None,
+) -> argparse.ArgumentParser:
     """A subcommand that runs `func(args)` and accepts the shared flags."""
-    p = sub.add_parser(name, help=help, description=description or help, epilog=epilog,
-                       formatter_class=HelpFormatter)
+    p = sub.add_parser(
+        name,
+        help=help,
+        description=description or help,
+        epilog=epilog,
+        formatter_class=HelpFormatter,
+    )
     _add_shared(p, top=False)
     p.set_defaults(func=func, _parser=p)
     return p
@@ -94,21 +130,31 @@ class _Renamed(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
         renamed = list(getattr(namespace, "_renamed", []))
-        setattr(namespace, "_renamed", renamed + [(option_string, self.new)])
+        namespace._renamed = renamed + [(option_string, self.new)]
 
 
-def add_option(parser: argparse.ArgumentParser, *flags: str, aliases: Sequence[str] = (),
-               **kwargs: Any) -> argparse.Action:
+def add_option(
+    parser: argparse.ArgumentParser, *flags: str, aliases: Sequence[str] = (), **kwargs: Any
+) -> argparse.Action:
     """`parser.add_argument(*flags, **kwargs)`, plus hidden old spellings (`aliases`) of it."""
     required = bool(kwargs.pop("required", False)) if aliases else False
     if required:
         kwargs["help"] = f"{kwargs.get('help') or ''} (required)".lstrip()
     action = parser.add_argument(*flags, **kwargs)
     for old in aliases:
-        parser.add_argument(old, action=_Renamed, new=flags[-1], dest=action.dest,
-                            nargs=action.nargs, const=action.const, type=action.type,
-                            choices=action.choices, metavar=action.metavar,
-                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        parser.add_argument(
+            old,
+            action=_Renamed,
+            new=flags[-1],
+            dest=action.dest,
+            nargs=action.nargs,
+            const=action.const,
+            type=action.type,
+            choices=action.choices,
+            metavar=action.metavar,
+            default=argparse.SUPPRESS,
+            help=argparse.SUPPRESS,
+        )
     if required:  # argparse would refuse the alias alone, so `run` checks after parsing
         checks = parser.get_default("_required") or []
         parser.set_defaults(_required=checks + [(action.dest, flags[-1])])
@@ -168,8 +214,13 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, *,
-        main_process: bool = True, interrupted: str | None = None) -> int:
+def run(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None = None,
+    *,
+    main_process: bool = True,
+    interrupted: str | None = None,
+) -> int:
     """Parse `argv`, set up logging and run the chosen subcommand; returns the exit status.
 
     A `ClipTrainError` (bad input the user can fix) prints one line and returns 2;

@@ -111,8 +111,9 @@ def _folder_counts(folder: Path, urls: list[str]) -> dict[str, int]:
         out[u] = count_headers(u)
         fresh[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "samples": out[u]}
     if fresh:
-        log.info("counted the samples of %d shards in %s from tar headers; cached", len(fresh),
-                 folder)
+        log.info(
+            "counted the samples of %d shards in %s from tar headers; cached", len(fresh), folder
+        )
         _write_cache(folder, fresh)
     return out
 
@@ -189,8 +190,13 @@ def _read_cache(folder: Path) -> dict[str, dict[str, Any]]:
     entries: dict[str, dict[str, Any]] = {}
     for path in (user_cache_file(folder), folder / CACHE_NAME):  # the folder's own file wins
         got = _load(path) or {}
-        entries.update({k: v for k, v in got.items() if isinstance(v, dict)
-                        and isinstance(v.get("samples"), int)})
+        entries.update(
+            {
+                k: v
+                for k, v in got.items()
+                if isinstance(v, dict) and isinstance(v.get("samples"), int)
+            }
+        )
     return entries
 
 
@@ -213,5 +219,8 @@ def _write_cache(folder: Path, fresh: dict[str, dict[str, int]]) -> None:
             return
         except OSError as e:
             log.debug("cannot write the count cache %s: %s", path, e)
-    log.warning("could not cache shard counts for %s (tried %s); they will be counted again "
-                "next time", folder, ", ".join(str(p) for p in targets))
+    log.warning(
+        "could not cache shard counts for %s (tried %s); they will be counted again next time",
+        folder,
+        ", ".join(str(p) for p in targets),
+    )

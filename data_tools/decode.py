@@ -13,15 +13,19 @@ from data_tools.samples import BadSample, check_sample, open_image
 from data_tools.tario import RawSample
 
 
-def decode_into(s: RawSample, batcher: Batcher, report: BadSampleLog, plan: ReadPlan,
-                need_caption: bool) -> bool:
+def decode_into(
+    s: RawSample, batcher: Batcher, report: BadSampleLog, plan: ReadPlan, need_caption: bool
+) -> bool:
     """Check and decode `s` (fields loaded) into `batcher`; False (and reported) when bad.
 
     `need_caption`: the batches are tokenized, so a sample without a caption is bad."""
     key, url = s.key, s.url
-    row, bad = check_sample(s.fields, caption="yes" if need_caption else "present",
-                            label="yes" if plan.with_label else "no",
-                            meta="yes" if plan.with_json else "no")
+    row, bad = check_sample(
+        s.fields,
+        caption="yes" if need_caption else "present",
+        label="yes" if plan.with_label else "no",
+        meta="yes" if plan.with_json else "no",
+    )
     if bad:
         report.bad(bad[0][0], key, url, bad[0][1])
         return False

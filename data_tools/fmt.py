@@ -6,7 +6,8 @@ a log or a terminal wants `acc1 0.8125`, not `0.8124999999999999`.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 DIGITS = 4
 
@@ -24,6 +25,7 @@ def round_floats(value: Any, digits: int = DIGITS) -> Any:
 
 def format_metrics(metrics: Mapping[str, Any], digits: int = DIGITS) -> str:
     """`acc1 0.8125, acc5 1, num_classes 36`: one log-line fragment for a metrics dict."""
+
     def show(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.{digits}g}"

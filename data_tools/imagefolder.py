@@ -59,15 +59,23 @@ def classes_of(root: Path, classnames_file: str | Path | None) -> dict[str, Any]
         labels = {f: i for i, f in enumerate(folders)}
         names = [f.replace("_", " ") for f in folders]
     if classnames_file is not None:
-        given = [ln.strip() for ln in Path(classnames_file).read_text("utf-8").splitlines()
-                 if ln.strip()]
+        given = [
+            ln.strip() for ln in Path(classnames_file).read_text("utf-8").splitlines() if ln.strip()
+        ]
         if len(given) != len(names):
-            raise DataError(f"{classnames_file}: {len(given)} class names for {len(names)} "
-                            f"classes ({'ImageNet-1k' if kind == 'imagenet-1k' else 'folders'}"
-                            "); give one name per line in label order")
+            raise DataError(
+                f"{classnames_file}: {len(given)} class names for {len(names)} "
+                f"classes ({'ImageNet-1k' if kind == 'imagenet-1k' else 'folders'}"
+                "); give one name per line in label order"
+            )
         names = given
-    return {"kind": kind, "labels": labels, "names": names, "templates": templates,
-            "synsets": synsets_out}
+    return {
+        "kind": kind,
+        "labels": labels,
+        "names": names,
+        "templates": templates,
+        "synsets": synsets_out,
+    }
 
 
 def from_imagefolder(
@@ -101,19 +109,37 @@ def from_imagefolder(
                 if name.startswith(".") or ext.lower() not in IMAGE_FILE_EXTS:
                     continue
                 rel = os.path.relpath(os.path.join(dirpath, name), root)
-                items.append(Item(key=make_key(os.path.splitext(rel)[0]), source=rel,
-                                  image=os.path.join(dirpath, name), label=label,
-                                  meta={"label": label, "classname": classes["names"][label],
-                                        "folder": folder, "source": rel}))
+                items.append(
+                    Item(
+                        key=make_key(os.path.splitext(rel)[0]),
+                        source=rel,
+                        image=os.path.join(dirpath, name),
+                        label=label,
+                        meta={
+                            "label": label,
+                            "classname": classes["names"][label],
+                            "folder": folder,
+                            "source": rel,
+                        },
+                    )
+                )
     if not items:
         raise DataError(f"no images ({', '.join(IMAGE_FILE_EXTS)}) in the class folders of {root}")
     if shuffle:
         random.Random(f"clip-data:{seed}:imagefolder").shuffle(items)
     out = Path(out_dir)
     (out / "manifest.json").unlink(missing_ok=True)
-    result = write_split(items, out, prefix, samples_per_shard=samples_per_shard, opts=opts,
-                         num_workers=num_workers, overwrite=overwrite, progress=progress,
-                         desc="from-imagefolder")
+    result = write_split(
+        items,
+        out,
+        prefix,
+        samples_per_shard=samples_per_shard,
+        opts=opts,
+        num_workers=num_workers,
+        overwrite=overwrite,
+        progress=progress,
+        desc="from-imagefolder",
+    )
     write_text_atomic(out / "classnames.txt", "\n".join(classes["names"]) + "\n")
     write_text_atomic(out / "templates.txt", "\n".join(classes["templates"]) + "\n")
     if classes["synsets"] is not None:

@@ -137,8 +137,11 @@ def _check_shard(args: tuple[str, bool, int]) -> tuple[ShardStats, list[str]]:
             continue
         st.with_image += 1
         try:
-            size = check_image(s.fields[ext], max_pixels) if decode else open_image(
-                s.fields[ext], max_pixels).size
+            size = (
+                check_image(s.fields[ext], max_pixels)
+                if decode
+                else open_image(s.fields[ext], max_pixels).size
+            )
         except BadSample as e:
             st.problems.append(Problem(name, s.key, e.reason, str(e)))
         else:
@@ -174,17 +177,27 @@ def inspect_shards(
     else:
         results = map(_check_shard, tasks)
     try:
-        for st, keys in progress_bar(results, total=len(tasks), unit="shard", enabled=progress,
-                                     desc="validate" if decode else "inspect"):
+        for st, keys in progress_bar(
+            results,
+            total=len(tasks),
+            unit="shard",
+            enabled=progress,
+            desc="validate" if decode else "inspect",
+        ):
             for p in st.problems:
                 if p.reason == "unreadable_shard":
                     raise DataError(f"unreadable shard: {p.shard} ({p.detail}; rebuild it)")
             url = st.shards[0][0]
             for k in keys:
                 if k in seen:
-                    st.problems.append(Problem(url, k, "duplicate_key",
-                                               f"also in {seen[k]}" if seen[k] != url
-                                               else "twice in this shard"))
+                    st.problems.append(
+                        Problem(
+                            url,
+                            k,
+                            "duplicate_key",
+                            f"also in {seen[k]}" if seen[k] != url else "twice in this shard",
+                        )
+                    )
                 else:
                     seen[k] = url
             stats.merge(st)

@@ -105,8 +105,9 @@ def read_table(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     try:
                         row = json.loads(line)
                     except ValueError as e:
-                        raise DataError(f"{path} line {n}: invalid JSON ({e}); write one object "
-                                        "per line") from e
+                        raise DataError(
+                            f"{path} line {n}: invalid JSON ({e}); write one object per line"
+                        ) from e
                     if not isinstance(row, dict):
                         raise DataError(f"{path} line {n}: expected a JSON object per line")
                     yield n, row
@@ -114,8 +115,9 @@ def read_table(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             reader = csv.DictReader(f, delimiter="\t" if ext == ".tsv" else ",")
             for row in reader:
                 if None in row:
-                    raise DataError(f"{path} line {reader.line_num}: more fields than the "
-                                    "header has")
+                    raise DataError(
+                        f"{path} line {reader.line_num}: more fields than the header has"
+                    )
                 yield reader.line_num, row
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e}); save the table as UTF-8") from e

@@ -112,8 +112,14 @@ def _parse_sources(
 ) -> tuple[list[list[str]], tuple[float, ...] | None]:
     """Shard spec (+ weights) -> one list of shard paths per source, and the weights."""
     items = [shards] if isinstance(shards, (str, Path)) else list(shards)
-    pairs = [it for it in items if isinstance(it, tuple) and len(it) == 2
-             and isinstance(it[1], (int, float)) and not isinstance(it[1], bool)]
+    pairs = [
+        it
+        for it in items
+        if isinstance(it, tuple)
+        and len(it) == 2
+        and isinstance(it[1], (int, float))
+        and not isinstance(it[1], bool)
+    ]
     if pairs:
         if len(pairs) != len(items):
             raise DataError("give either shard specs or (spec, weight) pairs, not both")
@@ -183,23 +189,28 @@ def make_loader(
     sources, mix = _parse_sources(shards, weights)
     if mix is not None:
         if mode != "resampled":
-            raise DataError("mixing sources with weights needs mode='resampled' "
-                            "(an epoch reads every sample once, whatever the weights)")
+            raise DataError(
+                "mixing sources with weights needs mode='resampled' "
+                "(an epoch reads every sample once, whatever the weights)"
+            )
         if any(w < 0 or not math.isfinite(w) for w in mix) or sum(mix) <= 0:
             raise DataError(f"source weights must be >= 0 with a positive sum, got {list(mix)}")
     limit = max_batches
     if samples_per_epoch is not None:
         if mode != "resampled":
-            raise DataError("samples_per_epoch applies to mode='resampled' only "
-                            "(an epoch-mode pass is the whole data set)")
+            raise DataError(
+                "samples_per_epoch applies to mode='resampled' only "
+                "(an epoch-mode pass is the whole data set)"
+            )
         if samples_per_epoch < 1:
             raise DataError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
         per_pass = -(-samples_per_epoch // (batch_size * world_size))
         limit = per_pass if limit is None else min(limit, per_pass)
     workers = max(1, num_workers)
     flat = [u for src in sources for u in src]
-    digest = hashlib.sha1("\n".join(
-        "::".join(src) for src in sources).encode("utf-8")).hexdigest()[:16]
+    digest = hashlib.sha1("\n".join("::".join(src) for src in sources).encode("utf-8")).hexdigest()[
+        :16
+    ]
     config: dict[str, Any] = {
         "format": STATE_FORMAT,
         "shards": f"{len(flat)} shards sha1:{digest}",
@@ -213,8 +224,15 @@ def make_loader(
         "batch_size": int(batch_size),
         "shuffle_buffer": int(shuffle_buffer),
         "drop_last": int(bool(drop_last)),
-        "fields": ",".join(f for f, on in (("label", with_label), ("json", with_json),
-                                           ("text", tokenizer is not None)) if on),
+        "fields": ",".join(
+            f
+            for f, on in (
+                ("label", with_label),
+                ("json", with_json),
+                ("text", tokenizer is not None),
+            )
+            if on
+        ),
     }
     start = start_position(state, config, workers)
     plan = ReadPlan(
@@ -231,8 +249,7 @@ def make_loader(
         drop_last=drop_last,
         with_label=with_label,
         with_json=with_json,
-        max_pixels=int(max_pixels if max_pixels is not None
-                       else (Image.MAX_IMAGE_PIXELS or 2**62)),
+        max_pixels=int(max_pixels if max_pixels is not None else (Image.MAX_IMAGE_PIXELS or 2**62)),
         offset=start["next_worker"],
         resume=tuple((b, e) for b, e in start["workers"]) if state is not None else None,
     )
@@ -245,7 +262,11 @@ def make_loader(
         log.info(
             "%d shards < %d ranks x %d workers: every worker walks all shards and keeps "
             "1 sample in %d (exact; reads tar headers of the others); write more shards "
-            "to avoid this", len(flat), world_size, workers, world_size * workers,
+            "to avoid this",
+            len(flat),
+            world_size,
+            workers,
+            world_size * workers,
         )
     dataset = ShardStream(plan, image_transform, tokenizer)
     dataloader = DataLoader(

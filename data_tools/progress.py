@@ -10,7 +10,8 @@ import logging
 import math
 import sys
 import time
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -18,9 +19,17 @@ log = logging.getLogger(__name__)
 class LineProgress:
     """The part of tqdm's interface we use, logging `desc: n/total unit (p%), rate` lines."""
 
-    def __init__(self, iterable: Iterable[Any] | None = None, *, total: int | None = None,
-                 desc: str = "", unit: str = "it", initial: int = 0, every: int | None = None,
-                 enabled: bool = True) -> None:
+    def __init__(
+        self,
+        iterable: Iterable[Any] | None = None,
+        *,
+        total: int | None = None,
+        desc: str = "",
+        unit: str = "it",
+        initial: int = 0,
+        every: int | None = None,
+        enabled: bool = True,
+    ) -> None:
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
         self.enabled = enabled
         self.n = self._logged = self._start_n = initial
@@ -50,8 +59,17 @@ class LineProgress:
         share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         extra = f", {self.postfix}" if self.postfix else ""
         speed = f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}"
-        log.info("%s: %d%s %s%s, %s %s/s%s", self.desc or "progress", self.n, of, self.unit,
-                 share, speed, self.unit, extra)
+        log.info(
+            "%s: %d%s %s%s, %s %s/s%s",
+            self.desc or "progress",
+            self.n,
+            of,
+            self.unit,
+            share,
+            speed,
+            self.unit,
+            extra,
+        )
 
     def close(self) -> None:
         """The last line, unless the last update just logged it."""
@@ -64,7 +82,7 @@ class LineProgress:
             self.update(1)
         self.close()
 
-    def __enter__(self) -> "LineProgress":
+    def __enter__(self) -> LineProgress:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -72,9 +90,17 @@ class LineProgress:
             self.close()
 
 
-def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "",
-             unit: str = "it", enabled: bool = True, initial: int = 0, every: int | None = None,
-             leave: bool = True) -> Any:
+def progress(
+    iterable: Iterable[Any] | None = None,
+    *,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    enabled: bool = True,
+    initial: int = 0,
+    every: int | None = None,
+    leave: bool = True,
+) -> Any:
     """A tqdm bar when `enabled` and stderr is a terminal, a `LineProgress` otherwise.
 
     Use it as tqdm: iterate over it, or `with progress(total=n) as bar: bar.update(1)`.
@@ -84,7 +110,15 @@ def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None,
     if enabled and sys.stderr.isatty():
         from tqdm import tqdm
 
-        return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave,
-                    dynamic_ncols=True)
-    return LineProgress(iterable, total=total, desc=desc, unit=unit, initial=initial,
-                        every=every, enabled=enabled)
+        return tqdm(
+            iterable,
+            total=total,
+            desc=desc,
+            unit=unit,
+            initial=initial,
+            leave=leave,
+            dynamic_ncols=True,
+        )
+    return LineProgress(
+        iterable, total=total, desc=desc, unit=unit, initial=initial, every=every, enabled=enabled
+    )

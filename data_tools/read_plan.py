@@ -14,14 +14,14 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Union
+from typing import Protocol
 
 from data_tools.counts import shard_sample_counts
 from data_tools.errors import DataError
 from data_tools.tario import RawSample, ReadMode, iter_shard
 from data_tools.urls import expand_shards
 
-ShardSpec = Union[str, Path, Sequence[Union[str, Path]]]
+ShardSpec = str | Path | Sequence[str | Path]
 
 
 class ProblemSink(Protocol):
@@ -65,14 +65,16 @@ class ReadPlan:
         return self.mode == "epoch" and len(self.shards) < self.world_size * self.workers
 
 
-def worker_shards(shards: Sequence[str], rank: int, world_size: int, worker: int,
-                  workers: int) -> list[str]:
+def worker_shards(
+    shards: Sequence[str], rank: int, world_size: int, worker: int, workers: int
+) -> list[str]:
     """Epoch mode with enough shards: the fixed shard assignment (see `data_tools.loader`)."""
     return list(shards[rank::world_size][worker::workers])
 
 
-def worker_samples(p: ReadPlan, worker: int, mode: ReadMode,
-                   sink: ProblemSink) -> Iterator[RawSample]:
+def worker_samples(
+    p: ReadPlan, worker: int, mode: ReadMode, sink: ProblemSink
+) -> Iterator[RawSample]:
     """The raw samples logical worker `worker` of rank `p.rank` reads, before the shuffle
     buffer; shard problems go to `sink`."""
     if p.mode == "resampled":
@@ -103,8 +105,9 @@ def _chain(shards: Iterable[str], mode: ReadMode, sink: ProblemSink) -> Iterator
         yield from iter_shard(url, mode=mode, on_problem=sink.bad)
 
 
-def _resampled(shards: Sequence[str], rng: random.Random, mode: ReadMode,
-               sink: ProblemSink) -> Iterator[RawSample]:
+def _resampled(
+    shards: Sequence[str], rng: random.Random, mode: ReadMode, sink: ProblemSink
+) -> Iterator[RawSample]:
     # Drawing shards that hold no readable sample would spin forever; fail instead.
     limit = 10 * len(shards) + 10
     empty = 0
@@ -122,8 +125,9 @@ def _resampled(shards: Sequence[str], rng: random.Random, mode: ReadMode,
             )
 
 
-def _mixed(streams: list[Iterator[RawSample]], weights: Sequence[float],
-           rng: random.Random) -> Iterator[RawSample]:
+def _mixed(
+    streams: list[Iterator[RawSample]], weights: Sequence[float], rng: random.Random
+) -> Iterator[RawSample]:
     cum = list(itertools.accumulate(weights))
     total = cum[-1]
     while True:
@@ -131,8 +135,9 @@ def _mixed(streams: list[Iterator[RawSample]], weights: Sequence[float],
         yield next(streams[i])
 
 
-def buffer_shuffle(samples: Iterable[RawSample], size: int,
-                   rng: random.Random) -> Iterator[RawSample]:
+def buffer_shuffle(
+    samples: Iterable[RawSample], size: int, rng: random.Random
+) -> Iterator[RawSample]:
     """Shuffle within a sliding buffer of `size` raw (undecoded) samples.
 
     The RNG draws depend only on positions, never on data, so a resumed worker rebuilds the

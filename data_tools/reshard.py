@@ -44,23 +44,40 @@ def reshard(
     out = Path(out_dir).resolve()
     if any(Path(u).resolve().parent == out for u in urls):
         raise DataError(f"--output {out_dir} is where the input shards are; choose another folder")
-    opts = EncodeOptions(max_side=max_side, jpeg_quality=jpeg_quality,
-                         require_caption=False, min_caption_len=0,
-                         **({"max_pixels": max_pixels} if max_pixels else {}))
+    opts = EncodeOptions(
+        max_side=max_side,
+        jpeg_quality=jpeg_quality,
+        require_caption=False,
+        min_caption_len=0,
+        **({"max_pixels": max_pixels} if max_pixels else {}),
+    )
     opts.validate()
     listing = shard_list_items(urls)
     items = listing.items
     if shuffle:
         random.Random(f"clip-data:{seed}:reshard").shuffle(items)
     (out / "manifest.json").unlink(missing_ok=True)
-    result = write_split(items, out, prefix, samples_per_shard=samples_per_shard, opts=opts,
-                         num_workers=num_workers, overwrite=overwrite, progress=progress,
-                         desc="reshard")
+    result = write_split(
+        items,
+        out,
+        prefix,
+        samples_per_shard=samples_per_shard,
+        opts=opts,
+        num_workers=num_workers,
+        overwrite=overwrite,
+        progress=progress,
+        desc="reshard",
+    )
     manifest = {
         "format": BUILD_FORMAT,
         "input": {"kind": "shards", "spec": str(spec), "shards": len(urls)},
-        "options": {"samples_per_shard": samples_per_shard, "max_side": max_side,
-                    "jpeg_quality": jpeg_quality, "shuffle": shuffle, "seed": seed},
+        "options": {
+            "samples_per_shard": samples_per_shard,
+            "max_side": max_side,
+            "jpeg_quality": jpeg_quality,
+            "shuffle": shuffle,
+            "seed": seed,
+        },
         "counts": {prefix: result.written},
         "splits": {prefix: result.to_json(out)},
         "inputs": len(items) + sum(listing.skipped.values()),

@@ -116,11 +116,16 @@ def check_sample(
             if not text and (caption == "yes" or min_caption_len > 0):
                 bad.append(("empty_caption", "the caption is empty"))
             elif len(text) < min_caption_len:
-                bad.append(("caption_too_short",
-                            f"{len(text)} chars < --min-caption-len {min_caption_len}"))
+                bad.append(
+                    (
+                        "caption_too_short",
+                        f"{len(text)} chars < --min-caption-len {min_caption_len}",
+                    )
+                )
             elif max_caption_len is not None and len(text) > max_caption_len:
-                bad.append(("caption_too_long",
-                            f"{len(text)} chars > --max-caption-len {max_caption_len}"))
+                bad.append(
+                    ("caption_too_long", f"{len(text)} chars > --max-caption-len {max_caption_len}")
+                )
     if label == "yes" or (label == "present" and "cls" in fields):
         try:
             row["label"] = int(fields["cls"].decode("ascii").strip())

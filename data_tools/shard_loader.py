@@ -32,9 +32,16 @@ class ShardLoader:
     `state_dict()` says where the consumer is; see the module docstring.
     """
 
-    def __init__(self, dataloader: DataLoader, plan: ReadPlan, config: dict[str, Any],
-                 start: dict[str, Any], limit: int | None, regime: str,
-                 budget: BadSampleBudget | None = None) -> None:
+    def __init__(
+        self,
+        dataloader: DataLoader,
+        plan: ReadPlan,
+        config: dict[str, Any],
+        start: dict[str, Any],
+        limit: int | None,
+        regime: str,
+        budget: BadSampleBudget | None = None,
+    ) -> None:
         self.dataloader = dataloader
         self.budget = budget  # fed every batch's bad-sample counts, dropped tails included
         self.plan = plan
@@ -74,8 +81,10 @@ class ShardLoader:
         finally:
             if self.skipped:
                 log.warning(
-                    "rank %d: skipped %d bad samples of %d (%s)", self.plan.rank,
-                    sum(self.skipped.values()), self.seen,
+                    "rank %d: skipped %d bad samples of %d (%s)",
+                    self.plan.rank,
+                    sum(self.skipped.values()),
+                    self.seen,
                     ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())),
                 )
 
@@ -106,9 +115,13 @@ class ShardLoader:
         counting those before a resume state; None when endless."""
         if self.plan.mode == "resampled":
             return self.limit
-        n = epoch_batches(list(self.plan.shards), batch_size=self.plan.batch_size,
-                          world_size=self.plan.world_size, num_workers=self.plan.workers,
-                          drop_last=self.plan.drop_last)[self.plan.rank]
+        n = epoch_batches(
+            list(self.plan.shards),
+            batch_size=self.plan.batch_size,
+            world_size=self.plan.world_size,
+            num_workers=self.plan.workers,
+            drop_last=self.plan.drop_last,
+        )[self.plan.rank]
         return n if self.limit is None else min(n, self.limit)
 
     def close(self) -> None:
@@ -122,15 +135,18 @@ class ShardLoader:
         return f"ShardLoader({len(self.shards)} shards, {self.regime})"
 
 
-def start_position(state: dict[str, Any] | None, config: dict[str, Any],
-                   workers: int) -> dict[str, Any]:
+def start_position(
+    state: dict[str, Any] | None, config: dict[str, Any], workers: int
+) -> dict[str, Any]:
     """Where a pass starts: the beginning, or the position in `state` after checking that it
     was saved by a loader with this `config` (a `DataError` names the field that differs)."""
     if state is None:
         return {"batches": 0, "next_worker": 0, "workers": [[0, 0] for _ in range(workers)]}
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise DataError(f"loader state is not a {STATE_FORMAT} state dict (got "
-                        f"{type(state).__name__}); pass ShardLoader.state_dict() as saved")
+        raise DataError(
+            f"loader state is not a {STATE_FORMAT} state dict (got "
+            f"{type(state).__name__}); pass ShardLoader.state_dict() as saved"
+        )
     for k, v in config.items():
         if state.get(k) != v:
             raise DataError(
@@ -139,8 +155,11 @@ def start_position(state: dict[str, Any] | None, config: dict[str, Any],
             )
     try:
         ws = [[int(b), int(e)] for b, e in state["workers"]]
-        start = {"batches": int(state["batches"]), "next_worker": int(state["next_worker"]),
-                 "workers": ws}
+        start = {
+            "batches": int(state["batches"]),
+            "next_worker": int(state["next_worker"]),
+            "workers": ws,
+        }
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"loader state is incomplete or malformed ({e})") from e
     if len(ws) != workers or not 0 <= start["next_worker"] < workers:

@@ -55,8 +55,9 @@ class ShardWriter:
     shards are kept.
     """
 
-    def __init__(self, out_dir: str | Path, prefix: str, samples_per_shard: int = 1000,
-                 start_index: int = 0) -> None:
+    def __init__(
+        self, out_dir: str | Path, prefix: str, samples_per_shard: int = 1000, start_index: int = 0
+    ) -> None:
         if samples_per_shard < 1:
             raise DataError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
         self.out_dir = Path(out_dir)

@@ -275,8 +275,12 @@ def _train_sample(cfg: SynthConfig, i: int, combos: list[tuple[str, str]]) -> di
     attrs = _sample_attrs(rng, combos)
     caption = make_caption(attrs, rng.randrange(len(CAPTION_TEMPLATES)))
     img = render(attrs, cfg.image_size, rng)
-    return {"__key__": f"train_{i:08d}", "jpg": _jpeg(img, cfg.jpeg_quality), "txt": caption,
-            "json": attrs}
+    return {
+        "__key__": f"train_{i:08d}",
+        "jpg": _jpeg(img, cfg.jpeg_quality),
+        "txt": caption,
+        "json": attrs,
+    }
 
 
 def _zeroshot_sample(cfg: SynthConfig, i: int, held: set[tuple[str, str]]) -> dict[str, Any]:
@@ -285,10 +289,18 @@ def _zeroshot_sample(cfg: SynthConfig, i: int, held: set[tuple[str, str]]) -> di
     colour, kind = list(COLOURS)[label // len(KINDS)], KINDS[label % len(KINDS)]
     attrs = _sample_attrs(rng, [(kind, colour)])
     img = render(attrs, cfg.image_size, rng)
-    meta = {**attrs, "label": label, "classname": f"{colour} {kind}",
-            "held_out": (kind, colour) in held}
-    return {"__key__": f"zeroshot_{i:08d}", "jpg": _jpeg(img, cfg.jpeg_quality), "cls": label,
-            "json": meta}
+    meta = {
+        **attrs,
+        "label": label,
+        "classname": f"{colour} {kind}",
+        "held_out": (kind, colour) in held,
+    }
+    return {
+        "__key__": f"zeroshot_{i:08d}",
+        "jpg": _jpeg(img, cfg.jpeg_quality),
+        "cls": label,
+        "json": meta,
+    }
 
 
 def _retrieval_sample(cfg: SynthConfig, i: int, combos: list[tuple[str, str]]) -> dict[str, Any]:
@@ -302,8 +314,12 @@ def _retrieval_sample(cfg: SynthConfig, i: int, combos: list[tuple[str, str]]) -
         if len(captions) == RETRIEVAL_CAPTIONS:
             break
     img = render(attrs, cfg.image_size, rng)
-    return {"__key__": f"retrieval_{i:08d}", "jpg": _jpeg(img, cfg.jpeg_quality),
-            "txt": captions[0], "json": {**attrs, "captions": captions}}
+    return {
+        "__key__": f"retrieval_{i:08d}",
+        "jpg": _jpeg(img, cfg.jpeg_quality),
+        "txt": captions[0],
+        "json": {**attrs, "captions": captions},
+    }
 
 
 def _remove_stale(split_dir: Path, prefix: str, keep: list[Path]) -> None:
@@ -326,8 +342,9 @@ def write_synth(out_dir: str | Path, cfg: SynthConfig, *, progress: bool = False
     cfg.validate()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise DataError(f"synth output {out} exists and is not a directory "
-                        "(choose another --output)")
+        raise DataError(
+            f"synth output {out} exists and is not a directory (choose another --output)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)
 

@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 Problem = Callable[[str, str, str, str], None]
 
 
-
 @dataclass
 class RawSample:
     """One sample as stored: field -> bytes, or field -> (offset, size) when read header-only."""
@@ -108,7 +107,7 @@ def _pax(payload: bytes) -> dict[str, str]:
             length = int(payload[i:sp])
         except ValueError:
             break
-        key, _, value = payload[sp + 1: i + length - 1].partition(b"=")
+        key, _, value = payload[sp + 1 : i + length - 1].partition(b"=")
         out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
         i += max(length, 1)
     return out
@@ -203,8 +202,12 @@ def iter_shard(
                 split = sample_key(name)
                 if kind not in _REGULAR or unsafe_member_name(name):
                     what = "a link or special file" if kind not in _REGULAR else "an unsafe path"
-                    report("unsafe_member", split[0] if split else name, url,
-                           f"member {name!r} is {what}; rejected")
+                    report(
+                        "unsafe_member",
+                        split[0] if split else name,
+                        url,
+                        f"member {name!r} is {what}; rejected",
+                    )
                     continue
                 if split is None or os.path.basename(name).startswith("__"):
                     continue
@@ -236,8 +239,12 @@ def iter_shard(
             truncated = str(e)
         if truncated:
             key = pending.key if pending is not None else ""
-            report("truncated_tar", key, url, f"shard is truncated or damaged ({truncated}); "
-                   "the last sample is dropped")
+            report(
+                "truncated_tar",
+                key,
+                url,
+                f"shard is truncated or damaged ({truncated}); the last sample is dropped",
+            )
         elif pending is not None:
             yield pending
 
@@ -275,8 +282,12 @@ def _iter_tar_stream(stream: BinaryIO, url: str, report: Problem) -> Iterator[Ra
                     continue
                 split = sample_key(name)
                 if not info.isreg() or unsafe_member_name(name):
-                    report("unsafe_member", split[0] if split else name, url,
-                           f"member {name!r} rejected")
+                    report(
+                        "unsafe_member",
+                        split[0] if split else name,
+                        url,
+                        f"member {name!r} rejected",
+                    )
                     continue
                 if split is None or os.path.basename(name).startswith("__"):
                     continue
@@ -301,8 +312,12 @@ def _iter_tar_stream(stream: BinaryIO, url: str, report: Problem) -> Iterator[Ra
         except Exception as e:  # a `pipe:` command that failed says so (exit status) on close
             problem = problem or f"{type(e).__name__}: {e}"
     if problem:
-        report("truncated_tar", pending.key if pending else "", url,
-               f"shard is truncated or unreadable ({problem})")
+        report(
+            "truncated_tar",
+            pending.key if pending else "",
+            url,
+            f"shard is truncated or unreadable ({problem})",
+        )
         return
     if pending is not None:
         yield pending

@@ -22,7 +22,11 @@ from torchvision.transforms import InterpolationMode
 from data_tools.images import to_rgb
 
 __all__ = [
-    "ImageTransform", "image_transform", "to_rgb", "OPENAI_DATASET_MEAN", "OPENAI_DATASET_STD",
+    "ImageTransform",
+    "image_transform",
+    "to_rgb",
+    "OPENAI_DATASET_MEAN",
+    "OPENAI_DATASET_STD",
 ]
 
 

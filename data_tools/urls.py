@@ -31,8 +31,9 @@ def _expand_one(part: str) -> list[str]:
         return list(braceexpand(part))
     path = Path(os.path.expanduser(part))
     if path.is_dir():
-        found = sorted(str(p) for p in path.iterdir()
-                       if p.name.endswith(SHARD_SUFFIXES) and p.is_file())
+        found = sorted(
+            str(p) for p in path.iterdir() if p.name.endswith(SHARD_SUFFIXES) and p.is_file()
+        )
         if not found:
             raise DataError(f"no .tar shards in directory: {part} (nor .tar.gz; {_HINT})")
         return found
@@ -77,4 +78,3 @@ def expand_shards(spec: str | Path | Sequence[str | Path]) -> list[str]:
     if not out:
         raise DataError(f"no shards found for: {spec!r} ({_HINT})")
     return out
-

@@ -55,8 +55,9 @@ class ShardStream(IterableDataset):
         raw = worker_samples(p, worker, mode, report)
         stream: Iterable[RawSample] = raw
         if p.shuffle_buffer > 0:
-            stream = buffer_shuffle(raw, p.shuffle_buffer,
-                                    rng(p.seed, p.epoch, p.rank, worker, "buffer"))
+            stream = buffer_shuffle(
+                raw, p.shuffle_buffer, rng(p.seed, p.epoch, p.rank, worker, "buffer")
+            )
         it = iter(stream)
         # A resumed worker replays, quietly, the samples it had taken before its state.
         # One sample of look-ahead: shard problems met while reading the sample after a
@@ -79,8 +80,13 @@ class ShardStream(IterableDataset):
                 s, emitted = nxt, emitted + 1
                 report.seen += 1
                 done = None
-                if decode_into(s if s.loaded else fields.load(s), batcher, report, p,
-                               need_caption=self.tokenizer is not None):
+                if decode_into(
+                    s if s.loaded else fields.load(s),
+                    batcher,
+                    report,
+                    p,
+                    need_caption=self.tokenizer is not None,
+                ):
                     if batcher.n == p.batch_size:
                         done = self._finish(batcher, worker, batch_index, emitted)
                         batch_index += 1
@@ -100,11 +106,14 @@ class ShardStream(IterableDataset):
         finally:
             fields.close()
             if report.total_bad:
-                log.warning("%s: skipped %d bad samples of %d read this pass", report.where,
-                            report.total_bad, emitted - start_emitted)
+                log.warning(
+                    "%s: skipped %d bad samples of %d read this pass",
+                    report.where,
+                    report.total_bad,
+                    emitted - start_emitted,
+                )
 
-    def _finish(self, batcher: Batcher, worker: int, index: int,
-                emitted: int) -> dict[str, Any]:
+    def _finish(self, batcher: Batcher, worker: int, index: int, emitted: int) -> dict[str, Any]:
         p = self.plan
         batch = batcher.finish(self.tokenizer, p.with_label, p.with_json)
         batch.update({"_worker": worker, "_batch": index, "_emitted": emitted})

@@ -6,7 +6,6 @@ Works on any `Encoder` (our checkpoints via `clip_train.load`, open_clip models 
 every `eval.every` steps (see `eval.suite`).
 """
 
-from data_tools.errors import ClipTrainError, ConfigError, DataError
 from clip_eval.encoder import Encoder, OpenClipEncoder, load_open_clip
 from clip_eval.metrics import classification_metrics, retrieval_metrics
 from clip_eval.probe import few_shot, linear_probe
@@ -15,6 +14,7 @@ from clip_eval.suite import Suite, Task, load_suite, run_suite
 from clip_eval.tasks import few_shot_task, linear_probe_task, retrieval_task, zero_shot_task
 from clip_eval.text import encode_texts
 from clip_eval.zero_shot import build_zero_shot_classifier, evaluate_zero_shot
+from data_tools.errors import ClipTrainError, ConfigError, DataError
 
 __all__ = [
     "ClipTrainError",

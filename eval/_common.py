@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -51,7 +52,9 @@ def precision_name(device: torch.device) -> str:
     return "bf16" if device.type == "cuda" else "fp32"
 
 
-def progress_bar(iterable: Iterable[T], enabled: bool, desc: str, total: int | None = None, unit: str = "it") -> Iterable[T]:
+def progress_bar(
+    iterable: Iterable[T], enabled: bool, desc: str, total: int | None = None, unit: str = "it"
+) -> Iterable[T]:
     """A tqdm bar on a terminal, plain log lines elsewhere (see data_tools.progress)."""
     if not enabled:
         return iterable
@@ -63,5 +66,3 @@ def progress_bar(iterable: Iterable[T], enabled: bool, desc: str, total: int | N
 def write_json_atomic(path: str | os.PathLike, obj: object, what: str = "output") -> None:
     """Atomically (`data_tools.io`); ASCII-escaped JSON, as eval results always were."""
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n", what)
-
-

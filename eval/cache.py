@@ -14,15 +14,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from data_tools.io import atomic_path
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 ENV_VAR = "CLIP_TRAIN_CACHE"
 _FORMAT = "clip-train-classifier-v1"
@@ -37,7 +37,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "clip-train" / "classifiers"
 
 
-def _hash_module(module: nn.Module, hasher: "hashlib._Hash") -> None:
+def _hash_module(module: nn.Module, hasher: hashlib._Hash) -> None:
     hasher.update(repr(module).encode())
     for name, tensor in module.state_dict().items():
         tensor = tensor.detach()
@@ -57,14 +57,22 @@ def model_identity(encoder: object) -> str:
     else:  # an Encoder that is not a module: its model attribute, if any, carries the weights
         inner = getattr(encoder, "model", None)
         if not isinstance(inner, nn.Module):
-            raise TypeError("cannot identify a non-module encoder for caching; set encoder.weights_identity")
+            raise TypeError(
+                "cannot identify a non-module encoder for caching; set encoder.weights_identity"
+            )
         _hash_module(inner, hasher)
     context = getattr(getattr(encoder, "tokenizer", None), "context_length", None)
     hasher.update(f"ctx={context}".encode())
     return "sha:" + hasher.hexdigest()
 
 
-def cache_key(model_id: str, classnames: Sequence[str], prompts: Sequence[str], num_templates: int, precision: str) -> str:
+def cache_key(
+    model_id: str,
+    classnames: Sequence[str],
+    prompts: Sequence[str],
+    num_templates: int,
+    precision: str,
+) -> str:
     """Hex key of one classifier: the model, every class name and every rendered prompt, precision."""
     hasher = hashlib.sha256()
     for part in (_FORMAT, model_id, precision, str(len(classnames)), str(num_templates)):
@@ -76,7 +84,9 @@ def cache_key(model_id: str, classnames: Sequence[str], prompts: Sequence[str], 
     return hasher.hexdigest()[:32]
 
 
-def load_classifier(cache_dir: Path, key: str, shape: tuple[int, int] | None = None) -> Tensor | None:
+def load_classifier(
+    cache_dir: Path, key: str, shape: tuple[int, int] | None = None
+) -> Tensor | None:
     """The cached classifier [D, C] for `key`, or None (absent, unreadable or the wrong shape)."""
     path = Path(cache_dir) / f"{key}.safetensors"
     if not path.is_file():
@@ -87,16 +97,18 @@ def load_classifier(cache_dir: Path, key: str, shape: tuple[int, int] | None = N
     try:
         tensor = load_file(str(path))["classifier"]
     except (OSError, KeyError, SafetensorError, RuntimeError) as exc:
-        logger.warning("ignoring unreadable cached classifier %s (%s)", path, exc)
+        log.warning("ignoring unreadable cached classifier %s (%s)", path, exc)
         return None
     if tensor.ndim != 2 or (shape is not None and tensor.shape[1] != shape[1]):
-        logger.warning("ignoring cached classifier %s of shape %s", path, tuple(tensor.shape))
+        log.warning("ignoring cached classifier %s of shape %s", path, tuple(tensor.shape))
         return None
-    logger.info("zero-shot classifier from cache: %s", path)
+    log.info("zero-shot classifier from cache: %s", path)
     return tensor
 
 
-def save_classifier(cache_dir: Path, key: str, classifier: Tensor, metadata: dict[str, str]) -> Path | None:
+def save_classifier(
+    cache_dir: Path, key: str, classifier: Tensor, metadata: dict[str, str]
+) -> Path | None:
     """Store atomically (`data_tools.io.atomic_path`); a cache that cannot be written only logs."""
     from safetensors.torch import save_file
 
@@ -104,10 +116,15 @@ def save_classifier(cache_dir: Path, key: str, classifier: Tensor, metadata: dic
     path = cache_dir / f"{key}.safetensors"
     try:
         with atomic_path(path) as tmp:
-            save_file({"classifier": classifier.detach().float().cpu().contiguous()}, str(tmp),
-                      metadata={"format": _FORMAT, **metadata})
+            save_file(
+                {"classifier": classifier.detach().float().cpu().contiguous()},
+                str(tmp),
+                metadata={"format": _FORMAT, **metadata},
+            )
     except OSError as exc:
-        logger.warning("could not cache the classifier in %s (%s); continuing without", cache_dir, exc)
+        log.warning(
+            "could not cache the classifier in %s (%s); continuing without", cache_dir, exc
+        )
         return None
-    logger.info("cached zero-shot classifier: %s", path)
+    log.info("cached zero-shot classifier: %s", path)
     return path

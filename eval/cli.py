@@ -23,20 +23,21 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
-from data_tools.cli_common import add_option, add_subcommand, make_parser, run
-from data_tools.errors import ConfigError, DataError
-from data_tools.fmt import round_floats
 from clip_eval._common import write_json_atomic
 from clip_eval.cache import ENV_VAR, default_cache_dir
 from clip_eval.encoder import Encoder, load_model_dir, load_open_clip
+from data_tools.cli_common import add_option, add_subcommand, make_parser, run
+from data_tools.errors import ConfigError, DataError
+from data_tools.fmt import round_floats
 
 if TYPE_CHECKING:
     import torch
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _EPILOGS = {
     "zero-shot": (
@@ -58,7 +59,7 @@ _EPILOGS = {
         "  clip-eval retrieval --model demo_out/runs/demo --data flickr30k/test.jsonl \\\n"
         "      --image-column file"
         " --caption-column captions\n"
-        "shards: captions from each sample's json \"captions\" list when present, else its .txt;\n"
+        'shards: captions from each sample\'s json "captions" list when present, else its .txt;\n'
         "tables (.csv/.tsv with a header, .jsonl): one row per caption, or a list of captions per row;\n"
         "image paths are relative to the table's folder"
     ),
@@ -87,41 +88,85 @@ _EPILOGS = {
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="run/export directory, an open_clip architecture name with --pretrained, "
-                   "or local-dir:DIR (open_clip_config.json + weight file)")
-    p.add_argument("--pretrained", default=None, metavar="FILE",
-                   help="local open_clip weight file for --model NAME")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="run/export directory, an open_clip architecture name with --pretrained, "
+        "or local-dir:DIR (open_clip_config.json + weight file)",
+    )
+    p.add_argument(
+        "--pretrained",
+        default=None,
+        metavar="FILE",
+        help="local open_clip weight file for --model NAME",
+    )
     p.add_argument("-b", "--batch-size", type=int, default=128, help="images per batch")
-    p.add_argument("-j", "--num-workers", type=int, default=None,
-                   help="data loader worker processes (default: zero-shot min(4, CPUs/2), "
-                   "the other tasks 0)")
-    p.add_argument("--device", default=None,
-                   help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when there is a GPU, "
-                   "else cpu; bf16 autocast on cuda)")
+    p.add_argument(
+        "-j",
+        "--num-workers",
+        type=int,
+        default=None,
+        help="data loader worker processes (default: zero-shot min(4, CPUs/2), the other tasks 0)",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when there is a GPU, "
+        "else cpu; bf16 autocast on cuda)",
+    )
 
 
 def _add_results(p: argparse.ArgumentParser, aliases: Sequence[str] = ("--output",)) -> None:
-    add_option(p, "--results-file", aliases=aliases, default=None, metavar="FILE.json",
-               help="also write the metrics here (atomically, full precision)")
+    add_option(
+        p,
+        "--results-file",
+        aliases=aliases,
+        default=None,
+        metavar="FILE.json",
+        help="also write the metrics here (atomically, full precision)",
+    )
 
 
 def _add_classes(p: argparse.ArgumentParser, labels: str = "--labels") -> None:
-    p.add_argument("--dataset", choices=["imagenet"], default=None, help="imagenet: open_clip's 1000 class names (and templates)")
-    p.add_argument("--classnames", default=None, metavar="FILE", help="class names, one per line ('name' or 'folder<TAB>name')")
+    p.add_argument(
+        "--dataset",
+        choices=["imagenet"],
+        default=None,
+        help="imagenet: open_clip's 1000 class names (and templates)",
+    )
+    p.add_argument(
+        "--classnames",
+        default=None,
+        metavar="FILE",
+        help="class names, one per line ('name' or 'folder<TAB>name')",
+    )
     if labels:
-        p.add_argument(labels, default=None, metavar="FILE", help="labels of a flat image folder: one index per line in sorted filename order, or 'filename,label' rows")
+        p.add_argument(
+            labels,
+            default=None,
+            metavar="FILE",
+            help="labels of a flat image folder: one index per line in sorted filename order, or 'filename,label' rows",
+        )
 
 
 def _add_cache(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache-dir", default=None, metavar="DIR", help=f"classifier cache (default ${ENV_VAR}/classifiers or ~/.cache/clip-train/classifiers)")
-    p.add_argument("--no-cache", action="store_true", help="neither read nor write cached classifiers")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        metavar="DIR",
+        help=f"classifier cache (default ${ENV_VAR}/classifiers or ~/.cache/clip-train/classifiers)",
+    )
+    p.add_argument(
+        "--no-cache", action="store_true", help="neither read nor write cached classifiers"
+    )
 
 
-def _subparser(sub: argparse._SubParsersAction, name: str, func, help: str,
-               description: str) -> argparse.ArgumentParser:
-    return add_subcommand(sub, name, func, help=help, description=description,
-                          epilog=_EPILOGS[name])
+def _subparser(
+    sub: argparse._SubParsersAction, name: str, func, help: str, description: str
+) -> argparse.ArgumentParser:
+    return add_subcommand(
+        sub, name, func, help=help, description=description, epilog=_EPILOGS[name]
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,47 +183,117 @@ def build_parser() -> argparse.ArgumentParser:
             "run 'clip-eval SUBCOMMAND --help' for its options"
         ),
     )
-    sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{zero-shot,retrieval,probe,few-shot,suite}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{zero-shot,retrieval,probe,few-shot,suite}"
+    )
 
-    zs = _subparser(sub, "zero-shot", _cmd_zero_shot,
-                    "zero-shot classification (acc1, acc5, mean per-class recall)",
-                    "Zero-shot classification: acc1, acc5, mean_per_class_recall.")
+    zs = _subparser(
+        sub,
+        "zero-shot",
+        _cmd_zero_shot,
+        "zero-shot classification (acc1, acc5, mean per-class recall)",
+        "Zero-shot classification: acc1, acc5, mean_per_class_recall.",
+    )
     _add_model(zs)
-    zs.add_argument("--data", required=True, metavar="DATA", help="labelled shards, a class folder, or a flat folder with --labels")
+    zs.add_argument(
+        "--data",
+        required=True,
+        metavar="DATA",
+        help="labelled shards, a class folder, or a flat folder with --labels",
+    )
     _add_classes(zs)
-    zs.add_argument("--templates", default=None, metavar="openai|simple|FILE", help="prompt templates: open_clip's OpenAI 80, its short 7, or a file with one '{}' per line")
+    zs.add_argument(
+        "--templates",
+        default=None,
+        metavar="openai|simple|FILE",
+        help="prompt templates: open_clip's OpenAI 80, its short 7, or a file with one '{}' per line",
+    )
     _add_cache(zs)
     _add_results(zs)
 
-    rt = _subparser(sub, "retrieval", _cmd_retrieval, "image<->text recall@1/5/10",
-                    "Zero-shot retrieval: image_retrieval_recall@k (text->image), text_retrieval_recall@k (image->text).")
+    rt = _subparser(
+        sub,
+        "retrieval",
+        _cmd_retrieval,
+        "image<->text recall@1/5/10",
+        "Zero-shot retrieval: image_retrieval_recall@k (text->image), text_retrieval_recall@k (image->text).",
+    )
     _add_model(rt)
-    rt.add_argument("--data", required=True, metavar="DATA", help="caption shards, or a .csv/.tsv/.jsonl table of image paths and captions")
-    rt.add_argument("--image-column", default=None, help="table column with the image path (default: image, filepath, ...)")
-    rt.add_argument("--caption-column", default=None, help="table column with the caption(s) (default: captions, caption, text, title)")
+    rt.add_argument(
+        "--data",
+        required=True,
+        metavar="DATA",
+        help="caption shards, or a .csv/.tsv/.jsonl table of image paths and captions",
+    )
+    rt.add_argument(
+        "--image-column",
+        default=None,
+        help="table column with the image path (default: image, filepath, ...)",
+    )
+    rt.add_argument(
+        "--caption-column",
+        default=None,
+        help="table column with the caption(s) (default: captions, caption, text, title)",
+    )
     _add_results(rt)
 
-    pr = _subparser(sub, "probe", _cmd_probe, "linear probe on frozen image features",
-                    "Linear probe: lp_acc1, lp_acc5, lp_mean_per_class_recall on --test.")
+    pr = _subparser(
+        sub,
+        "probe",
+        _cmd_probe,
+        "linear probe on frozen image features",
+        "Linear probe: lp_acc1, lp_acc5, lp_mean_per_class_recall on --test.",
+    )
     _add_model(pr)
-    pr.add_argument("--train", required=True, metavar="DATA", help="labelled training data (shards or class folder)")
-    pr.add_argument("--test", required=True, metavar="DATA", help="labelled test data with the same classes")
+    pr.add_argument(
+        "--train",
+        required=True,
+        metavar="DATA",
+        help="labelled training data (shards or class folder)",
+    )
+    pr.add_argument(
+        "--test", required=True, metavar="DATA", help="labelled test data with the same classes"
+    )
     _add_classes(pr, labels="")
-    pr.add_argument("--train-labels", default=None, metavar="FILE", help="labels file when --train is a flat folder")
-    pr.add_argument("--test-labels", default=None, metavar="FILE", help="labels file when --test is a flat folder")
-    pr.add_argument("--weight-decays", default=None, metavar="LIST", help="comma-separated sweep (default 1e-6,1e-5,...,1e-1)")
-    pr.add_argument("--val-fraction", type=float, default=0.2,
-                    help="part of --train held out to pick the weight decay")
+    pr.add_argument(
+        "--train-labels",
+        default=None,
+        metavar="FILE",
+        help="labels file when --train is a flat folder",
+    )
+    pr.add_argument(
+        "--test-labels",
+        default=None,
+        metavar="FILE",
+        help="labels file when --test is a flat folder",
+    )
+    pr.add_argument(
+        "--weight-decays",
+        default=None,
+        metavar="LIST",
+        help="comma-separated sweep (default 1e-6,1e-5,...,1e-1)",
+    )
+    pr.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="part of --train held out to pick the weight decay",
+    )
     pr.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
     pr.add_argument("--seed", type=int, default=0, help="seed of the validation split")
     _add_results(pr)
 
-    fs = _subparser(sub, "few-shot", _cmd_few_shot,
-                    "N-way K-shot episodes with a prototype classifier",
-                    "Few-shot: fewshot_acc and fewshot_acc_ci95 over seeded episodes.")
+    fs = _subparser(
+        sub,
+        "few-shot",
+        _cmd_few_shot,
+        "N-way K-shot episodes with a prototype classifier",
+        "Few-shot: fewshot_acc and fewshot_acc_ci95 over seeded episodes.",
+    )
     _add_model(fs)
-    fs.add_argument("--data", required=True, metavar="DATA", help="labelled shards or a class folder")
+    fs.add_argument(
+        "--data", required=True, metavar="DATA", help="labelled shards or a class folder"
+    )
     _add_classes(fs)
     fs.add_argument("--n-way", type=int, default=5, help="classes per episode")
     fs.add_argument("--k-shot", type=int, default=1, help="support images per class")
@@ -187,13 +302,28 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--seed", type=int, default=0, help="seed of the episode sampler")
     _add_results(fs)
 
-    su = _subparser(sub, "suite", _cmd_suite, "several tasks from a YAML file",
-                    "Run a suite of evaluation tasks from YAML.")
+    su = _subparser(
+        sub,
+        "suite",
+        _cmd_suite,
+        "several tasks from a YAML file",
+        "Run a suite of evaluation tasks from YAML.",
+    )
     _add_model(su)
-    su.add_argument("--suite", required=True, metavar="FILE.yaml",
-                    help="the suite (tasks: name, task, data, options)")
-    add_option(su, "--output", aliases=["--output-dir"], default=None, metavar="DIR",
-               help="write <task>.json per task and results.md here")
+    su.add_argument(
+        "--suite",
+        required=True,
+        metavar="FILE.yaml",
+        help="the suite (tasks: name, task, data, options)",
+    )
+    add_option(
+        su,
+        "--output",
+        aliases=["--output-dir"],
+        default=None,
+        metavar="DIR",
+        help="write <task>.json per task and results.md here",
+    )
     _add_cache(su)
     # Not --output here: in a suite that spelling now names the results directory.
     _add_results(su, aliases=())
@@ -242,7 +372,9 @@ def _weight_decays(text: str | None) -> list[float] | None:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError as exc:
-        raise ConfigError(f"--weight-decays {text}: expected comma-separated numbers, e.g. 1e-5,1e-4,1e-3") from exc
+        raise ConfigError(
+            f"--weight-decays {text}: expected comma-separated numbers, e.g. 1e-5,1e-4,1e-3"
+        ) from exc
     if not values:
         raise ConfigError("--weight-decays: give at least one number")
     return values
@@ -259,15 +391,17 @@ def _device(args: argparse.Namespace) -> torch.device:
     except RuntimeError as exc:
         raise DataError(f"--device {args.device}: not a torch device ({exc})") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {args.device}: CUDA is not available on this machine "
-                        "(use --device cpu)")
+        raise DataError(
+            f"--device {args.device}: CUDA is not available on this machine (use --device cpu)"
+        )
     if args.batch_size < 1 or (args.num_workers is not None and args.num_workers < 0):
         raise DataError("--batch-size must be >= 1 and --num-workers >= 0")
     return device
 
 
-def _evaluate(args: argparse.Namespace, device: torch.device,
-              task: Callable[[Encoder, dict], dict]) -> int:
+def _evaluate(
+    args: argparse.Namespace, device: torch.device, task: Callable[[Encoder, dict], dict]
+) -> int:
     """Load --model, run `task(encoder, loader options)`, write and print the metrics."""
     encoder = load_encoder(args.model, args.pretrained, str(device))
     opts = dict(batch_size=args.batch_size, device=device, progress=args.progress)
@@ -285,9 +419,20 @@ def _cmd_zero_shot(args: argparse.Namespace) -> int:
 
     device = _device(args)
     _check_data("--data", args.data)
-    return _evaluate(args, device, lambda encoder, opts: zero_shot_task(
-        encoder, args.data, classnames=args.classnames, templates=args.templates,
-        dataset=args.dataset, labels=args.labels, cache_dir=_cache_dir(args), **opts))
+    return _evaluate(
+        args,
+        device,
+        lambda encoder, opts: zero_shot_task(
+            encoder,
+            args.data,
+            classnames=args.classnames,
+            templates=args.templates,
+            dataset=args.dataset,
+            labels=args.labels,
+            cache_dir=_cache_dir(args),
+            **opts,
+        ),
+    )
 
 
 def _cmd_retrieval(args: argparse.Namespace) -> int:
@@ -295,9 +440,17 @@ def _cmd_retrieval(args: argparse.Namespace) -> int:
 
     device = _device(args)
     _check_data("--data", args.data)
-    return _evaluate(args, device, lambda encoder, opts: retrieval_task(
-        encoder, args.data, image_column=args.image_column, caption_column=args.caption_column,
-        **opts))
+    return _evaluate(
+        args,
+        device,
+        lambda encoder, opts: retrieval_task(
+            encoder,
+            args.data,
+            image_column=args.image_column,
+            caption_column=args.caption_column,
+            **opts,
+        ),
+    )
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
@@ -308,10 +461,24 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     _check_data("--test", args.test)
     weight_decays = _weight_decays(args.weight_decays)
     extra = {"weight_decays": weight_decays} if weight_decays else {}
-    return _evaluate(args, device, lambda encoder, opts: linear_probe_task(
-        encoder, args.train, args.test, classnames=args.classnames, dataset=args.dataset,
-        train_labels=args.train_labels, test_labels=args.test_labels,
-        val_fraction=args.val_fraction, max_iter=args.max_iter, seed=args.seed, **extra, **opts))
+    return _evaluate(
+        args,
+        device,
+        lambda encoder, opts: linear_probe_task(
+            encoder,
+            args.train,
+            args.test,
+            classnames=args.classnames,
+            dataset=args.dataset,
+            train_labels=args.train_labels,
+            test_labels=args.test_labels,
+            val_fraction=args.val_fraction,
+            max_iter=args.max_iter,
+            seed=args.seed,
+            **extra,
+            **opts,
+        ),
+    )
 
 
 def _cmd_few_shot(args: argparse.Namespace) -> int:
@@ -319,10 +486,23 @@ def _cmd_few_shot(args: argparse.Namespace) -> int:
 
     device = _device(args)
     _check_data("--data", args.data)
-    return _evaluate(args, device, lambda encoder, opts: few_shot_task(
-        encoder, args.data, classnames=args.classnames, dataset=args.dataset, labels=args.labels,
-        n_way=args.n_way, k_shot=args.k_shot, n_query=args.n_query, episodes=args.episodes,
-        seed=args.seed, **opts))
+    return _evaluate(
+        args,
+        device,
+        lambda encoder, opts: few_shot_task(
+            encoder,
+            args.data,
+            classnames=args.classnames,
+            dataset=args.dataset,
+            labels=args.labels,
+            n_way=args.n_way,
+            k_shot=args.k_shot,
+            n_query=args.n_query,
+            episodes=args.episodes,
+            seed=args.seed,
+            **opts,
+        ),
+    )
 
 
 def _cmd_suite(args: argparse.Namespace) -> int:
@@ -330,9 +510,11 @@ def _cmd_suite(args: argparse.Namespace) -> int:
 
     device = _device(args)
     if args.output and args.output.endswith(".json"):
-        raise ConfigError(f"--output {args.output}: a suite's --output is now its results "
-                          "directory (was --output-dir); write the metrics JSON with "
-                          "--results-file")
+        raise ConfigError(
+            f"--output {args.output}: a suite's --output is now its results "
+            "directory (was --output-dir); write the metrics JSON with "
+            "--results-file"
+        )
     suite = load_suite(args.suite)
     if not args.no_cache and args.cache_dir is None and suite.cache_dir is not None:
         args.cache_dir = suite.cache_dir
@@ -343,8 +525,13 @@ def _cmd_suite(args: argparse.Namespace) -> int:
         defaults["num_workers"] = args.num_workers
     tasks = tuple(dataclasses.replace(t, options={**defaults, **t.options}) for t in suite.tasks)
     suite = dataclasses.replace(suite, tasks=tasks, cache_dir=cache)
-    return _evaluate(args, device, lambda encoder, opts: run_suite(
-        encoder, suite, device, output_dir=args.output, progress=opts["progress"]))
+    return _evaluate(
+        args,
+        device,
+        lambda encoder, opts: run_suite(
+            encoder, suite, device, output_dir=args.output, progress=opts["progress"]
+        ),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -30,7 +31,7 @@ from data_tools.errors import DataError
 from data_tools.io import read_table
 from data_tools.samples import IMAGE_FILE_EXTS, BadSample, is_image_file, open_image
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 TABLE_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json")
 _IMAGE_COLUMNS = ("image", "filepath", "image_path", "file", "path", "filename")
@@ -101,7 +102,9 @@ def _class_index(
         index = {s: i for i, s in enumerate(synsets)}
         names = imagenet.classnames() if classnames is None else classnames
         if len(names) != len(synsets):
-            raise DataError(f"{source} has {len(names)} class names; ImageNet folders need all 1000 in synset order")
+            raise DataError(
+                f"{source} has {len(names)} class names; ImageNet folders need all 1000 in synset order"
+            )
         for folder in folders:
             if folder not in index:
                 raise DataError(
@@ -132,16 +135,21 @@ def _class_index(
 
 
 def class_folder(
-    root: str | os.PathLike, classnames: list[str] | None = None, dataset: str | None = None, source: str = ""
+    root: str | os.PathLike,
+    classnames: list[str] | None = None,
+    dataset: str | None = None,
+    source: str = "",
 ) -> ImageSet:
     """A class tree `root/<class>/<image>`: every image with its class index."""
     root = Path(root)
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
-        raise DataError(f"{root} has no class sub-folders (for a flat folder of images pass --labels FILE)")
+        raise DataError(
+            f"{root} has no class sub-folders (for a flat folder of images pass --labels FILE)"
+        )
     in1k = dataset == "imagenet"
     if dataset is None and classnames is None and imagenet.label_folders(folders) is not None:
-        logger.info("%s: synset folders, using ImageNet-1k class indices and names", root)
+        log.info("%s: synset folders, using ImageNet-1k class indices and names", root)
         in1k = True
     mapping, names, keys, source = _class_index(folders, classnames, in1k, source, root)
     paths: list[Path] = []
@@ -151,7 +159,9 @@ def class_folder(
         paths.extend(files)
         labels.extend([mapping[folder]] * len(files))
     if not paths:
-        raise DataError(f"{root}: no images in its {len(folders)} class folders (extensions: {', '.join(IMAGE_FILE_EXTS)})")
+        raise DataError(
+            f"{root}: no images in its {len(folders)} class folders (extensions: {', '.join(IMAGE_FILE_EXTS)})"
+        )
     return ImageSet(root, paths, labels=labels, classnames=names, class_keys=keys, source=source)
 
 
@@ -165,7 +175,9 @@ def _parse_label(value: str, lookup: dict[str, int], where: str) -> int:
     for candidate in (value, first):
         if candidate in lookup:
             return lookup[candidate]
-    raise DataError(f"{where}: label {value!r} is neither an integer nor a known class (synset or class name)")
+    raise DataError(
+        f"{where}: label {value!r} is neither an integer nor a known class (synset or class name)"
+    )
 
 
 def flat_folder(
@@ -189,10 +201,14 @@ def flat_folder(
         keys = list(imagenet.synsets())
         source = source if classnames is not None else "open_clip ImageNet names"
     elif classnames is None:
-        raise DataError(f"{root} is a flat folder: pass --classnames FILE (or --dataset imagenet) to name its labels")
+        raise DataError(
+            f"{root} is a flat folder: pass --classnames FILE (or --dataset imagenet) to name its labels"
+        )
     else:
         keys, names = split_classname_lines(classnames)
-    lookup = {k: i for i, k in enumerate(keys)} | {n: i for i, n in enumerate(names) if n not in keys}
+    lookup = {k: i for i, k in enumerate(keys)} | {
+        n: i for i, n in enumerate(names) if n not in keys
+    }
     lines = labels_file.read_text(encoding="utf-8").splitlines()
     rows = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
     if not rows:
@@ -222,21 +238,38 @@ def flat_folder(
             label = by_name.pop(path.name, None)
             label = by_name.pop(path.stem, None) if label is None else label
             if label is None:
-                raise DataError(f"--labels {labels_file} has no row for image {path.name} (rows are 'filename,label')")
+                raise DataError(
+                    f"--labels {labels_file} has no row for image {path.name} (rows are 'filename,label')"
+                )
             labels.append(label)
         if by_name:
             extra = next(iter(by_name))
-            raise DataError(f"--labels {labels_file} names {extra!r}, which is not an image in {root}")
+            raise DataError(
+                f"--labels {labels_file} names {extra!r}, which is not an image in {root}"
+            )
     for path, label in zip(paths, labels):
         if not 0 <= label < len(names):
-            raise DataError(f"--labels {labels_file}: image {path.name} has label {label}, outside [0, {len(names)})")
-    return ImageSet(root, paths, labels=labels, classnames=names, class_keys=keys, source=source or str(labels_file))
+            raise DataError(
+                f"--labels {labels_file}: image {path.name} has label {label}, outside [0, {len(names)})"
+            )
+    return ImageSet(
+        root,
+        paths,
+        labels=labels,
+        classnames=names,
+        class_keys=keys,
+        source=source or str(labels_file),
+    )
 
 
-def _pick_column(columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, table: Path) -> str:
+def _pick_column(
+    columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, table: Path
+) -> str:
     if wanted is not None:
         if wanted not in columns:
-            raise DataError(f"{table}: no {what} column {wanted!r} (columns: {', '.join(columns) or 'none'})")
+            raise DataError(
+                f"{table}: no {what} column {wanted!r} (columns: {', '.join(columns) or 'none'})"
+            )
         return wanted
     for name in candidates:
         if name in columns:
@@ -271,7 +304,9 @@ def caption_table(
             or not captions
             or not all(isinstance(c, str) and c.strip() for c in captions)
         ):
-            raise DataError(f"{table} line {n}: {caption_key!r} must be a non-empty caption or list of captions")
+            raise DataError(
+                f"{table} line {n}: {caption_key!r} must be a non-empty caption or list of captions"
+            )
         path = Path(value).expanduser()
         path = path if path.is_absolute() else table.parent / path
         if path not in images:
@@ -304,7 +339,9 @@ class _Files(Dataset):
             with open_image(path, Image.MAX_IMAGE_PIXELS or 2**62) as img:
                 item["image"] = self.transform(img)
         except (BadSample, OSError, ValueError, SyntaxError) as exc:
-            item["error"] = f"cannot read image {path}: {' '.join(str(exc).split())}; fix or remove the file"
+            item["error"] = (
+                f"cannot read image {path}: {' '.join(str(exc).split())}; fix or remove the file"
+            )
             return item
         if self.images.labels is not None:
             item["label"] = self.images.labels[i]
@@ -317,7 +354,10 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     errors = [item["error"] for item in items if "error" in item]
     if errors:
         return {"error": errors[0]}
-    batch: dict[str, Any] = {"image": torch.stack([item["image"] for item in items]), "key": [item["key"] for item in items]}
+    batch: dict[str, Any] = {
+        "image": torch.stack([item["image"] for item in items]),
+        "key": [item["key"] for item in items],
+    }
     if "label" in items[0]:
         batch["label"] = torch.tensor([item["label"] for item in items], dtype=torch.long)
     if "json" in items[0]:

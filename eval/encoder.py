@@ -17,8 +17,9 @@ import importlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from PIL import Image
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from data_tools.errors import ConfigError, DataError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # Who loads a run or export directory (clip-train's `load(path, device=...)`); see above.
 MODEL_DIR_LOADER = "clip_train:load"
@@ -86,18 +87,25 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 LOCAL_DIR = "local-dir:"
 # open_clip's own preference for the weight file of a 'local-dir:' folder (factory.py).
 _LOCAL_DIR_WEIGHTS = (
-    "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
-    "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth",
-    "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth",
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.pth",
+    "model.pth",
 )
 
 
 def local_dir_weights(model_name: str) -> Path:
     """The weight file open_clip loads for `local-dir:DIR`, found as open_clip finds it."""
-    folder = Path(model_name[len(LOCAL_DIR):]).expanduser()
+    folder = Path(model_name[len(LOCAL_DIR) :]).expanduser()
     if not (folder / "open_clip_config.json").is_file():
-        raise DataError(f"--model {model_name}: no open_clip_config.json in {folder} "
-                        "(clip-train export writes one in EXPORT/open_clip)")
+        raise DataError(
+            f"--model {model_name}: no open_clip_config.json in {folder} "
+            "(clip-train export writes one in EXPORT/open_clip)"
+        )
     for name in _LOCAL_DIR_WEIGHTS:
         if (folder / name).is_file():
             return folder / name
@@ -105,8 +113,10 @@ def local_dir_weights(model_name: str) -> Path:
     found = sorted(p for ext in ("safetensors", "bin", "pth") for p in folder.glob(f"*.{ext}"))
     found.sort(key=lambda p: p.suffix == ".safetensors", reverse=True)
     if not found:
-        raise DataError(f"--model {model_name}: no weight file in {folder} (looked for "
-                        f"{', '.join(_LOCAL_DIR_WEIGHTS[:3])}, ...)")
+        raise DataError(
+            f"--model {model_name}: no weight file in {folder} (looked for "
+            f"{', '.join(_LOCAL_DIR_WEIGHTS[:3])}, ...)"
+        )
     return found[0]
 
 
@@ -138,7 +148,10 @@ def load_open_clip(
             f"--model {model_name}: hf-hub models are not downloaded; pass an open_clip architecture "
             f"name and --pretrained with a local weight file, or 'local-dir:DIR'"
         )
-    if not model_name.startswith("local-dir:") and model_name.replace("/", "-") not in open_clip.list_models():
+    if (
+        not model_name.startswith("local-dir:")
+        and model_name.replace("/", "-") not in open_clip.list_models()
+    ):
         raise ConfigError(
             f"--model {model_name}: not an open_clip architecture (see open_clip.list_models()) "
             f"and not a run or export directory"
@@ -164,7 +177,7 @@ def load_open_clip(
     except (RuntimeError, ValueError, KeyError, FileNotFoundError, OSError) as exc:
         what = f"weights {weights}" if weights else "model"
         raise ConfigError(f"--model {model_name}: could not load {what}: {_one_line(exc)}") from exc
-    logger.info("loaded open_clip %s (weights: %s)", model_name, weights or "random init")
+    log.info("loaded open_clip %s (weights: %s)", model_name, weights or "random init")
     encoder = OpenClipEncoder(model, tokenizer, preprocess)
     encoder.name = f"{model_name} ({weights})" if weights else model_name
     if weights is not None:
@@ -173,8 +186,9 @@ def load_open_clip(
             config = (Path(weights).parent / "open_clip_config.json").read_text()
         else:
             config = json.dumps(open_clip.get_model_config(model_name), sort_keys=True, default=str)
-        encoder.weights_identity = (f"open_clip|{model_name}|{weights}|{stat.st_size}|"
-                                    f"{stat.st_mtime_ns}|{config}")
+        encoder.weights_identity = (
+            f"open_clip|{model_name}|{weights}|{stat.st_size}|{stat.st_mtime_ns}|{config}"
+        )
     encoder.eval()
     return encoder
 
@@ -187,6 +201,8 @@ def load_model_dir(path: str, device: str | torch.device = "cpu") -> Encoder:
     except ImportError as exc:
         if exc.name != module_name:
             raise
-        raise ConfigError(f"--model {path}: a run or export directory is loaded by {module_name}, "
-                          "which is not installed (pip install the clip-train package)") from exc
+        raise ConfigError(
+            f"--model {path}: a run or export directory is loaded by {module_name}, "
+            "which is not installed (pip install the clip-train package)"
+        ) from exc
     return getattr(module, function)(path, device=device)

@@ -71,8 +71,10 @@ def image_features(
         if streams not in pools:
             # Made on first use, after the loader has forked its workers: no fork with threads alive.
             pools[streams] = ThreadPoolExecutor(
-                streams, thread_name_prefix="clip-eval-image",
-                initializer=torch.set_num_threads, initargs=(max(1, threads // streams),),
+                streams,
+                thread_name_prefix="clip-eval-image",
+                initializer=torch.set_num_threads,
+                initargs=(max(1, threads // streams),),
             )
         return torch.cat(list(pools[streams].map(lambda c: _chunk(encoder, c), chunks)))
 
@@ -94,4 +96,3 @@ def _chunk(encoder: Encoder, images: Tensor) -> Tensor:
     # Grad mode is per thread: a pool thread must switch it off itself.
     with torch.inference_mode():
         return encoder.encode_image(images).float()
-

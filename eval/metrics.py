@@ -12,7 +12,7 @@ and lets the similarity matrix be computed in row chunks so 50k x 50k retrieval 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +43,17 @@ def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
     the recall of each class present in `labels`, averaged with equal weight per class.
     """
     if logits.ndim != 2 or labels.ndim != 1 or logits.shape[0] != labels.shape[0]:
-        raise ValueError(f"expected logits [N, C] and labels [N], got {tuple(logits.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"expected logits [N, C] and labels [N], got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
     num_samples, num_classes = logits.shape
     if num_samples == 0:
         raise ValueError("classification_metrics needs at least one sample")
     labels = labels.to(device=logits.device, dtype=torch.long)
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}), got range [{labels.min()}, {labels.max()}]")
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got range [{labels.min()}, {labels.max()}]"
+        )
 
     logits = logits.float()
     rank = _stable_rank(logits, labels)
@@ -78,7 +82,9 @@ def _positives_per_image(text_to_image: Tensor, num_images: int) -> Tensor:
     counts = torch.bincount(text_to_image, minlength=num_images)
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(len(order), device=order.device) - starts[owner]
-    positives = torch.full((num_images, int(counts.max())), -1, dtype=torch.long, device=order.device)
+    positives = torch.full(
+        (num_images, int(counts.max())), -1, dtype=torch.long, device=order.device
+    )
     positives[owner, slot] = order
     return positives
 
@@ -96,7 +102,11 @@ def retrieval_metrics(
     texts is among the k most similar texts (averaged over images that have texts). Features are
     L2-normalized here; similarities are float32 and computed in chunks of rows.
     """
-    if image_features.ndim != 2 or text_features.ndim != 2 or image_features.shape[1] != text_features.shape[1]:
+    if (
+        image_features.ndim != 2
+        or text_features.ndim != 2
+        or image_features.shape[1] != text_features.shape[1]
+    ):
         raise ValueError(
             f"expected image features [N, D] and text features [M, D], got "
             f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
@@ -105,7 +115,9 @@ def retrieval_metrics(
     if num_images == 0 or num_texts == 0:
         raise ValueError("retrieval_metrics needs at least one image and one text")
     if text_to_image.shape != (num_texts,):
-        raise ValueError(f"text_to_image must have shape [{num_texts}], got {tuple(text_to_image.shape)}")
+        raise ValueError(
+            f"text_to_image must have shape [{num_texts}], got {tuple(text_to_image.shape)}"
+        )
     ks = tuple(int(k) for k in ks)
     if not ks or min(ks) < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")

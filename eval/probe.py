@@ -17,18 +17,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from data_tools.errors import ConfigError
 from clip_eval._common import EvalDataError, autocast, inference, progress_bar
 from clip_eval.encoder import Encoder
 from clip_eval.metrics import classification_metrics
+from data_tools.errors import ConfigError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 DEFAULT_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 _FLOAT64_ELEMENTS = 1 << 27
@@ -99,8 +99,13 @@ def fit_logistic_regression(
     weight = torch.zeros(x.shape[1], num_classes, dtype=dtype, device=device, requires_grad=True)
     bias = torch.zeros(num_classes, dtype=dtype, device=device, requires_grad=True)
     optimizer = torch.optim.LBFGS(
-        [weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
-        tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe",
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-7,
+        tolerance_change=1e-10,
+        line_search_fn="strong_wolfe",
     )
 
     def closure() -> Tensor:
@@ -140,7 +145,9 @@ def linear_probe(
     weight_decay, its validation acc1 and the sample counts.
     """
     if not weight_decays or any(wd < 0 for wd in weight_decays):
-        raise ConfigError(f"weight_decays must be a non-empty list of values >= 0, got {list(weight_decays)}")
+        raise ConfigError(
+            f"weight_decays must be a non-empty list of values >= 0, got {list(weight_decays)}"
+        )
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"val_fraction must lie in (0, 1), got {val_fraction}")
     n = train_features.shape[0]
@@ -158,10 +165,12 @@ def linear_probe(
     val_x = (train_features[val_idx] - mean) / std
     sweep: list[tuple[float, float]] = []
     for wd in weight_decays:
-        weight, bias = fit_logistic_regression(fit_x, train_labels[fit_idx], num_classes, wd, max_iter, device)
+        weight, bias = fit_logistic_regression(
+            fit_x, train_labels[fit_idx], num_classes, wd, max_iter, device
+        )
         acc = classification_metrics(val_x @ weight + bias, train_labels[val_idx])["acc1"]
         sweep.append((acc, wd))
-        logger.info("linear probe: weight decay %g -> val acc1 %.4f", wd, acc)
+        log.info("linear probe: weight decay %g -> val acc1 %.4f", wd, acc)
     # Best validation accuracy; among ties the strongest regularization (simplest model).
     best_acc, best_wd = max(sweep, key=lambda item: (item[0], item[1]))
 
@@ -223,7 +232,12 @@ def few_shot(
     seed: int = 0,
 ) -> dict[str, float]:
     """Mean accuracy and 95% CI half width of N-way K-shot prototype classification episodes."""
-    for name, value, low in (("n_way", n_way, 2), ("k_shot", k_shot, 1), ("n_query", n_query, 1), ("episodes", episodes, 1)):
+    for name, value, low in (
+        ("n_way", n_way, 2),
+        ("k_shot", k_shot, 1),
+        ("n_query", n_query, 1),
+        ("episodes", episodes, 1),
+    ):
         if not isinstance(value, int) or value < low:
             raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
     features = F.normalize(features.float(), dim=-1)
@@ -239,9 +253,13 @@ def few_shot(
     generator = torch.Generator().manual_seed(seed)
     accuracies = torch.empty(episodes, dtype=torch.float64)
     with _cpu_threads(1):  # episodes are many tiny ops: threads only add synchronisation
-        _episodes(features, labels, eligible, members, n_way, k_shot, n_query, generator, accuracies)
+        _episodes(
+            features, labels, eligible, members, n_way, k_shot, n_query, generator, accuracies
+        )
     mean = accuracies.mean().item()
-    ci95 = 1.96 * accuracies.std(unbiased=True).item() / math.sqrt(episodes) if episodes > 1 else 0.0
+    ci95 = (
+        1.96 * accuracies.std(unbiased=True).item() / math.sqrt(episodes) if episodes > 1 else 0.0
+    )
     return {
         "fewshot_acc": mean,
         "fewshot_acc_ci95": ci95,

@@ -7,13 +7,13 @@ place that labels ImageNet for the shard builders and for evaluation.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence, Union
 
 from data_tools.errors import ConfigError, DataError
 
-Template = Union[str, Callable[[str], str]]
-PathLike = Union[str, os.PathLike]
+Template = str | Callable[[str], str]
+PathLike = str | os.PathLike
 
 TEMPLATE_SETS = ("openai", "simple")
 DATASETS = ("imagenet",)
@@ -28,25 +28,33 @@ def template_set(name: str) -> list[Template]:
         return list(OPENAI_IMAGENET_TEMPLATES)
     if name == "simple":
         return list(SIMPLE_IMAGENET_TEMPLATES)
-    raise ConfigError(f"templates {name!r}: unknown template set (use {' or '.join(TEMPLATE_SETS)}, or a file)")
+    raise ConfigError(
+        f"templates {name!r}: unknown template set (use {' or '.join(TEMPLATE_SETS)}, or a file)"
+    )
 
 
 def read_lines(path: PathLike, option: str) -> list[str]:
     """Non-blank lines of a UTF-8 text file (class names, templates), surrounding space removed."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path.name} not found: {path} (pass {option} FILE, or put it next to the data)")
+        raise DataError(
+            f"{path.name} not found: {path} (pass {option} FILE, or put it next to the data)"
+        )
     try:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc} (it must be UTF-8 text, one entry per line)") from exc
+        raise DataError(
+            f"cannot read {path}: {exc} (it must be UTF-8 text, one entry per line)"
+        ) from exc
     lines = [line for line in lines if line]
     if not lines:
         raise DataError(f"{path} is empty; it needs one entry per line")
     return lines
 
 
-def resolve_templates(value: Sequence[Template] | PathLike | None, default: Sequence[Template] | PathLike) -> tuple[list[Template], str]:
+def resolve_templates(
+    value: Sequence[Template] | PathLike | None, default: Sequence[Template] | PathLike
+) -> tuple[list[Template], str]:
     """Templates from a list, a set name ('openai'/'simple'), a file, or `default`; plus their source."""
     if value is None:
         value = default
@@ -58,7 +66,9 @@ def resolve_templates(value: Sequence[Template] | PathLike | None, default: Sequ
     return list(value), "the given templates"
 
 
-def resolve_classnames(value: Sequence[str] | PathLike | None, default: Sequence[str] | PathLike | None) -> tuple[list[str] | None, str]:
+def resolve_classnames(
+    value: Sequence[str] | PathLike | None, default: Sequence[str] | PathLike | None
+) -> tuple[list[str] | None, str]:
     """Class names from a list or a file, else from `default` (a list, a file or None)."""
     if value is None:
         value = default

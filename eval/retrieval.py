@@ -7,7 +7,7 @@ JSON `"captions"` list when present, else the single `.txt` caption.
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from clip_eval.encoder import Encoder
 from clip_eval.metrics import retrieval_metrics
 from clip_eval.text import encode_texts
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def _captions_of(batch: dict, index: int) -> list[str]:
@@ -26,12 +26,20 @@ def _captions_of(batch: dict, index: int) -> list[str]:
     meta = batch["json"][index] if "json" in batch else None
     if isinstance(meta, dict) and "captions" in meta:
         captions = meta["captions"]
-        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+        if (
+            not isinstance(captions, list)
+            or not captions
+            or not all(isinstance(c, str) for c in captions)
+        ):
             key = batch.get("key", [None] * (index + 1))[index]
-            raise EvalDataError(f"sample {key!r}: json 'captions' must be a non-empty list of strings")
+            raise EvalDataError(
+                f"sample {key!r}: json 'captions' must be a non-empty list of strings"
+            )
         return captions
     if "caption" not in batch:
-        raise EvalDataError("retrieval batch has neither json 'captions' nor 'caption': the shards need a .txt entry")
+        raise EvalDataError(
+            "retrieval batch has neither json 'captions' nor 'caption': the shards need a .txt entry"
+        )
     return [batch["caption"][index]]
 
 
@@ -69,10 +77,14 @@ def evaluate_retrieval(
             num_images += images.shape[0]
         if num_images == 0:
             raise EvalDataError("retrieval evaluation got no samples")
-        text_features = encode_texts(encoder, texts, device, batch_size, progress=progress, desc="captions")
-    logger.info("retrieval: %d images, %d texts", num_images, len(texts))
+        text_features = encode_texts(
+            encoder, texts, device, batch_size, progress=progress, desc="captions"
+        )
+    log.info("retrieval: %d images, %d texts", num_images, len(texts))
     metrics: dict[str, float] = dict(
-        retrieval_metrics(torch.cat(image_features), text_features, torch.tensor(text_to_image), ks=ks)
+        retrieval_metrics(
+            torch.cat(image_features), text_features, torch.tensor(text_to_image), ks=ks
+        )
     )
     metrics["num_images"] = num_images
     metrics["num_texts"] = len(texts)

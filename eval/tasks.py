@@ -14,17 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import tarfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any
 
 import torch
 
-from data_tools import imagenet
-from data_tools.errors import ConfigError, DataError
-from data_tools.fmt import format_metrics
-from data_tools.loader import expand_shards, make_loader
-from data_tools.tario import sample_key
-from data_tools.urls import is_remote
 from clip_eval._common import EvalDataError
 from clip_eval.datasets import (
     FileLoader,
@@ -48,11 +43,17 @@ from clip_eval.prompts import (
 )
 from clip_eval.retrieval import evaluate_retrieval
 from clip_eval.zero_shot import build_zero_shot_classifier, evaluate_zero_shot
+from data_tools import imagenet
+from data_tools.errors import ConfigError, DataError
+from data_tools.fmt import format_metrics
+from data_tools.loader import expand_shards, make_loader
+from data_tools.tario import sample_key
+from data_tools.urls import is_remote
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
-DataSpec = Union[PathLike, Sequence[PathLike]]
+PathLike = str | os.PathLike
+DataSpec = PathLike | Sequence[PathLike]
 
 
 def _spec_name(data: object) -> str:
@@ -68,7 +69,9 @@ def _data_dir(data: object, shards: list[str]) -> Path:
 
 def _check_dataset(dataset: str | None) -> None:
     if dataset is not None and dataset not in DATASETS:
-        raise ConfigError(f"dataset {dataset!r}: unknown (known: {', '.join(DATASETS)}; others take --classnames and --templates)")
+        raise ConfigError(
+            f"dataset {dataset!r}: unknown (known: {', '.join(DATASETS)}; others take --classnames and --templates)"
+        )
 
 
 def _check_loader_args(batch_size: int, num_workers: int) -> None:
@@ -109,14 +112,18 @@ class _Labelled:
             names, source = resolve_classnames(given, None)
             if kind == "flat-folder":
                 if labels is None:
-                    raise DataError(f"{folder} holds images but no class sub-folders: pass --labels FILE for a flat folder")
+                    raise DataError(
+                        f"{folder} holds images but no class sub-folders: pass --labels FILE for a flat folder"
+                    )
                 self.images: ImageSet | None = flat_folder(folder, labels, names, dataset, source)
             else:
                 self.images = class_folder(folder, names, dataset, source)
             self.classnames: list[str] | None = self.images.classnames
             self.source = self.images.source
             self.default_dir = folder
-            self.loader: Any = FileLoader(self.images, encoder.preprocess, batch_size, num_workers, pin)
+            self.loader: Any = FileLoader(
+                self.images, encoder.preprocess, batch_size, num_workers, pin
+            )
             self.total = len(self.loader)
             return
         self.images = None
@@ -130,7 +137,9 @@ class _Labelled:
         else:
             default_names = self.default_dir / "classnames.txt"
             # Probes do without class names; zero-shot says what is missing.
-            names, self.source = resolve_classnames(classnames, default_names if default_names.is_file() else None)
+            names, self.source = resolve_classnames(
+                classnames, default_names if default_names.is_file() else None
+            )
             self.source = self.source if names is not None else str(default_names)
         self.classnames = split_classname_lines(names)[1] if names is not None else None
         self.loader = make_loader(
@@ -148,7 +157,9 @@ class _Labelled:
             if self.remap is not None and "label" in batch:
                 labels = torch.as_tensor(batch["label"]).long()
                 if labels.numel() and (labels.min() < 0 or labels.max() >= len(self.remap)):
-                    raise EvalDataError(f"a label is outside the {len(self.remap)} synsets of classnames.txt")
+                    raise EvalDataError(
+                        f"a label is outside the {len(self.remap)} synsets of classnames.txt"
+                    )
                 batch["label"] = self.remap[labels]
             yield batch
 
@@ -171,8 +182,10 @@ def _synset_remap(path: Path) -> torch.Tensor | None:
     index = {s: i for i, s in enumerate(imagenet.synsets())}
     unknown = [k for k in keys if k not in index]
     if unknown:
-        raise DataError(f"{path}: {unknown[0]!r} is not an ImageNet-1k synset; this is not an ImageNet-1k shard set")
-    logger.info("%s lists synsets: mapping shard labels to ImageNet-1k indices", path)
+        raise DataError(
+            f"{path}: {unknown[0]!r} is not an ImageNet-1k synset; this is not an ImageNet-1k shard set"
+        )
+    log.info("%s lists synsets: mapping shard labels to ImageNet-1k indices", path)
     return torch.tensor([index[k] for k in keys], dtype=torch.long)
 
 
@@ -203,8 +216,14 @@ def zero_shot_task(
     device = torch.device(device)
     num_workers = default_num_workers() if num_workers is None else num_workers
     stream = _Labelled(
-        encoder, data, classnames=classnames, dataset=dataset, labels=labels,
-        batch_size=batch_size, num_workers=num_workers, device=device,
+        encoder,
+        data,
+        classnames=classnames,
+        dataset=dataset,
+        labels=labels,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
     )
     try:
         names = stream.classnames
@@ -218,7 +237,11 @@ def zero_shot_task(
         elif templates is None and (stream.default_dir / "templates.txt").is_file():
             default = stream.default_dir / "templates.txt"
         elif templates is None and stream.kind != "shards":
-            logger.warning("%s: no templates given and no templates.txt; using %r", stream.where, DEFAULT_TEMPLATE)
+            log.warning(
+                "%s: no templates given and no templates.txt; using %r",
+                stream.where,
+                DEFAULT_TEMPLATE,
+            )
             default = [DEFAULT_TEMPLATE]
         else:
             default = stream.default_dir / "templates.txt"
@@ -227,13 +250,15 @@ def zero_shot_task(
             encoder, names, prompts, device, cache_dir=cache_dir, progress=progress
         )
         try:
-            metrics = evaluate_zero_shot(encoder, stream, classifier, device, progress=progress, total=stream.total)
+            metrics = evaluate_zero_shot(
+                encoder, stream, classifier, device, progress=progress, total=stream.total
+            )
         except EvalDataError as exc:
             raise DataError(f"{stream.where}: {exc} (class names from {stream.source})") from exc
     finally:
         stream.close()
     metrics["num_classes"] = len(names)
-    logger.info("zero-shot on %s: %s", stream.where, format_metrics(metrics))
+    log.info("zero-shot on %s: %s", stream.where, format_metrics(metrics))
     return metrics
 
 
@@ -260,11 +285,15 @@ def retrieval_task(
     total = None
     if is_table(data):
         images = caption_table(data, image_column, caption_column)  # type: ignore[arg-type]
-        loader = FileLoader(images, encoder.preprocess, batch_size, num_workers, device.type == "cuda")
+        loader = FileLoader(
+            images, encoder.preprocess, batch_size, num_workers, device.type == "cuda"
+        )
         total = len(loader)
     else:
         if image_column is not None or caption_column is not None:
-            raise ConfigError("image_column/caption_column apply to CSV/TSV/JSONL tables, not to shards")
+            raise ConfigError(
+                "image_column/caption_column apply to CSV/TSV/JSONL tables, not to shards"
+            )
         shards = expand_shards(data)
         # Only ask for .json when the shards carry it: the loader skips samples lacking a requested field.
         loader = make_loader(
@@ -282,7 +311,7 @@ def retrieval_task(
         raise DataError(f"{where}: {exc}") from exc
     finally:
         loader.close()
-    logger.info("retrieval on %s: %s", where, format_metrics(metrics))
+    log.info("retrieval on %s: %s", where, format_metrics(metrics))
     return metrics
 
 
@@ -291,7 +320,9 @@ def _features(
 ) -> tuple[torch.Tensor, torch.Tensor, _Labelled]:
     stream = _Labelled(encoder, data, device=device, **opts)
     try:
-        features, labels = extract_features(encoder, stream, device, progress=progress, total=stream.total)
+        features, labels = extract_features(
+            encoder, stream, device, progress=progress, total=stream.total
+        )
     except EvalDataError as exc:
         raise DataError(f"{stream.where}: {exc}") from exc
     finally:
@@ -330,19 +361,32 @@ def linear_probe_task(
     test_names = classnames
     if classnames is None and stream.images is not None and dataset is None:
         test_names = stream.images.class_keys  # match test folders to the training classes by name
-    test_x, test_y, _ = _features(encoder, test, device, progress, classnames=test_names, labels=test_labels, **opts)
+    test_x, test_y, _ = _features(
+        encoder, test, device, progress, classnames=test_names, labels=test_labels, **opts
+    )
     num_classes = len(stream.classnames) if stream.classnames else None
     if num_classes is not None and int(max(train_y.max(), test_y.max())) >= num_classes:
-        raise DataError(f"{_spec_name(test)}: a label is >= the {num_classes} classes of {stream.source}")
+        raise DataError(
+            f"{_spec_name(test)}: a label is >= the {num_classes} classes of {stream.source}"
+        )
     try:
         metrics = linear_probe(
-            train_x, train_y, test_x, test_y, num_classes=num_classes, weight_decays=weight_decays,
-            val_fraction=val_fraction, seed=seed, max_iter=max_iter, device=device,
+            train_x,
+            train_y,
+            test_x,
+            test_y,
+            num_classes=num_classes,
+            weight_decays=weight_decays,
+            val_fraction=val_fraction,
+            seed=seed,
+            max_iter=max_iter,
+            device=device,
         )
     except EvalDataError as exc:
         raise DataError(f"{_spec_name(train)}: {exc}") from exc
-    logger.info("linear probe %s -> %s: %s", _spec_name(train), _spec_name(test),
-                format_metrics(metrics))
+    log.info(
+        "linear probe %s -> %s: %s", _spec_name(train), _spec_name(test), format_metrics(metrics)
+    )
     return metrics
 
 
@@ -366,14 +410,29 @@ def few_shot_task(
     """N-way K-shot prototype episodes on frozen image features: fewshot_acc +- fewshot_acc_ci95."""
     device = torch.device(device)
     features, targets, stream = _features(
-        encoder, data, device, progress, classnames=classnames, dataset=dataset, labels=labels,
-        batch_size=batch_size, num_workers=num_workers,
+        encoder,
+        data,
+        device,
+        progress,
+        classnames=classnames,
+        dataset=dataset,
+        labels=labels,
+        batch_size=batch_size,
+        num_workers=num_workers,
     )
     try:
-        metrics = few_shot(features, targets, n_way=n_way, k_shot=k_shot, n_query=n_query, episodes=episodes, seed=seed)
+        metrics = few_shot(
+            features,
+            targets,
+            n_way=n_way,
+            k_shot=k_shot,
+            n_query=n_query,
+            episodes=episodes,
+            seed=seed,
+        )
     except EvalDataError as exc:
         raise DataError(f"{stream.where}: {exc}") from exc
-    logger.info("few-shot on %s: %s", stream.where, format_metrics(metrics))
+    log.info("few-shot on %s: %s", stream.where, format_metrics(metrics))
     return metrics
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,14 +25,14 @@ from torch import Tensor, nn
 
 from clip_eval._common import autocast, progress_bar
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # Rows of the first batch recomputed through the model's own encode_text to confirm the trimmed
 # path on this model; the bound is far above float32 noise and far below any real bug.
 _CHECK_ROWS = 4
 _CHECK_TOLERANCE = 1e-4
 # Verdicts of the check per model object: it depends on the architecture, not on the weights.
-_CONFIRMED: "weakref.WeakKeyDictionary[object, bool]" = weakref.WeakKeyDictionary()
+_CONFIRMED: weakref.WeakKeyDictionary[object, bool] = weakref.WeakKeyDictionary()
 
 
 def _unwrap(encoder: object) -> object:
@@ -146,7 +146,10 @@ def _check_trimmed(encoder: object, forward: Callable[[Tensor], Tensor], tokens:
         got = F.normalize(forward(rows).float(), dim=-1)
     diff = (want - got).abs().max().item()
     if diff > _CHECK_TOLERANCE:
-        logger.warning("trimmed text path differs from encode_text by %.2e on this model; using the plain path", diff)
+        log.warning(
+            "trimmed text path differs from encode_text by %.2e on this model; using the plain path",
+            diff,
+        )
         return False
     return True
 
@@ -185,5 +188,9 @@ def encode_texts(
             out = torch.empty(len(texts), features.shape[1], device=device)
         out[index.to(device)] = features
     assert out is not None
-    logger.debug("encoded %d texts (%s path)", len(texts), "trimmed" if forward is not None else "encode_text")
+    log.debug(
+        "encoded %d texts (%s path)",
+        len(texts),
+        "trimmed" if forward is not None else "encode_text",
+    )
     return out

@@ -10,14 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from data_tools.errors import ConfigError
 from clip_eval._common import EvalDataError, inference, precision_name, progress_bar
 from clip_eval.cache import cache_key, load_classifier, model_identity, save_classifier
 from clip_eval.encoder import Encoder
@@ -25,8 +24,9 @@ from clip_eval.image_pass import CPU_CHUNK, image_features
 from clip_eval.metrics import classification_metrics
 from clip_eval.prompts import Template
 from clip_eval.text import encode_texts
+from data_tools.errors import ConfigError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def _prompt(template: Template, classname: str) -> str:
@@ -75,23 +75,35 @@ def build_zero_shot_classifier(
 
     key = None
     if cache_dir is not None:
-        key = cache_key(model_identity(encoder), classnames, prompts, num_templates, precision_name(device))
+        key = cache_key(
+            model_identity(encoder), classnames, prompts, num_templates, precision_name(device)
+        )
         cached = load_classifier(Path(cache_dir), key, shape=(0, len(classnames)))
         if cached is not None:
             return cached.to(device)
 
     started = time.perf_counter()
     with inference(encoder):
-        features = encode_texts(encoder, prompts, device, batch_size, progress=progress, desc="classifier")
+        features = encode_texts(
+            encoder, prompts, device, batch_size, progress=progress, desc="classifier"
+        )
     owner = torch.arange(len(classnames), device=device).repeat_interleave(num_templates)
-    sums = torch.zeros(len(classnames), features.shape[1], device=device).index_add_(0, owner, features)
+    sums = torch.zeros(len(classnames), features.shape[1], device=device).index_add_(
+        0, owner, features
+    )
     classifier = F.normalize(sums / num_templates, dim=-1).T.contiguous()
-    logger.info(
+    log.info(
         "zero-shot classifier: %d classes x %d templates in %.1fs",
-        len(classnames), num_templates, time.perf_counter() - started,
+        len(classnames),
+        num_templates,
+        time.perf_counter() - started,
     )
     if key is not None:
-        meta = {"classes": str(len(classnames)), "templates": str(num_templates), "first_prompt": prompts[0][:200]}
+        meta = {
+            "classes": str(len(classnames)),
+            "templates": str(num_templates),
+            "first_prompt": prompts[0][:200],
+        }
         save_classifier(Path(cache_dir), key, classifier, meta)  # type: ignore[arg-type]
     return classifier
 
@@ -121,7 +133,9 @@ def evaluate_zero_shot(
     with inference(encoder), image_features(encoder, device, cpu_chunk) as encode:
         for batch in progress_bar(batches, progress, "zero-shot", total=total, unit="batch"):
             if "label" not in batch:
-                raise EvalDataError("zero-shot batch has no 'label': the shards need a .cls entry per sample")
+                raise EvalDataError(
+                    "zero-shot batch has no 'label': the shards need a .cls entry per sample"
+                )
             labels = torch.as_tensor(batch["label"]).long().reshape(-1)
             bad = (labels < 0) | (labels >= num_classes)
             if bad.any():

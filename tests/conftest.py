@@ -10,8 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["CLIP_TRAIN_CACHE"] = tempfile.mkdtemp(prefix="clip-train-test-cache-")
 
 import pytest  # noqa: E402
-
-from smoke_config import TINY, make_cfg as _make_cfg  # noqa: E402
+from smoke_config import TINY  # noqa: E402
+from smoke_config import make_cfg as _make_cfg
 
 
 @pytest.fixture(scope="session")
@@ -20,8 +20,17 @@ def synth_dir(tmp_path_factory):
     from data_tools.synth import SynthConfig, write_synth
 
     out = tmp_path_factory.mktemp("synth")
-    write_synth(out, SynthConfig(seed=0, train_samples=200, zeroshot_per_class=2, retrieval_samples=40,
-                                 image_size=32, samples_per_shard=64))
+    write_synth(
+        out,
+        SynthConfig(
+            seed=0,
+            train_samples=200,
+            zeroshot_per_class=2,
+            retrieval_samples=40,
+            image_size=32,
+            samples_per_shard=64,
+        ),
+    )
     return out
 
 

@@ -28,8 +28,9 @@ def _subparsers(parser):
     return action.choices
 
 
-SUBCOMMANDS = [(prog, name) for prog, mod in CLIS.items()
-               for name in _subparsers(mod.build_parser())]
+SUBCOMMANDS = [
+    (prog, name) for prog, mod in CLIS.items() for name in _subparsers(mod.build_parser())
+]
 
 
 def _minimal_argv(prog, name):
@@ -81,23 +82,48 @@ def test_version(prog, capsys):
     assert re.fullmatch(r"\d+\.\d+.*|unknown", version())
 
 
-@pytest.mark.parametrize("prog, argv, expected", [
-    ("clip-data", ["synth", "--out", "d"], {"output": "d"}),
-    ("clip-data", ["build", "t.csv", "--out", "d", "--image-col", "f", "--caption-col", "c",
-                   "--key-col", "k"],
-     {"output": "d", "image_column": "f", "caption_column": "c", "key_column": "k"}),
-    ("clip-data", ["reshard", "s", "--out", "d"], {"output": "d"}),
-    ("clip-data", ["from-imagefolder", "r", "--out", "d"], {"output": "d"}),
-    ("clip-train", ["export", "runs/a", "--out", "d"], {"output": "d"}),
-    ("clip-train", ["embed", "runs/a", "--data", "s", "--out", "d"], {"output": "d"}),
-    ("clip-train", ["report", "runs/a", "--out", "d"], {"output": "d"}),
-    ("clip-eval", ["zero-shot", "--model", "m", "--data", "s", "--output", "r.json"],
-     {"results_file": "r.json"}),
-    ("clip-eval", ["probe", "--model", "m", "--train", "a", "--test", "b", "--output", "r.json"],
-     {"results_file": "r.json"}),
-    ("clip-eval", ["suite", "--model", "m", "--suite", "s.yaml", "--output-dir", "d"],
-     {"output": "d"}),
-])
+@pytest.mark.parametrize(
+    "prog, argv, expected",
+    [
+        ("clip-data", ["synth", "--out", "d"], {"output": "d"}),
+        (
+            "clip-data",
+            [
+                "build",
+                "t.csv",
+                "--out",
+                "d",
+                "--image-col",
+                "f",
+                "--caption-col",
+                "c",
+                "--key-col",
+                "k",
+            ],
+            {"output": "d", "image_column": "f", "caption_column": "c", "key_column": "k"},
+        ),
+        ("clip-data", ["reshard", "s", "--out", "d"], {"output": "d"}),
+        ("clip-data", ["from-imagefolder", "r", "--out", "d"], {"output": "d"}),
+        ("clip-train", ["export", "runs/a", "--out", "d"], {"output": "d"}),
+        ("clip-train", ["embed", "runs/a", "--data", "s", "--out", "d"], {"output": "d"}),
+        ("clip-train", ["report", "runs/a", "--out", "d"], {"output": "d"}),
+        (
+            "clip-eval",
+            ["zero-shot", "--model", "m", "--data", "s", "--output", "r.json"],
+            {"results_file": "r.json"},
+        ),
+        (
+            "clip-eval",
+            ["probe", "--model", "m", "--train", "a", "--test", "b", "--output", "r.json"],
+            {"results_file": "r.json"},
+        ),
+        (
+            "clip-eval",
+            ["suite", "--model", "m", "--suite", "s.yaml", "--output-dir", "d"],
+            {"output": "d"},
+        ),
+    ],
+)
 def test_old_spellings_still_parse_but_are_hidden(prog, argv, expected, capsys):
     args = CLIS[prog].build_parser().parse_args(argv)
     assert {k: getattr(args, k) for k in expected} == expected
@@ -121,14 +147,17 @@ def test_old_spelling_fills_a_required_option_and_logs_a_deprecation(tmp_path, c
     assert "required: --output" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("prog, name, shown", [
-    ("clip-data", "synth", "(default: 20000)"),
-    ("clip-data", "build", "(default: 1000)"),
-    ("clip-train", "embed", "(default: 256)"),
-    ("clip-train", "index", "(default: flat)"),
-    ("clip-eval", "zero-shot", "(default: 128)"),
-    ("clip-eval", "few-shot", "(default: 600)"),
-])
+@pytest.mark.parametrize(
+    "prog, name, shown",
+    [
+        ("clip-data", "synth", "(default: 20000)"),
+        ("clip-data", "build", "(default: 1000)"),
+        ("clip-train", "embed", "(default: 256)"),
+        ("clip-train", "index", "(default: flat)"),
+        ("clip-eval", "zero-shot", "(default: 128)"),
+        ("clip-eval", "few-shot", "(default: 600)"),
+    ],
+)
 def test_help_shows_defaults(prog, name, shown, capsys):
     with pytest.raises(SystemExit):
         CLIS[prog].main([name, "--help"])
@@ -182,8 +211,9 @@ def _check_log_lines(bare_root, monkeypatch, capsys):
 
     written = []
     real_write = tqdm.tqdm.write
-    monkeypatch.setattr(tqdm.tqdm, "write",
-                        lambda s, file=None, **kw: (written.append(s), real_write(s, file=file)))
+    monkeypatch.setattr(
+        tqdm.tqdm, "write", lambda s, file=None, **kw: (written.append(s), real_write(s, file=file))
+    )
     ours, faiss = logging.getLogger("clip_eval.tasks"), logging.getLogger("faiss.loader")
     with logging_to_stderr(0):
         ours.info("zero-shot done")
@@ -219,7 +249,10 @@ def test_off_a_terminal_progress_is_a_log_line_every_tenth(caplog):
     caplog.clear()
     assert list(progress(range(7), desc="shards", every=3)) == list(range(7))
     assert [r.getMessage().split(",")[0] for r in caplog.records] == [
-        "shards: 3/7 it (43%)", "shards: 6/7 it (86%)", "shards: 7/7 it (100%)"]
+        "shards: 3/7 it (43%)",
+        "shards: 6/7 it (86%)",
+        "shards: 7/7 it (100%)",
+    ]
     caplog.clear()
     with progress(total=5, enabled=False) as bar:
         bar.update(5)
@@ -236,10 +269,21 @@ def test_on_a_terminal_progress_is_a_tqdm_bar(monkeypatch):
 
 
 def test_metrics_are_rounded_for_people():
-    metrics = {"acc1": 0.8124999999999999, "acc5": 1.0, "num_classes": 36,
-               "per_k": {"r@1": 0.123456789}, "curve": [0.333333333, 2]}
-    assert format_metrics(metrics) == ("acc1 0.8125, acc5 1, num_classes 36, "
-                                       "per_k (r@1 0.1235), curve [0.3333, 2]")
-    assert round_floats(metrics) == {"acc1": 0.8125, "acc5": 1.0, "num_classes": 36,
-                                     "per_k": {"r@1": 0.1235}, "curve": [0.3333, 2]}
+    metrics = {
+        "acc1": 0.8124999999999999,
+        "acc5": 1.0,
+        "num_classes": 36,
+        "per_k": {"r@1": 0.123456789},
+        "curve": [0.333333333, 2],
+    }
+    assert format_metrics(metrics) == (
+        "acc1 0.8125, acc5 1, num_classes 36, per_k (r@1 0.1235), curve [0.3333, 2]"
+    )
+    assert round_floats(metrics) == {
+        "acc1": 0.8125,
+        "acc5": 1.0,
+        "num_classes": 36,
+        "per_k": {"r@1": 0.1235},
+        "curve": [0.3333, 2],
+    }
     assert json.dumps(round_floats({"x": 1 / 3})) == '{"x": 0.3333}'

@@ -15,6 +15,7 @@ import clip_train
 from clip_train.config import load_config
 from clip_train.train import train
 
+
 def test_train_eval_export_reload(synth_dir, tmp_path, make_cfg):
     cfg = make_cfg(synth_dir, tmp_path, "e2e", "train.steps=6", "train.save_every=3")
     summary = train(cfg)
@@ -22,11 +23,17 @@ def test_train_eval_export_reload(synth_dir, tmp_path, make_cfg):
     assert summary["steps"] == 6 and summary["samples_seen"] == 96
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == [2, 4, 6]
-    assert all(k in lines[0] for k in ("samples_seen", "lr", "logit_scale", "samples_per_s", "data_wait_frac"))
+    assert all(
+        k in lines[0]
+        for k in ("samples_seen", "lr", "logit_scale", "samples_per_s", "data_wait_frac")
+    )
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_3", "step_6"]
     zs, rt = summary["eval"]["zeroshot"], summary["eval"]["retrieval"]
     assert 0 <= zs["acc1"] <= zs["acc5"] <= 1
-    assert rt["num_images"] == 40 and 0 <= rt["image_retrieval_recall@1"] <= rt["image_retrieval_recall@5"] <= 1
+    assert (
+        rt["num_images"] == 40
+        and 0 <= rt["image_retrieval_recall@1"] <= rt["image_retrieval_recall@5"] <= 1
+    )
     assert json.loads((run / "eval_results.json").read_text()) == summary["eval"]
 
     # reload the export and the run dir: identical embeddings to the trained weights
@@ -44,12 +51,27 @@ def test_train_eval_export_reload(synth_dir, tmp_path, make_cfg):
 
     # clip-eval on the saved run reproduces the trainer's zero-shot numbers
     results = tmp_path / "zs.json"
-    proc = subprocess.run([sys.executable, "-m", "clip_eval", "zero-shot", "--model", str(run / "export"),
-                           "--data", str(synth_dir / "zeroshot"), "--results-file", str(results)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clip_eval",
+            "zero-shot",
+            "--model",
+            str(run / "export"),
+            "--data",
+            str(synth_dir / "zeroshot"),
+            "--results-file",
+            str(results),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(results.read_text())["acc1"] == pytest.approx(zs["acc1"])
-    assert json.loads(proc.stdout)["acc1"] == pytest.approx(zs["acc1"], abs=5e-5)  # printed to 4 digits
+    assert json.loads(proc.stdout)["acc1"] == pytest.approx(
+        zs["acc1"], abs=5e-5
+    )  # printed to 4 digits
 
 
 def test_sigkill_then_resume_is_exact(synth_dir, tmp_path, make_cfg, tiny_overrides):
@@ -57,13 +79,28 @@ def test_sigkill_then_resume_is_exact(synth_dir, tmp_path, make_cfg, tiny_overri
 
     Two loader workers and a shuffle buffer: the resumed run must continue each worker's stream,
     and the workers' round-robin, where the checkpoint left them (24 steps = 2 epochs + a bit)."""
-    common = ["train.steps=28", "train.save_every=4", "train.keep_last=2", "eval.at_end=false", "export.at_end=false",
-              "data.num_workers=2"]
+    common = [
+        "train.steps=28",
+        "train.save_every=4",
+        "train.keep_last=2",
+        "eval.at_end=false",
+        "export.at_end=false",
+        "data.num_workers=2",
+    ]
     train(make_cfg(synth_dir, tmp_path, "straight", *common))
 
-    args = [f"data.train={synth_dir}/train", f"run.output_dir={tmp_path}", "run.name=killed", *tiny_overrides, *common]
-    proc = subprocess.Popen([sys.executable, "-m", "clip_train", "-q", "train", "--config", "configs/demo.yaml", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args = [
+        f"data.train={synth_dir}/train",
+        f"run.output_dir={tmp_path}",
+        "run.name=killed",
+        *tiny_overrides,
+        *common,
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clip_train", "-q", "train", "--config", "configs/demo.yaml", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     ckpts = tmp_path / "killed" / "checkpoints"
     deadline = time.monotonic() + 120
     while not (ckpts / "step_8" / "trainer_state.json").exists():
@@ -82,18 +119,36 @@ def test_sigkill_then_resume_is_exact(synth_dir, tmp_path, make_cfg, tiny_overri
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)), "metrics.jsonl must not repeat the steps redone after resume"
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == sorted(set(steps)), (
+        "metrics.jsonl must not repeat the steps redone after resume"
+    )
 
 
-@pytest.mark.parametrize("spec, words", [("/nonexistent/shards", ["/nonexistent/shards"]),
-                                         ("EMPTY", ["EMPTY"])])
+@pytest.mark.parametrize(
+    "spec, words", [("/nonexistent/shards", ["/nonexistent/shards"]), ("EMPTY", ["EMPTY"])]
+)
 def test_bad_train_path_is_one_line(spec, words, tmp_path):
     if spec == "EMPTY":
         (tmp_path / "empty").mkdir()
         spec = words[0] = str(tmp_path / "empty")
-    proc = subprocess.run([sys.executable, "-m", "clip_train", "train", "--config", "configs/demo.yaml",
-                           f"data.train={spec}", f"run.output_dir={tmp_path}"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clip_train",
+            "train",
+            "--config",
+            "configs/demo.yaml",
+            f"data.train={spec}",
+            f"run.output_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error:")
@@ -105,9 +160,30 @@ def test_a_users_eval_py_does_not_break_training(synth_dir, tmp_path, tiny_overr
     must not shadow our evaluation package (it is imported as clip_eval)."""
     (tmp_path / "eval.py").write_text("raise SystemExit('the user eval.py was imported')\n")
     root = Path(__file__).resolve().parents[1]
-    args = [f"data.train={synth_dir}/train", f"data.zeroshot={synth_dir}/zeroshot", f"data.retrieval={synth_dir}/retrieval",
-            f"run.output_dir={tmp_path}/runs", "run.name=cwd", *tiny_overrides, "train.steps=2", "export.at_end=false"]
-    proc = subprocess.run([sys.executable, "-m", "clip_train", "-q", "train", "--config", str(root / "configs/demo.yaml"),
-                           *args], capture_output=True, text=True, cwd=tmp_path)
+    args = [
+        f"data.train={synth_dir}/train",
+        f"data.zeroshot={synth_dir}/zeroshot",
+        f"data.retrieval={synth_dir}/retrieval",
+        f"run.output_dir={tmp_path}/runs",
+        "run.name=cwd",
+        *tiny_overrides,
+        "train.steps=2",
+        "export.at_end=false",
+    ]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clip_train",
+            "-q",
+            "train",
+            "--config",
+            str(root / "configs/demo.yaml"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "zero-shot:" in proc.stdout

@@ -55,7 +55,7 @@ def _flat_pairs(x: np.ndarray, threshold: float) -> np.ndarray:
     index.add(x)
     found = []
     for start in range(0, len(x), CHUNK):
-        lims, _, ids = index.range_search(x[start:start + CHUNK], float(threshold))
+        lims, _, ids = index.range_search(x[start : start + CHUNK], float(threshold))
         rows = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims).astype(np.int64))
         found.append(np.stack([rows, ids.astype(np.int64)], 1))
     return np.concatenate(found)
@@ -76,8 +76,9 @@ def _cell_pairs(x: np.ndarray, threshold: float, nprobe: int) -> np.ndarray:
     cells = max(2, int(np.sqrt(2 * n)))
     rng = np.random.default_rng(0)
     sample = x[np.sort(rng.choice(n, min(n, 32 * cells), replace=False))]
-    kmeans = faiss.Kmeans(dim, cells, niter=10, seed=0, spherical=True,
-                          min_points_per_centroid=16, verbose=False)
+    kmeans = faiss.Kmeans(
+        dim, cells, niter=10, seed=0, spherical=True, min_points_per_centroid=16, verbose=False
+    )
     kmeans.train(sample)
     probes = max(1, min(nprobe, cells))
     _, assign = kmeans.index.search(x, probes)
@@ -90,14 +91,15 @@ def _cell_pairs(x: np.ndarray, threshold: float, nprobe: int) -> np.ndarray:
         if not len(primary) or len(members) < 2:
             continue
         for start in range(0, len(primary), CHUNK):
-            q = primary[start:start + CHUNK]
+            q = primary[start : start + CHUNK]
             i, j = np.nonzero(x[q] @ x[members].T >= threshold)
             found.append(np.stack([q[i], members[j]], 1))
     return np.concatenate(found) if found else np.zeros((0, 2), np.int64)
 
 
-def near_pairs(emb: np.ndarray, threshold: float, *, flat_max: int = FLAT_MAX,
-               nprobe: int = 3) -> np.ndarray:
+def near_pairs(
+    emb: np.ndarray, threshold: float, *, flat_max: int = FLAT_MAX, nprobe: int = 3
+) -> np.ndarray:
     """Pairs (i, j), i < j, of rows whose cosine is >= `threshold`; int64 [M, 2].
 
     Exact (every pair, faiss range search) up to `flat_max` rows; above, by k-means cells
@@ -122,7 +124,7 @@ def nearest_eval(train: np.ndarray, evals: np.ndarray) -> tuple[np.ndarray, np.n
     sims, ids = [], []
     x = normalized(train)
     for start in range(0, len(x), CHUNK):
-        s, i = index.search(x[start:start + CHUNK], 1)
+        s, i = index.search(x[start : start + CHUNK], 1)
         sims.append(s[:, 0])
         ids.append(i[:, 0])
     return np.concatenate(sims), np.concatenate(ids)
@@ -137,8 +139,9 @@ def groups(n: int, pairs: np.ndarray) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
-def choose_kept(labels: np.ndarray, score: np.ndarray, order_key: Sequence[Any],
-                eligible: np.ndarray) -> np.ndarray:
+def choose_kept(
+    labels: np.ndarray, score: np.ndarray, order_key: Sequence[Any], eligible: np.ndarray
+) -> np.ndarray:
     """Index of the kept member of each item's group (-1: none eligible).
 
     The kept member is the eligible one with the best score, then the lowest `order_key`.
@@ -161,10 +164,18 @@ def content_hashes(urls: Sequence[str]) -> dict[tuple[int, str], str]:
     return out
 
 
-def decide(score: np.ndarray, image: np.ndarray, order_key: Sequence[Any],
-           hashes: Sequence[str | None], *, threshold: float,
-           eval_sets: dict[str, np.ndarray] | None = None, eval_threshold: float = 0.95,
-           flat_max: int = FLAT_MAX, nprobe: int = 3) -> list[dict[str, Any]]:
+def decide(
+    score: np.ndarray,
+    image: np.ndarray,
+    order_key: Sequence[Any],
+    hashes: Sequence[str | None],
+    *,
+    threshold: float,
+    eval_sets: dict[str, np.ndarray] | None = None,
+    eval_threshold: float = 0.95,
+    flat_max: int = FLAT_MAX,
+    nprobe: int = 3,
+) -> list[dict[str, Any]]:
     """The dedup decision for each row: {"reason": ""|"exact"|"near"|"contaminated", ...}.
 
     Removed rows name what they matched: `kept` (the row kept in their group) or
@@ -179,8 +190,12 @@ def decide(score: np.ndarray, image: np.ndarray, order_key: Sequence[Any],
             continue
         sim, idx = nearest_eval(image, emb)
         for r in np.flatnonzero((sim >= eval_threshold) & (sim > best_sim)):
-            out[r] = {"reason": "contaminated", "eval_set": name, "eval_index": int(idx[r]),
-                      "similarity": round(float(sim[r]), 4)}
+            out[r] = {
+                "reason": "contaminated",
+                "eval_set": name,
+                "eval_index": int(idx[r]),
+                "similarity": round(float(sim[r]), 4),
+            }
             best_sim[r] = sim[r]
     eligible &= best_sim == -np.inf
     pairs = near_pairs(image, threshold, flat_max=flat_max, nprobe=nprobe)
@@ -203,10 +218,18 @@ def decide(score: np.ndarray, image: np.ndarray, order_key: Sequence[Any],
     return out
 
 
-def dedup_shards(shards: Any, scores_dir: str | Path, out_dir: str | Path, *,
-                 threshold: float = 0.95, eval_sets: dict[str, np.ndarray] | None = None,
-                 eval_threshold: float = 0.95, flat_max: int = FLAT_MAX, nprobe: int = 3,
-                 progress: bool = False) -> dict[str, Any]:
+def dedup_shards(
+    shards: Any,
+    scores_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    threshold: float = 0.95,
+    eval_sets: dict[str, np.ndarray] | None = None,
+    eval_threshold: float = 0.95,
+    flat_max: int = FLAT_MAX,
+    nprobe: int = 3,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Write the samples of `shards` that survive `decide` to `out_dir`; returns the report.
 
     `eval_sets` maps a name to image embeddings made with the model of `scores_dir`
@@ -219,25 +242,47 @@ def dedup_shards(shards: Any, scores_dir: str | Path, out_dir: str | Path, *,
     scores = read_scores(scores_dir)
     urls = check_same_shards(scores, shards, str(scores_dir))
     eval_sets = eval_sets or {}
-    fp = fingerprint("dedup", [str(Path(u).resolve()) for u in urls],
-                     str(Path(scores_dir).resolve()), threshold, eval_threshold, flat_max, nprobe,
-                     {k: hashlib.sha1(np.ascontiguousarray(v, np.float32)).hexdigest()
-                      for k, v in sorted(eval_sets.items())})
+    fp = fingerprint(
+        "dedup",
+        [str(Path(u).resolve()) for u in urls],
+        str(Path(scores_dir).resolve()),
+        threshold,
+        eval_threshold,
+        flat_max,
+        nprobe,
+        {
+            k: hashlib.sha1(np.ascontiguousarray(v, np.float32)).hexdigest()
+            for k, v in sorted(eval_sets.items())
+        },
+    )
     state = prepare_output(out, fp, "dedup")
 
     # Only the scored samples still in SHARDS take part (after `filter`, a subset of them).
     hashes = content_hashes(urls)
-    rows = np.array([r for r, k in enumerate(zip(scores.shard.tolist(), scores.keys))
-                     if k in hashes], np.int64)
+    rows = np.array(
+        [r for r, k in enumerate(zip(scores.shard.tolist(), scores.keys)) if k in hashes], np.int64
+    )
     order_key = [(int(scores.shard[r]), scores.keys[r]) for r in rows]
-    decisions = decide(scores.score[rows], np.asarray(scores.image[rows]), order_key,
-                       [hashes[k] for k in order_key], threshold=threshold,
-                       eval_sets=eval_sets, eval_threshold=eval_threshold, flat_max=flat_max,
-                       nprobe=nprobe)
+    decisions = decide(
+        scores.score[rows],
+        np.asarray(scores.image[rows]),
+        order_key,
+        [hashes[k] for k in order_key],
+        threshold=threshold,
+        eval_sets=eval_sets,
+        eval_threshold=eval_threshold,
+        flat_max=flat_max,
+        nprobe=nprobe,
+    )
     keep = {order_key[j] for j, d in enumerate(decisions) if not d["reason"]}
-    counts: dict[str, Any] = {"input": len(hashes), "kept": len(keep), "exact": 0, "near": 0,
-                              "contaminated": {name: 0 for name in eval_sets},
-                              "unscored": len(hashes) - len(order_key)}
+    counts: dict[str, Any] = {
+        "input": len(hashes),
+        "kept": len(keep),
+        "exact": 0,
+        "near": 0,
+        "contaminated": {name: 0 for name in eval_sets},
+        "unscored": len(hashes) - len(order_key),
+    }
     lines = []
     for j, d in enumerate(decisions):
         if not d["reason"]:
@@ -252,14 +297,18 @@ def dedup_shards(shards: Any, scores_dir: str | Path, out_dir: str | Path, *,
             entry["kept"] = {"shard": order_key[k][0], "key": order_key[k][1]}
         lines.append(json.dumps(entry))
 
-    with progress_bar(total=len(urls), desc="dedup: write", unit="shard",
-                      enabled=progress) as bar:
+    with progress_bar(total=len(urls), desc="dedup: write", unit="shard", enabled=progress) as bar:
         written = rewrite(urls, out, state, lambda i, key: (i, key) in keep, progress=bar)
     write_text_atomic(out / "removed.jsonl", "".join(line + "\n" for line in lines))
-    result = {"command": "dedup", "shards": len(urls), "threshold": threshold,
-              "eval_threshold": eval_threshold if eval_sets else None,
-              "search": "exact" if len(rows) <= flat_max else f"k-means cells (nprobe {nprobe})",
-              "counts": counts, "written": written}
+    result = {
+        "command": "dedup",
+        "shards": len(urls),
+        "threshold": threshold,
+        "eval_threshold": eval_threshold if eval_sets else None,
+        "search": "exact" if len(rows) <= flat_max else f"k-means cells (nprobe {nprobe})",
+        "counts": counts,
+        "written": written,
+    }
     write_json_atomic(out / "report.json", result)
     return result
 
@@ -267,5 +316,7 @@ def dedup_shards(shards: Any, scores_dir: str | Path, out_dir: str | Path, *,
 def check_thresholds(threshold: float, eval_threshold: float) -> None:
     for flag, value in (("--threshold", threshold), ("--eval-threshold", eval_threshold)):
         if not (np.isfinite(value) and 0.0 < value <= 1.0):
-            raise DataError(f"{flag} {value}: a cosine similarity threshold in (0, 1], "
-                            "e.g. 0.95 for near duplicates")
+            raise DataError(
+                f"{flag} {value}: a cosine similarity threshold in (0, 1], "
+                "e.g. 0.95 for near duplicates"
+            )

@@ -27,8 +27,12 @@ def kind(path: str | Path) -> str:
     p = Path(path)
     if (p / INFO).is_file():
         return "scores"
-    if p.is_dir() and any(p.glob("*.tar")) or any(c in str(path) for c in "{*") or \
-            str(path).endswith(".tar"):
+    if (
+        p.is_dir()
+        and any(p.glob("*.tar"))
+        or any(c in str(path) for c in "{*")
+        or str(path).endswith(".tar")
+    ):
         return "shards"
     if p.is_dir() and any(f.suffix in IMAGE_SUFFIXES for f in p.rglob("*")):
         return "folder"
@@ -48,16 +52,24 @@ class _Folder(torch.utils.data.Dataset):
 
 
 @torch.inference_mode()
-def embed_eval_set(path: str | Path, encoder: Any = None, *, model_id: Any = None,
-                   batch_size: int = 256, num_workers: int = 0,
-                   device: str | torch.device = "cpu") -> np.ndarray:
+def embed_eval_set(
+    path: str | Path,
+    encoder: Any = None,
+    *,
+    model_id: Any = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
     """Normalised float32 image embeddings [M, D] of the eval set at `path`."""
     what = kind(path)
     if what == "scores":
         info = json.loads((Path(path) / INFO).read_text())
         if info.get("format") != FORMAT or (model_id is not None and info["model"] != model_id):
-            raise DataError(f"--eval {path}: scored with {info.get('model')!r}, not the model "
-                            "of --scores; score it with that model, or give its shards")
+            raise DataError(
+                f"--eval {path}: scored with {info.get('model')!r}, not the model "
+                "of --scores; score it with that model, or give its shards"
+            )
         return np.load(Path(path) / "image_emb.npy").astype(np.float32)
     if encoder is None:
         raise DataError(f"--eval {path}: embedding it needs the scoring model; give --model")
@@ -66,16 +78,25 @@ def embed_eval_set(path: str | Path, encoder: Any = None, *, model_id: Any = Non
     if what == "shards":
         from data_tools.loader import make_loader
 
-        batches = (b["image"] for b in make_loader(str(path), batch_size=batch_size,
-                                                   image_transform=encoder.preprocess,
-                                                   num_workers=num_workers))
+        batches = (
+            b["image"]
+            for b in make_loader(
+                str(path),
+                batch_size=batch_size,
+                image_transform=encoder.preprocess,
+                num_workers=num_workers,
+            )
+        )
     else:
         files = sorted(f for f in Path(path).rglob("*") if f.suffix in IMAGE_SUFFIXES)
-        batches = iter(torch.utils.data.DataLoader(_Folder(files, encoder.preprocess),
-                                                   batch_size=batch_size,
-                                                   num_workers=num_workers))
-    out = [encoder.encode_image(b.to(device), normalize=True).float().cpu().numpy()
-           for b in batches]
+        batches = iter(
+            torch.utils.data.DataLoader(
+                _Folder(files, encoder.preprocess), batch_size=batch_size, num_workers=num_workers
+            )
+        )
+    out = [
+        encoder.encode_image(b.to(device), normalize=True).float().cpu().numpy() for b in batches
+    ]
     if not out:
         raise DataError(f"--eval {path}: no images in it")
     return np.concatenate(out)

@@ -40,8 +40,9 @@ class FilterOptions:
         """Out-of-range thresholds are refused before any data is read."""
         if self.min_score is not None and self.keep_fraction is not None:
             raise DataError("give --min-score or --keep-fraction, not both")
-        if self.min_score is not None and not (math.isfinite(self.min_score)
-                                               and -1.0 <= self.min_score <= 1.0):
+        if self.min_score is not None and not (
+            math.isfinite(self.min_score) and -1.0 <= self.min_score <= 1.0
+        ):
             raise DataError(f"--min-score {self.min_score}: a cosine similarity is in [-1, 1]")
         if self.keep_fraction is not None and not (0.0 < self.keep_fraction <= 1.0):
             raise DataError(f"--keep-fraction {self.keep_fraction}: give a fraction in (0, 1]")
@@ -67,8 +68,9 @@ def _attributes(url: str) -> dict[str, tuple[int, int]]:
     return attrs
 
 
-def score_threshold(score: np.ndarray, keys: list[str], shard: np.ndarray,
-                    opts: FilterOptions) -> tuple[np.ndarray, float | None]:
+def score_threshold(
+    score: np.ndarray, keys: list[str], shard: np.ndarray, opts: FilterOptions
+) -> tuple[np.ndarray, float | None]:
     """(passes the score cut [N], the effective threshold)."""
     if opts.keep_fraction is not None:
         n = len(score)
@@ -82,8 +84,15 @@ def score_threshold(score: np.ndarray, keys: list[str], shard: np.ndarray,
     return np.ones(len(score), bool), None
 
 
-def filter_shards(shards: Any, scores_dir: str | Path, out_dir: str | Path,
-                  opts: FilterOptions, *, examples: int = 12, progress: bool = False) -> dict[str, Any]:
+def filter_shards(
+    shards: Any,
+    scores_dir: str | Path,
+    out_dir: str | Path,
+    opts: FilterOptions,
+    *,
+    examples: int = 12,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Write the samples of `shards` that pass `opts` to `out_dir`; returns the report dict."""
     from data_tools.progress import progress as progress_bar
 
@@ -92,56 +101,93 @@ def filter_shards(shards: Any, scores_dir: str | Path, out_dir: str | Path,
     scores = read_scores(scores_dir, embeddings=False)
     urls = check_same_shards(scores, shards, str(scores_dir))
     passes, threshold = score_threshold(scores.score, scores.keys, scores.shard, opts)
-    fp = fingerprint("filter", [str(Path(u).resolve()) for u in urls],
-                     str(Path(scores_dir).resolve()), asdict(opts))
+    fp = fingerprint(
+        "filter",
+        [str(Path(u).resolve()) for u in urls],
+        str(Path(scores_dir).resolve()),
+        asdict(opts),
+    )
     state = prepare_output(out, fp, "filter")
 
     # 1. Decide every sample (reads captions and image headers), before writing anything.
     decision: dict[tuple[int, str], str] = {}  # (shard, key) -> "" (kept) or a reason
     counts = {"input": 0, "kept": 0, **{r: 0 for r in REASONS}}
-    for i, url in enumerate(progress_bar(urls, desc="filter: read", unit="shard",
-                                         enabled=progress)):
+    for i, url in enumerate(
+        progress_bar(urls, desc="filter: read", unit="shard", enabled=progress)
+    ):
         rows = scores.rows_of(i)
         for key, (words, side) in _attributes(url).items():
             r = rows.get(key)
-            reason = ("unscored" if r is None or side < 0
-                      else "caption_words" if words < opts.min_caption_words
-                      else "min_side" if side < opts.min_side
-                      else "" if passes[r] else "score")
+            reason = (
+                "unscored"
+                if r is None or side < 0
+                else "caption_words"
+                if words < opts.min_caption_words
+                else "min_side"
+                if side < opts.min_side
+                else ""
+                if passes[r]
+                else "score"
+            )
             decision[(i, key)] = reason
             counts["input"] += 1
             counts[reason or "kept"] += 1
 
     # 2. Write the kept samples, shard by shard (resumable).
-    with progress_bar(total=len(urls), desc="filter: write", unit="shard",
-                      enabled=progress) as bar:
-        written = rewrite(urls, out, state, lambda i, key: decision.get((i, key)) == "",
-                          progress=bar)
+    with progress_bar(total=len(urls), desc="filter: write", unit="shard", enabled=progress) as bar:
+        written = rewrite(
+            urls, out, state, lambda i, key: decision.get((i, key)) == "", progress=bar
+        )
 
     # 3. The report: counts, histogram, the pairs nearest the cut on either side.
-    row_reason = np.array([decision.get((int(scores.shard[r]), scores.keys[r]), "unscored")
-                           for r in range(len(scores.keys))])
+    row_reason = np.array(
+        [
+            decision.get((int(scores.shard[r]), scores.keys[r]), "unscored")
+            for r in range(len(scores.keys))
+        ]
+    )
     kept = row_reason == ""
     report.score_histogram(out / "score_hist.png", scores.score, kept, threshold)
     kept_rows = sorted(np.flatnonzero(kept), key=lambda r: scores.score[r])[:examples]
-    removed_rows = sorted(np.flatnonzero(row_reason == "score"),
-                          key=lambda r: -scores.score[r])[:examples]
+    removed_rows = sorted(np.flatnonzero(row_reason == "score"), key=lambda r: -scores.score[r])[
+        :examples
+    ]
     wanted = [(int(scores.shard[r]), scores.keys[r]) for r in [*kept_rows, *removed_rows]]
     pairs = report.fetch_pairs(urls, wanted)
 
     def listing(rows: list[int]) -> list[dict[str, Any]]:
-        return [{"shard": int(scores.shard[r]), "key": scores.keys[r],
-                 "score": round(float(scores.score[r]), 4),
-                 "caption": pairs.get((int(scores.shard[r]), scores.keys[r]), (b"", ""))[1]}
-                for r in rows]
+        return [
+            {
+                "shard": int(scores.shard[r]),
+                "key": scores.keys[r],
+                "score": round(float(scores.score[r]), 4),
+                "caption": pairs.get((int(scores.shard[r]), scores.keys[r]), (b"", ""))[1],
+            }
+            for r in rows
+        ]
 
     lowest_kept, highest_removed = listing(kept_rows), listing(removed_rows)
-    for name, title, items in (("lowest_kept.png", "lowest-scored kept", lowest_kept),
-                               ("highest_removed.png", "highest-scored removed", highest_removed)):
-        report.pair_sheet(out / name, title, [(pairs.get((it["shard"], it["key"]), (b"", ""))[0],
-                                               it["caption"], it["score"]) for it in items])
-    result = {"command": "filter", "shards": len(urls), "options": asdict(opts),
-              "score_threshold": threshold, "counts": counts, "written": written,
-              "lowest_kept": lowest_kept, "highest_removed": highest_removed}
+    for name, title, items in (
+        ("lowest_kept.png", "lowest-scored kept", lowest_kept),
+        ("highest_removed.png", "highest-scored removed", highest_removed),
+    ):
+        report.pair_sheet(
+            out / name,
+            title,
+            [
+                (pairs.get((it["shard"], it["key"]), (b"", ""))[0], it["caption"], it["score"])
+                for it in items
+            ],
+        )
+    result = {
+        "command": "filter",
+        "shards": len(urls),
+        "options": asdict(opts),
+        "score_threshold": threshold,
+        "counts": counts,
+        "written": written,
+        "lowest_kept": lowest_kept,
+        "highest_removed": highest_removed,
+    }
     write_json_atomic(out / "report.json", result)
     return result

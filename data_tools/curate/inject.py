@@ -20,8 +20,8 @@ from typing import Any
 from PIL import Image
 
 from data_tools.errors import DataError
-from data_tools.shards import ShardWriter
 from data_tools.io import write_json_atomic
+from data_tools.shards import ShardWriter
 from data_tools.tario import iter_shard
 from data_tools.urls import expand_shards
 
@@ -49,9 +49,18 @@ def near_copy(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def dirty_copy(train: Any, out_dir: str | Path, *, exact: float = 0.05, near: float = 0.05,
-               mismatched: float = 0.1, eval_sets: Sequence[str] = (), leaks: int = 20,
-               seed: int = 0, samples_per_shard: int = 1000) -> dict[str, list[str]]:
+def dirty_copy(
+    train: Any,
+    out_dir: str | Path,
+    *,
+    exact: float = 0.05,
+    near: float = 0.05,
+    mismatched: float = 0.1,
+    eval_sets: Sequence[str] = (),
+    leaks: int = 20,
+    seed: int = 0,
+    samples_per_shard: int = 1000,
+) -> dict[str, list[str]]:
     """Write `train` plus injected dirt to `out_dir`/train-NNNNNN.tar; returns the key lists."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -105,9 +114,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    got = dirty_copy(a.train, a.output, exact=a.exact, near=a.near, mismatched=a.mismatched,
-                     eval_sets=a.eval, leaks=a.leaks, seed=a.seed,
-                     samples_per_shard=a.samples_per_shard)
+    got = dirty_copy(
+        a.train,
+        a.output,
+        exact=a.exact,
+        near=a.near,
+        mismatched=a.mismatched,
+        eval_sets=a.eval,
+        leaks=a.leaks,
+        seed=a.seed,
+        samples_per_shard=a.samples_per_shard,
+    )
     print(", ".join(f"{k} {len(v)}" for k, v in got.items()), f"injected into {a.output}")
     return 0
 

@@ -31,14 +31,20 @@ def _pyplot() -> Any:
     return plt
 
 
-def score_histogram(path: Path, score: np.ndarray, kept: np.ndarray,
-                    threshold: float | None) -> None:
+def score_histogram(
+    path: Path, score: np.ndarray, kept: np.ndarray, threshold: float | None
+) -> None:
     """Kept and removed scores stacked in one histogram, with the score threshold marked."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     bins = np.linspace(float(score.min(initial=0)), float(score.max(initial=1)), 51)
-    ax.hist([score[kept], score[~kept]], bins=bins, stacked=True, label=["kept", "removed"],
-            color=["tab:blue", "tab:red"])
+    ax.hist(
+        [score[kept], score[~kept]],
+        bins=bins,
+        stacked=True,
+        label=["kept", "removed"],
+        color=["tab:blue", "tab:red"],
+    )
     if threshold is not None:
         ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3f}")
     ax.set_xlabel("image-text cosine similarity")
@@ -48,7 +54,9 @@ def score_histogram(path: Path, score: np.ndarray, kept: np.ndarray,
     plt.close(fig)
 
 
-def fetch_pairs(urls: Sequence[str], wanted: Sequence[tuple[int, str]]) -> dict[tuple[int, str], tuple[bytes, str]]:
+def fetch_pairs(
+    urls: Sequence[str], wanted: Sequence[tuple[int, str]]
+) -> dict[tuple[int, str], tuple[bytes, str]]:
     """(image bytes, caption) of a few samples, reading only the shards that hold them."""
     found: dict[tuple[int, str], tuple[bytes, str]] = {}
     by_shard: dict[int, set[str]] = {}
@@ -57,7 +65,9 @@ def fetch_pairs(urls: Sequence[str], wanted: Sequence[tuple[int, str]]) -> dict[
     for i, keys in sorted(by_shard.items()):
         for s in iter_shard(urls[i]):
             if s.key in keys:
-                img = next((s.fields[e] for e in ("jpg", "jpeg", "png", "webp") if e in s.fields), b"")
+                img = next(
+                    (s.fields[e] for e in ("jpg", "jpeg", "png", "webp") if e in s.fields), b""
+                )
                 found[(i, s.key)] = (img, s.fields.get("txt", b"").decode("utf-8", "replace"))
     return found
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from data_tools.errors import DataError
-from data_tools.shards import ShardWriter
 from data_tools.io import write_bytes_atomic, write_json_atomic
+from data_tools.shards import ShardWriter
 from data_tools.tario import iter_shard
 
 STATE = "curate_state.json"
@@ -42,18 +42,28 @@ def prepare_output(out: Path, fp: str, command: str) -> dict[str, Any]:
         except ValueError:
             raise DataError(f"{path} is not valid JSON; choose another --output") from None
         if state.get("fingerprint") != fp:
-            raise DataError(f"--output {out} holds an interrupted `clip-data "
-                            f"{state.get('command', command)}` run with other inputs or options; "
-                            "resume it with the same ones, or choose another --output")
+            raise DataError(
+                f"--output {out} holds an interrupted `clip-data "
+                f"{state.get('command', command)}` run with other inputs or options; "
+                "resume it with the same ones, or choose another --output"
+            )
         return state
     if out.is_dir() and any(out.iterdir()):
-        raise DataError(f"--output {out} is not empty and holds no {STATE}: choose an empty or "
-                        "new directory (we never replace files we did not write)")
+        raise DataError(
+            f"--output {out} is not empty and holds no {STATE}: choose an empty or "
+            "new directory (we never replace files we did not write)"
+        )
     return {"command": command, "fingerprint": fp, "done": {}}
 
 
-def rewrite(urls: list[str], out: Path, state: dict[str, Any],
-            keep: Callable[[int, str], bool], *, progress: Any = None) -> dict[str, int]:
+def rewrite(
+    urls: list[str],
+    out: Path,
+    state: dict[str, Any],
+    keep: Callable[[int, str], bool],
+    *,
+    progress: Any = None,
+) -> dict[str, int]:
     """Write the samples with `keep(shard_index, key)` of every shard not done yet.
 
     Returns {output shard name: samples} for all shards (done earlier or now).
@@ -80,7 +90,9 @@ def rewrite(urls: list[str], out: Path, state: dict[str, Any],
         write_json_atomic(out / STATE, state)
         if progress is not None:
             progress.update(1)
-    return {f"{PREFIX}-{int(i):06d}.tar": n for i, n in sorted(done.items(), key=lambda kv: int(kv[0]))}
+    return {
+        f"{PREFIX}-{int(i):06d}.tar": n for i, n in sorted(done.items(), key=lambda kv: int(kv[0]))
+    }
 
 
 def our_shards(out: Path) -> list[Path]:

@@ -85,8 +85,12 @@ class _Attribution:
     not found in the rest of the current shard means that shard is finished.
     """
 
-    def __init__(self, shard_ids: list[int], keys: dict[int, list[str]],
-                 done: Callable[[int, list[tuple[str, float, np.ndarray, np.ndarray]]], None]):
+    def __init__(
+        self,
+        shard_ids: list[int],
+        keys: dict[int, list[str]],
+        done: Callable[[int, list[tuple[str, float, np.ndarray, np.ndarray]]], None],
+    ):
         self.queue = deque(shard_ids)
         self.keys = keys
         self.done = done
@@ -98,8 +102,10 @@ class _Attribution:
         while True:
             if self.cur is None:
                 if not self.queue:
-                    raise DataError(f"key {key!r} came from no listed shard (shards changed "
-                                    "while scoring?); rerun `clip-data score`")
+                    raise DataError(
+                        f"key {key!r} came from no listed shard (shards changed "
+                        "while scoring?); rerun `clip-data score`"
+                    )
                 self.cur, self.pos, self.rows = self.queue.popleft(), 0, []
             try:
                 p = self.keys[self.cur].index(key, self.pos)
@@ -121,8 +127,13 @@ class _Attribution:
             self.done(self.queue.popleft(), [])
 
 
-def _write_part(out: Path, i: int, rows: list[tuple[str, float, np.ndarray, np.ndarray]],
-                dim: int, listed: list[str]) -> None:
+def _write_part(
+    out: Path,
+    i: int,
+    rows: list[tuple[str, float, np.ndarray, np.ndarray]],
+    dim: int,
+    listed: list[str],
+) -> None:
     buffer = io.BytesIO()
     scored = {r[0] for r in rows}
     np.savez(
@@ -136,8 +147,7 @@ def _write_part(out: Path, i: int, rows: list[tuple[str, float, np.ndarray, np.n
     write_bytes_atomic(part_path(out, i), buffer.getvalue())
 
 
-def _confirm(encoder: Any, text_forward: Any, tokens: torch.Tensor,
-             device: torch.device) -> bool:
+def _confirm(encoder: Any, text_forward: Any, tokens: torch.Tensor, device: torch.device) -> bool:
     """Whether `text_forward` gives the model's own text features (checked once, on 4 rows:
     the check runs the full-context tower, the cost the trimmed forward exists to avoid)."""
     tokens = tokens[:4]
@@ -158,8 +168,9 @@ def check_run(out: Path, options: dict[str, Any]) -> None:
     path = out / RUN
     if not path.is_file():
         if out.is_dir() and any(out.iterdir()):
-            raise DataError(f"--output {out} is not empty and holds no {RUN}; "
-                            "choose an empty or new directory")
+            raise DataError(
+                f"--output {out} is not empty and holds no {RUN}; choose an empty or new directory"
+            )
         return
     try:
         before = json.loads(path.read_text())
@@ -167,17 +178,30 @@ def check_run(out: Path, options: dict[str, Any]) -> None:
         raise DataError(f"{path} is not valid JSON; remove {out} and score again") from None
     for field in ("format", "model", "shards"):
         if before.get(field) != options[field]:
-            what = {"shards": "another shard set", "model": f"--model {before.get('model')}",
-                    "format": "another format"}[field]
-            raise DataError(f"{out} holds an interrupted score run of {what}; resume it with the "
-                            f"same options, or choose another --output")
+            what = {
+                "shards": "another shard set",
+                "model": f"--model {before.get('model')}",
+                "format": "another format",
+            }[field]
+            raise DataError(
+                f"{out} holds an interrupted score run of {what}; resume it with the "
+                f"same options, or choose another --output"
+            )
 
 
 @torch.inference_mode()
-def score_shards(encoder: Any, shards: Any, out_dir: str | Path, *, model_id: str,
-                 batch_size: int = 256, num_workers: int = 0,
-                 device: str | torch.device = "cpu", text_forward: Any = None,
-                 progress: bool = False) -> dict[str, Any] | None:
+def score_shards(
+    encoder: Any,
+    shards: Any,
+    out_dir: str | Path,
+    *,
+    model_id: str,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    text_forward: Any = None,
+    progress: bool = False,
+) -> dict[str, Any] | None:
     """Score every sample of `shards` with `encoder` into `out_dir` (see the module docstring).
 
     Returns the info dict on rank 0 (None on other ranks). `model_id` names the model in
@@ -209,27 +233,54 @@ def score_shards(encoder: Any, shards: Any, out_dir: str | Path, *, model_id: st
     mine = [i for i in range(len(urls)) if i % world == rank]
     pending = [i for i in mine if not part_path(out, i).is_file()]
     if len(pending) < len(mine):
-        log.info("resuming: %d of %d shards of this process are scored already",
-                 len(mine) - len(pending), len(mine))
+        log.info(
+            "resuming: %d of %d shards of this process are scored already",
+            len(mine) - len(pending),
+            len(mine),
+        )
     if pending:
-        _score(encoder, urls, pending, out, batch_size, num_workers, torch.device(device),
-               text_forward, progress_bar, progress)
+        _score(
+            encoder,
+            urls,
+            pending,
+            out,
+            batch_size,
+            num_workers,
+            torch.device(device),
+            text_forward,
+            progress_bar,
+            progress,
+        )
     _barrier(world)
     if rank != 0:
         return None
     return merge(out, urls, model_id)
 
 
-def _score(encoder: Any, urls: list[str], pending: list[int], out: Path, batch_size: int,
-           num_workers: int, device: torch.device, text_forward: Any, progress_bar: Any,
-           progress: bool) -> None:
+def _score(
+    encoder: Any,
+    urls: list[str],
+    pending: list[int],
+    out: Path,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    text_forward: Any,
+    progress_bar: Any,
+    progress: bool,
+) -> None:
     from data_tools.loader import make_loader
 
     keys = {i: shard_keys(urls[i]) for i in pending}
     workers = max(1, min(num_workers, len(pending)))
-    loader = make_loader([urls[i] for i in pending], batch_size=batch_size,
-                         image_transform=encoder.preprocess, tokenizer=encoder.tokenizer,
-                         mode="epoch", num_workers=workers if num_workers else 0)
+    loader = make_loader(
+        [urls[i] for i in pending],
+        batch_size=batch_size,
+        image_transform=encoder.preprocess,
+        tokenizer=encoder.tokenizer,
+        mode="epoch",
+        num_workers=workers if num_workers else 0,
+    )
     if hasattr(encoder, "eval"):
         encoder.eval()
     dim = 0
@@ -239,15 +290,20 @@ def _score(encoder: Any, urls: list[str], pending: list[int], out: Path, batch_s
 
     walkers = [_Attribution(pending[w::workers], keys, done) for w in range(workers)]
     trim: bool | None = None if text_forward is not None else False
-    bar = progress_bar(total=sum(len(k) for k in keys.values()), desc="score", unit="sample",
-                       enabled=progress)
+    bar = progress_bar(
+        total=sum(len(k) for k in keys.values()), desc="score", unit="sample", enabled=progress
+    )
     try:
         for batch in loader:
             tokens = batch["text"]
             if trim is None:
                 trim = _confirm(encoder, text_forward, tokens, device)
-                log.info("text tower %s", "trimmed to each batch's longest caption" if trim
-                         else "run over the full context (the trimmed forward differs)")
+                log.info(
+                    "text tower %s",
+                    "trimmed to each batch's longest caption"
+                    if trim
+                    else "run over the full context (the trimmed forward differs)",
+                )
             if trim:
                 txt = torch.nn.functional.normalize(text_forward(tokens.to(device)), dim=-1)
             else:
@@ -267,8 +323,10 @@ def _score(encoder: Any, urls: list[str], pending: list[int], out: Path, batch_s
         bar.close()
         loader.close()
     if loader.skipped:
-        log.warning("the %d skipped samples get no score; `filter` and `dedup` drop them",
-                    sum(loader.skipped.values()))
+        log.warning(
+            "the %d skipped samples get no score; `filter` and `dedup` drop them",
+            sum(loader.skipped.values()),
+        )
 
 
 def merge(out: Path, urls: list[str], model_id: str) -> dict[str, Any]:
@@ -277,8 +335,10 @@ def merge(out: Path, urls: list[str], model_id: str) -> dict[str, Any]:
     for i in range(len(urls)):
         path = part_path(out, i)
         if not path.is_file():
-            raise DataError(f"{path} is missing: shard {urls[i]} was not scored; rerun "
-                            "`clip-data score` with the same options to finish it")
+            raise DataError(
+                f"{path} is missing: shard {urls[i]} was not scored; rerun "
+                "`clip-data score` with the same options to finish it"
+            )
         with np.load(path) as part:
             keys.extend(json.dumps({"shard": i, "key": str(k)}) for k in part["keys"])
             unscored.extend(json.dumps({"shard": i, "key": str(k)}) for k in part["unscored"])
@@ -290,15 +350,22 @@ def merge(out: Path, urls: list[str], model_id: str) -> dict[str, Any]:
     image = np.concatenate([a.reshape(-1, dim) for a in images]).astype(np.float16)
     text = np.concatenate([a.reshape(-1, dim) for a in texts]).astype(np.float16)
     if not len(score):
-        raise DataError(f"no sample of {urls[0]}... has an image and a caption; check the "
-                        "shards with `clip-data inspect`")
+        raise DataError(
+            f"no sample of {urls[0]}... has an image and a caption; check the "
+            "shards with `clip-data inspect`"
+        )
     save_npy(out / "scores.npy", score)
     save_npy(out / "image_emb.npy", image)
     save_npy(out / "text_emb.npy", text)
     write_text_atomic(out / "keys.jsonl", "\n".join(keys) + "\n")
     write_text_atomic(out / "unscored.jsonl", "".join(line + "\n" for line in unscored))
-    info = {"format": FORMAT, "model": model_id,
-            "shards": [os.path.abspath(u) for u in urls], "count": len(score),
-            "dim": int(dim), "score_mean": float(score.mean())}
+    info = {
+        "format": FORMAT,
+        "model": model_id,
+        "shards": [os.path.abspath(u) for u in urls],
+        "count": len(score),
+        "dim": int(dim),
+        "score_mean": float(score.mean()),
+    }
     write_json_atomic(out / INFO, info)
     return info

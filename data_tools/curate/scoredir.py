@@ -37,8 +37,10 @@ def read_scores(path: str | Path, *, embeddings: bool = True) -> Scores:
     out = Path(path)
     info_path = out / INFO
     if not info_path.is_file():
-        raise DataError(f"--scores {out}: no {INFO} (not a finished `clip-data score` output); "
-                        "run or resume `clip-data score` first")
+        raise DataError(
+            f"--scores {out}: no {INFO} (not a finished `clip-data score` output); "
+            "run or resume `clip-data score` first"
+        )
     info = json.loads(info_path.read_text())
     if info.get("format") != FORMAT:
         raise DataError(f"--scores {out}: format {info.get('format')!r} is not {FORMAT!r}")
@@ -46,12 +48,20 @@ def read_scores(path: str | Path, *, embeddings: bool = True) -> Scores:
     score = np.load(out / "scores.npy")
     image = np.load(out / "image_emb.npy", mmap_mode="r") if embeddings else np.zeros((0, 0))
     if len(rows) != len(score) or (embeddings and len(image) != len(score)):
-        raise DataError(f"--scores {out}: keys.jsonl, scores.npy and image_emb.npy disagree in "
-                        "length; score again into a new directory")
+        raise DataError(
+            f"--scores {out}: keys.jsonl, scores.npy and image_emb.npy disagree in "
+            "length; score again into a new directory"
+        )
     bad = [json.loads(line) for line in (out / "unscored.jsonl").read_text().splitlines() if line]
-    return Scores(urls=list(info["shards"]), shard=np.array([r["shard"] for r in rows], np.int32),
-                  keys=[r["key"] for r in rows], score=score, image=image, model=info["model"],
-                  unscored={(r["shard"], r["key"]) for r in bad})
+    return Scores(
+        urls=list(info["shards"]),
+        shard=np.array([r["shard"] for r in rows], np.int32),
+        keys=[r["key"] for r in rows],
+        score=score,
+        image=image,
+        model=info["model"],
+        unscored={(r["shard"], r["key"]) for r in bad},
+    )
 
 
 def check_same_shards(scores: Scores, shards: object, where: str) -> list[str]:
@@ -63,9 +73,11 @@ def check_same_shards(scores: Scores, shards: object, where: str) -> list[str]:
     """
     urls = expand_shards(shards)  # type: ignore[arg-type]
     if len(urls) != len(scores.urls):
-        raise DataError(f"--scores {where} was made from {len(scores.urls)} other shards "
-                        f"({os.path.basename(scores.urls[0]) if scores.urls else 'none'} ...) "
-                        f"than SHARDS ({len(urls)}); score these shards first")
+        raise DataError(
+            f"--scores {where} was made from {len(scores.urls)} other shards "
+            f"({os.path.basename(scores.urls[0]) if scores.urls else 'none'} ...) "
+            f"than SHARDS ({len(urls)}); score these shards first"
+        )
     known: dict[int, set[str]] = {}
     for r, i in enumerate(scores.shard.tolist()):
         known.setdefault(i, set()).add(scores.keys[r])
@@ -74,7 +86,9 @@ def check_same_shards(scores: Scores, shards: object, where: str) -> list[str]:
     for i, url in enumerate(urls):
         extra = [k for k in shard_keys(url) if k not in known.get(i, set())]
         if extra:
-            raise DataError(f"--scores {where}: sample {extra[0]!r} of {url} was not scored "
-                            f"(keys do not match: scores of another shard set?); score these "
-                            "shards first")
+            raise DataError(
+                f"--scores {where}: sample {extra[0]!r} of {url} was not scored "
+                f"(keys do not match: scores of another shard set?); score these "
+                "shards first"
+            )
     return urls

@@ -8,6 +8,8 @@ def tiny_model_cfg() -> ModelConfig:
     """A model small enough for many tests a second: 32px, 2 blocks per tower."""
     return ModelConfig(
         embed_dim=32,
-        image=ImageTowerConfig(timm_name="vit_base_patch16_224", img_size=32, patch_size=8, width=48, depth=2, heads=2),
+        image=ImageTowerConfig(
+            timm_name="vit_base_patch16_224", img_size=32, patch_size=8, width=48, depth=2, heads=2
+        ),
         text=TextTowerConfig(context_length=16, width=48, heads=2, layers=2),
     )

@@ -5,21 +5,23 @@ import sys
 
 import torch
 from accelerate import Accelerator
+from dist_worker import CFG, batch
 
 from clip_train.config import LossConfig, LossTermConfig
 from clip_train.model import build_model
 from clip_train.objective import build_objective, freeze_unused
 from clip_train.step import forward_backward
-from dist_worker import CFG, batch
 
 CFG.init_logit_bias = -10.0
-VARIANTS = [dict(terms=[("siglip", 1.0)], accum_steps=1),
-            dict(terms=[("siglip", 1.0)], accum_steps=2),
-            dict(terms=[("margin", 1.0)], accum_steps=1),
-            dict(terms=[("clip", 1.0), ("siglip", 0.5), ("margin", 0.25)], accum_steps=2),
-            dict(terms=[("supcon", 1.0)], accum_steps=1),
-            dict(terms=[("clip", 1.0), ("supcon", 0.5)], accum_steps=2),
-            dict(terms=[("clip", 1.0), ("simcse", 0.5)], accum_steps=2)]
+VARIANTS = [
+    dict(terms=[("siglip", 1.0)], accum_steps=1),
+    dict(terms=[("siglip", 1.0)], accum_steps=2),
+    dict(terms=[("margin", 1.0)], accum_steps=1),
+    dict(terms=[("clip", 1.0), ("siglip", 0.5), ("margin", 0.25)], accum_steps=2),
+    dict(terms=[("supcon", 1.0)], accum_steps=1),
+    dict(terms=[("clip", 1.0), ("supcon", 0.5)], accum_steps=2),
+    dict(terms=[("clip", 1.0), ("simcse", 0.5)], accum_steps=2),
+]
 
 
 def labels(n: int = 16) -> torch.Tensor:
@@ -43,13 +45,23 @@ def main(out_path: str) -> None:
         objective = build_objective(loss_config(variant), rank=rank, world_size=world)
         freeze_unused(model, objective)
         model = accelerator.prepare(model)
-        losses = forward_backward(model, objective, images[mine], tokens[mine], accum_steps=variant["accum_steps"],
-                                  backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model),
-                                  labels=labels()[mine] if "labels" in objective.needs else None,
-                                  text_views=2 if "text_views" in objective.needs else 1)
+        losses = forward_backward(
+            model,
+            objective,
+            images[mine],
+            tokens[mine],
+            accum_steps=variant["accum_steps"],
+            backward=accelerator.backward,
+            no_sync=lambda: accelerator.no_sync(model),
+            labels=labels()[mine] if "labels" in objective.needs else None,
+            text_views=2 if "text_views" in objective.needs else 1,
+        )
         loss = accelerator.reduce(losses["loss"].detach(), reduction="mean")
-        grads = {n: p.grad.clone() for n, p in accelerator.unwrap_model(model).named_parameters()
-                 if p.grad is not None}
+        grads = {
+            n: p.grad.clone()
+            for n, p in accelerator.unwrap_model(model).named_parameters()
+            if p.grad is not None
+        }
         results.append({"variant": variant, "loss": loss, "grads": grads, "world": world})
     if accelerator.is_main_process:
         torch.save(results, out_path)

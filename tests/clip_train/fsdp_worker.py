@@ -6,6 +6,7 @@ import sys
 
 import torch
 from accelerate import Accelerator
+from dist_worker import CFG, batch
 from torch.distributed.tensor import DTensor
 
 import clip_train
@@ -13,7 +14,6 @@ from clip_train import sharding
 from clip_train.losses import build_loss
 from clip_train.model import build_model
 from clip_train.step import forward_backward
-from dist_worker import CFG, batch
 
 
 def _full(grads):
@@ -36,8 +36,15 @@ def main(out_path: str) -> None:
         else:
             model = accelerator.prepare(plain)
             no_sync = lambda: accelerator.no_sync(model)  # noqa: E731
-        forward_backward(model, loss_fn, images[mine], tokens[mine], accum_steps=2,
-                         backward=accelerator.backward, no_sync=no_sync)
+        forward_backward(
+            model,
+            loss_fn,
+            images[mine],
+            tokens[mine],
+            accum_steps=2,
+            backward=accelerator.backward,
+            no_sync=no_sync,
+        )
         params = [p for p in plain.parameters() if p.grad is not None]
         if fsdp:
             sharding.average_replicated_grads(plain)
@@ -46,8 +53,11 @@ def main(out_path: str) -> None:
             norm = sharding.clip_grad_norm(list(plain.parameters()), 1.0)
         else:
             norm = accelerator.clip_grad_norm_(params, 1.0)
-        results["fsdp" if fsdp else "ddp"] = {"grads": grads, "norm": torch.as_tensor(norm).detach().clone(),
-                                              "clipped": _full((n, p.grad) for n, p in plain.named_parameters())}
+        results["fsdp" if fsdp else "ddp"] = {
+            "grads": grads,
+            "norm": torch.as_tensor(norm).detach().clone(),
+            "clipped": _full((n, p.grad) for n, p in plain.named_parameters()),
+        }
     if accelerator.is_main_process:
         torch.save(results, out_path)
     accelerator.wait_for_everyone()

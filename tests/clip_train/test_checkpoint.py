@@ -5,12 +5,18 @@ import numpy as np
 import pytest
 import torch
 
-from clip_train.checkpoint import CheckpointManager, load_checkpoint_dir, CheckpointError
+from clip_train.checkpoint import CheckpointError, CheckpointManager, load_checkpoint_dir
 
 
 def _save(mgr, step, value):
     model = {"w": torch.full((3,), float(value))}
-    return mgr.save(step, model, {"optimizer": {"state": {}, "param_groups": []}}, {"samples_seen": step}, "a: 1\n")
+    return mgr.save(
+        step,
+        model,
+        {"optimizer": {"state": {}, "param_groups": []}},
+        {"samples_seen": step},
+        "a: 1\n",
+    )
 
 
 def test_save_publish_prune_and_latest(tmp_path):

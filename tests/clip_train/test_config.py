@@ -23,13 +23,16 @@ def test_saved_yaml_round_trips(tmp_path):
     assert load_config(path) == cfg
 
 
-@pytest.mark.parametrize("override, words", [
-    ("train.stpes=3", ["unknown config key", "train.stpes"]),
-    ("train.steps=abc", ["train.steps", "abc"]),
-    ("model.text.heads=3", ["model.text.width", "model.text.heads"]),
-    ("train.mixed_precision=fp8", ["train.mixed_precision"]),
-    ("nonsense", ["section.key=value"]),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.stpes=3", ["unknown config key", "train.stpes"]),
+        ("train.steps=abc", ["train.steps", "abc"]),
+        ("model.text.heads=3", ["model.text.width", "model.text.heads"]),
+        ("train.mixed_precision=fp8", ["train.mixed_precision"]),
+        ("nonsense", ["section.key=value"]),
+    ],
+)
 def test_bad_config_names_the_key(override, words):
     with pytest.raises(ConfigError) as info:
         load_config(None, ["data.train=/x", override])
@@ -47,8 +50,19 @@ def test_required_key_and_missing_file(tmp_path):
 
 
 def test_cli_typo_is_one_line_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "clip_train", "train", "--config", "configs/demo.yaml",
-                           "train.stpes=3"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clip_train",
+            "train",
+            "--config",
+            "configs/demo.yaml",
+            "train.stpes=3",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: unknown config key 'train.stpes'")

@@ -29,13 +29,28 @@ def checkout_env() -> dict:
 
 def test_two_processes_equal_one(tmp_path):
     out = tmp_path / "grads.pt"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--standalone", str(Path(__file__).parent / "dist_worker.py"), str(out)],
-                          capture_output=True, text=True, env=checkout_env(), cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            str(Path(__file__).parent / "dist_worker.py"),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=checkout_env(),
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = torch.load(out, weights_only=True)
-    assert all(Path(r["clip_train"]).resolve().is_relative_to(REPO) for r in results), \
+    assert all(Path(r["clip_train"]).resolve().is_relative_to(REPO) for r in results), (
         f"the worker imported {results[0]['clip_train']}, not the checkout {REPO}"
+    )
 
     torch.manual_seed(0)
     model = build_model(CFG)
@@ -45,25 +60,64 @@ def test_two_processes_equal_one(tmp_path):
     assert len(results) == 3
     for result in results:
         assert result["world"] == 2
-        torch.testing.assert_close(result["loss"], losses["loss"], rtol=1e-5, atol=1e-5, msg=str(result["variant"]))
+        torch.testing.assert_close(
+            result["loss"], losses["loss"], rtol=1e-5, atol=1e-5, msg=str(result["variant"])
+        )
         for name, grad in reference.items():
-            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-5, atol=1e-5,
-                                       msg=lambda m: f"{result['variant']} {name}: {m}")
+            torch.testing.assert_close(
+                result["grads"][name],
+                grad,
+                rtol=1e-5,
+                atol=1e-5,
+                msg=lambda m: f"{result['variant']} {name}: {m}",
+            )
 
 
 def test_two_process_training_run_completes_epochs(synth_dir, tmp_path, tiny_overrides):
     """The real loop under torchrun: ranks stop each epoch together (no DDP hang), checkpoints once."""
-    args = [f"data.train={synth_dir}/train", f"run.output_dir={tmp_path}", "run.name=ddp", *tiny_overrides,
-            "train.steps=9", "train.save_every=4", "eval.at_end=false", "export.at_end=false", "data.num_workers=1"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "clip_train", "-q", "train", "--config", "configs/demo.yaml", *args],
-                          capture_output=True, text=True, env=checkout_env(), cwd=REPO, timeout=300)
+    args = [
+        f"data.train={synth_dir}/train",
+        f"run.output_dir={tmp_path}",
+        "run.name=ddp",
+        *tiny_overrides,
+        "train.steps=9",
+        "train.save_every=4",
+        "eval.at_end=false",
+        "export.at_end=false",
+        "data.num_workers=1",
+    ]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "clip_train",
+            "-q",
+            "train",
+            "--config",
+            "configs/demo.yaml",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=checkout_env(),
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
 
-    records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert records[-1]["step"] == 9 and records[-1]["samples_seen"] == 9 * 16 * 2
-    assert records[-1]["epoch"] >= 1  # 200 samples / (16 x 2) per step: the run crossed an epoch boundary
+    assert (
+        records[-1]["epoch"] >= 1
+    )  # 200 samples / (16 x 2) per step: the run crossed an epoch boundary
     ckpt = tmp_path / "ddp" / "checkpoints" / "step_9"
     assert (ckpt / "rank_0.json").is_file() and (ckpt / "rank_1.json").is_file()
 
@@ -76,14 +130,39 @@ def test_logged_loss_is_the_whole_batch_loss_with_local_loss(synth_dir, tmp_path
     logged = {}
     for local in ("false", "true"):
         name = f"local_{local}"
-        args = [f"data.train={synth_dir}/train", f"run.output_dir={tmp_path}", f"run.name={name}",
-                *tiny_overrides, "train.steps=2", "train.log_every=1", f"loss.local_loss={local}",
-                "eval.at_end=false", "export.at_end=false"]
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                               "--nproc_per_node", "2", "-m", "clip_train", "-q", "train",
-                               "--config", "configs/demo.yaml", *args],
-                              capture_output=True, text=True, env=checkout_env(), cwd=REPO,
-                              timeout=300)
+        args = [
+            f"data.train={synth_dir}/train",
+            f"run.output_dir={tmp_path}",
+            f"run.name={name}",
+            *tiny_overrides,
+            "train.steps=2",
+            "train.log_every=1",
+            f"loss.local_loss={local}",
+            "eval.at_end=false",
+            "export.at_end=false",
+        ]
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                "-m",
+                "clip_train",
+                "-q",
+                "train",
+                "--config",
+                "configs/demo.yaml",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            env=checkout_env(),
+            cwd=REPO,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         logged[local] = [json.loads(line)["loss"] for line in lines]

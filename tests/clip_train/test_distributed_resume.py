@@ -14,7 +14,6 @@ import time
 import psutil
 import torch
 from safetensors.torch import load_file
-
 from smoke_config import TINY
 
 # The synth set's 4 shards hold 64, 64, 64 and 8 samples; shards are dealt to ranks by position, so
@@ -30,7 +29,10 @@ def _dirty_copy(synth_dir, out):
     assert len(shards) == 4
     for shard in shards:
         bad = BAD if shard == shards[1] else 0
-        with tarfile.open(shard) as src, tarfile.open(out / shard.name, "w", format=tarfile.PAX_FORMAT) as dst:
+        with (
+            tarfile.open(shard) as src,
+            tarfile.open(out / shard.name, "w", format=tarfile.PAX_FORMAT) as dst,
+        ):
             for member in src.getmembers():
                 data = src.extractfile(member).read()
                 if bad and member.name.endswith(".jpg"):
@@ -41,9 +43,24 @@ def _dirty_copy(synth_dir, out):
 
 def _torchrun(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "clip_train", "-q", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "clip_train",
+            "-q",
+            *args,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def _finish(proc):
@@ -70,16 +87,27 @@ def _kill_when(proc, path):
 def test_dirty_shards_two_processes_kill_resume_is_exact(synth_dir, tmp_path):
     data = tmp_path / "dirty"
     _dirty_copy(synth_dir, data)
-    common = [f"data.train={data}", f"run.output_dir={tmp_path}", *TINY, "train.steps=16", "train.save_every=2",
-              "train.keep_last=20", "eval.at_end=false", "export.at_end=false", "data.num_workers=1",
-              "data.max_bad_fraction=0.2"]
+    common = [
+        f"data.train={data}",
+        f"run.output_dir={tmp_path}",
+        *TINY,
+        "train.steps=16",
+        "train.save_every=2",
+        "train.keep_last=20",
+        "eval.at_end=false",
+        "export.at_end=false",
+        "data.num_workers=1",
+        "data.max_bad_fraction=0.2",
+    ]
     train = ["train", "--config", "configs/demo.yaml", *common]
     _finish(_torchrun(*train, "run.name=straight"))
 
     ckpts = tmp_path / "killed" / "checkpoints"
     # passes are 3 steps long (rank 1 runs dry): step 2 is inside epoch 0, step 10 inside epoch 3
     _kill_when(_torchrun(*train, "run.name=killed"), ckpts / "step_2" / "trainer_state.json")
-    _kill_when(_torchrun("resume", str(tmp_path / "killed")), ckpts / "step_10" / "trainer_state.json")
+    _kill_when(
+        _torchrun("resume", str(tmp_path / "killed")), ckpts / "step_10" / "trainer_state.json"
+    )
     assert not (ckpts / "step_16").exists()
     _finish(_torchrun("resume", str(tmp_path / "killed")))
 
@@ -95,6 +123,8 @@ def test_dirty_shards_two_processes_kill_resume_is_exact(synth_dir, tmp_path):
         epochs.add(trainer["epoch"])
     final = json.loads((straight / "step_16" / "trainer_state.json").read_text())
     assert final["epoch"] == 5  # 16 steps in passes of 3: every pass ended when rank 1 ran dry
-    bad = sum(r["bad_samples"]["bad"] for r in (json.loads((straight / "step_16" / f"rank_{i}.json").read_text())
-                                                  for i in (0, 1)))
+    bad = sum(
+        r["bad_samples"]["bad"]
+        for r in (json.loads((straight / "step_16" / f"rank_{i}.json").read_text()) for i in (0, 1))
+    )
     assert bad >= BAD

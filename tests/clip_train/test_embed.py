@@ -22,8 +22,22 @@ def exported(tiny_model_cfg, tmp_path):
 
 def test_embed_index_search(exported, synth_dir, tmp_path, capsys):
     emb = tmp_path / "emb"
-    assert main(["-q", "embed", str(exported), "--data", str(synth_dir / "retrieval"), "--out", str(emb),
-                 "--batch-size", "16"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "embed",
+                str(exported),
+                "--data",
+                str(synth_dir / "retrieval"),
+                "--out",
+                str(emb),
+                "--batch-size",
+                "16",
+            ]
+        )
+        == 0
+    )
     images = np.load(emb / "image_embeddings.npy")
     texts = np.load(emb / "text_embeddings.npy")
     meta = [json.loads(line) for line in (emb / "metadata.jsonl").read_text().splitlines()]
@@ -32,7 +46,9 @@ def test_embed_index_search(exported, synth_dir, tmp_path, capsys):
 
     # the stored embeddings are the model's
     encoder = clip_train.load(exported)
-    np.testing.assert_allclose(encoder.embed_texts([meta[3]["caption"]])[0].numpy(), texts[3], atol=1e-5)
+    np.testing.assert_allclose(
+        encoder.embed_texts([meta[3]["caption"]])[0].numpy(), texts[3], atol=1e-5
+    )
 
     for kind in ("flat", "ivf"):
         assert main(["-q", "index", str(emb), "--kind", kind]) == 0
@@ -43,7 +59,9 @@ def test_embed_index_search(exported, synth_dir, tmp_path, capsys):
     expected = np.argsort(-(images @ encoder.embed_texts([query])[0].numpy()), kind="stable")[:3]
     # the last index written (ivf over 40 points has a single list) is exact here
     assert [h["key"] for h in hits] == [meta[i]["key"] for i in expected]
-    assert hits[0]["score"] == pytest.approx(float(images[expected[0]] @ encoder.embed_texts([query])[0].numpy()), abs=1e-5)
+    assert hits[0]["score"] == pytest.approx(
+        float(images[expected[0]] @ encoder.embed_texts([query])[0].numpy()), abs=1e-5
+    )
 
 
 def test_search_errors_are_one_line(tmp_path, capsys):

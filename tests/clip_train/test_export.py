@@ -16,14 +16,26 @@ from clip_train.model import build_model
 @pytest.fixture
 def test_vit_cfg() -> ModelConfig:
     """timm's registered `test_vit` (160px, patch 16) as it is: expressible in open_clip."""
-    return ModelConfig(embed_dim=32, image=ImageTowerConfig(timm_name="test_vit", img_size=None, patch_size=None,
-                                                            width=None, depth=None, heads=None, mlp_ratio=None),
-                       text=TextTowerConfig(context_length=16, width=32, heads=2, layers=2))
+    return ModelConfig(
+        embed_dim=32,
+        image=ImageTowerConfig(
+            timm_name="test_vit",
+            img_size=None,
+            patch_size=None,
+            width=None,
+            depth=None,
+            heads=None,
+            mlp_ratio=None,
+        ),
+        text=TextTowerConfig(context_length=16, width=32, heads=2, layers=2),
+    )
 
 
 def assert_open_clip_matches(model, out, size: int) -> None:
     """open_clip loads `out/open_clip` and gives our embeddings, tokens, scale and preprocessing."""
-    oc_model, _, oc_preprocess = open_clip.create_model_and_transforms(f"local-dir:{out / 'open_clip'}")
+    oc_model, _, oc_preprocess = open_clip.create_model_and_transforms(
+        f"local-dir:{out / 'open_clip'}"
+    )
     oc_tokenizer = open_clip.get_tokenizer(f"local-dir:{out / 'open_clip'}")
     oc_model.eval()
     ours = clip_train.load(out)
@@ -31,10 +43,18 @@ def assert_open_clip_matches(model, out, size: int) -> None:
     captions = ["a red circle", "two small blue squares on the left", "a star"]
     assert torch.equal(oc_tokenizer(captions), ours.tokenizer(captions))
     with torch.no_grad():
-        torch.testing.assert_close(oc_model.encode_image(images), ours.encode_image(images), rtol=0, atol=1e-6)
-        torch.testing.assert_close(oc_model.encode_image(images), model.encode_image(images), rtol=0, atol=1e-6)
-        torch.testing.assert_close(oc_model.encode_text(oc_tokenizer(captions)),
-                                   ours.encode_text(ours.tokenizer(captions)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            oc_model.encode_image(images), ours.encode_image(images), rtol=0, atol=1e-6
+        )
+        torch.testing.assert_close(
+            oc_model.encode_image(images), model.encode_image(images), rtol=0, atol=1e-6
+        )
+        torch.testing.assert_close(
+            oc_model.encode_text(oc_tokenizer(captions)),
+            ours.encode_text(ours.tokenizer(captions)),
+            rtol=1e-5,
+            atol=1e-5,
+        )
         assert torch.equal(oc_model.logit_scale, ours.model.logit_scale)
     # and the same preprocessing of a PIL image
     from PIL import Image
@@ -53,7 +73,9 @@ def test_open_clip_builds_its_own_vit_at_any_size(tiny_model_cfg, tmp_path, pool
     model = build_model(tiny_model_cfg).eval()
     out = export_model(model, tmp_path / "export")
     assert json.loads((out / "export_info.json").read_text())["open_clip"] is True
-    vision = json.loads((out / "open_clip" / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"]
+    vision = json.loads((out / "open_clip" / "open_clip_config.json").read_text())["model_cfg"][
+        "vision_cfg"
+    ]
     assert "timm_model_name" not in vision and vision["width"] == 48 and vision["image_size"] == 32
     assert_open_clip_matches(model, out, 32)
 
@@ -68,8 +90,9 @@ def test_timm_converts_our_open_clip_export_back(tiny_model_cfg, tmp_path):
     tiny_model_cfg.image.pre_norm = True
     model = build_model(tiny_model_cfg)
     out = export_model(model, tmp_path / "export")
-    converted = checkpoint_filter_fn(load_file(str(out / "open_clip" / "open_clip_model.safetensors")),
-                                     model.visual.trunk)
+    converted = checkpoint_filter_fn(
+        load_file(str(out / "open_clip" / "open_clip_model.safetensors")), model.visual.trunk
+    )
     trunk = model.visual.trunk.state_dict()
     assert set(trunk) <= set(converted)
     for key, value in trunk.items():
@@ -82,7 +105,9 @@ def test_open_clip_loads_registered_timm_trunk(test_vit_cfg, tmp_path):
     torch.manual_seed(0)
     model = build_model(test_vit_cfg).eval()
     out = export_model(model, tmp_path / "export")
-    vision = json.loads((out / "open_clip" / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"]
+    vision = json.loads((out / "open_clip" / "open_clip_config.json").read_text())["model_cfg"][
+        "vision_cfg"
+    ]
     assert vision["timm_model_name"] == "test_vit"
     assert_open_clip_matches(model, out, 160)
 
@@ -104,8 +129,10 @@ def test_towers_alone_and_atomic_replace(tiny_model_cfg, tmp_path):
     out = export_model(model, tmp_path / "export")
     image = load_file(str(out / "image_tower.safetensors"))
     text = load_file(str(out / "text_tower.safetensors"))
-    assert set(image) == {k[len("visual."):] for k in model.state_dict() if k.startswith("visual.")}
-    assert set(text) == {k[len("text."):] for k in model.state_dict() if k.startswith("text.")}
+    assert set(image) == {
+        k[len("visual.") :] for k in model.state_dict() if k.startswith("visual.")
+    }
+    assert set(text) == {k[len("text.") :] for k in model.state_dict() if k.startswith("text.")}
     export_model(model, out)  # replacing an export leaves no temp dirs behind
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 

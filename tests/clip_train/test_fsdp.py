@@ -20,15 +20,22 @@ import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from smoke_config import TINY
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 12
 # GradCache's two micro-batches exercise FSDP's gradient accumulation without sync; the mid-run
 # zero-shot evaluations run on a gathered copy of the sharded model.
-COMMON = [*TINY, f"train.steps={STEPS}", "train.save_every=4", "train.keep_last=10", "train.accum_steps=2",
-          "eval.every=4", "eval.at_end=false", "data.num_workers=1"]
+COMMON = [
+    *TINY,
+    f"train.steps={STEPS}",
+    "train.save_every=4",
+    "train.keep_last=10",
+    "train.accum_steps=2",
+    "eval.every=4",
+    "eval.at_end=false",
+    "data.num_workers=1",
+]
 
 
 def _torchrun(synth_dir, out, *args):
@@ -36,11 +43,37 @@ def _torchrun(synth_dir, out, *args):
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     if args[0] == "train":
-        args = ("train", "--config", "configs/demo.yaml", f"data.train={synth_dir}/train", f"run.output_dir={out}",
-                f"data.zeroshot={synth_dir}/zeroshot", "data.retrieval=null", *COMMON, *args[1:])
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "clip_train", "-q", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+        args = (
+            "train",
+            "--config",
+            "configs/demo.yaml",
+            f"data.train={synth_dir}/train",
+            f"run.output_dir={out}",
+            f"data.zeroshot={synth_dir}/zeroshot",
+            "data.retrieval=null",
+            *COMMON,
+            *args[1:],
+        )
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "clip_train",
+            "-q",
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _kill(proc):
@@ -85,7 +118,9 @@ def _same_tensors(a, b):
 def _optimizer_shards(step_dir):
     """Every process's optimizer shard file of an FSDP checkpoint, by file name."""
     files = sorted((step_dir / "optimizer").iterdir())
-    assert [f.suffix for f in files] == [".safetensors"] * 2  # one per process; no pickled .metadata
+    assert [f.suffix for f in files] == [
+        ".safetensors"
+    ] * 2  # one per process; no pickled .metadata
     return {f.name: load_file(str(f)) for f in files}
 
 
@@ -94,10 +129,26 @@ def test_fsdp_gradients_and_clipping_match_ddp(tmp_path):
     float32 rounding only: the norm's sum of squares runs over shards, then across processes, in
     another order than over whole tensors (relative differences ~1e-7)."""
     out = tmp_path / "grads.pt"
-    path = os.pathsep.join(p for p in (str(REPO), str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(Path(__file__).parent / "fsdp_worker.py"), str(out)], capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path), cwd=REPO, timeout=300)
+    path = os.pathsep.join(
+        p for p in (str(REPO), str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(Path(__file__).parent / "fsdp_worker.py"),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path),
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = torch.load(out, weights_only=True)
     assert Path(result["clip_train"]).resolve().is_relative_to(REPO)
@@ -123,31 +174,47 @@ def test_fsdp_trains_the_weights_of_ddp(runs):
     ckpt = f"checkpoints/step_{STEPS}/model.safetensors"
     fsdp, ddp = load_file(str(runs / "fsdp" / ckpt)), load_file(str(runs / "ddp" / ckpt))
     _same_tensors(fsdp, ddp)  # bit-equal, for the reasons in the module docstring
-    evals = [line for line in (runs / "fsdp" / "metrics.jsonl").read_text().splitlines() if "eval/" in line]
+    evals = [
+        line
+        for line in (runs / "fsdp" / "metrics.jsonl").read_text().splitlines()
+        if "eval/" in line
+    ]
     assert len(evals) == 2  # steps 4 and 8
-    assert fsdp["logit_scale"].shape == () and fsdp["visual.trunk.blocks.0.attn.qkv.weight"].shape == (144, 48)
+    assert fsdp["logit_scale"].shape == () and fsdp[
+        "visual.trunk.blocks.0.attn.qkv.weight"
+    ].shape == (144, 48)
 
 
 @pytest.mark.slow
 def test_fsdp_killed_and_resumed_ends_as_the_straight_run(synth_dir, runs, tmp_path):
     ckpts = tmp_path / "killed" / "checkpoints"
-    _kill_when(_torchrun(synth_dir, tmp_path, "train", "run.name=killed", "train.fsdp=true"),
-               ckpts / "step_4" / "trainer_state.json")  # SIGKILL, every process
+    _kill_when(
+        _torchrun(synth_dir, tmp_path, "train", "run.name=killed", "train.fsdp=true"),
+        ckpts / "step_4" / "trainer_state.json",
+    )  # SIGKILL, every process
     assert not (ckpts / f"step_{STEPS}").exists()
     _finish(_torchrun(synth_dir, tmp_path, "resume", str(tmp_path / "killed")))
 
     straight, resumed = runs / "fsdp" / "checkpoints" / f"step_{STEPS}", ckpts / f"step_{STEPS}"
-    _same_tensors(load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors")))
+    _same_tensors(
+        load_file(str(straight / "model.safetensors")),
+        load_file(str(resumed / "model.safetensors")),
+    )
     a, b = _optimizer_shards(straight), _optimizer_shards(resumed)
     assert a.keys() == b.keys()
     for name in a:
         _same_tensors(a[name], b[name])
-    meta_a, meta_b = (torch.load(d / "optimizer.pt", weights_only=True) for d in (straight, resumed))
+    meta_a, meta_b = (
+        torch.load(d / "optimizer.pt", weights_only=True) for d in (straight, resumed)
+    )
     assert meta_a == meta_b and meta_a["optimizer"]["sharded"] == "optimizer"
     # the shards cover every trainable parameter's AdamW state, whole tensors (logit_scale) once
     keys = set().union(*(shard.keys() for shard in a.values()))
-    assert {"logit_scale/exp_avg", "visual.trunk.blocks.0.attn.qkv.weight/exp_avg_sq",
-            "text.text_projection/step"} <= keys
+    assert {
+        "logit_scale/exp_avg",
+        "visual.trunk.blocks.0.attn.qkv.weight/exp_avg_sq",
+        "text.text_projection/step",
+    } <= keys
 
 
 @pytest.mark.slow
@@ -174,14 +241,19 @@ def test_resume_refuses_a_changed_fsdp_setting(runs):
     from data_tools.errors import ConfigError
 
     cfg = load_config(runs / "fsdp" / "config.yaml", ["train.fsdp=false"])
-    with pytest.raises(ConfigError, match="saved with train.fsdp=true; resume it with train.fsdp=true"):
+    with pytest.raises(
+        ConfigError, match="saved with train.fsdp=true; resume it with train.fsdp=true"
+    ):
         train(cfg, resume=True)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["train.mixed_precision=fp16"], "does not support train.mixed_precision=fp16"),
-    (["train.compile=true"], "does not support train.compile=true"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["train.mixed_precision=fp16"], "does not support train.mixed_precision=fp16"),
+        (["train.compile=true"], "does not support train.compile=true"),
+    ],
+)
 def test_config_refuses_what_fsdp_does_not_support(synth_dir, tmp_path, make_cfg, extra, message):
     from data_tools.errors import ConfigError
 
@@ -193,6 +265,8 @@ def test_fsdp_refuses_one_process(synth_dir, tmp_path, make_cfg):
     from clip_train.train import train
     from data_tools.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="train.fsdp=true shards over several processes, but this run has one"):
+    with pytest.raises(
+        ConfigError, match="train.fsdp=true shards over several processes, but this run has one"
+    ):
         train(make_cfg(synth_dir, tmp_path, "run", "train.fsdp=true"))
     assert not (tmp_path / "run").exists()

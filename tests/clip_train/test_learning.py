@@ -11,11 +11,11 @@ import open_clip
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from smoke_config import TINY
 
 from clip_train.config import ModelConfig
 from clip_train.model import ImageTower
 from data_tools.shards import ShardWriter
-from smoke_config import TINY
 
 KINDS = ("circle", "square", "triangle", "cross", "diamond", "star")
 
@@ -37,7 +37,10 @@ def _outline(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: floa
         pts = [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
     else:  # star
         radii = [r if i % 2 == 0 else r / 2.5 for i in range(10)]
-        pts = [(cx + q * math.sin(i * math.pi / 5), cy - q * math.cos(i * math.pi / 5)) for i, q in enumerate(radii)]
+        pts = [
+            (cx + q * math.sin(i * math.pi / 5), cy - q * math.cos(i * math.pi / 5))
+            for i, q in enumerate(radii)
+        ]
     draw.line(pts + [pts[0]], fill="black")
 
 
@@ -45,10 +48,20 @@ def write_outline_icons(out, n: int = 768, size: int = 32, seed: int = 0) -> Non
     rng = random.Random(seed)
     with ShardWriter(out, "outline", samples_per_shard=256) as writer:
         for i in range(n):
-            kind, big, col, row = rng.choice(KINDS), rng.random() < 0.5, rng.randrange(3), rng.randrange(3)
+            kind, big, col, row = (
+                rng.choice(KINDS),
+                rng.random() < 0.5,
+                rng.randrange(3),
+                rng.randrange(3),
+            )
             img = Image.new("RGB", (size, size), "white")
-            _outline(ImageDraw.Draw(img), kind, size * (0.25 + 0.25 * col), size * (0.25 + 0.25 * row),
-                     size * (0.3 if big else 0.16))
+            _outline(
+                ImageDraw.Draw(img),
+                kind,
+                size * (0.25 + 0.25 * col),
+                size * (0.25 + 0.25 * row),
+                size * (0.3 if big else 0.16),
+            )
             buf = io.BytesIO()
             img.save(buf, "JPEG", quality=90)
             where = ("top", "middle", "bottom")[row] + " " + ("left", "center", "right")[col]
@@ -66,23 +79,59 @@ def test_loss_leaves_chance_within_a_few_dozen_steps(tmp_path):
     from clip_train.train import train
 
     write_outline_icons(tmp_path / "train")
-    kept = [o for o in TINY if not o.startswith(("model.image.width", "model.image.depth", "model.image.heads",
-                                                 "model.embed_dim", "model.text.width", "train.batch_size",
-                                                 "optim.warmup_steps", "train.log_every"))]
-    cfg = load_config("configs/demo.yaml", [
-        f"data.train={tmp_path}/train", "data.zeroshot=null", "data.retrieval=null",
-        f"run.output_dir={tmp_path}/runs", "run.name=learn", *kept,
-        "model.image.width=192", "model.image.depth=2", "model.image.heads=3", "model.text.width=64",
-        "model.embed_dim=64", "train.batch_size=64", "train.steps=60", "train.log_every=5", "train.save_every=0",
-        "optim.lr=5e-4", "optim.warmup_steps=10", "data.shuffle_buffer=768", "eval.at_end=false",
-        "export.at_end=false"])
+    kept = [
+        o
+        for o in TINY
+        if not o.startswith(
+            (
+                "model.image.width",
+                "model.image.depth",
+                "model.image.heads",
+                "model.embed_dim",
+                "model.text.width",
+                "train.batch_size",
+                "optim.warmup_steps",
+                "train.log_every",
+            )
+        )
+    ]
+    cfg = load_config(
+        "configs/demo.yaml",
+        [
+            f"data.train={tmp_path}/train",
+            "data.zeroshot=null",
+            "data.retrieval=null",
+            f"run.output_dir={tmp_path}/runs",
+            "run.name=learn",
+            *kept,
+            "model.image.width=192",
+            "model.image.depth=2",
+            "model.image.heads=3",
+            "model.text.width=64",
+            "model.embed_dim=64",
+            "train.batch_size=64",
+            "train.steps=60",
+            "train.log_every=5",
+            "train.save_every=0",
+            "optim.lr=5e-4",
+            "optim.warmup_steps=10",
+            "data.shuffle_buffer=768",
+            "eval.at_end=false",
+            "export.at_end=false",
+        ],
+    )
     train(cfg)
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "runs/learn/metrics.jsonl").read_text().splitlines()]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (tmp_path / "runs/learn/metrics.jsonl").read_text().splitlines()
+    ]
     assert sum(losses[-3:]) / 3 < 3.0, f"loss stuck near chance ln(64)={math.log(64):.2f}: {losses}"
 
 
 def _open_clip_vit(width: int, depth: int, heads: int):
-    cfg = open_clip.CLIPVisionCfg(layers=depth, width=width, head_width=width // heads, image_size=64, patch_size=8)
+    cfg = open_clip.CLIPVisionCfg(
+        layers=depth, width=width, head_width=width // heads, image_size=64, patch_size=8
+    )
     return open_clip.model._build_vision_tower(256, cfg)
 
 
@@ -98,9 +147,16 @@ def test_image_trunk_init_matches_open_clip_vit(width, heads):
     ref = _open_clip_vit(width, 2, heads)
     pairs = [(trunk.cls_token, ref.class_embedding), (trunk.pos_embed, ref.positional_embedding)]
     for ours, theirs in zip(trunk.blocks, ref.transformer.resblocks):
-        pairs += [(ours.attn.qkv.weight, theirs.attn.in_proj_weight), (ours.attn.proj.weight, theirs.attn.out_proj.weight),
-                  (ours.mlp.fc1.weight, theirs.mlp.c_fc.weight), (ours.mlp.fc2.weight, theirs.mlp.c_proj.weight)]
-        assert torch.count_nonzero(ours.attn.qkv.bias) == 0 and torch.count_nonzero(ours.attn.proj.bias) == 0
+        pairs += [
+            (ours.attn.qkv.weight, theirs.attn.in_proj_weight),
+            (ours.attn.proj.weight, theirs.attn.out_proj.weight),
+            (ours.mlp.fc1.weight, theirs.mlp.c_fc.weight),
+            (ours.mlp.fc2.weight, theirs.mlp.c_proj.weight),
+        ]
+        assert (
+            torch.count_nonzero(ours.attn.qkv.bias) == 0
+            and torch.count_nonzero(ours.attn.proj.bias) == 0
+        )
     for ours, theirs in pairs:
         assert ours.shape[-1] == theirs.shape[-1]
         assert ours.std().item() == pytest.approx(theirs.std().item(), rel=0.1)

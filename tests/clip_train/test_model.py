@@ -7,7 +7,9 @@ from clip_train.model import build_model
 def test_shapes_and_normalized_features(tiny_model_cfg):
     torch.manual_seed(0)
     model = build_model(tiny_model_cfg)
-    tokens = open_clip.tokenizer.SimpleTokenizer(context_length=16)(["a red circle", "two blue squares on the left"])
+    tokens = open_clip.tokenizer.SimpleTokenizer(context_length=16)(
+        ["a red circle", "two blue squares on the left"]
+    )
     out = model(torch.randn(2, 3, 32, 32), tokens)
     assert out["image_features"].shape == (2, 32) and out["text_features"].shape == (2, 32)
     assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(2), atol=1e-5)
@@ -18,7 +20,9 @@ def test_trimming_padding_is_exact(tiny_model_cfg):
     """A causal tower pooled at EOT must not depend on the padding after the longest caption."""
     torch.manual_seed(0)
     model = build_model(tiny_model_cfg).eval()
-    tokens = open_clip.tokenizer.SimpleTokenizer(context_length=16)(["a red circle", "two blue squares here"])
+    tokens = open_clip.tokenizer.SimpleTokenizer(context_length=16)(
+        ["a red circle", "two blue squares here"]
+    )
     trimmed = model.encode_text(tokens)
     model.text.trim_padding = False
     full = model.encode_text(tokens)

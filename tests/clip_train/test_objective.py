@@ -32,7 +32,9 @@ def _features(seed: int, n: int = 12, d: int = 8, dtype=torch.float32):
 
 
 def objective(*terms, **options):
-    return build_objective(LossConfig(terms=[LossTermConfig(name=n, weight=w, **options) for n, w in terms]))
+    return build_objective(
+        LossConfig(terms=[LossTermConfig(name=n, weight=w, **options) for n, w in terms])
+    )
 
 
 def test_siglip_equals_open_clip():
@@ -53,8 +55,11 @@ def test_siglip_formula_written_out():
     logits = scale * image @ text.T + bias
     signs = 2 * torch.eye(len(image)) - 1
     logits = logits.detach()
-    expected = -sum(math.log(1 / (1 + math.exp(-float(signs[i, j] * logits[i, j]))))
-                    for i in range(len(image)) for j in range(len(image))) / len(image)
+    expected = -sum(
+        math.log(1 / (1 + math.exp(-float(signs[i, j] * logits[i, j]))))
+        for i in range(len(image))
+        for j in range(len(image))
+    ) / len(image)
     got = objective(("siglip", 1.0))(image, text, scale, logit_bias=bias)["loss"]
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
@@ -86,11 +91,15 @@ def test_supcon_formula_written_out_and_gradient():
         others = [a for a in range(len(z)) if a != i]
         denominator = sum(math.exp(float(z[i] @ z[a]) / tau) for a in others)
         positives = [p for p in others if y[p] == y[i]]
-        total += -sum(math.log(math.exp(float(z[i] @ z[p]) / tau) / denominator) for p in positives) / len(positives)
+        total += -sum(
+            math.log(math.exp(float(z[i] @ z[p]) / tau) / denominator) for p in positives
+        ) / len(positives)
     loss_fn = objective(("supcon", 1.0), temperature=tau)
     got = loss_fn(image, text, scale, labels=labels)["loss"]
     assert got.item() == pytest.approx(total / len(z), rel=1e-9)
-    assert torch.autograd.gradcheck(lambda a, b: loss_fn(a, b, scale, labels=labels)["loss"], (image, text))
+    assert torch.autograd.gradcheck(
+        lambda a, b: loss_fn(a, b, scale, labels=labels)["loss"], (image, text)
+    )
     with pytest.raises(ValueError, match="class labels"):
         loss_fn(image, text, scale)
 
@@ -110,7 +119,8 @@ def test_simcse_formula_written_out_and_gradient():
     got = loss_fn(first, first, scale, text_features_2=second)["loss"]
     assert got.item() == pytest.approx(total / len(a), rel=1e-9)
     assert torch.autograd.gradcheck(
-        lambda x, y: loss_fn(x, x, scale, text_features_2=y)["loss"], (first, second))
+        lambda x, y: loss_fn(x, x, scale, text_features_2=y)["loss"], (first, second)
+    )
 
 
 def test_text_dropout_makes_two_views_and_accumulation_replays_it():
@@ -130,31 +140,48 @@ def test_text_dropout_makes_two_views_and_accumulation_replays_it():
     model = build_model(cfg).train()
     torch.manual_seed(1)
     outs = [model(im, tok, text_views=2) for im, tok in zip(images.chunk(4), tokens.chunk(4))]
-    cat = {k: torch.cat([o[k] for o in outs]) for k in ("image_features", "text_features", "text_features_2")}
-    reference = terms(cat["image_features"], cat["text_features"], outs[-1]["logit_scale"],
-                      text_features_2=cat["text_features_2"])
+    cat = {
+        k: torch.cat([o[k] for o in outs])
+        for k in ("image_features", "text_features", "text_features_2")
+    }
+    reference = terms(
+        cat["image_features"],
+        cat["text_features"],
+        outs[-1]["logit_scale"],
+        text_features_2=cat["text_features_2"],
+    )
     reference["loss"].backward()
     expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     torch.manual_seed(0)
     model = build_model(cfg).train()
     torch.manual_seed(1)
-    losses = forward_backward(model, objective(("clip", 1.0), ("simcse", 0.5)), images, tokens,
-                              accum_steps=4, text_views=2)
+    losses = forward_backward(
+        model,
+        objective(("clip", 1.0), ("simcse", 0.5)),
+        images,
+        tokens,
+        accum_steps=4,
+        text_views=2,
+    )
     cfg.text.dropout = 0.0
     torch.testing.assert_close(losses["loss"], reference["loss"].detach())
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert set(got) == set(expected)
     for name, grad in expected.items():
-        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            got[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}"
+        )
 
 
 def test_clip_label_smoothing_formula():
     image, text, scale, _ = _features(3)
     logits = scale * image @ text.T
     labels = torch.arange(len(image))
-    expected = (F.cross_entropy(logits, labels, label_smoothing=0.1)
-                + F.cross_entropy(logits.T, labels, label_smoothing=0.1)) / 2
+    expected = (
+        F.cross_entropy(logits, labels, label_smoothing=0.1)
+        + F.cross_entropy(logits.T, labels, label_smoothing=0.1)
+    ) / 2
     got = objective(("clip", 1.0), label_smoothing=0.1)(image, text, scale)["loss"]
     torch.testing.assert_close(got, expected)
     assert objective(("clip", 1.0))(image, text, scale)["loss"] < got  # smoothing adds a floor
@@ -171,8 +198,10 @@ def test_weighted_terms_sum_and_log_each():
     assert set(single) == {"loss", "loss_i2t", "loss_t2i"}  # one term logs what it always logged
 
 
-@pytest.mark.parametrize("terms", [[("siglip", 1.0)], [("margin", 1.0)], [("clip", 1.0), ("siglip", 0.3)],
-                                   [("supcon", 1.0)]])
+@pytest.mark.parametrize(
+    "terms",
+    [[("siglip", 1.0)], [("margin", 1.0)], [("clip", 1.0), ("siglip", 0.3)], [("supcon", 1.0)]],
+)
 def test_accumulation_4x16_equals_64(terms):
     cfg = CFG
     cfg.init_logit_bias = -10.0
@@ -182,15 +211,25 @@ def test_accumulation_4x16_equals_64(terms):
         torch.manual_seed(0)
         model = build_model(cfg)
         loss_fn = objective(*terms)
-        losses = forward_backward(model, loss_fn, images, tokens, accum_steps=accum,
-                                  labels=torch.arange(64) % 5 if "labels" in loss_fn.needs else None)
-        grads.append((losses["loss"], {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        losses = forward_backward(
+            model,
+            loss_fn,
+            images,
+            tokens,
+            accum_steps=accum,
+            labels=torch.arange(64) % 5 if "labels" in loss_fn.needs else None,
+        )
+        grads.append(
+            (losses["loss"], {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        )
     cfg.init_logit_bias = None
     (loss_full, full), (loss_acc, acc) = grads
     torch.testing.assert_close(loss_acc, loss_full)
     assert set(acc) == set(full) and ("logit_bias" in full) == any(n == "siglip" for n, _ in terms)
     for name, grad in full.items():
-        torch.testing.assert_close(acc[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            acc[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}"
+        )
 
 
 def test_two_processes_equal_one(tmp_path):
@@ -199,9 +238,23 @@ def test_two_processes_equal_one(tmp_path):
     from dist_objective_worker import VARIANTS, labels, loss_config
 
     out = tmp_path / "grads.pt"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           str(Path(__file__).parent / "dist_objective_worker.py"), str(out)],
-                          capture_output=True, text=True, env=checkout_env(), cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            str(Path(__file__).parent / "dist_objective_worker.py"),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=checkout_env(),
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = torch.load(out, weights_only=False)
     assert len(results) == len(VARIANTS)
@@ -212,15 +265,27 @@ def test_two_processes_equal_one(tmp_path):
         model = build_model(CFG)
         objective = build_objective(loss_config(result["variant"]))
         freeze_unused(model, objective)
-        losses = forward_backward(model, objective, images, tokens,
-                                  labels=labels() if "labels" in objective.needs else None,
-                                  text_views=2 if "text_views" in objective.needs else 1)
+        losses = forward_backward(
+            model,
+            objective,
+            images,
+            tokens,
+            labels=labels() if "labels" in objective.needs else None,
+            text_views=2 if "text_views" in objective.needs else 1,
+        )
         assert result["world"] == 2
-        torch.testing.assert_close(result["loss"], losses["loss"], rtol=1e-5, atol=1e-5, msg=str(result["variant"]))
+        torch.testing.assert_close(
+            result["loss"], losses["loss"], rtol=1e-5, atol=1e-5, msg=str(result["variant"])
+        )
         for name, param in model.named_parameters():
             if param.grad is not None:
-                torch.testing.assert_close(result["grads"][name], param.grad, rtol=1e-5, atol=1e-5,
-                                           msg=lambda m: f"{result['variant']} {name}: {m}")
+                torch.testing.assert_close(
+                    result["grads"][name],
+                    param.grad,
+                    rtol=1e-5,
+                    atol=1e-5,
+                    msg=lambda m: f"{result['variant']} {name}: {m}",
+                )
     CFG.init_logit_bias = None
 
 
@@ -228,16 +293,22 @@ def test_config_terms(tmp_path):
     cfg = load_config("configs/demo.yaml", ["data.train=/x"])
     assert [t.name for t in (cfg.loss.terms or [LossTermConfig(name=cfg.loss.name)])] == ["clip"]
     assert cfg.model.init_logit_bias is None
-    (tmp_path / "sig.yaml").write_text("loss:\n  terms:\n    - {name: clip, weight: 1.0}\n"
-                                       "    - {name: siglip, weight: 0.5}\n")
+    (tmp_path / "sig.yaml").write_text(
+        "loss:\n  terms:\n    - {name: clip, weight: 1.0}\n    - {name: siglip, weight: 0.5}\n"
+    )
     cfg = load_config(tmp_path / "sig.yaml", ["data.train=/x"])
-    assert (cfg.model.init_logit_bias, cfg.model.init_logit_scale) == (-10.0, math.log(10))  # SigLIP's init
+    assert (cfg.model.init_logit_bias, cfg.model.init_logit_scale) == (
+        -10.0,
+        math.log(10),
+    )  # SigLIP's init
     assert hasattr(build_model(cfg.model), "logit_bias")
-    for override, message in [("loss.name=siglp", "did you mean 'siglip'"),
-                              ("loss.name=simcse", "set model.text.dropout"),
-                              ("loss.terms=[{name: clip, weight: 0}]", "weight must be > 0"),
-                              ("loss.terms=[{name: clip}, {name: clip}]", "names a term twice"),
-                              ("loss.terms=[{name: margin, margin: -1}]", "margin must be > 0")]:
+    for override, message in [
+        ("loss.name=siglp", "did you mean 'siglip'"),
+        ("loss.name=simcse", "set model.text.dropout"),
+        ("loss.terms=[{name: clip, weight: 0}]", "weight must be > 0"),
+        ("loss.terms=[{name: clip}, {name: clip}]", "names a term twice"),
+        ("loss.terms=[{name: margin, margin: -1}]", "margin must be > 0"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             load_config("configs/demo.yaml", ["data.train=/x", override])
     from clip_train.config import LOSS_TERMS
@@ -253,9 +324,19 @@ def test_simcse_training_run(synth_dir, tmp_path):
 
     from clip_train.train import train
 
-    cfg = make_cfg(synth_dir, tmp_path, "cse", "train.steps=2", "train.log_every=1", "train.save_every=0",
-                   "eval.at_end=false", "export.at_end=false", "model.text.dropout=0.1", "train.accum_steps=2",
-                   "loss.terms=[{name: clip, weight: 1.0}, {name: simcse, weight: 0.5}]")
+    cfg = make_cfg(
+        synth_dir,
+        tmp_path,
+        "cse",
+        "train.steps=2",
+        "train.log_every=1",
+        "train.save_every=0",
+        "eval.at_end=false",
+        "export.at_end=false",
+        "model.text.dropout=0.1",
+        "train.accum_steps=2",
+        "loss.terms=[{name: clip, weight: 1.0}, {name: simcse, weight: 0.5}]",
+    )
     train(cfg)
     record = json.loads((tmp_path / "cse" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["loss/simcse"] > 0 and math.isfinite(record["loss"])
@@ -273,8 +354,14 @@ def _labelled_shards(out, n: int = 96):
         for i in range(n):
             buf = io.BytesIO()
             Image.new("RGB", (32, 32), colours[i % 3]).save(buf, "JPEG")
-            writer.write({"__key__": f"s{i:04d}", "jpg": buf.getvalue(), "txt": f"a {colours[i % 3]} square",
-                          "cls": i % 3})
+            writer.write(
+                {
+                    "__key__": f"s{i:04d}",
+                    "jpg": buf.getvalue(),
+                    "txt": f"a {colours[i % 3]} square",
+                    "cls": i % 3,
+                }
+            )
 
 
 def test_supcon_trains_on_labelled_shards_and_refuses_unlabelled(synth_dir, tmp_path):
@@ -284,12 +371,23 @@ def test_supcon_trains_on_labelled_shards_and_refuses_unlabelled(synth_dir, tmp_
 
     _labelled_shards(tmp_path / "lab")
     terms = "loss.terms=[{name: clip, weight: 1.0}, {name: supcon, weight: 0.5}]"
-    cfg = make_cfg(synth_dir, tmp_path, "sup", "train.steps=2", "train.save_every=0", "eval.at_end=false",
-                   "export.at_end=false", f"data.train={tmp_path}/lab", terms)
+    cfg = make_cfg(
+        synth_dir,
+        tmp_path,
+        "sup",
+        "train.steps=2",
+        "train.save_every=0",
+        "eval.at_end=false",
+        "export.at_end=false",
+        f"data.train={tmp_path}/lab",
+        terms,
+    )
     summary = train(cfg)
     assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
     cfg = make_cfg(synth_dir, tmp_path, "unlabelled", "train.steps=2", terms)
-    with pytest.raises(ConfigError, match=r"read class labels, but .*train-000000.tar has no \.cls"):
+    with pytest.raises(
+        ConfigError, match=r"read class labels, but .*train-000000.tar has no \.cls"
+    ):
         train(cfg)
     assert not (tmp_path / "unlabelled").exists()  # refused before anything was written
 
@@ -315,14 +413,28 @@ def test_training_run_logs_each_term_and_exports_the_bias(synth_dir, tmp_path):
 
     from clip_train.train import train
 
-    cfg = make_cfg(synth_dir, tmp_path, "sig", "train.steps=2", "train.log_every=1", "train.save_every=0",
-                   "eval.at_end=false", "model.image.pre_norm=true",
-                   "loss.terms=[{name: clip, weight: 1.0}, {name: siglip, weight: 0.5}]")
+    cfg = make_cfg(
+        synth_dir,
+        tmp_path,
+        "sig",
+        "train.steps=2",
+        "train.log_every=1",
+        "train.save_every=0",
+        "eval.at_end=false",
+        "model.image.pre_norm=true",
+        "loss.terms=[{name: clip, weight: 1.0}, {name: siglip, weight: 0.5}]",
+    )
     train(cfg)
     record = json.loads((tmp_path / "sig" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["loss"] == pytest.approx(record["loss/clip"] + 0.5 * record["loss/siglip"], rel=1e-5)
-    oc_model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'sig' / 'export' / 'open_clip'}")
+    assert record["loss"] == pytest.approx(
+        record["loss/clip"] + 0.5 * record["loss/siglip"], rel=1e-5
+    )
+    oc_model, _, _ = open_clip.create_model_and_transforms(
+        f"local-dir:{tmp_path / 'sig' / 'export' / 'open_clip'}"
+    )
     from clip_train.export import load_model
 
     trained = load_model(tmp_path / "sig" / "export")
-    assert torch.equal(oc_model.logit_bias, trained.logit_bias) and trained.logit_bias.item() != -10.0
+    assert (
+        torch.equal(oc_model.logit_bias, trained.logit_bias) and trained.logit_bias.item() != -10.0
+    )

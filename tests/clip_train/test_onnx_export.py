@@ -20,11 +20,19 @@ def test_onnx_towers_match_pytorch(tiny_model_cfg, tmp_path):
     images = torch.randn(3, 3, 32, 32)
     from clip_train.encoder import make_tokenizer
 
-    tokens = make_tokenizer(tiny_model_cfg)(["a red circle", "two small blue squares on the left", "a star"])
+    tokens = make_tokenizer(tiny_model_cfg)(
+        ["a red circle", "two small blue squares on the left", "a star"]
+    )
     image_sess = ort.InferenceSession(str(out / "onnx" / "image_encoder.onnx"))
     text_sess = ort.InferenceSession(str(out / "onnx" / "text_encoder.onnx"))
     with torch.no_grad():
-        np.testing.assert_allclose(image_sess.run(None, {"images": images.numpy()})[0],
-                                   model.encode_image(images, normalize=True).numpy(), atol=1e-5)
-        np.testing.assert_allclose(text_sess.run(None, {"tokens": tokens.numpy()})[0],
-                                   model.encode_text(tokens, normalize=True).numpy(), atol=1e-5)
+        np.testing.assert_allclose(
+            image_sess.run(None, {"images": images.numpy()})[0],
+            model.encode_image(images, normalize=True).numpy(),
+            atol=1e-5,
+        )
+        np.testing.assert_allclose(
+            text_sess.run(None, {"tokens": tokens.numpy()})[0],
+            model.encode_text(tokens, normalize=True).numpy(),
+            atol=1e-5,
+        )

@@ -14,10 +14,19 @@ def test_no_decay_on_biases_norms_embeddings_and_scale(tiny_model_cfg):
     decay = {names[id(p)] for p in opt.param_groups[0]["params"]}
     no_decay = {names[id(p)] for p in opt.param_groups[1]["params"]}
     assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
-    assert {"logit_scale", "text.token_embedding.weight", "text.positional_embedding",
-            "visual.trunk.pos_embed", "visual.trunk.cls_token", "text.ln_final.weight"} <= no_decay
+    assert {
+        "logit_scale",
+        "text.token_embedding.weight",
+        "text.positional_embedding",
+        "visual.trunk.pos_embed",
+        "visual.trunk.cls_token",
+        "text.ln_final.weight",
+    } <= no_decay
     assert all(not n.endswith(".bias") for n in decay)
-    assert "visual.head.proj.weight" in decay and "text.transformer.resblocks.0.attn.in_proj_weight" in decay
+    assert (
+        "visual.head.proj.weight" in decay
+        and "text.transformer.resblocks.0.attn.in_proj_weight" in decay
+    )
     assert len(decay) + len(no_decay) == len(list(model.parameters()))
 
 
@@ -37,7 +46,9 @@ def test_warmup_then_cosine():
 
 
 def test_const_cooldown():
-    cfg = OptimConfig(warmup_steps=10, cooldown_steps=20, min_lr_ratio=0.0, schedule="const-cooldown")
+    cfg = OptimConfig(
+        warmup_steps=10, cooldown_steps=20, min_lr_ratio=0.0, schedule="const-cooldown"
+    )
     assert const_cooldown(5, 100, cfg) == 0.6
     assert const_cooldown(50, 100, cfg) == 1.0 and const_cooldown(80, 100, cfg) == 1.0
     assert math.isclose(const_cooldown(90, 100, cfg), 0.5) and const_cooldown(100, 100, cfg) == 0.0
@@ -72,7 +83,8 @@ def test_open_clip_decay_rule_matches_open_clip_train(tiny_model_cfg):
     export)."""
     from clip_train import openclip_vit
     from clip_train.config import DECAY_RULES
-    from clip_train.optim import DECAY_RULES as RULES, param_groups
+    from clip_train.optim import DECAY_RULES as RULES
+    from clip_train.optim import param_groups
 
     assert set(RULES) == set(DECAY_RULES)
     tiny_model_cfg.image.pre_norm = True
@@ -85,7 +97,10 @@ def test_open_clip_decay_rule_matches_open_clip_train(tiny_model_cfg):
     decayed_ids = {id(p) for p in decayed["params"]}
     for name, param in named.items():
         their_name = ours_to_theirs[name]
-        assert (id(param) in decayed_ids) == (not exclude(their_name, theirs[their_name])), (name, their_name)
+        assert (id(param) in decayed_ids) == (not exclude(their_name, theirs[their_name])), (
+            name,
+            their_name,
+        )
     # and the two rules differ where the issue says: embeddings
     ours_decayed = {id(p) for p in param_groups(model, 0.1)[0]["params"]}
     assert id(model.text.token_embedding.weight) in decayed_ids - ours_decayed

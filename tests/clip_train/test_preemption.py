@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from smoke_config import TINY
 
 from clip_train.preempt import PREEMPTED_EXIT_CODE
-from smoke_config import TINY
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 40
@@ -24,13 +24,36 @@ def _train(synth_dir, out, name, *extra):
     """A `clip-train train` process in its own process group (its loader worker included)."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
-    args = [f"data.train={synth_dir}/train", f"run.output_dir={out}", f"run.name={name}", *TINY,
-            f"train.steps={STEPS}", "train.save_every=0", "data.num_workers=1",
-            "eval.at_end=false", "export.at_end=false"]
-    return subprocess.Popen([sys.executable, "-m", "clip_train", "-q", "train", "--config",
-                             "configs/demo.yaml", *args, *extra], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    args = [
+        f"data.train={synth_dir}/train",
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        *TINY,
+        f"train.steps={STEPS}",
+        "train.save_every=0",
+        "data.num_workers=1",
+        "eval.at_end=false",
+        "export.at_end=false",
+    ]
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "clip_train",
+            "-q",
+            "train",
+            "--config",
+            "configs/demo.yaml",
+            *args,
+            *extra,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _communicate(proc, timeout):
@@ -105,14 +128,39 @@ def test_a_signal_to_one_rank_stops_both(synth_dir, tmp_path):
 
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
-    args = [f"data.train={synth_dir}/train", f"run.output_dir={tmp_path}", "run.name=ddp", *TINY,
-            f"train.steps={STEPS}", "train.save_every=0", "eval.at_end=false",
-            "export.at_end=false"]
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node", "2", "-m", "clip_train", "-q", "train", "--config",
-                             "configs/demo.yaml", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    args = [
+        f"data.train={synth_dir}/train",
+        f"run.output_dir={tmp_path}",
+        "run.name=ddp",
+        *TINY,
+        f"train.steps={STEPS}",
+        "train.save_every=0",
+        "eval.at_end=false",
+        "export.at_end=false",
+    ]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "clip_train",
+            "-q",
+            "train",
+            "--config",
+            "configs/demo.yaml",
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     _wait_for_a_log_line(proc, tmp_path / "ddp" / "metrics.jsonl")
     rank1 = [c for c in psutil.Process(proc.pid).children() if c.environ().get("RANK") == "1"]
     assert len(rank1) == 1
@@ -127,8 +175,9 @@ def test_a_signal_to_one_rank_stops_both(synth_dir, tmp_path):
     assert (latest / "rank_0.json").is_file() and (latest / "rank_1.json").is_file()
 
 
-def test_signal_on_a_save_step_saves_once_and_restores_handlers(synth_dir, tmp_path, make_cfg,
-                                                                monkeypatch):
+def test_signal_on_a_save_step_saves_once_and_restores_handlers(
+    synth_dir, tmp_path, make_cfg, monkeypatch
+):
     """In process: a signal during a step that `train.save_every` saves adds no second save;
     the previous handlers are back after `train`."""
     import clip_train.train as train_module
@@ -144,15 +193,24 @@ def test_signal_on_a_save_step_saves_once_and_restores_handlers(synth_dir, tmp_p
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "forward_backward", signalled_step)
+
     def counted_save(self, step, *args, **kwargs):
         saves.append(step)
         return real_save(self, step, *args, **kwargs)
 
     monkeypatch.setattr(CheckpointManager, "save", counted_save)
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    summary = train_module.train(make_cfg(synth_dir, tmp_path, "inproc", "train.steps=10",
-                                          "train.save_every=2", "eval.at_end=false",
-                                          "export.at_end=false"))
+    summary = train_module.train(
+        make_cfg(
+            synth_dir,
+            tmp_path,
+            "inproc",
+            "train.steps=10",
+            "train.save_every=2",
+            "eval.at_end=false",
+            "export.at_end=false",
+        )
+    )
     assert summary["preempted"] == "SIGUSR1" and summary["steps"] == 4
     assert saves == [2, 4] and summary["checkpoint"].endswith("step_4")
     assert {s: signal.getsignal(s) for s in before} == before

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from data_tools.errors import ConfigError
 from clip_train.export import export_model
 from clip_train.model import build_model
 from clip_train.pretrained import init_from_source
+from data_tools.errors import ConfigError
 
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 TEXT = torch.randint(1, 400, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -35,7 +35,10 @@ def test_init_from_our_export_reproduces_its_embeddings(tiny_model_cfg, tmp_path
     source = _fresh(tiny_model_cfg, seed=0)
     export_model(source, tmp_path / "export")
     model = _fresh(tiny_model_cfg, str(tmp_path / "export"))
-    assert init_from_source(model, tiny_model_cfg) == "image trunk, image projection, text tower, logit_scale"
+    assert (
+        init_from_source(model, tiny_model_cfg)
+        == "image trunk, image projection, text tower, logit_scale"
+    )
     for ours, theirs in zip(_embeddings(model), _embeddings(source)):
         assert torch.equal(ours, theirs)
 
@@ -43,10 +46,21 @@ def test_init_from_our_export_reproduces_its_embeddings(tiny_model_cfg, tmp_path
 def _open_clip_model(cfg):
     """open_clip's CLIP (its own ViT and top-level text tower) of the tiny sizes; its ViT's
     LayerNorm eps set to timm's so that equal weights give equal numbers."""
-    vision = {"layers": cfg.image.depth, "width": cfg.image.width, "head_width": cfg.image.width // cfg.image.heads,
-              "patch_size": cfg.image.patch_size, "image_size": cfg.image.img_size, "norm_kwargs": {"eps": 1e-6}}
-    text = {"context_length": cfg.text.context_length, "vocab_size": cfg.text.vocab_size, "width": cfg.text.width,
-            "heads": cfg.text.heads, "layers": cfg.text.layers}
+    vision = {
+        "layers": cfg.image.depth,
+        "width": cfg.image.width,
+        "head_width": cfg.image.width // cfg.image.heads,
+        "patch_size": cfg.image.patch_size,
+        "image_size": cfg.image.img_size,
+        "norm_kwargs": {"eps": 1e-6},
+    }
+    text = {
+        "context_length": cfg.text.context_length,
+        "vocab_size": cfg.text.vocab_size,
+        "width": cfg.text.width,
+        "heads": cfg.text.heads,
+        "layers": cfg.text.layers,
+    }
     torch.manual_seed(5)
     return open_clip.CLIP(embed_dim=cfg.embed_dim, vision_cfg=vision, text_cfg=text).eval()
 
@@ -54,7 +68,10 @@ def _open_clip_model(cfg):
 def test_init_from_open_clip_checkpoint_gives_open_clip_embeddings(tiny_model_cfg, tmp_path):
     tiny_model_cfg.image.pre_norm = True
     reference = _open_clip_model(tiny_model_cfg)
-    torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, tmp_path / "oc.pt")
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}},
+        tmp_path / "oc.pt",
+    )
     model = _fresh(tiny_model_cfg, f"open_clip:{tmp_path / 'oc.pt'}")
     init_from_source(model, tiny_model_cfg)
     ours = _embeddings(model)
@@ -86,7 +103,9 @@ def test_open_clip_vit_needs_pre_norm_and_matching_sizes(tiny_model_cfg, tmp_pat
     with pytest.raises(ConfigError, match=r"text\..* is \(.*\) there and \(.*\) in this model"):
         init_from_source(_fresh(tiny_model_cfg, f"open_clip:{tmp_path / 'oc.bin'}"), tiny_model_cfg)
     with pytest.raises(ConfigError, match="no such file"):
-        init_from_source(_fresh(tiny_model_cfg, f"open_clip:{tmp_path / 'none.bin'}"), tiny_model_cfg)
+        init_from_source(
+            _fresh(tiny_model_cfg, f"open_clip:{tmp_path / 'none.bin'}"), tiny_model_cfg
+        )
 
 
 def _timm_trunk_file(cfg, path):
@@ -112,7 +131,9 @@ def test_timm_name_comes_from_the_cache_only(tiny_model_cfg, tmp_path, monkeypat
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     name = "vit_base_patch16_clip_224.openai"
-    with pytest.raises(ConfigError, match="not in the local Hugging Face cache.*init_download=true"):
+    with pytest.raises(
+        ConfigError, match="not in the local Hugging Face cache.*init_download=true"
+    ):
         init_from_source(_fresh(tiny_model_cfg, f"timm:{name}"), tiny_model_cfg)
     # a cache entry as huggingface_hub lays it out (refs/main -> snapshots/<commit>/file)
     repo = tmp_path / "hub" / "models--timm--vit_base_patch16_clip_224.openai"
@@ -133,17 +154,26 @@ def test_locked_trunk_from_timm_weights_stays_bit_identical(synth_dir, tmp_path,
     from clip_train.export import load_model
     from clip_train.train import train
 
-    base = ["train.steps=3", "train.save_every=0", "eval.at_end=false", "export.at_end=false",
-            "model.lock_image=true"]
+    base = [
+        "train.steps=3",
+        "train.save_every=0",
+        "eval.at_end=false",
+        "export.at_end=false",
+        "model.lock_image=true",
+    ]
     cfg = make_cfg(synth_dir, tmp_path, "plain", *base)
     with caplog.at_level(logging.WARNING):
         train(cfg)
-    assert any("model.lock_image=true freezes an image trunk that was not initialised" in r.message
-               for r in caplog.records)
+    assert any(
+        "model.lock_image=true freezes an image trunk that was not initialised" in r.message
+        for r in caplog.records
+    )
 
     trunk = _timm_trunk_file(cfg.model, tmp_path / "trunk.safetensors")
     caplog.clear()
-    cfg = make_cfg(synth_dir, tmp_path, "lit", *base, f"model.init_from=timm:{tmp_path}/trunk.safetensors")
+    cfg = make_cfg(
+        synth_dir, tmp_path, "lit", *base, f"model.init_from=timm:{tmp_path}/trunk.safetensors"
+    )
     with caplog.at_level(logging.WARNING):
         train(cfg)
     assert not any("not initialised" in r.message for r in caplog.records)

@@ -9,10 +9,26 @@ from clip_train.step import forward_backward
 
 def _batch(n=64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    words = ["red", "blue", "green", "small", "large", "circle", "square", "star", "on", "the", "left"]
-    captions = [" ".join(words[j] for j in torch.randint(0, len(words), (1 + i % 9,), generator=g).tolist())
-                for i in range(n)]
-    return torch.randn(n, 3, 32, 32, generator=g), open_clip.tokenizer.SimpleTokenizer(context_length=16)(captions)
+    words = [
+        "red",
+        "blue",
+        "green",
+        "small",
+        "large",
+        "circle",
+        "square",
+        "star",
+        "on",
+        "the",
+        "left",
+    ]
+    captions = [
+        " ".join(words[j] for j in torch.randint(0, len(words), (1 + i % 9,), generator=g).tolist())
+        for i in range(n)
+    ]
+    return torch.randn(n, 3, 32, 32, generator=g), open_clip.tokenizer.SimpleTokenizer(
+        context_length=16
+    )(captions)
 
 
 def _grads(model, images, tokens, accum):
@@ -30,7 +46,9 @@ def test_cached_accumulation_equals_one_big_batch(tiny_model_cfg):
     loss_4, grads_4 = _grads(model, images, tokens, 4)
     torch.testing.assert_close(loss_4, loss_1, rtol=1e-6, atol=1e-6)
     for name in grads_1:
-        torch.testing.assert_close(grads_4[name], grads_1[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads_4[name], grads_1[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}"
+        )
 
 
 def test_gradient_checkpointing_same_gradients(tiny_model_cfg):
@@ -56,8 +74,12 @@ class _DropoutClip(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.image = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 32),
-                                         torch.nn.Dropout(0.5), torch.nn.Linear(32, 16))
+        self.image = torch.nn.Sequential(
+            torch.nn.Flatten(),
+            torch.nn.Linear(3 * 8 * 8, 32),
+            torch.nn.Dropout(0.5),
+            torch.nn.Linear(32, 16),
+        )
         self.embed = torch.nn.Embedding(100, 32)
         self.text = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(32, 16))
         self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
@@ -65,8 +87,11 @@ class _DropoutClip(torch.nn.Module):
     def forward(self, images, tokens):
         image = torch.nn.functional.normalize(self.image(images), dim=-1)
         text = torch.nn.functional.normalize(self.text(self.embed(tokens).mean(1)), dim=-1)
-        return {"image_features": image, "text_features": text,
-                "logit_scale": self.logit_scale.exp()}
+        return {
+            "image_features": image,
+            "text_features": text,
+            "logit_scale": self.logit_scale.exp(),
+        }
 
 
 def test_cached_accumulation_replays_dropout(monkeypatch):
@@ -82,9 +107,11 @@ def test_cached_accumulation_replays_dropout(monkeypatch):
 
     torch.manual_seed(7)  # reference: the 4 micro-batches with a graph, one loss over all of them
     outs = [model(im, tok) for im, tok in zip(images.chunk(4), tokens.chunk(4))]
-    loss = build_loss("clip")(torch.cat([o["image_features"] for o in outs]),
-                              torch.cat([o["text_features"] for o in outs]),
-                              outs[-1]["logit_scale"])["loss"]
+    loss = build_loss("clip")(
+        torch.cat([o["image_features"] for o in outs]),
+        torch.cat([o["text_features"] for o in outs]),
+        outs[-1]["logit_scale"],
+    )["loss"]
     loss.backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters()}
     after_reference = torch.get_rng_state()

@@ -95,8 +95,9 @@ def test_gradcache_with_tiled_loss_equals_one_big_batch(tiny_model_cfg):
     (loss_1, grads_1), (loss_4, grads_4) = results
     torch.testing.assert_close(loss_4, loss_1, rtol=1e-5, atol=1e-5)
     for name in grads_1:
-        torch.testing.assert_close(grads_4[name], grads_1[name], rtol=1e-5, atol=1e-6,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads_4[name], grads_1[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}"
+        )
 
 
 def test_two_processes_tiled_equal_one_untiled(tmp_path):
@@ -104,10 +105,23 @@ def test_two_processes_tiled_equal_one_untiled(tmp_path):
     out = tmp_path / "grads.pt"
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)  # the workers import this checkout
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--standalone", str(Path(__file__).parent / "dist_worker.py"), str(out),
-                           "--tiled"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            str(Path(__file__).parent / "dist_worker.py"),
+            str(out),
+            "--tiled",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = torch.load(out, weights_only=True)
 
@@ -118,11 +132,17 @@ def test_two_processes_tiled_equal_one_untiled(tmp_path):
     assert len(results) == 3
     for result in results:
         assert result["world"] == 2
-        torch.testing.assert_close(result["loss"], losses_1["loss"], rtol=1e-5, atol=1e-5,
-                                   msg=str(result["variant"]))
+        torch.testing.assert_close(
+            result["loss"], losses_1["loss"], rtol=1e-5, atol=1e-5, msg=str(result["variant"])
+        )
         for name, grad in reference.items():
-            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-5, atol=1e-5,
-                                       msg=lambda m: f"{result['variant']} {name}: {m}")
+            torch.testing.assert_close(
+                result["grads"][name],
+                grad,
+                rtol=1e-5,
+                atol=1e-5,
+                msg=lambda m: f"{result['variant']} {name}: {m}",
+            )
 
 
 class _LargestTensor(TorchDispatchMode):
@@ -168,10 +188,13 @@ def test_auto_tiles_from_the_threshold(monkeypatch):
     assert calls
 
 
-@pytest.mark.parametrize("override,match", [
-    ("loss.tiled=maybe", "loss.tiled must be true, false or auto"),
-    ("loss.tile_size=0", "loss.tile_size must be positive"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("loss.tiled=maybe", "loss.tiled must be true, false or auto"),
+        ("loss.tile_size=0", "loss.tile_size must be positive"),
+    ],
+)
 def test_bad_tiled_config_is_one_line(override, match):
     with pytest.raises(ConfigError, match=match) as info:
         load_config(ROOT / "configs" / "bench_tiny.yaml", ["data.train=unused", override])

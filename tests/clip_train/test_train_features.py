@@ -17,9 +17,20 @@ def _metrics(run_dir):
 
 
 def test_bf16_accumulated_run_with_tensorboard_and_mfu(synth_dir, tmp_path, make_cfg):
-    cfg = make_cfg(synth_dir, tmp_path, "bf16", *QUIET, "train.steps=4", "train.mixed_precision=bf16",
-                   "train.accum_steps=2", "train.batch_size=8", "train.grad_checkpointing=true",
-                   "optim.grad_clip=1.0", "run.trackers=[tensorboard]", "train.peak_flops=1e12")
+    cfg = make_cfg(
+        synth_dir,
+        tmp_path,
+        "bf16",
+        *QUIET,
+        "train.steps=4",
+        "train.mixed_precision=bf16",
+        "train.accum_steps=2",
+        "train.batch_size=8",
+        "train.grad_checkpointing=true",
+        "optim.grad_clip=1.0",
+        "run.trackers=[tensorboard]",
+        "train.peak_flops=1e12",
+    )
     summary = train(cfg)
     records = _metrics(tmp_path / "bf16")
     assert summary["samples_seen"] == 4 * 16  # contrastive batch = 8 x 2 micro-batches
@@ -54,16 +65,32 @@ def test_nonfinite_steps_are_skipped_then_stop(synth_dir, tmp_path, make_cfg, mo
     assert [r["loss"] for r in records] == pytest.approx([step_losses[0], step_losses[3]], rel=1e-6)
 
     calls["n"] = 0
-    monkeypatch.setattr(train_module, "forward_backward",
-                        lambda model, *a, **k: (real(model, *a, **k), next(model.parameters()).grad.fill_(float("inf")))[0])
-    cfg = make_cfg(synth_dir, tmp_path, "diverge", *QUIET, "train.steps=10", "train.max_nonfinite=3")
+    monkeypatch.setattr(
+        train_module,
+        "forward_backward",
+        lambda model, *a, **k: (
+            real(model, *a, **k),
+            next(model.parameters()).grad.fill_(float("inf")),
+        )[0],
+    )
+    cfg = make_cfg(
+        synth_dir, tmp_path, "diverge", *QUIET, "train.steps=10", "train.max_nonfinite=3"
+    )
     with pytest.raises(TrainingDiverged, match="3 steps in a row"):
         train(cfg)
 
 
 def test_locked_image_tower_does_not_change(synth_dir, tmp_path, make_cfg):
-    cfg = make_cfg(synth_dir, tmp_path, "lit", *QUIET, "train.steps=2", "model.lock_image=true",
-                   "train.save_every=1", "train.keep_last=5")
+    cfg = make_cfg(
+        synth_dir,
+        tmp_path,
+        "lit",
+        *QUIET,
+        "train.steps=2",
+        "model.lock_image=true",
+        "train.save_every=1",
+        "train.keep_last=5",
+    )
     train(cfg)
     first = load_file(str(tmp_path / "lit" / "checkpoints" / "step_1" / "model.safetensors"))
     last = load_file(str(tmp_path / "lit" / "checkpoints" / "step_2" / "model.safetensors"))
@@ -85,7 +112,9 @@ def test_fp16_on_cpu_is_a_config_error(synth_dir, tmp_path, make_cfg):
 @pytest.mark.slow
 def test_compiled_model_trains_and_saves_plain_names(synth_dir, tmp_path, make_cfg):
     """torch.compile in place: the loop runs and checkpoints keep the uncompiled parameter names."""
-    summary = train(make_cfg(synth_dir, tmp_path, "compiled", *QUIET, "train.steps=2", "train.compile=true"))
+    summary = train(
+        make_cfg(synth_dir, tmp_path, "compiled", *QUIET, "train.steps=2", "train.compile=true")
+    )
     weights = load_file(str(tmp_path / "compiled" / "checkpoints" / "step_2" / "model.safetensors"))
     assert summary["steps"] == 2 and "logit_scale" in weights
     assert not any("_orig_mod" in k for k in weights)
@@ -104,8 +133,16 @@ def test_wandb_offline_logs_without_network(synth_dir, tmp_path, make_cfg, monke
 def test_eval_suite_every_n_steps(synth_dir, tmp_path, make_cfg):
     suite = tmp_path / "suite.yaml"
     suite.write_text(f"tasks:\n  - {{name: shapes, task: zero-shot, data: {synth_dir}/zeroshot}}\n")
-    cfg = make_cfg(synth_dir, tmp_path, "evals", "train.steps=4", "eval.every=2", f"eval.suite={suite}",
-                   "data.retrieval=null", "export.at_end=false")
+    cfg = make_cfg(
+        synth_dir,
+        tmp_path,
+        "evals",
+        "train.steps=4",
+        "eval.every=2",
+        f"eval.suite={suite}",
+        "data.retrieval=null",
+        "export.at_end=false",
+    )
     summary = train(cfg)
     evals = [r for r in _metrics(tmp_path / "evals") if "eval/shapes/acc1" in r]
     assert [r["step"] for r in evals] == [2, 4]
@@ -125,23 +162,45 @@ def test_bad_suite_fails_before_training(synth_dir, tmp_path, make_cfg):
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("name,flops", [("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12),
-                                        ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362e12),
-                                        ("NVIDIA H200", 989e12), ("NVIDIA H100 Foo", None), ("L4", None)])
+@pytest.mark.parametrize(
+    "name,flops",
+    [
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA L40", 181e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H100 Foo", None),
+        ("L4", None),
+    ],
+)
 def test_peak_flops_match_device_names_exactly(name, flops):
     from clip_train.throughput import peak_flops_for
 
     assert peak_flops_for(name) == flops
 
 
-def test_off_a_terminal_steps_are_log_lines_not_bar_redraws(synth_dir, tmp_path, make_cfg, caplog, capsys):
+def test_off_a_terminal_steps_are_log_lines_not_bar_redraws(
+    synth_dir, tmp_path, make_cfg, caplog, capsys
+):
     import logging
 
     from clip_train.train import train
 
     with caplog.at_level(logging.INFO, logger="clip_train"):
-        train(make_cfg(synth_dir, tmp_path, "logs", "train.steps=4", "train.log_every=2", "eval.at_end=false",
-                       "export.at_end=false", "run.progress=true"))
+        train(
+            make_cfg(
+                synth_dir,
+                tmp_path,
+                "logs",
+                "train.steps=4",
+                "train.log_every=2",
+                "eval.at_end=false",
+                "export.at_end=false",
+                "run.progress=true",
+            )
+        )
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert [line.split()[1] for line in lines] == ["2/4", "4/4"] and "samples/s" in lines[0]
     assert "\r" not in capsys.readouterr().err  # pytest's stderr is no terminal: no tqdm bar
@@ -167,8 +226,15 @@ def test_bad_samples_in_the_dropped_tail_count(synth_dir, tmp_path, make_cfg):
                 member.size = len(payload)
                 dst.addfile(member, io.BytesIO(payload))
     # 197 good samples in shard order: 12 batches of 16, then a dropped tail of 5 good + 3 bad
-    cfg = make_cfg(synth_dir, tmp_path, "tail", *QUIET, f"data.train={data}", "train.steps=12",
-                   "data.shuffle_buffer=0")
+    cfg = make_cfg(
+        synth_dir,
+        tmp_path,
+        "tail",
+        *QUIET,
+        f"data.train={data}",
+        "train.steps=12",
+        "data.shuffle_buffer=0",
+    )
     train(cfg)
     rank = json.loads((tmp_path / "tail" / "checkpoints" / "step_12" / "rank_0.json").read_text())
     assert (rank["bad_samples"]["seen"], rank["bad_samples"]["bad"]) == (200, 3)

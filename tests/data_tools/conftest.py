@@ -46,8 +46,12 @@ def make_shards(tmp_path: Path) -> Callable[..., Path]:
         for j, n in enumerate(counts):
             with ShardWriter(out, f"part{j:02d}", samples_per_shard=max(n, 1)) as w:
                 for _ in range(n):
-                    sample = {"__key__": f"s{idx:05d}", "jpg": jpeg_bytes(idx),
-                              "txt": f"caption number {idx}", "json": {"i": idx}}
+                    sample = {
+                        "__key__": f"s{idx:05d}",
+                        "jpg": jpeg_bytes(idx),
+                        "txt": f"caption number {idx}",
+                        "json": {"i": idx},
+                    }
                     if label:
                         sample["cls"] = idx % 3
                     w.write(sample)
@@ -66,8 +70,13 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def SmallSynth(seed: int = 0) -> SynthConfig:  # noqa: N802 - reads as a preset
-    return SynthConfig(seed=seed, train_samples=300, zeroshot_per_class=2, retrieval_samples=20,
-                       samples_per_shard=100)
+    return SynthConfig(
+        seed=seed,
+        train_samples=300,
+        zeroshot_per_class=2,
+        retrieval_samples=20,
+        samples_per_shard=100,
+    )
 
 
 @pytest.fixture

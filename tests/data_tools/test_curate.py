@@ -34,7 +34,6 @@ class PixelEncoder(torch.nn.Module):
     detection is tested with embeddings that keep images apart. Text: a hashed bag of words.
     """
 
-
     @staticmethod
     def preprocess(img):
         x = torch.from_numpy(np.asarray(img.convert("RGB").resize((32, 32)), np.float32) / 255)
@@ -63,12 +62,27 @@ class PixelEncoder(torch.nn.Module):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("curate")
-    write_synth(root / "synth", SynthConfig(seed=0, train_samples=120, zeroshot_per_class=1,
-                                            retrieval_samples=20, image_size=32,
-                                            samples_per_shard=40))
-    injected = dirty_copy(root / "synth" / "train", root / "dirty", exact=0.05, near=0.05,
-                          mismatched=0.1, eval_sets=[str(root / "synth" / "zeroshot")], leaks=5,
-                          samples_per_shard=40)
+    write_synth(
+        root / "synth",
+        SynthConfig(
+            seed=0,
+            train_samples=120,
+            zeroshot_per_class=1,
+            retrieval_samples=20,
+            image_size=32,
+            samples_per_shard=40,
+        ),
+    )
+    injected = dirty_copy(
+        root / "synth" / "train",
+        root / "dirty",
+        exact=0.05,
+        near=0.05,
+        mismatched=0.1,
+        eval_sets=[str(root / "synth" / "zeroshot")],
+        leaks=5,
+        samples_per_shard=40,
+    )
     return root, injected
 
 
@@ -78,9 +92,13 @@ def export(tmp_path_factory):
     from clip_train.export import export_model
     from clip_train.model import build_model
 
-    cfg = ModelConfig(embed_dim=32, image=ImageTowerConfig(
-        timm_name="vit_base_patch16_224", img_size=32, patch_size=8, width=48, depth=2, heads=2),
-        text=TextTowerConfig(context_length=16, width=48, heads=2, layers=2))
+    cfg = ModelConfig(
+        embed_dim=32,
+        image=ImageTowerConfig(
+            timm_name="vit_base_patch16_224", img_size=32, patch_size=8, width=48, depth=2, heads=2
+        ),
+        text=TextTowerConfig(context_length=16, width=48, heads=2, layers=2),
+    )
     torch.manual_seed(0)
     return export_model(build_model(cfg), tmp_path_factory.mktemp("export") / "export")
 
@@ -89,8 +107,24 @@ def export(tmp_path_factory):
 def cli_scores(data, export, tmp_path_factory):
     root, _ = data
     out = tmp_path_factory.mktemp("s") / "scores"
-    assert main(["-q", "score", str(root / "dirty"), "--model", str(export), "--output", str(out),
-                 "-b", "16", "-j", "2"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "score",
+                str(root / "dirty"),
+                "--model",
+                str(export),
+                "--output",
+                str(out),
+                "-b",
+                "16",
+                "-j",
+                "2",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -134,12 +168,32 @@ def test_score_resumes_where_it_stopped(data, export, cli_scores, tmp_path):
     out = tmp_path / "scores"
     shutil.copytree(cli_scores, out)
     # An interrupted run: shard 2 unscored, nothing merged yet.
-    for name in ("info.json", "scores.npy", "image_emb.npy", "text_emb.npy", "keys.jsonl",
-                 "parts/000002.npz"):
+    for name in (
+        "info.json",
+        "scores.npy",
+        "image_emb.npy",
+        "text_emb.npy",
+        "keys.jsonl",
+        "parts/000002.npz",
+    ):
         (out / name).unlink()
     before = {p.name: p.stat().st_mtime_ns for p in (out / "parts").iterdir()}
-    assert main(["-q", "score", str(data[0] / "dirty"), "--model", str(export), "--output",
-                 str(out), "-b", "16"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "score",
+                str(data[0] / "dirty"),
+                "--model",
+                str(export),
+                "--output",
+                str(out),
+                "-b",
+                "16",
+            ]
+        )
+        == 0
+    )
     after = {p.name: p.stat().st_mtime_ns for p in (out / "parts").iterdir()}
     assert {k: after[k] for k in before} == before and "000002.npz" in after
     k1, s1, _ = _arrays(cli_scores)
@@ -156,10 +210,34 @@ def test_score_refuses_other_options_and_bad_models(data, export, cli_scores, tm
     (out / "info.json").unlink()
     listing = sorted(p.name for p in out.rglob("*"))
     # resumed with another model / another shard set
-    assert main(["score", str(data[0] / "dirty"), "--model", "ViT-B-32", "--pretrained",
-                 str(export / "model.safetensors"), "--output", str(out)]) == 2
-    assert main(["score", str(data[0] / "synth" / "train"), "--model", str(export),
-                 "--output", str(out)]) == 2
+    assert (
+        main(
+            [
+                "score",
+                str(data[0] / "dirty"),
+                "--model",
+                "ViT-B-32",
+                "--pretrained",
+                str(export / "model.safetensors"),
+                "--output",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "score",
+                str(data[0] / "synth" / "train"),
+                "--model",
+                str(export),
+                "--output",
+                str(out),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(e.startswith("error: ") for e in err)
     assert "interrupted score run of --model" in err[0] and "another shard set" in err[1]
@@ -170,8 +248,9 @@ def test_score_refuses_other_options_and_bad_models(data, export, cli_scores, tm
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
     for model in (str(tmp_path / "no-such-run"), str(broken)):
-        assert main(["score", str(data[0] / "dirty"), "--model", model, "--output",
-                     str(fresh)]) == 2
+        assert (
+            main(["score", str(data[0] / "dirty"), "--model", model, "--output", str(fresh)]) == 2
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: --model {model}")
     assert not fresh.exists()
@@ -180,9 +259,24 @@ def test_score_refuses_other_options_and_bad_models(data, export, cli_scores, tm
 def test_filter_keeps_the_best_and_reports(data, cli_scores, tmp_path):
     root, _ = data
     out = tmp_path / "f"
-    assert main(["-q", "filter", str(root / "dirty"), "--scores", str(cli_scores),
-                 "--keep-fraction", "0.5", "--min-caption-words", "9", "--output",
-                 str(out)]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "filter",
+                str(root / "dirty"),
+                "--scores",
+                str(cli_scores),
+                "--keep-fraction",
+                "0.5",
+                "--min-caption-words",
+                "9",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rep = json.loads((out / "report.json").read_text())
     c = rep["counts"]
     assert c["input"] == 137 and c["kept"] + c["caption_words"] + c["score"] == 137
@@ -200,8 +294,22 @@ def test_filter_keeps_the_best_and_reports(data, cli_scores, tmp_path):
     # --min-score: exactly the samples at or above it
     out2 = tmp_path / "f2"
     thr = float(np.median(score))
-    assert main(["-q", "filter", str(root / "dirty"), "--scores", str(cli_scores),
-                 "--min-score", str(thr), "--output", str(out2)]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "filter",
+                str(root / "dirty"),
+                "--scores",
+                str(cli_scores),
+                "--min-score",
+                str(thr),
+                "--output",
+                str(out2),
+            ]
+        )
+        == 0
+    )
     kept2 = {s.key for p in sorted(out2.glob("train-*.tar")) for s in _iter(p)}
     assert kept2 == {k["key"] for k, s in zip(keys, score) if s >= thr}
 
@@ -217,8 +325,17 @@ def test_filter_resumes_and_refuses_other_options(data, cli_scores, tmp_path, mo
 
     root, _ = data
     out = tmp_path / "f"
-    args = ["-q", "filter", str(root / "dirty"), "--scores", str(cli_scores), "--keep-fraction",
-            "0.7", "--output", str(out)]
+    args = [
+        "-q",
+        "filter",
+        str(root / "dirty"),
+        "--scores",
+        str(cli_scores),
+        "--keep-fraction",
+        "0.7",
+        "--output",
+        str(out),
+    ]
     real = rw.ShardWriter
     calls = []
 
@@ -250,28 +367,63 @@ def test_filter_resumes_and_refuses_other_options(data, cli_scores, tmp_path, mo
 def test_filter_refuses_scores_of_other_shards(data, cli_scores, tmp_path, capsys):
     root, _ = data
     other = tmp_path / "other"  # same shard names, other keys
-    dirty_copy(root / "synth" / "train", other, exact=0.1, near=0.0, mismatched=0.0,
-               samples_per_shard=40, seed=3)
+    dirty_copy(
+        root / "synth" / "train",
+        other,
+        exact=0.1,
+        near=0.0,
+        mismatched=0.0,
+        samples_per_shard=40,
+        seed=3,
+    )
     for shards in (root / "synth" / "train", other):
-        assert main(["filter", str(shards), "--scores", str(cli_scores), "--min-score", "0",
-                     "--output", str(tmp_path / "out")]) == 2
+        assert (
+            main(
+                [
+                    "filter",
+                    str(shards),
+                    "--scores",
+                    str(cli_scores),
+                    "--min-score",
+                    "0",
+                    "--output",
+                    str(tmp_path / "out"),
+                ]
+            )
+            == 2
+        )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "other shards" in err[0] and "keys do not match" in err[1], err
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["filter", "--min-score", "1.5"], "in [-1, 1]"),
-    (["filter", "--keep-fraction", "0"], "(0, 1]"),
-    (["filter", "--keep-fraction", "1.2"], "(0, 1]"),
-    (["filter", "--min-side", "-1"], "0 or more"),
-    (["dedup", "--threshold", "1.5"], "(0, 1]"),
-    (["dedup", "--eval-threshold", "0"], "(0, 1]"),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["filter", "--min-score", "1.5"], "in [-1, 1]"),
+        (["filter", "--keep-fraction", "0"], "(0, 1]"),
+        (["filter", "--keep-fraction", "1.2"], "(0, 1]"),
+        (["filter", "--min-side", "-1"], "0 or more"),
+        (["dedup", "--threshold", "1.5"], "(0, 1]"),
+        (["dedup", "--eval-threshold", "0"], "(0, 1]"),
+    ],
+)
 def test_thresholds_are_checked_first(flags, words, tmp_path, capsys):
     cmd, *rest = flags
-    assert main([cmd, str(tmp_path / "none"), "--scores", str(tmp_path / "none"), "--output",
-                 str(tmp_path / "out"), *rest]) == 2
+    assert (
+        main(
+            [
+                cmd,
+                str(tmp_path / "none"),
+                "--scores",
+                str(tmp_path / "none"),
+                "--output",
+                str(tmp_path / "out"),
+                *rest,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and words in err and "\n" not in err
     assert not (tmp_path / "out").exists()
@@ -279,11 +431,18 @@ def test_thresholds_are_checked_first(flags, words, tmp_path, capsys):
 
 def test_dedup_finds_injected_duplicates_and_leaks(data, pixel_scores, tmp_path):
     root, injected = data
-    evals = {"zeroshot": embed_eval_set(root / "synth" / "zeroshot", PixelEncoder(),
-                                        batch_size=32)}
-    rep = dd.dedup_shards(root / "dirty", pixel_scores, tmp_path / "d", threshold=0.97,
-                          eval_sets=evals, eval_threshold=0.99)
-    removed = [json.loads(line) for line in (tmp_path / "d" / "removed.jsonl").read_text().splitlines()]
+    evals = {"zeroshot": embed_eval_set(root / "synth" / "zeroshot", PixelEncoder(), batch_size=32)}
+    rep = dd.dedup_shards(
+        root / "dirty",
+        pixel_scores,
+        tmp_path / "d",
+        threshold=0.97,
+        eval_sets=evals,
+        eval_threshold=0.99,
+    )
+    removed = [
+        json.loads(line) for line in (tmp_path / "d" / "removed.jsonl").read_text().splitlines()
+    ]
     by = {r["key"]: r for r in removed}
     keys, score, _ = _arrays(pixel_scores)
     score_of = {k["key"]: s for k, s in zip(keys, score)}
@@ -303,8 +462,17 @@ def test_dedup_finds_injected_duplicates_and_leaks(data, pixel_scores, tmp_path)
     assert c["exact"] == len(injected["exact"]) and c["contaminated"] == {"zeroshot": 5}
     assert c["kept"] == 137 - len(removed)
     # the same run again (same output) is a no-op resume; another threshold is refused
-    assert dd.dedup_shards(root / "dirty", pixel_scores, tmp_path / "d", threshold=0.97,
-                           eval_sets=evals, eval_threshold=0.99)["counts"] == c
+    assert (
+        dd.dedup_shards(
+            root / "dirty",
+            pixel_scores,
+            tmp_path / "d",
+            threshold=0.97,
+            eval_sets=evals,
+            eval_threshold=0.99,
+        )["counts"]
+        == c
+    )
     with pytest.raises(DataError, match="other inputs or options"):
         dd.dedup_shards(root / "dirty", pixel_scores, tmp_path / "d", threshold=0.9)
 
@@ -321,9 +489,25 @@ def test_dedup_cli_decontaminates_against_a_score_dir(data, pixel_scores, tmp_pa
                 writer.write({"__key__": s.key, "jpg": s.fields["jpg"], "txt": "a shape"})
     zs = tmp_path / "zs-scores"
     score_shards(PixelEncoder(), tmp_path / "zs", zs, model_id="pixels", batch_size=32)
-    assert main(["dedup", str(root / "dirty"), "--scores", str(pixel_scores), "--output",
-                 str(tmp_path / "d"), "--eval", f"zs={zs}", "--threshold", "0.999",
-                 "--eval-threshold", "0.999"]) == 0
+    assert (
+        main(
+            [
+                "dedup",
+                str(root / "dirty"),
+                "--scores",
+                str(pixel_scores),
+                "--output",
+                str(tmp_path / "d"),
+                "--eval",
+                f"zs={zs}",
+                "--threshold",
+                "0.999",
+                "--eval-threshold",
+                "0.999",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "5 matched eval set zs" in out
 
@@ -346,21 +530,50 @@ def test_near_pairs_and_deterministic_choice():
     for i in range(50):
         assert kept[i] == kept[3000 + i] == (i if score[i] >= score[3000 + i] else 3000 + i)
     # ties: the lower (shard, key) stays, whatever the input order
-    tie = dd.choose_kept(np.array([0, 0]), np.array([0.5, 0.5]), [(1, "a"), (0, "z")],
-                         np.ones(2, bool))
+    tie = dd.choose_kept(
+        np.array([0, 0]), np.array([0.5, 0.5]), [(1, "a"), (0, "z")], np.ones(2, bool)
+    )
     assert tie.tolist() == [1, 1]
 
 
 def test_score_under_torchrun_matches_one_process(data, export, cli_scores, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p),
+    )
     out = tmp_path / "scores2"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", "-m", "data_tools", "-q", "score",
-                           str(data[0] / "dirty"), "--model", str(export), "--output", str(out),
-                           "-b", "16", "-j", "0", "--device", "cpu"],
-                          check=False, capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "data_tools",
+            "-q",
+            "score",
+            str(data[0] / "dirty"),
+            "--model",
+            str(export),
+            "--output",
+            str(out),
+            "-b",
+            "16",
+            "-j",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     k1, s1, e1 = _arrays(cli_scores)
     k2, s2, e2 = _arrays(out)
@@ -373,35 +586,61 @@ def test_trimmed_open_clip_text_tower_gives_the_same_scores(data, tmp_path, capl
     import logging
 
     import open_clip
+
     from clip_eval.encoder import load_open_clip
     from clip_eval.text import trimmed_text_forward
 
     name = "cliptrain-curate-tiny"
     if name not in open_clip.list_models():
         cfg = tmp_path / f"{name}.json"
-        cfg.write_text(json.dumps({
-            "embed_dim": 32,
-            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
-                           "patch_size": 8},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
-                         "layers": 1}}))
+        cfg.write_text(
+            json.dumps(
+                {
+                    "embed_dim": 32,
+                    "vision_cfg": {
+                        "image_size": 32,
+                        "layers": 1,
+                        "width": 32,
+                        "head_width": 16,
+                        "patch_size": 8,
+                    },
+                    "text_cfg": {
+                        "context_length": 77,
+                        "vocab_size": 49408,
+                        "width": 32,
+                        "heads": 2,
+                        "layers": 1,
+                    },
+                }
+            )
+        )
         open_clip.add_model_config(cfg)
     torch.manual_seed(0)
     enc = load_open_clip(name, None, "cpu")
     shards = sorted((data[0] / "dirty").glob("*.tar"))[:1]
     with caplog.at_level(logging.INFO, logger="data_tools"):
-        score_shards(enc, shards, tmp_path / "trim", model_id=name, batch_size=16,
-                     text_forward=trimmed_text_forward(enc))
+        score_shards(
+            enc,
+            shards,
+            tmp_path / "trim",
+            model_id=name,
+            batch_size=16,
+            text_forward=trimmed_text_forward(enc),
+        )
     assert "trimmed to each batch's longest caption" in caplog.text
     score_shards(enc, shards, tmp_path / "full", model_id=name, batch_size=16)
-    np.testing.assert_allclose(np.load(tmp_path / "trim" / "scores.npy"),
-                               np.load(tmp_path / "full" / "scores.npy"), atol=1e-5)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "trim" / "scores.npy"),
+        np.load(tmp_path / "full" / "scores.npy"),
+        atol=1e-5,
+    )
 
 
 def test_filter_then_dedup_share_one_score_run(data, pixel_scores, tmp_path):
     root, _ = data
-    rep = filter_shards(root / "dirty", pixel_scores, tmp_path / "f",
-                        FilterOptions(keep_fraction=0.3))
+    rep = filter_shards(
+        root / "dirty", pixel_scores, tmp_path / "f", FilterOptions(keep_fraction=0.3)
+    )
     assert len(list((tmp_path / "f").glob("train-*.tar"))) == 4  # empty ones too: index i = i
     got = dd.dedup_shards(tmp_path / "f", pixel_scores, tmp_path / "d", threshold=0.97)
     c = got["counts"]

@@ -57,19 +57,44 @@ def photo_folder(tmp_path):
 
 def test_build_folder_with_bad_inputs(photo_folder, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["build", str(photo_folder), "--out", str(out), "--samples-per-shard", "3",
-               "--max-side", "256", "--max-pixels", "100000", "-q"])
+    rc = main(
+        [
+            "build",
+            str(photo_folder),
+            "--out",
+            str(out),
+            "--samples-per-shard",
+            "3",
+            "--max-side",
+            "256",
+            "--max-pixels",
+            "100000",
+            "-q",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "wrote 7 samples in 3 shards" in printed
     assert "skipped 6 of 13:" in printed
-    for reason in ("decode 1", "missing_caption 1", "missing_image 1", "bad_utf8 1",
-                   "empty_caption 1", "too_large 1"):
+    for reason in (
+        "decode 1",
+        "missing_caption 1",
+        "missing_image 1",
+        "bad_utf8 1",
+        "empty_caption 1",
+        "too_large 1",
+    ):
         assert reason in printed
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"] == {"train": 7}
-    assert {b["key"] for b in manifest["bad_samples"]} == {"broken", "nocap", "orphan", "latin",
-                                                           "empty", "huge"}
+    assert {b["key"] for b in manifest["bad_samples"]} == {
+        "broken",
+        "nocap",
+        "orphan",
+        "latin",
+        "empty",
+        "huge",
+    }
     samples = _samples(out / "train")
     assert set(samples) == {f"img{i}" for i in range(6)} | {"sub_p"}
     big = Image.open(io.BytesIO(samples["img5"]["jpg"]))
@@ -79,22 +104,39 @@ def test_build_folder_with_bad_inputs(photo_folder, tmp_path, capsys):
     assert samples["img2"]["txt"] == b"a red thing number 2"
     assert json.loads(samples["sub_p"]["json"]) == {"source": "sub/p.png"}
     assert not [p for p in (out / "train").iterdir() if p.name.endswith(".tmp")]
-    keys = [k for b in make_loader(out / "train", batch_size=4, image_transform=ImageTransform(16))
-            for k in b["key"]]
+    keys = [
+        k
+        for b in make_loader(out / "train", batch_size=4, image_transform=ImageTransform(16))
+        for k in b["key"]
+    ]
     assert sorted(keys) == sorted(samples)
 
 
 def test_caption_length_filters_split_and_shuffle(photo_folder, tmp_path):
     opts = EncodeOptions(min_caption_len=20, max_caption_len=21)
-    m = build(photo_folder, tmp_path / "a", opts=opts, val_fraction=0.4, seed=1,
-              shuffle=True, samples_per_shard=2)
+    m = build(
+        photo_folder,
+        tmp_path / "a",
+        opts=opts,
+        val_fraction=0.4,
+        seed=1,
+        shuffle=True,
+        samples_per_shard=2,
+    )
     assert m["skipped"]["caption_too_short"] == 1  # "far too many pixels"
     assert m["skipped"]["caption_too_long"] == 1  # "caption of a broken image" is checked first
     assert set(m["counts"]) == {"train", "val"}
     train, val = _samples(tmp_path / "a" / "train"), _samples(tmp_path / "a" / "val")
     assert not set(train) & set(val) and len(train) + len(val) == m["written"]
-    again = build(photo_folder, tmp_path / "b", opts=opts, val_fraction=0.4, seed=1,
-                  shuffle=True, samples_per_shard=2)
+    again = build(
+        photo_folder,
+        tmp_path / "b",
+        opts=opts,
+        val_fraction=0.4,
+        seed=1,
+        shuffle=True,
+        samples_per_shard=2,
+    )
     assert again["splits"] == m["splits"]  # deterministic for a seed
     for split in ("train", "val"):
         for p in (tmp_path / "a" / split).glob("*.tar"):
@@ -105,8 +147,14 @@ def _table_rows(d: Path):
     rows = []
     for i in range(5):
         _img(d / "imgs" / f"t{i}.jpg", 64, 48, (i * 40, 0, 0))
-        rows.append({"filepath": f"imgs/t{i}.jpg", "title": f"title number {i}", "score": i,
-                     "who": f"user{i}"})
+        rows.append(
+            {
+                "filepath": f"imgs/t{i}.jpg",
+                "title": f"title number {i}",
+                "score": i,
+                "who": f"user{i}",
+            }
+        )
     rows.append({"filepath": "imgs/missing.jpg", "title": "gone", "score": 0, "who": ""})
     rows.append({"filepath": "imgs/t0.jpg", "title": "", "score": 0, "who": ""})
     return rows
@@ -177,18 +225,34 @@ def img2dataset_dir(tmp_path):
                 _add(tf, f"{key}.txt", f"caption {key}".encode())
                 _add(tf, f"{key}.json", json.dumps({"url": f"http://x/{key}"}).encode())
                 rows.append({"key": key, "status": "success", "error_message": None})
-        rows.append({"key": "gone", "status": "failed_to_download",
-                     "error_message": "HTTP Error 404"})
+        rows.append(
+            {"key": "gone", "status": "failed_to_download", "error_message": "HTTP Error 404"}
+        )
         pq.write_table(pa.Table.from_pylist(rows), d / f"{s:05d}.parquet")
-        (d / f"{s:05d}_stats.json").write_text(json.dumps(
-            {"count": 4, "successes": 3, "failed_to_download": 1, "failed_to_resize": 0}))
+        (d / f"{s:05d}_stats.json").write_text(
+            json.dumps({"count": 4, "successes": 3, "failed_to_download": 1, "failed_to_resize": 0})
+        )
     return d
 
 
 def test_build_from_img2dataset_resharded_and_reused(img2dataset_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["build", str(img2dataset_dir), "--out", str(out), "--max-side", "160",
-                 "--samples-per-shard", "4", "-q"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                str(img2dataset_dir),
+                "--out",
+                str(out),
+                "--max-side",
+                "160",
+                "--samples-per-shard",
+                "4",
+                "-q",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "wrote 6 samples in 2 shards" in printed
     assert "img2dataset: 6 of 8 downloaded (2 failed to download" in printed
@@ -196,8 +260,7 @@ def test_build_from_img2dataset_resharded_and_reused(img2dataset_dir, tmp_path, 
     s = _samples(out / "train")
     assert Image.open(io.BytesIO(s["000010002"]["jpg"])).size == (160, 100)
     assert json.loads(s["000010002"]["json"]) == {"url": "http://x/000010002"}
-    assert main(["build", str(img2dataset_dir), "--out", str(tmp_path / "r"), "--reuse",
-                 "-q"]) == 0
+    assert main(["build", str(img2dataset_dir), "--out", str(tmp_path / "r"), "--reuse", "-q"]) == 0
     assert "reused 6 samples in 2 shards" in capsys.readouterr().out
     m = json.loads((tmp_path / "r" / "manifest.json").read_text())
     assert m["splits"]["train"]["shard_counts"] == [3, 3]
@@ -243,11 +306,17 @@ def test_build_is_resumable_and_never_half_written(photo_folder, tmp_path, monke
 
 def test_parallel_encoding_gives_the_same_shards(photo_folder, tmp_path):
     build(photo_folder, tmp_path / "a", samples_per_shard=3, opts=EncodeOptions(max_side=128))
-    build(photo_folder, tmp_path / "b", samples_per_shard=3, opts=EncodeOptions(max_side=128),
-          num_workers=2)
+    build(
+        photo_folder,
+        tmp_path / "b",
+        samples_per_shard=3,
+        opts=EncodeOptions(max_side=128),
+        num_workers=2,
+    )
     a = sorted((tmp_path / "a" / "train").glob("*.tar"))
     assert a and [p.read_bytes() for p in a] == [
-        (tmp_path / "b" / "train" / p.name).read_bytes() for p in a]
+        (tmp_path / "b" / "train" / p.name).read_bytes() for p in a
+    ]
 
 
 def test_from_imagefolder_imagenet_synsets(tmp_path):
@@ -263,8 +332,13 @@ def test_from_imagefolder_imagenet_synsets(tmp_path):
     templates = (tmp_path / "out" / "templates.txt").read_text().splitlines()
     assert len(templates) == 80 and all("{}" in t for t in templates)
     labels = {}
-    for b in make_loader(tmp_path / "out", batch_size=4, image_transform=ImageTransform(16),
-                         with_label=True, with_json=True):
+    for b in make_loader(
+        tmp_path / "out",
+        batch_size=4,
+        image_transform=ImageTransform(16),
+        with_label=True,
+        with_json=True,
+    ):
         labels.update({j["folder"]: lab for j, lab in zip(b["json"], b["label"].tolist())})
     assert labels == {"n01440764": 0, "n01443537": 1}
 
@@ -279,15 +353,43 @@ def test_from_imagefolder_plain_folders_and_classnames(tmp_path, capsys):
     assert (tmp_path / "o" / "templates.txt").read_text() == "a photo of a {}.\n"
     names = tmp_path / "names.txt"
     names.write_text("only one\n")
-    assert main(["from-imagefolder", str(root), "--out", str(tmp_path / "o2"), "--classnames",
-                 str(names), "-q"]) == 2
+    assert (
+        main(
+            [
+                "from-imagefolder",
+                str(root),
+                "--out",
+                str(tmp_path / "o2"),
+                "--classnames",
+                str(names),
+                "-q",
+            ]
+        )
+        == 2
+    )
     assert "1 class names for 2 classes" in capsys.readouterr().err
 
 
 def test_reshard_resizes_and_keeps_fields(make_shards, tmp_path, capsys):
     src = make_shards([5, 4], label=True)
-    assert main(["reshard", str(src), "--out", str(tmp_path / "rs"), "--samples-per-shard",
-                 "4", "--max-side", "8", "--prefix", "train", "-q"]) == 0
+    assert (
+        main(
+            [
+                "reshard",
+                str(src),
+                "--out",
+                str(tmp_path / "rs"),
+                "--samples-per-shard",
+                "4",
+                "--max-side",
+                "8",
+                "--prefix",
+                "train",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert "wrote 9 samples in 3 shards" in capsys.readouterr().out
     assert [n for _, n in shard_sample_counts(tmp_path / "rs")] == [4, 4, 1]
     s = _samples(tmp_path / "rs")

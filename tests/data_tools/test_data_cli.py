@@ -9,8 +9,24 @@ from data_tools.cli import build_parser, main
 
 def test_synth_then_inspect(tmp_path, capsys):
     out = tmp_path / "synth"
-    rc = main(["synth", "--output", str(out), "--train-samples", "120", "--zeroshot-per-class", "1",
-               "--retrieval-samples", "10", "--samples-per-shard", "50", "--seed", "3", "-q"])
+    rc = main(
+        [
+            "synth",
+            "--output",
+            str(out),
+            "--train-samples",
+            "120",
+            "--zeroshot-per-class",
+            "1",
+            "--retrieval-samples",
+            "10",
+            "--samples-per-shard",
+            "50",
+            "--seed",
+            "3",
+            "-q",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "wrote 120 train, 36 zeroshot (36 classes), 10 retrieval samples" in printed
@@ -27,12 +43,24 @@ def test_synth_then_inspect(tmp_path, capsys):
 
 def test_synth_rerun_smaller_removes_stale_shards(tmp_path, capsys):
     out = tmp_path / "s"
-    base = ["synth", "--output", str(out), "--zeroshot-per-class", "1", "--retrieval-samples", "5",
-            "--samples-per-shard", "40", "-q"]
+    base = [
+        "synth",
+        "--output",
+        str(out),
+        "--zeroshot-per-class",
+        "1",
+        "--retrieval-samples",
+        "5",
+        "--samples-per-shard",
+        "40",
+        "-q",
+    ]
     assert main([*base, "--train-samples", "100"]) == 0
     assert main([*base, "--train-samples", "50"]) == 0
     assert sorted(p.name for p in (out / "train").iterdir()) == [
-        "train-000000.tar", "train-000001.tar"]
+        "train-000000.tar",
+        "train-000001.tar",
+    ]
 
 
 def test_missing_path_is_one_line_exit_2(tmp_path, capsys):
@@ -58,8 +86,11 @@ def test_help_has_example(cmd, capsys):
 
 
 def test_python_dash_m(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "data_tools", "inspect", str(tmp_path / "x.tar")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "data_tools", "inspect", str(tmp_path / "x.tar")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error: shard not found")
 
 
@@ -72,17 +103,23 @@ def test_builder_help_has_example(cmd, capsys):
 
 def test_validate_lists_bad_samples_and_exits_1(bad_shards, tmp_path, capsys):
     report = tmp_path / "bad.jsonl"
-    rc = main(["validate", str(bad_shards), "--max-pixels", "40000", "--report", str(report),
-               "-q"])
+    rc = main(["validate", str(bad_shards), "--max-pixels", "40000", "--report", str(report), "-q"])
     assert rc == 1
     out = capsys.readouterr()
     assert "bad samples (" in out.out and "invalid:" in out.err
     rows = [json.loads(line) for line in report.read_text().splitlines()]
     got = {(r["key"], r["reason"]) for r in rows}
-    assert got >= {("corrupt", "decode"), ("truncjpg", "decode"), ("notxt", "missing_caption"),
-                   ("emptytxt", "empty_caption"), ("latin1", "bad_utf8"),
-                   ("noimage", "missing_image"), ("bomb", "too_large"),
-                   ("../escape", "unsafe_member"), ("t2", "truncated_tar")}
+    assert got >= {
+        ("corrupt", "decode"),
+        ("truncjpg", "decode"),
+        ("notxt", "missing_caption"),
+        ("emptytxt", "empty_caption"),
+        ("latin1", "bad_utf8"),
+        ("noimage", "missing_image"),
+        ("bomb", "too_large"),
+        ("../escape", "unsafe_member"),
+        ("t2", "truncated_tar"),
+    }
     for key in ("corrupt", "truncjpg", "bomb", "t2"):
         assert f"  {key}  " in out.out
 

@@ -13,9 +13,9 @@ from data_tools.build import build
 from data_tools.counts import CACHE_NAME, count_samples, shard_sample_counts, user_cache_file
 from data_tools.errors import DataError
 from data_tools.inspect_shards import inspect_shards
+from data_tools.io import write_json_atomic
 from data_tools.loader import epoch_batches, make_loader
 from data_tools.reshard import reshard
-from data_tools.io import write_json_atomic
 from data_tools.shards import ShardWriter
 from data_tools.transforms import ImageTransform
 
@@ -60,9 +60,19 @@ def test_manifest_count_wins_over_headers_while_the_size_matches(tmp_path, jpeg,
     d = tmp_path / "d"
     a, b = _write(d / "a.tar", 5, jpeg), _write(d / "b.tar", 3, jpeg, 5)
     # a manifest (as build writes it, here one folder up) that claims other counts
-    write_json_atomic(tmp_path / "manifest.json", {"splits": {"train": {
-        "path": "d", "shards": ["a.tar", "b.tar"], "shard_counts": [50, 30],
-        "shard_bytes": [a.stat().st_size, b.stat().st_size]}}})
+    write_json_atomic(
+        tmp_path / "manifest.json",
+        {
+            "splits": {
+                "train": {
+                    "path": "d",
+                    "shards": ["a.tar", "b.tar"],
+                    "shard_counts": [50, 30],
+                    "shard_bytes": [a.stat().st_size, b.stat().st_size],
+                }
+            }
+        },
+    )
     assert [n for _, n in shard_sample_counts(d)] == [50, 30]
     assert header_reads == []
     _write(d / "b.tar", 4, jpeg, 5)  # rebuilt: its size no longer matches
@@ -74,8 +84,9 @@ def test_manifest_without_sizes_is_trusted_only_for_older_shards(tmp_path, jpeg,
     d = tmp_path / "d"
     a = _write(d / "a.tar", 5, jpeg)
     m = d / "manifest.json"  # an older manifest (no shard_bytes), written after the shard
-    write_json_atomic(m, {"splits": {"s": {"path": ".", "shards": ["a.tar"],
-                                           "shard_counts": [50]}}})
+    write_json_atomic(
+        m, {"splits": {"s": {"path": ".", "shards": ["a.tar"], "shard_counts": [50]}}}
+    )
     t = m.stat().st_mtime
     os.utime(a, (t - 60, t - 60))
     assert count_samples(d) == 50 and header_reads == []
@@ -91,7 +102,8 @@ def test_build_manifest_records_sizes(tmp_path, jpeg, header_reads):
         (src / f"p{i}.txt").write_text(f"photo {i}")
     m = build(src, tmp_path / "out", samples_per_shard=3)
     assert m["splits"]["train"]["shard_bytes"] == [
-        (tmp_path / "out" / "train" / n).stat().st_size for n in m["splits"]["train"]["shards"]]
+        (tmp_path / "out" / "train" / n).stat().st_size for n in m["splits"]["train"]["shards"]
+    ]
     assert [n for _, n in shard_sample_counts(tmp_path / "out" / "train")] == [3, 3, 1]
     assert header_reads == []
 
@@ -100,8 +112,18 @@ def test_img2dataset_stats_give_the_count(tmp_path, jpeg, header_reads):
     d = tmp_path / "laion"
     tar = _write(d / "00000.tar", 4, jpeg)
     stats = d / "00000_stats.json"
-    stats.write_text(json.dumps({"count": 10, "successes": 9, "failed_to_download": 1,
-                                 "failed_to_resize": 0, "duration": 1.0, "status_dict": {}}))
+    stats.write_text(
+        json.dumps(
+            {
+                "count": 10,
+                "successes": 9,
+                "failed_to_download": 1,
+                "failed_to_resize": 0,
+                "duration": 1.0,
+                "status_dict": {},
+            }
+        )
+    )
     assert shard_sample_counts(d) == [(str(tar), 9)]  # the sidecar, not the 4 headers
     assert header_reads == []
     t = stats.stat().st_mtime
@@ -146,13 +168,13 @@ def test_cache_never_replaces_a_user_file(tmp_path, jpeg, header_reads, user_cac
     assert count_samples(d) == 3 and header_reads == []
 
 
-def test_unwritable_folder_caches_under_the_user_cache_dir(tmp_path, jpeg, header_reads,
-                                                           monkeypatch):
+def test_unwritable_folder_caches_under_the_user_cache_dir(
+    tmp_path, jpeg, header_reads, monkeypatch
+):
     d = tmp_path / "ro"
     _write(d / "a.tar", 6, jpeg)
     real = os.access
-    monkeypatch.setattr(counts_mod.os, "access",
-                        lambda p, m: False if Path(p) == d else real(p, m))
+    monkeypatch.setattr(counts_mod.os, "access", lambda p, m: False if Path(p) == d else real(p, m))
     assert count_samples(d) == 6
     assert not (d / CACHE_NAME).exists() and user_cache_file(d).is_file()
     header_reads.clear()
@@ -161,14 +183,24 @@ def test_unwritable_folder_caches_under_the_user_cache_dir(tmp_path, jpeg, heade
 
 def test_remote_shards_in_epoch_mode_point_to_resampled():
     with pytest.raises(DataError, match="mode=resampled"):
-        epoch_batches("pipe:cat /data/{000..009}.tar", batch_size=2, world_size=1,
-                      num_workers=0, drop_last=False)
+        epoch_batches(
+            "pipe:cat /data/{000..009}.tar",
+            batch_size=2,
+            world_size=1,
+            num_workers=0,
+            drop_last=False,
+        )
 
 
 def test_exact_resume_with_cached_counts(make_shards, header_reads):
     d = make_shards([7, 5, 9, 4])
-    kw = dict(batch_size=3, image_transform=ImageTransform(16, train=True), shuffle_buffer=5,
-              seed=3, num_workers=2)
+    kw = dict(
+        batch_size=3,
+        image_transform=ImageTransform(16, train=True),
+        shuffle_buffer=5,
+        seed=3,
+        num_workers=2,
+    )
     full = list(make_loader(d, **kw))
     first = make_loader(d, **kw)
     assert first.num_batches == len(full)  # counted from headers once, then from the cache
@@ -191,8 +223,13 @@ def test_gzip_shards_load_inspect_and_count(tmp_path, jpeg):
         data = (tmp_path / "plain" / f"{name}.tar").read_bytes()
         (gz / f"{name}.tar.gz").write_bytes(gzip.compress(data))
     assert [n for _, n in shard_sample_counts(gz)] == [5, 4]
-    kw = dict(batch_size=2, image_transform=ImageTransform(16, train=True), shuffle_buffer=3,
-              seed=1, num_workers=2)
+    kw = dict(
+        batch_size=2,
+        image_transform=ImageTransform(16, train=True),
+        shuffle_buffer=3,
+        seed=1,
+        num_workers=2,
+    )
     want = list(make_loader(plain.parent, **kw))
     got = list(make_loader(gz, **kw))
     assert [b["key"] for b in got] == [b["key"] for b in want]

@@ -19,12 +19,26 @@ def _keys(loader):
 
 def test_batch_shapes_dtypes_and_keys(make_shards, char_tokenizer):
     d = make_shards([7, 6], label=True)
-    batches = list(make_loader(d, batch_size=4, image_transform=T, tokenizer=char_tokenizer,
-                               with_label=True, with_json=True))
+    batches = list(
+        make_loader(
+            d,
+            batch_size=4,
+            image_transform=T,
+            tokenizer=char_tokenizer,
+            with_label=True,
+            with_json=True,
+        )
+    )
     assert [len(b["key"]) for b in batches] == [4, 4, 4, 1]  # batches span shards; partial kept
     b = batches[0]
-    assert {k for k in b if not k.startswith("_")} == {"image", "key", "caption", "text",
-                                                        "label", "json"}
+    assert {k for k in b if not k.startswith("_")} == {
+        "image",
+        "key",
+        "caption",
+        "text",
+        "label",
+        "json",
+    }
     assert b["_skipped"] == dict.fromkeys(SKIP_REASONS, 0) and b["_seen"] == 4
     assert b["image"].shape == (4, 3, 16, 16) and b["image"].dtype == torch.float32
     assert b["text"].shape == (4, 16) and b["text"].dtype == torch.long
@@ -39,8 +53,9 @@ def test_batch_shapes_dtypes_and_keys(make_shards, char_tokenizer):
 
 def test_drop_last(make_shards):
     d = make_shards([10])
-    assert [len(b["key"]) for b in make_loader(d, batch_size=4, image_transform=T,
-                                                drop_last=True)] == [4, 4]
+    assert [
+        len(b["key"]) for b in make_loader(d, batch_size=4, image_transform=T, drop_last=True)
+    ] == [4, 4]
 
 
 def test_open_clip_tokenizer_in_workers(make_shards):
@@ -52,16 +67,26 @@ def test_open_clip_tokenizer_in_workers(make_shards):
         torch.testing.assert_close(b["text"], tok(b["caption"]))
 
 
-@pytest.mark.parametrize("counts", [[5, 9, 3, 7, 4, 6, 8, 2, 5], [11, 6, 9]],
-                         ids=["shard-split", "sample-split"])
+@pytest.mark.parametrize(
+    "counts", [[5, 9, 3, 7, 4, 6, 8, 2, 5], [11, 6, 9]], ids=["shard-split", "sample-split"]
+)
 @pytest.mark.parametrize("shuffle", [0, 16])
 def test_epoch_each_sample_once_across_ranks_and_workers(make_shards, counts, shuffle):
     d = make_shards(counts)
     total = sum(counts)
     per_rank = []
     for rank in (0, 1):
-        loader = make_loader(d, batch_size=3, image_transform=T, num_workers=2, rank=rank,
-                             world_size=2, shuffle_buffer=shuffle, seed=3, epoch=1)
+        loader = make_loader(
+            d,
+            batch_size=3,
+            image_transform=T,
+            num_workers=2,
+            rank=rank,
+            world_size=2,
+            shuffle_buffer=shuffle,
+            seed=3,
+            epoch=1,
+        )
         assert loader.regime == ("shard-split" if len(counts) >= 4 else "sample-split")
         per_rank.append(_keys(loader))
         loader.close()
@@ -74,8 +99,17 @@ def test_shuffle_deterministic_per_seed_and_epoch(make_shards):
     d = make_shards([8, 8, 8, 8])
 
     def order(seed, epoch, workers=2):
-        return _keys(make_loader(d, batch_size=4, image_transform=T, num_workers=workers,
-                                 shuffle_buffer=10, seed=seed, epoch=epoch))
+        return _keys(
+            make_loader(
+                d,
+                batch_size=4,
+                image_transform=T,
+                num_workers=workers,
+                shuffle_buffer=10,
+                seed=seed,
+                epoch=epoch,
+            )
+        )
 
     a = order(0, 0)
     assert sorted(a) == [f"s{i:05d}" for i in range(32)]
@@ -98,8 +132,9 @@ def test_corrupt_image_is_skipped_and_logged(tmp_path, jpeg, char_tokenizer, cap
                 del sample["txt"]  # no caption while a tokenizer is given
             w.write(sample)
     with caplog.at_level(logging.WARNING, logger="data_tools.loader"):
-        keys = _keys(make_loader(tmp_path, batch_size=2, image_transform=T,
-                                 tokenizer=char_tokenizer))
+        keys = _keys(
+            make_loader(tmp_path, batch_size=2, image_transform=T, tokenizer=char_tokenizer)
+        )
     assert keys == ["k0", "k1", "k3"]
     text = caplog.text
     assert "'k2'" in text and "'k4'" in text and "'k5'" in text
@@ -112,8 +147,9 @@ def test_resampled_is_endless_and_seeded(make_shards):
     assert total == 12
 
     def take(seed, n=40):
-        loader = make_loader(d, batch_size=4, image_transform=T, mode="resampled",
-                             num_workers=2, seed=seed)
+        loader = make_loader(
+            d, batch_size=4, image_transform=T, mode="resampled", num_workers=2, seed=seed
+        )
         keys = [k for b in itertools.islice(iter(loader), n // 4) for k in b["key"]]
         loader.close()
         return keys

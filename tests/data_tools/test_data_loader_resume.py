@@ -88,9 +88,13 @@ def test_resume_from_other_config_names_the_field(make_shards):
     loader = make_loader(d, **_kw())
     next(iter(loader))
     state = loader.state_dict()
-    for change, field in [({"seed": 6}, "seed"), ({"batch_size": 4}, "batch_size"),
-                          ({"num_workers": 2}, "num_workers"), ({"epoch": 3}, "epoch"),
-                          ({"mode": "resampled"}, "mode")]:
+    for change, field in [
+        ({"seed": 6}, "seed"),
+        ({"batch_size": 4}, "batch_size"),
+        ({"num_workers": 2}, "num_workers"),
+        ({"epoch": 3}, "epoch"),
+        ({"mode": "resampled"}, "mode"),
+    ]:
         with pytest.raises(DataError, match=f"{field} differs"):
             make_loader(d, **_kw(**change), state=state)
     with pytest.raises(DataError, match="shards differs"):
@@ -106,8 +110,17 @@ def test_epoch_batches_is_exact(make_shards, counts, drop_last):
     want = epoch_batches(d, batch_size=2, world_size=2, num_workers=2, drop_last=drop_last)
     got = []
     for rank in (0, 1):
-        loader = make_loader(d, batch_size=2, image_transform=AUG, num_workers=2, rank=rank,
-                             world_size=2, drop_last=drop_last, shuffle_buffer=4, seed=rank)
+        loader = make_loader(
+            d,
+            batch_size=2,
+            image_transform=AUG,
+            num_workers=2,
+            rank=rank,
+            world_size=2,
+            drop_last=drop_last,
+            shuffle_buffer=4,
+            seed=rank,
+        )
         got.append(len(_take(loader)))
         assert loader.num_batches == want[rank]
         loader.close()
@@ -119,23 +132,37 @@ def test_max_batches_equalises_ranks(make_shards):
     per_rank = epoch_batches(d, batch_size=2, world_size=2, num_workers=1, drop_last=False)
     assert per_rank[0] != per_rank[1]
     n = min(per_rank)
-    lens = [len(_take(make_loader(d, batch_size=2, image_transform=AUG, rank=r, world_size=2,
-                                  max_batches=n))) for r in (0, 1)]
+    lens = [
+        len(
+            _take(
+                make_loader(
+                    d, batch_size=2, image_transform=AUG, rank=r, world_size=2, max_batches=n
+                )
+            )
+        )
+        for r in (0, 1)
+    ]
     assert lens == [n, n]
     # max_batches counts batches before a resume state too
     loader = make_loader(d, batch_size=2, image_transform=AUG, max_batches=5)
     it = iter(loader)
     list(itertools.islice(it, 3))
-    rest = _take(make_loader(d, batch_size=2, image_transform=AUG, max_batches=5,
-                             state=loader.state_dict()))
+    rest = _take(
+        make_loader(d, batch_size=2, image_transform=AUG, max_batches=5, state=loader.state_dict())
+    )
     assert len(rest) == 2
 
 
 def test_mixing_specs_and_samples_per_epoch(make_shards):
     a = make_shards([20, 20], name="a")
     b = make_shards([20, 20], name="b")
-    kw = dict(batch_size=10, image_transform=ImageTransform(16), mode="resampled",
-              samples_per_epoch=95, world_size=2)
+    kw = dict(
+        batch_size=10,
+        image_transform=ImageTransform(16),
+        mode="resampled",
+        samples_per_epoch=95,
+        world_size=2,
+    )
     loader = make_loader(f"{a}::{b}", weights=[3, 1], **kw)
     assert loader.num_batches == 5  # ceil(95 / (10 * 2)) per rank
     batches = _take(loader)
@@ -158,9 +185,15 @@ def test_mixing_proportions(tmp_path, jpeg):
         with ShardWriter(tmp_path / name, name, samples_per_shard=10) as w:
             for i in range(20):
                 w.write({"__key__": f"{name}{i}", "jpg": jpeg(i), "txt": name})
-    loader = make_loader([(tmp_path / "a", 0.8), (tmp_path / "b", 0.2)], batch_size=50,
-                         image_transform=ImageTransform(8), mode="resampled", max_batches=40,
-                         num_workers=2, seed=1)
+    loader = make_loader(
+        [(tmp_path / "a", 0.8), (tmp_path / "b", 0.2)],
+        batch_size=50,
+        image_transform=ImageTransform(8),
+        mode="resampled",
+        max_batches=40,
+        num_workers=2,
+        seed=1,
+    )
     n = Counter(k[0] for b in loader for k in b["key"])
     assert n["a"] + n["b"] == 2000
     assert 0.76 < n["a"] / 2000 < 0.84

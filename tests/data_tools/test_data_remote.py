@@ -11,8 +11,14 @@ from data_tools.loader import epoch_batches, make_loader
 from data_tools.tario import iter_shard
 from data_tools.transforms import ImageTransform
 
-KW = dict(batch_size=3, image_transform=ImageTransform(16, train=True), mode="resampled",
-          shuffle_buffer=4, seed=2, max_batches=8)
+KW = dict(
+    batch_size=3,
+    image_transform=ImageTransform(16, train=True),
+    mode="resampled",
+    shuffle_buffer=4,
+    seed=2,
+    max_batches=8,
+)
 
 
 def _keys(batches):
@@ -39,13 +45,16 @@ def test_s3_urls_are_read_with_the_aws_cli(make_shards, tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     aws = bin_dir / "aws"  # a stand-in: `aws s3 cp s3://bucket/NAME -` prints shards/NAME
-    aws.write_text(f'#!/bin/sh\n[ "$1 $2 $4" = "s3 cp -" ] || exit 2\n'
-                   f'exec cat "{d}/$(basename "$3")"\n')
+    aws.write_text(
+        f'#!/bin/sh\n[ "$1 $2 $4" = "s3 cp -" ] || exit 2\nexec cat "{d}/$(basename "$3")"\n'
+    )
     aws.chmod(aws.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     got = [s.key for s in iter_shard(f"s3://bucket/{shard.name}")]
     assert got == [s.key for s in iter_shard(str(shard))]
     problems = []
-    assert list(iter_shard("s3://bucket/missing.tar",
-                           on_problem=lambda *a: problems.append(a[0]))) == []
+    assert (
+        list(iter_shard("s3://bucket/missing.tar", on_problem=lambda *a: problems.append(a[0])))
+        == []
+    )
     assert problems == ["truncated_tar"]  # a failed download is a bad shard, never a crash

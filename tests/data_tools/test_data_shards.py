@@ -4,16 +4,21 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
+from data_tools.counts import count_samples, shard_sample_counts
 from data_tools.errors import DataError
 from data_tools.io import write_json_atomic, write_text_atomic
 from data_tools.shards import ShardWriter
-from data_tools.counts import count_samples, shard_sample_counts
 
 
 def _samples(jpeg, n):
     return [
-        {"__key__": f"k{i:03d}", "jpg": jpeg(i), "txt": f"caption {i}", "json": {"i": i, "b": [1]},
-         "cls": i % 4}
+        {
+            "__key__": f"k{i:03d}",
+            "jpg": jpeg(i),
+            "txt": f"caption {i}",
+            "json": {"i": i, "b": [1]},
+            "cls": i % 4,
+        }
         for i in range(n)
     ]
 
@@ -46,8 +51,10 @@ def test_same_input_gives_identical_bytes(tmp_path, jpeg):
     b = _write(tmp_path / "b", _samples(jpeg, 15))
     assert [p.read_bytes() for p in a.shards] == [p.read_bytes() for p in b.shards]
     # json key order must not matter either
-    c = _write(tmp_path / "c", [{**s, "json": dict(reversed(list(s["json"].items())))}
-                                for s in _samples(jpeg, 15)])
+    c = _write(
+        tmp_path / "c",
+        [{**s, "json": dict(reversed(list(s["json"].items())))} for s in _samples(jpeg, 15)],
+    )
     assert [p.read_bytes() for p in a.shards] == [p.read_bytes() for p in c.shards]
 
 

@@ -32,7 +32,8 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path, synth_dir, small_synt
         assert _bytes(tmp_path / "again", split) == _bytes(synth_dir, split)
         assert _bytes(tmp_path / "other", split) != _bytes(synth_dir, split)
     assert (tmp_path / "again" / "manifest.json").read_bytes() == (
-        synth_dir / "manifest.json").read_bytes()
+        synth_dir / "manifest.json"
+    ).read_bytes()
 
 
 def test_manifest_counts_match_shards(synth_dir):

@@ -17,8 +17,12 @@ def _problems():
 @pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
 def test_long_names_prefixes_and_dirs(tmp_path, fmt):
     long_dir = "d" * 120 if fmt != tarfile.USTAR_FORMAT else "d" * 90  # ustar: prefix field
-    names = [f"{long_dir}/k{'x' * 110 if fmt != tarfile.USTAR_FORMAT else ''}1.jpg",
-             "plain.jpg", "plain.txt", "caf\u00e9.txt"]
+    names = [
+        f"{long_dir}/k{'x' * 110 if fmt != tarfile.USTAR_FORMAT else ''}1.jpg",
+        "plain.jpg",
+        "plain.txt",
+        "caf\u00e9.txt",
+    ]
     p = tmp_path / "a.tar"
     with tarfile.open(p, "w", format=fmt) as tf:
         tf.addfile(_dir("somedir"))
@@ -29,7 +33,10 @@ def test_long_names_prefixes_and_dirs(tmp_path, fmt):
             tf.addfile(info, io.BytesIO(data))
     got = list(iter_shard(str(p)))
     assert [(s.key, sorted(s.fields)) for s in got] == [
-        (names[0].rsplit(".", 1)[0], ["jpg"]), ("plain", ["jpg", "txt"]), ("caf\u00e9", ["txt"])]
+        (names[0].rsplit(".", 1)[0], ["jpg"]),
+        ("plain", ["jpg", "txt"]),
+        ("caf\u00e9", ["txt"]),
+    ]
     assert got[1].fields["txt"] == b"data 2" * 3
     lazy = list(iter_shard(str(p), mode=ReadMode(False)))
     assert all(not s.fields for s in lazy)
@@ -62,8 +69,10 @@ def test_every_cut_point_keeps_complete_samples_only(tmp_path, jpeg):
         assert [r for r, _ in problems] == ["truncated_tar"], cut
         # the sample that was cut is named and never returned
         assert problems[0][1] not in keys
-        lazy = [s.key for s in iter_shard(str(cut_file), mode=ReadMode(False),
-                                          on_problem=lambda *a: None)]
+        lazy = [
+            s.key
+            for s in iter_shard(str(cut_file), mode=ReadMode(False), on_problem=lambda *a: None)
+        ]
         assert lazy == keys  # header-only reading agrees (the loader's resume relies on it)
 
 

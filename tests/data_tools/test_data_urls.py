@@ -25,7 +25,10 @@ def test_brace_glob_file_and_lists(shard_dir):
     assert expand_shards(f"{shard_dir}/train-00000[13].tar") == [names[1], names[3]]
     assert expand_shards(names[2]) == [names[2]]
     assert expand_shards(f"{names[3]}::{shard_dir}/train-{{000000..000001}}.tar") == [
-        names[3], names[0], names[1]]
+        names[3],
+        names[0],
+        names[1],
+    ]
     assert expand_shards([names[1], shard_dir]) == [names[1], *names]
 
 
@@ -53,4 +56,6 @@ def test_empty_dir_and_empty_list(tmp_path):
 
 def test_remote_urls_pass_through():
     assert expand_shards("pipe:cat /x/a-{0..1}.tar") == [
-        "pipe:cat /x/a-0.tar", "pipe:cat /x/a-1.tar"]
+        "pipe:cat /x/a-0.tar",
+        "pipe:cat /x/a-1.tar",
+    ]

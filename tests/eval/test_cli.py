@@ -39,8 +39,18 @@ def test_help_of_every_subcommand_has_an_example(capsys):
 
 def test_zero_shot_folder_and_cache(tiny_model_name, weights, tree, tmp_path, capsys):
     (tmp_path / "t.txt").write_text("a photo of a {}.\nart of the {}\n")
-    argv = ["zero-shot", *_model(tiny_model_name, weights), "--data", str(tree), "--templates", str(tmp_path / "t.txt"),
-            "--cache-dir", str(tmp_path / "cache"), "--batch-size", "4"]
+    argv = [
+        "zero-shot",
+        *_model(tiny_model_name, weights),
+        "--data",
+        str(tree),
+        "--templates",
+        str(tmp_path / "t.txt"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--batch-size",
+        "4",
+    ]
     assert main(argv) == 0
     first = json.loads(capsys.readouterr().out)
     assert first["num_samples"] == 18 and first["num_classes"] == 6
@@ -54,7 +64,9 @@ def test_zero_shot_folder_and_cache(tiny_model_name, weights, tree, tmp_path, ca
     assert main(argv[:-4] + ["--no-cache"]) == 0
 
 
-def test_zero_shot_default_cache_dir_from_env(tiny_model_name, weights, tree, tmp_path, monkeypatch, capsys):
+def test_zero_shot_default_cache_dir_from_env(
+    tiny_model_name, weights, tree, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("CLIP_TRAIN_CACHE", str(tmp_path / "env_cache"))
     assert main(["zero-shot", *_model(tiny_model_name, weights), "--data", str(tree)]) == 0
     assert list((tmp_path / "env_cache" / "classifiers").glob("*.safetensors"))
@@ -62,23 +74,61 @@ def test_zero_shot_default_cache_dir_from_env(tiny_model_name, weights, tree, tm
 
 def test_probe_and_few_shot(tiny_model_name, weights, tree, tmp_path, capsys):
     out = tmp_path / "probe.json"
-    assert main(["probe", *_model(tiny_model_name, weights), "--train", str(tree), "--test", str(tree),
-                 "--weight-decays", "1e-3,1e-1", "--max-iter", "20",
-                 "--results-file", str(out)]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                *_model(tiny_model_name, weights),
+                "--train",
+                str(tree),
+                "--test",
+                str(tree),
+                "--weight-decays",
+                "1e-3,1e-1",
+                "--max-iter",
+                "20",
+                "--results-file",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert round_floats(json.loads(out.read_text())) == printed
     assert printed["weight_decay"] in (1e-3, 1e-1)
-    assert main(["few-shot", *_model(tiny_model_name, weights), "--data", str(tree), "--n-way", "3",
-                 "--k-shot", "1", "--n-query", "2", "--episodes", "7"]) == 0
+    assert (
+        main(
+            [
+                "few-shot",
+                *_model(tiny_model_name, weights),
+                "--data",
+                str(tree),
+                "--n-way",
+                "3",
+                "--k-shot",
+                "1",
+                "--n-query",
+                "2",
+                "--episodes",
+                "7",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["episodes"] == 7 and 0 <= printed["fewshot_acc"] <= 1
 
 
 def test_retrieval_from_csv(tiny_model_name, weights, tmp_path, write_images, capsys):
     paths = write_images(tmp_path / "imgs", 5)
-    rows = ["image,caption"] + [f"imgs/{p.name},caption {i} {j}" for i, p in enumerate(paths) for j in range(5)]
+    rows = ["image,caption"] + [
+        f"imgs/{p.name},caption {i} {j}" for i, p in enumerate(paths) for j in range(5)
+    ]
     (tmp_path / "c.csv").write_text("\n".join(rows))
-    assert main(["retrieval", *_model(tiny_model_name, weights), "--data", str(tmp_path / "c.csv")]) == 0
+    assert (
+        main(["retrieval", *_model(tiny_model_name, weights), "--data", str(tmp_path / "c.csv")])
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["num_images"] == 5 and printed["num_texts"] == 25
 
@@ -100,7 +150,14 @@ def test_user_errors_are_one_line(case, expected, tiny_model_name, weights, tree
     model = _model(tiny_model_name, weights)
     if case == "folder_not_in_classnames":
         (tmp_path / "names.txt").write_text("cat\ndog\ncar\nbus\nsun\n")
-        argv = ["zero-shot", *model, "--data", str(tree), "--classnames", str(tmp_path / "names.txt")]
+        argv = [
+            "zero-shot",
+            *model,
+            "--data",
+            str(tree),
+            "--classnames",
+            str(tmp_path / "names.txt"),
+        ]
     elif case == "empty_dataset":
         (tmp_path / "empty" / "cat").mkdir(parents=True)
         argv = ["zero-shot", *model, "--data", str(tmp_path / "empty")]
@@ -116,9 +173,29 @@ def test_user_errors_are_one_line(case, expected, tiny_model_name, weights, tree
         (tmp_path / "s.yaml").write_text("tasks:\n  - {name: a, task: retrieval, dataa: x}\n")
         argv = ["suite", *model, "--suite", str(tmp_path / "s.yaml")]
     elif case == "bad_weight_decays":
-        argv = ["probe", *model, "--train", str(tree), "--test", str(tree), "--weight-decays", "1e-3,big"]
+        argv = [
+            "probe",
+            *model,
+            "--train",
+            str(tree),
+            "--test",
+            str(tree),
+            "--weight-decays",
+            "1e-3,big",
+        ]
     else:
-        argv = ["few-shot", *model, "--data", str(tree), "--n-way", "7", "--k-shot", "1", "--n-query", "2"]
+        argv = [
+            "few-shot",
+            *model,
+            "--data",
+            str(tree),
+            "--n-way",
+            "7",
+            "--k-shot",
+            "1",
+            "--n-query",
+            "2",
+        ]
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -132,11 +209,23 @@ def _floats(tree):
     return [tree] if isinstance(tree, float) else []
 
 
-def test_stdout_is_rounded_and_results_file_is_full_precision(tiny_model_name, weights, tree,
-                                                              tmp_path, capsys):
+def test_stdout_is_rounded_and_results_file_is_full_precision(
+    tiny_model_name, weights, tree, tmp_path, capsys
+):
     out = tmp_path / "zs.json"
-    assert main(["zero-shot", *_model(tiny_model_name, weights), "--data", str(tree),
-                 "--results-file", str(out)]) == 0
+    assert (
+        main(
+            [
+                "zero-shot",
+                *_model(tiny_model_name, weights),
+                "--data",
+                str(tree),
+                "--results-file",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert all(f == float(f"{f:.4g}") for f in _floats(printed))
     full = json.loads(out.read_text())
@@ -171,11 +260,14 @@ def test_local_dir_needs_no_pretrained(tiny_model_name, weights, local_dir, tree
     assert json.loads(capsys.readouterr().out) == from_dir
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("no_weights", "no weight file in"),
-    ("other_pretrained", "loads its own weights"),
-    ("no_config", "no open_clip_config.json in"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("no_weights", "no weight file in"),
+        ("other_pretrained", "loads its own weights"),
+        ("no_config", "no open_clip_config.json in"),
+    ],
+)
 def test_local_dir_errors_are_one_line(case, expected, local_dir, weights, tree, capsys):
     extra = []
     if case == "no_weights":

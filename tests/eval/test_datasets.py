@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_tools.errors import DataError
 from clip_eval.datasets import FileLoader, caption_table, class_folder, flat_folder, folder_kind
 from clip_eval.metrics import retrieval_metrics
 from clip_eval.tasks import retrieval_task, zero_shot_task
+from data_tools.errors import DataError
 
 # The first two and the last ImageNet-1k synsets, in their standard (sorted) order.
 SYNSETS = {"n01440764": 0, "n01443537": 1, "n15075141": 999}
@@ -34,7 +34,13 @@ def test_synset_folders_map_to_standard_indices(imagenet_tree):
 
 def test_zero_shot_on_imagenet_folder(tiny_encoder, imagenet_tree):
     # one template keeps this quick: 1000 prompts (the named sets are checked below)
-    m = zero_shot_task(tiny_encoder, imagenet_tree, dataset="imagenet", templates=["a photo of a {}."], batch_size=4)
+    m = zero_shot_task(
+        tiny_encoder,
+        imagenet_tree,
+        dataset="imagenet",
+        templates=["a photo of a {}."],
+        batch_size=4,
+    )
     assert m["num_samples"] == 6 and m["num_classes"] == 1000
     assert 0 <= m["acc1"] <= m["acc5"] <= 1
 
@@ -43,7 +49,11 @@ def test_named_template_sets(tmp_path):
     from clip_eval.prompts import resolve_templates
 
     openai, source = resolve_templates("openai", None)
-    assert openai == list(open_clip.OPENAI_IMAGENET_TEMPLATES) and len(openai) == 80 and "openai" in source
+    assert (
+        openai == list(open_clip.OPENAI_IMAGENET_TEMPLATES)
+        and len(openai) == 80
+        and "openai" in source
+    )
     assert resolve_templates(None, "simple")[0] == list(open_clip.SIMPLE_IMAGENET_TEMPLATES)
     (tmp_path / "t.txt").write_text("a {}\n\nart of {}\n")
     assert resolve_templates(tmp_path / "t.txt", "openai")[0] == ["a {}", "art of {}"]
@@ -78,7 +88,13 @@ def test_flat_folder_label_files(tmp_path, write_images):
     images = flat_folder(root, tmp_path / "ints.txt", dataset="imagenet")
     assert images.labels == [3, 0, 999, 1] and len(images.classnames) == 1000
     # filename,label rows in any order, a header, stems, synsets as labels
-    rows = ["ImageId,label", f"{paths[2].stem},n15075141", f"{paths[0].name},3", f"{paths[3].name},1", f"{paths[1].name},0"]
+    rows = [
+        "ImageId,label",
+        f"{paths[2].stem},n15075141",
+        f"{paths[0].name},3",
+        f"{paths[3].name},1",
+        f"{paths[1].name},0",
+    ]
     (tmp_path / "rows.csv").write_text("\n".join(rows) + "\n")
     assert flat_folder(root, tmp_path / "rows.csv", dataset="imagenet").labels == [3, 0, 999, 1]
     # custom classes: labels may be class names
@@ -91,7 +107,10 @@ def test_flat_folder_label_files(tmp_path, write_images):
     [
         ("0\n1\n2\n", "3 labels but .* 4 images"),
         ("img_000.png,0\nimg_001.png,0\nimg_002.png,0\n", "no row for image img_003.png"),
-        ("img_000.png,0\nimg_001.png,0\nimg_002.png,0\nimg_003.png,0\nother.png,1\n", "'other.png'"),
+        (
+            "img_000.png,0\nimg_001.png,0\nimg_002.png,0\nimg_003.png,0\nother.png,1\n",
+            "'other.png'",
+        ),
         ("0\n1\n2\nfoo\n", "line 4: label 'foo'"),
         ("0\n1\n2\n1000\n", "label 1000, outside"),
     ],
@@ -116,8 +135,14 @@ def test_zero_shot_flat_folder_equals_class_folder(tiny_encoder, tmp_path, write
     (tmp_path / "labels.csv").write_text("\n".join(lines))
     templates = ["a photo of a {}."]
     tree = zero_shot_task(tiny_encoder, tmp_path / "tree", templates=templates, batch_size=4)
-    flat_m = zero_shot_task(tiny_encoder, flat, labels=tmp_path / "labels.csv", classnames=["car", "cat", "dog"],
-                            templates=templates, batch_size=4)
+    flat_m = zero_shot_task(
+        tiny_encoder,
+        flat,
+        labels=tmp_path / "labels.csv",
+        classnames=["car", "cat", "dog"],
+        templates=templates,
+        batch_size=4,
+    )
     assert tree == flat_m
 
 
@@ -181,7 +206,9 @@ def test_caption_table_errors(tmp_path, write_images, content, match):
 
 def test_retrieval_from_table_matches_metric(tiny_encoder, tmp_path, write_images):
     paths, captions = _table_set(tmp_path, write_images, n=6)
-    rows = ["image\tcaption"] + [f"imgs/{p.name}\t{c}" for p, cs in zip(paths, captions) for c in cs]
+    rows = ["image\tcaption"] + [
+        f"imgs/{p.name}\t{c}" for p, cs in zip(paths, captions) for c in cs
+    ]
     (tmp_path / "t.tsv").write_text("\n".join(rows))
     got = retrieval_task(tiny_encoder, tmp_path / "t.tsv", batch_size=4)
     images = caption_table(tmp_path / "t.tsv")
@@ -209,13 +236,24 @@ def test_imagenet_shards_with_synset_classnames_are_remapped(tiny_encoder, tmp_p
     shard_dir.mkdir()
     with tarfile.open(shard_dir / "val-000000.tar", "w") as tf:
         for i, path in enumerate(paths):
-            for name, data in ((f"s{i}.png", path.read_bytes()), (f"s{i}.cls", str(i % 2).encode())):
+            for name, data in (
+                (f"s{i}.png", path.read_bytes()),
+                (f"s{i}.cls", str(i % 2).encode()),
+            ):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
     (shard_dir / "classnames.txt").write_text("n01443537\nn15075141\n")
-    stream = tasks._Labelled(tiny_encoder, shard_dir, classnames=None, dataset="imagenet", labels=None,
-                             batch_size=2, num_workers=0, device=torch.device("cpu"))
+    stream = tasks._Labelled(
+        tiny_encoder,
+        shard_dir,
+        classnames=None,
+        dataset="imagenet",
+        labels=None,
+        batch_size=2,
+        num_workers=0,
+        device=torch.device("cpu"),
+    )
     labels = torch.cat([b["label"] for b in stream]).tolist()
     stream.close()
     assert labels == [1, 999, 1, 999] and len(stream.classnames) == 1000

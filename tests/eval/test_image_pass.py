@@ -41,8 +41,11 @@ def test_chunked_features_equal_the_whole_batch(tiny_encoder, chunk, two_threads
 
 
 def test_thread_count_restored_after_an_error(tiny_encoder, two_threads):
-    with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), \
-            image_features(tiny_encoder, torch.device("cpu"), 2) as encode:
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        torch.no_grad(),
+        image_features(tiny_encoder, torch.device("cpu"), 2) as encode,
+    ):
         encode(torch.randn(6, 3, 32, 32))
         raise RuntimeError("boom")
     assert torch.get_num_threads() == 2
@@ -54,7 +57,7 @@ def _plain_logits(encoder, paths, classifier, batch_size):
     with torch.no_grad():
         for start in range(0, len(paths), batch_size):
             batch = []
-            for path in paths[start:start + batch_size]:
+            for path in paths[start : start + batch_size]:
                 with Image.open(path) as img:
                     batch.append(encoder.preprocess(img))
             features = F.normalize(encoder.encode_image(torch.stack(batch)), dim=-1)
@@ -63,8 +66,9 @@ def _plain_logits(encoder, paths, classifier, batch_size):
 
 
 @pytest.mark.parametrize("batch_size", [5, 64])
-def test_zero_shot_defaults_give_the_plain_loops_logits(tiny_encoder, tmp_path, write_images, monkeypatch,
-                                                        two_threads, batch_size):
+def test_zero_shot_defaults_give_the_plain_loops_logits(
+    tiny_encoder, tmp_path, write_images, monkeypatch, two_threads, batch_size
+):
     paths, labels = [], []
     for c, name in enumerate(CLASSES):
         written = write_images(tmp_path / "data" / name, 8 + c, seed=c, size=48, ext="jpg")
@@ -78,8 +82,13 @@ def test_zero_shot_defaults_give_the_plain_loops_logits(tiny_encoder, tmp_path, 
 
     monkeypatch.setattr(zero_shot, "classification_metrics", capture)
     # Default workers and chunks: batches of 64 (50 images) run as 32 + 18 on two threads.
-    got = zero_shot_task(tiny_encoder, tmp_path / "data", classnames=CLASSES, templates=["a {}"],
-                         batch_size=batch_size)
+    got = zero_shot_task(
+        tiny_encoder,
+        tmp_path / "data",
+        classnames=CLASSES,
+        templates=["a {}"],
+        batch_size=batch_size,
+    )
     classifier = build_zero_shot_classifier(tiny_encoder, CLASSES, ["a {}"], "cpu")
     want_logits = _plain_logits(tiny_encoder, paths, classifier, batch_size)
     want = classification_metrics(want_logits, torch.tensor(labels))
@@ -98,8 +107,9 @@ def test_default_workers_are_min_4_and_half_the_cpus(monkeypatch, cpus, workers)
 
 
 @pytest.mark.parametrize("given, used", [(None, "default"), (0, 0), (3, 3)])
-def test_zero_shot_task_workers_default_and_override(tiny_encoder, tmp_path, write_images, monkeypatch,
-                                                     given, used):
+def test_zero_shot_task_workers_default_and_override(
+    tiny_encoder, tmp_path, write_images, monkeypatch, given, used
+):
     for c, name in enumerate(CLASSES[:2]):
         write_images(tmp_path / "data" / name, 2, seed=c)
     monkeypatch.setattr(image_pass, "available_cpus", lambda: 6)  # default: 3
@@ -108,11 +118,15 @@ def test_zero_shot_task_workers_default_and_override(tiny_encoder, tmp_path, wri
 
     def loader(images, transform, batch_size, num_workers, pin=False):
         made.append(num_workers)
-        return real(images, transform, batch_size, 0, pin)  # the count is what is checked; run in-process
+        return real(
+            images, transform, batch_size, 0, pin
+        )  # the count is what is checked; run in-process
 
     monkeypatch.setattr(tasks, "FileLoader", loader)
     kwargs = {} if given is None else {"num_workers": given}
-    zero_shot_task(tiny_encoder, tmp_path / "data", classnames=CLASSES[:2], templates=["a {}"], **kwargs)
+    zero_shot_task(
+        tiny_encoder, tmp_path / "data", classnames=CLASSES[:2], templates=["a {}"], **kwargs
+    )
     assert made == [3 if used == "default" else used]
 
 
@@ -121,12 +135,19 @@ def test_cli_num_workers_defaults_to_the_tasks_own(monkeypatch):
 
     args = build_parser().parse_args(["zero-shot", "--model", "m", "--data", "d"])
     assert args.num_workers is None
-    assert build_parser().parse_args(["zero-shot", "--model", "m", "--data", "d", "-j", "0"]).num_workers == 0
+    assert (
+        build_parser()
+        .parse_args(["zero-shot", "--model", "m", "--data", "d", "-j", "0"])
+        .num_workers
+        == 0
+    )
 
     calls = []
     monkeypatch.setattr(cli, "_check_data", lambda *a: None)
     monkeypatch.setattr(cli, "load_encoder", lambda *a: object())
-    monkeypatch.setattr(tasks, "zero_shot_task", lambda encoder, data, **opts: calls.append(opts) or {"acc1": 1.0})
+    monkeypatch.setattr(
+        tasks, "zero_shot_task", lambda encoder, data, **opts: calls.append(opts) or {"acc1": 1.0}
+    )
     assert cli.main(["zero-shot", "--model", "m", "--data", "d", "--device", "cpu"]) == 0
     assert cli.main(["zero-shot", "--model", "m", "--data", "d", "--device", "cpu", "-j", "0"]) == 0
     assert "num_workers" not in calls[0]  # zero_shot_task's default: default_num_workers()

@@ -8,7 +8,6 @@ import torch
 import clip_eval.metrics as metrics_module
 from clip_eval.metrics import classification_metrics, retrieval_metrics
 
-
 # ---------------------------------------------------------------- references
 
 

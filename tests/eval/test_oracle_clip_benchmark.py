@@ -21,7 +21,9 @@ zeroshot_retrieval = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrie
 
 CLASSES = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu"]
 TEMPLATES = ["a photo of a {}.", "a blurry photo of the {}.", "{}", "art of a {}"]
-WORDS = "red green blue small large round square photo of a the an with on near far bright dark".split()
+WORDS = (
+    "red green blue small large round square photo of a the an with on near far bright dark".split()
+)
 
 
 def _float_for_numpy2(value):
@@ -52,19 +54,28 @@ class _Files(torch.utils.data.Dataset):
             return self.transform(img.convert("RGB")), self.targets[i]
 
 
-def test_zero_shot_equals_clip_benchmark(tiny_encoder, tmp_path, write_images, clip_benchmark_float):
+def test_zero_shot_equals_clip_benchmark(
+    tiny_encoder, tmp_path, write_images, clip_benchmark_float
+):
     paths, labels = [], []
     for c, name in enumerate(CLASSES):
         written = write_images(tmp_path / "data" / name, 3 + c % 3, seed=c)
         paths += written
         labels += [c] * len(written)
-    ours = zero_shot_task(tiny_encoder, tmp_path / "data", classnames=CLASSES, templates=TEMPLATES, batch_size=5)
+    ours = zero_shot_task(
+        tiny_encoder, tmp_path / "data", classnames=CLASSES, templates=TEMPLATES, batch_size=5
+    )
 
     dataset = _Files(paths, labels, tiny_encoder.preprocess, classes=CLASSES)
     loader = torch.utils.data.DataLoader(dataset, batch_size=4)
     theirs = zeroshot_classification.evaluate(
-        tiny_encoder.model, loader, tiny_encoder.tokenizer, CLASSES,
-        [t.replace("{}", "{c}") for t in TEMPLATES], device="cpu", amp=False,
+        tiny_encoder.model,
+        loader,
+        tiny_encoder.tokenizer,
+        CLASSES,
+        [t.replace("{}", "{c}") for t in TEMPLATES],
+        device="cpu",
+        amp=False,
     )
     assert ours["num_samples"] == len(paths)
     assert ours["acc1"] == theirs["acc1"]
@@ -77,19 +88,34 @@ def test_retrieval_equals_clip_benchmark(tiny_encoder, tmp_path, write_images):
     rng = np.random.default_rng(0)
     paths = write_images(tmp_path / "images", 14, seed=5)
     captions = [
-        [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 9)))) for _ in range(5 if i % 4 else 3)]
+        [
+            " ".join(rng.choice(WORDS, size=int(rng.integers(2, 9))))
+            for _ in range(5 if i % 4 else 3)
+        ]
         for i in range(len(paths))
     ]
     table = tmp_path / "captions.jsonl"
-    table.write_text("\n".join(json.dumps({"image": f"images/{p.name}", "captions": c}) for p, c in zip(paths, captions)))
+    table.write_text(
+        "\n".join(
+            json.dumps({"image": f"images/{p.name}", "captions": c})
+            for p, c in zip(paths, captions)
+        )
+    )
     ours = retrieval_task(tiny_encoder, table, batch_size=4)
 
     dataset = _Files(paths, captions, tiny_encoder.preprocess)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=4, collate_fn=lambda batch: (torch.stack([b[0] for b in batch]), [b[1] for b in batch])
+        dataset,
+        batch_size=4,
+        collate_fn=lambda batch: (torch.stack([b[0] for b in batch]), [b[1] for b in batch]),
     )
     theirs = zeroshot_retrieval.evaluate(
-        tiny_encoder.model, loader, tiny_encoder.tokenizer, device="cpu", amp=False, recall_k_list=[1, 5, 10]
+        tiny_encoder.model,
+        loader,
+        tiny_encoder.tokenizer,
+        device="cpu",
+        amp=False,
+        recall_k_list=[1, 5, 10],
     )
     assert ours["num_images"] == 14 and ours["num_texts"] == sum(map(len, captions))
     assert set(theirs) <= set(ours)

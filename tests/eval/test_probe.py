@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_tools.errors import ConfigError, DataError
-from data_tools.synth import SynthConfig, class_names, write_synth
 from clip_eval.probe import few_shot, fit_logistic_regression, linear_probe
 from clip_eval.tasks import few_shot_task, linear_probe_task
+from data_tools.errors import ConfigError, DataError
+from data_tools.synth import SynthConfig, class_names, write_synth
 
 
 def _blobs(n_per_class=30, num_classes=4, dim=8, spread=1.0, seed=0):
@@ -27,9 +27,13 @@ def test_logistic_regression_matches_sklearn():
     wd = 1e-2
     weight, bias = fit_logistic_regression(x, y, 4, wd)
     # sklearn minimizes C * sum(CE) + ||W||^2 / 2, i.e. ours (mean CE + wd/2 ||W||^2) with C = 1/(wd N)
-    ref = sklearn.LogisticRegression(C=1.0 / (wd * len(y)), tol=1e-10, max_iter=10000).fit(x.double().numpy(), y.numpy())
+    ref = sklearn.LogisticRegression(C=1.0 / (wd * len(y)), tol=1e-10, max_iter=10000).fit(
+        x.double().numpy(), y.numpy()
+    )
     ours = F.softmax(x @ weight + bias, dim=1).double()
-    torch.testing.assert_close(ours, torch.from_numpy(ref.predict_proba(x.double().numpy())), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        ours, torch.from_numpy(ref.predict_proba(x.double().numpy())), atol=1e-4, rtol=0
+    )
 
 
 def test_linear_probe_separable_and_deterministic():
@@ -52,7 +56,9 @@ def test_linear_probe_sweep_picks_best_validation(monkeypatch):
     tx, ty = _blobs(spread=3.0, seed=2)
     seen = []
     real = probe.fit_logistic_regression
-    monkeypatch.setattr(probe, "fit_logistic_regression", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
+    monkeypatch.setattr(
+        probe, "fit_logistic_regression", lambda *a, **k: seen.append(a[3]) or real(*a, **k)
+    )
     m = linear_probe(x, y, tx, ty, weight_decays=(1e-6, 1e-1, 10.0))
     assert seen[:3] == [1e-6, 1e-1, 10.0] and seen[3] == m["weight_decay"] and len(seen) == 4
     assert 0.25 < m["lp_acc1"] <= 1.0
@@ -86,7 +92,9 @@ def test_few_shot_reference_and_seed():
             protos.append(feats[pick[:2]].mean(0))
             queries.append(feats[pick[2:]])
         dists = ((torch.cat(queries)[:, None, :] - torch.stack(protos)[None]) ** 2).sum(-1)
-        accs.append((dists.argmin(1) == torch.arange(3).repeat_interleave(5)).double().mean().item())
+        accs.append(
+            (dists.argmin(1) == torch.arange(3).repeat_interleave(5)).double().mean().item()
+        )
     mean = sum(accs) / 50
     std = math.sqrt(sum((v - mean) ** 2 for v in accs) / 49)
     assert a["fewshot_acc"] == pytest.approx(mean, abs=1e-12)
@@ -107,16 +115,34 @@ def test_few_shot_needs_enough_classes():
 @pytest.fixture(scope="module")
 def synth_zeroshot(tmp_path_factory):
     out = tmp_path_factory.mktemp("probe_synth")
-    write_synth(out, SynthConfig(seed=1, train_samples=1, zeroshot_per_class=6, retrieval_samples=1,
-                                 image_size=32, samples_per_shard=64))
+    write_synth(
+        out,
+        SynthConfig(
+            seed=1,
+            train_samples=1,
+            zeroshot_per_class=6,
+            retrieval_samples=1,
+            image_size=32,
+            samples_per_shard=64,
+        ),
+    )
     return out / "zeroshot"
 
 
 def test_probe_and_few_shot_tasks_on_shards(tiny_encoder, synth_zeroshot):
-    m = linear_probe_task(tiny_encoder, synth_zeroshot, synth_zeroshot, weight_decays=(1e-3,), max_iter=50, batch_size=64)
+    m = linear_probe_task(
+        tiny_encoder,
+        synth_zeroshot,
+        synth_zeroshot,
+        weight_decays=(1e-3,),
+        max_iter=50,
+        batch_size=64,
+    )
     assert m["num_train"] == m["num_test"] == 6 * len(class_names())
     assert m["num_classes"] == len(class_names()) and 0 <= m["lp_acc1"] <= 1
-    f = few_shot_task(tiny_encoder, synth_zeroshot, n_way=3, k_shot=1, n_query=2, episodes=20, batch_size=64)
+    f = few_shot_task(
+        tiny_encoder, synth_zeroshot, n_way=3, k_shot=1, n_query=2, episodes=20, batch_size=64
+    )
     assert f["episodes"] == 20 and 0 <= f["fewshot_acc"] <= 1
 
 
@@ -125,8 +151,17 @@ def test_probe_task_matches_test_folders_by_name(tiny_encoder, tmp_path, write_i
         write_images(tmp_path / "train" / name, 4, seed=i)
     for i, name in enumerate(["cow", "ant"]):  # a subset, in another order
         write_images(tmp_path / "test" / name, 2, seed=10 + i)
-    m = linear_probe_task(tiny_encoder, tmp_path / "train", tmp_path / "test", weight_decays=(1e-3,), max_iter=50, batch_size=8)
+    m = linear_probe_task(
+        tiny_encoder,
+        tmp_path / "train",
+        tmp_path / "test",
+        weight_decays=(1e-3,),
+        max_iter=50,
+        batch_size=8,
+    )
     assert m["num_classes"] == 3 and m["num_test"] == 4
     write_images(tmp_path / "test" / "dog", 1)
     with pytest.raises(DataError, match="'dog'"):
-        linear_probe_task(tiny_encoder, tmp_path / "train", tmp_path / "test", weight_decays=(1e-3,))
+        linear_probe_task(
+            tiny_encoder, tmp_path / "train", tmp_path / "test", weight_decays=(1e-3,)
+        )

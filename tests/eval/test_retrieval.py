@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_tools.errors import DataError
 from clip_eval.metrics import retrieval_metrics
 from clip_eval.retrieval import evaluate_retrieval
+from data_tools.errors import DataError
 
 
 def _batches():
@@ -16,7 +16,11 @@ def _batches():
             "image": torch.randn(3, 3, 32, 32, generator=g),
             "key": ["a", "b", "c"],
             "caption": ["a cat", "a dog", "a car"],
-            "json": [{"captions": ["a cat", "a small cat"]}, {}, {"captions": ["a car", "red car", "fast car"]}],
+            "json": [
+                {"captions": ["a cat", "a small cat"]},
+                {},
+                {"captions": ["a car", "red car", "fast car"]},
+            ],
         },
         {
             "image": torch.randn(2, 3, 32, 32, generator=g),
@@ -33,7 +37,9 @@ def test_evaluate_retrieval_matches_metric(tiny_encoder, text_batch_size):
     texts = ["a cat", "a small cat", "a dog", "a car", "red car", "fast car", "a tree", "a house"]
     text_to_image = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])
     with torch.no_grad():
-        images = F.normalize(tiny_encoder.encode_image(torch.cat([b["image"] for b in batches])), dim=-1)
+        images = F.normalize(
+            tiny_encoder.encode_image(torch.cat([b["image"] for b in batches])), dim=-1
+        )
         text_features = tiny_encoder.encode_text(tiny_encoder.tokenizer(texts))
     want = retrieval_metrics(images, text_features, text_to_image)
     assert got["num_images"] == 5 and got["num_texts"] == 8

@@ -6,11 +6,11 @@ import tarfile
 import pytest
 import torch
 
+from clip_eval.cli import main
+from clip_eval.tasks import retrieval_task, zero_shot_task
 from data_tools.errors import ConfigError, DataError
 from data_tools.fmt import round_floats
 from data_tools.synth import SynthConfig, class_names, write_synth
-from clip_eval.cli import main
-from clip_eval.tasks import retrieval_task, zero_shot_task
 
 NUM_ZS_PER_CLASS, NUM_RETRIEVAL = 2, 20
 
@@ -63,7 +63,10 @@ def test_zero_shot_task_explicit_lists_and_files_agree(tiny_encoder, synth_dir, 
     (tmp_path / "names.txt").write_text("\n".join(names) + "\n\n")
     (tmp_path / "templates.txt").write_text("\n".join(templates))
     from_files = zero_shot_task(
-        tiny_encoder, data, classnames=tmp_path / "names.txt", templates=str(tmp_path / "templates.txt")
+        tiny_encoder,
+        data,
+        classnames=tmp_path / "names.txt",
+        templates=str(tmp_path / "templates.txt"),
     )
     assert from_lists == from_files
 
@@ -117,11 +120,26 @@ def tiny_weights(tiny_encoder, tmp_path):
     return path
 
 
-def test_cli_zero_shot_with_open_clip_weights(tiny_model_name, tiny_encoder, tiny_weights, synth_dir, tmp_path, capsys):
+def test_cli_zero_shot_with_open_clip_weights(
+    tiny_model_name, tiny_encoder, tiny_weights, synth_dir, tmp_path, capsys
+):
     out = tmp_path / "res" / "zs.json"
     data = synth_dir / "zeroshot"
-    rc = main(["zero-shot", "--model", tiny_model_name, "--pretrained", str(tiny_weights),
-               "--data", str(data), "--batch-size", "32", "--results-file", str(out)])
+    rc = main(
+        [
+            "zero-shot",
+            "--model",
+            tiny_model_name,
+            "--pretrained",
+            str(tiny_weights),
+            "--data",
+            str(data),
+            "--batch-size",
+            "32",
+            "--results-file",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = json.loads(capsys.readouterr().out)  # rounded for people; the file is exact
     # the CLI reloaded the saved weights: same numbers as the in-memory encoder
@@ -131,8 +149,17 @@ def test_cli_zero_shot_with_open_clip_weights(tiny_model_name, tiny_encoder, tin
 
 
 def test_cli_retrieval(tiny_model_name, tiny_weights, synth_dir, capsys):
-    rc = main(["retrieval", "--model", tiny_model_name, "--pretrained", str(tiny_weights),
-               "--data", str(synth_dir / "retrieval")])
+    rc = main(
+        [
+            "retrieval",
+            "--model",
+            tiny_model_name,
+            "--pretrained",
+            str(tiny_weights),
+            "--data",
+            str(synth_dir / "retrieval"),
+        ]
+    )
     assert rc == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["num_images"] == NUM_RETRIEVAL
@@ -142,9 +169,19 @@ def test_cli_retrieval(tiny_model_name, tiny_weights, synth_dir, capsys):
     "case",
     ["missing_data", "missing_weights", "unknown_model", "bad_weights", "bad_template", "hf_hub"],
 )
-def test_cli_user_errors_exit_2_with_one_line(case, tiny_model_name, tiny_weights, synth_dir, tmp_path, capsys):
+def test_cli_user_errors_exit_2_with_one_line(
+    case, tiny_model_name, tiny_weights, synth_dir, tmp_path, capsys
+):
     data = str(synth_dir / "zeroshot")
-    args = ["zero-shot", "--model", tiny_model_name, "--pretrained", str(tiny_weights), "--data", data]
+    args = [
+        "zero-shot",
+        "--model",
+        tiny_model_name,
+        "--pretrained",
+        str(tiny_weights),
+        "--data",
+        data,
+    ]
     if case == "missing_data":
         args[-1] = str(tmp_path / "no_such_dir")
     elif case == "missing_weights":

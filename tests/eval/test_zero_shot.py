@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_tools.errors import ConfigError, DataError
 from clip_eval.metrics import classification_metrics
 from clip_eval.zero_shot import build_zero_shot_classifier, evaluate_zero_shot
+from data_tools.errors import ConfigError, DataError
 
 CLASSNAMES = ["red circle", "blue square", "green triangle", "yellow star", "cat", "dog", "car"]
 
@@ -15,7 +15,9 @@ CLASSNAMES = ["red circle", "blue square", "green triangle", "yellow star", "cat
 @pytest.mark.parametrize("batch_size", [256, 5])
 def test_classifier_matches_open_clip_string_templates(tiny_encoder, batch_size):
     templates = ["a photo of a {}.", "a drawing of the {}", "{}"]
-    ours = build_zero_shot_classifier(tiny_encoder, CLASSNAMES, templates, "cpu", batch_size=batch_size)
+    ours = build_zero_shot_classifier(
+        tiny_encoder, CLASSNAMES, templates, "cpu", batch_size=batch_size
+    )
     theirs = open_clip.build_zero_shot_classifier(
         tiny_encoder.model, tiny_encoder.tokenizer, CLASSNAMES, templates, num_classes_per_batch=3
     )
@@ -28,11 +30,15 @@ def test_classifier_matches_open_clip_callable_templates(tiny_encoder):
     templates = open_clip.OPENAI_IMAGENET_TEMPLATES[:6]
     assert callable(templates[0])
     ours = build_zero_shot_classifier(tiny_encoder, CLASSNAMES, templates, "cpu", batch_size=4)
-    theirs = open_clip.build_zero_shot_classifier(tiny_encoder.model, tiny_encoder.tokenizer, CLASSNAMES, templates)
+    theirs = open_clip.build_zero_shot_classifier(
+        tiny_encoder.model, tiny_encoder.tokenizer, CLASSNAMES, templates
+    )
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("template", ["a photo of a dog", "a photo of a {c}", "a {} and a {}", "a {0} photo"])
+@pytest.mark.parametrize(
+    "template", ["a photo of a dog", "a photo of a {c}", "a {} and a {}", "a {0} photo"]
+)
 def test_bad_template_names_it(tiny_encoder, template):
     with pytest.raises(ConfigError) as info:
         build_zero_shot_classifier(tiny_encoder, CLASSNAMES, ["ok {}", template], "cpu")

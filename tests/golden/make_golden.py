@@ -16,14 +16,32 @@ STEPS = 8
 
 
 def smoke_losses(tmp: Path) -> list:
-    from smoke_config import TINY, make_cfg as _make_cfg
+    from smoke_config import TINY
+    from smoke_config import make_cfg as _make_cfg
+
     from clip_train.train import train
     from data_tools.synth import SynthConfig, write_synth
 
-    write_synth(tmp / "synth", SynthConfig(seed=0, train_samples=200, zeroshot_per_class=2, retrieval_samples=40,
-                                           image_size=32, samples_per_shard=64))
-    cfg = _make_cfg(tmp / "synth", tmp / "runs", "golden", f"train.steps={STEPS}", "train.log_every=1",
-                    "eval.at_end=false", "export.at_end=false")
+    write_synth(
+        tmp / "synth",
+        SynthConfig(
+            seed=0,
+            train_samples=200,
+            zeroshot_per_class=2,
+            retrieval_samples=40,
+            image_size=32,
+            samples_per_shard=64,
+        ),
+    )
+    cfg = _make_cfg(
+        tmp / "synth",
+        tmp / "runs",
+        "golden",
+        f"train.steps={STEPS}",
+        "train.log_every=1",
+        "eval.at_end=false",
+        "export.at_end=false",
+    )
     assert all(o in TINY for o in ("train.batch_size=16", "data.num_workers=0"))
     train(cfg)
     lines = (tmp / "runs" / "golden" / "metrics.jsonl").read_text().splitlines()
@@ -33,5 +51,7 @@ def smoke_losses(tmp: Path) -> list:
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         losses = smoke_losses(Path(tmp))
-    (HERE / "smoke_loss.json").write_text(json.dumps({"steps": STEPS, "loss": losses}, indent=1) + "\n")
+    (HERE / "smoke_loss.json").write_text(
+        json.dumps({"steps": STEPS, "loss": losses}, indent=1) + "\n"
+    )
     print(losses)
