@@ -1,7 +1,8 @@
-"""Which part of the model makes it learn per step: one training loop, many model variants.
+r"""Which part of the model makes it learn per step: one training loop, many model variants.
 
     python bench/ablate_tower.py --data ../shared/data/icons --steps 252 --seeds 0 1 2
-    python bench/ablate_tower.py --data ../shared/data/icons --variants ours openclip ours+openclip_init
+    python bench/ablate_tower.py --data ../shared/data/icons \
+        --variants ours openclip ours+openclip_init
     python bench/ablate_tower.py --device cuda ...   # same figures in seconds on a GPU
 
 Every variant is trained by the same in-process loop on the same batches in the same order (per

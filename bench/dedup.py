@@ -1,6 +1,7 @@
 """Near-duplicate search time of `clip-data dedup` on N image embeddings (default 1M x 256).
 
-    python bench/dedup.py                         # 1,000,000 x 256 (k-means cells, as dedup above 50k)
+    python bench/dedup.py                         # 1,000,000 x 256 (k-means cells, as dedup
+                                                  # above 50k)
     python bench/dedup.py --n 100000 --nprobe 2
 
 Embeddings: random unit vectors (float16, as `clip-data score` stores them) plus 1% planted

@@ -3,7 +3,8 @@
     bash bench/openclip_env.sh                                   # once: the OpenCLIP venv
     .venv/bin/python bench/time_to_quality.py                    # synthetic set, 3 seeds
     .venv/bin/python bench/time_to_quality.py --data ../shared/data/icons --epochs 6 --seeds 0 1 2
-    .venv/bin/python bench/time_to_quality.py --data DIR --equal-time   # also ours at OpenCLIP's wall time
+    .venv/bin/python bench/time_to_quality.py --data DIR --equal-time   # also ours at OpenCLIP's
+                                                                        # wall time
 
 --data is a folder with train/, zeroshot/ (classnames.txt, templates.txt) and retrieval/ shards,
 the layout `clip-data synth` writes (the default builds one in --work). Both trainers get:
@@ -372,7 +373,8 @@ def main(argv=None) -> None:
                 "device": a.device,
                 "ours_overrides": a.ours,
                 "ours_shuffle_buffer": a.shuffle_buffer,
-                "differs": "data order (ours: epoch mode, shuffle buffer above; OpenCLIP: shard shuffle, "
+                "differs": "data order (ours: epoch mode, shuffle buffer above; "
+                "OpenCLIP: shard shuffle, "
                 "5000 buffer); ours fused AdamW; OpenCLIP decays embeddings and class token",
                 "cpus": os.cpu_count(),
                 "python": platform.python_version(),

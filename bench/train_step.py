@@ -1,7 +1,9 @@
 """Training step: ours vs OpenCLIP of the same sizes, same captions, same run.
 
-    python bench/train_step.py                    # bench_tiny on CPU: speed, memory at 512, largest batch in 8 GiB
-    python bench/train_step.py --quick            # sanity run of every code path (~3 min on 2 quiet cores)
+    python bench/train_step.py                    # bench_tiny on CPU: speed, memory at 512,
+                                                  # largest batch in 8 GiB
+    python bench/train_step.py --quick            # sanity run of every code path (~3 min on 2
+                                                  # quiet cores)
     python bench/train_step.py --only speed --steps 20 --profile
     python bench/train_step.py --device cuda --preset vit_b16 --precision bf16 --batch 256
 
@@ -13,7 +15,8 @@ What is compared (DESIGN.md, "Benchmarks"):
 - OpenCLIP: `open_clip.CLIP` (its native ViT and text transformer) with the same sizes, read from
   our config, `open_clip.ClipLoss()`, `torch.optim.AdamW` with open_clip_train's parameter groups
   (no decay for 1-d, bias, ln/bn and logit_scale) and our optimiser hyper-parameters; one step =
-  `model(images, texts)` + loss + backward + step + zero_grad + logit-scale clamp (as open_clip_train).
+  `model(images, texts)` + loss + backward + step + zero_grad + logit-scale clamp
+  (as open_clip_train).
 - Data: random image tensors (pixels do not change the cost) and real captions: `data_tools.synth`
   attributes drawn at random, `make_caption` over all `CAPTION_TEMPLATES`, tokenized by open_clip's
   BPE tokenizer to the model's context (32 for bench_tiny). Both sides get the same tensors.
@@ -582,7 +585,8 @@ def bench_memory(args, common: dict) -> dict[str, dict]:
         "openclip_after_build_gib": round(oc["rss_after_build"] / GIB, 3),
         "ours_step_s": round(ours["step_s"], 2),
         "openclip_step_s": round(oc["step_s"], 2),
-        "note": "absolute peak of the process (nothing subtracted); warmup step and measured step both at this batch",
+        "note": "absolute peak of the process (nothing subtracted); "
+        "warmup step and measured step both at this batch",
     }
     if "ours_no_microbatch" in runs:
         record["ours_no_microbatch"] = round(runs["ours_no_microbatch"]["peak"] / GIB, 3)
@@ -669,7 +673,8 @@ def bench_largest(args, common: dict, mem_runs: dict[str, dict]) -> None:
     log(f"loss alone: {c:.1f} bytes * B^2")
     # Full steps at mem_batch and twice that for each micro-batch; one slope for all (the per-sample
     # part: the batch itself, features and their gradients), one intercept per micro-batch (its
-    # activations). Differences of ~0.1 GiB are near the allocator's noise: the joint fit is steadier.
+    # activations). Differences of ~0.1 GiB are near the allocator's noise: the joint fit is
+    # steadier.
     runs = []
     for micro in args.micros:
         for n in (args.mem_batch, 2 * args.mem_batch):
@@ -695,7 +700,8 @@ def bench_largest(args, common: dict, mem_runs: dict[str, dict]) -> None:
             pred = int((budget - a0) / b0) if b0 > 0 else 10**9
         pred = _round_down(pred, micro)
         log(
-            f"ours micro {micro}: {a0 / GIB:.3f} GiB + {b0 / 2**10:.1f} KiB * B + {c:.1f} B * B^2 -> predicted {pred}"
+            f"ours micro {micro}: {a0 / GIB:.3f} GiB + {b0 / 2**10:.1f} KiB * B "
+            f"+ {c:.1f} B * B^2 -> predicted {pred}"
         )
         if best is None or pred > best[1] or (pred == best[1] and micro > best[0]):
             best = (micro, pred, a0)
@@ -791,7 +797,8 @@ def parse(argv=None) -> argparse.Namespace:
         "--larger-max-s",
         type=float,
         default=240.0,
-        help="largest batch: also verify 5%% above the prediction when a step at it took less (default 240)",
+        help="largest batch: also verify 5%% above the prediction when a step at it took less "
+        "(default 240)",
     )
     p.add_argument(
         "--tiled",

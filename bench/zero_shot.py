@@ -1,7 +1,9 @@
 """Zero-shot benchmark: classifier build time and eval images/s, ours vs OpenCLIP, same run.
 
-    python bench/zero_shot.py                       # 1000 classes x 80 templates (minutes on 2 cores)
-    python bench/zero_shot.py --quick               # 100 classes x 80 templates, 256 images, 2 rounds
+    python bench/zero_shot.py                       # 1000 classes x 80 templates (minutes on 2
+                                                    # cores)
+    python bench/zero_shot.py --quick               # 100 classes x 80 templates, 256 images, 2
+                                                    # rounds
     python bench/zero_shot.py --classes 200 --templates 20 --images 512 --device cuda
 
 Models (DESIGN.md's bench_tiny sizes):
@@ -127,7 +129,10 @@ def _timed(fn):
 def _machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+        f"torch threads {torch.get_num_threads()}"
+    )
 
 
 def _summary(times: dict[str, list[float]], ours: str, theirs: str) -> dict:

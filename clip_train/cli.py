@@ -45,8 +45,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     rt = results.get("retrieval")
     if rt:
         lines.append(
-            f"retrieval:     image->text R@1 {rt['text_retrieval_recall@1']:.3f} R@5 {rt['text_retrieval_recall@5']:.3f}"
-            f" | text->image R@1 {rt['image_retrieval_recall@1']:.3f} R@5 {rt['image_retrieval_recall@5']:.3f}"
+            f"retrieval:     image->text R@1 {rt['text_retrieval_recall@1']:.3f}"
+            f" R@5 {rt['text_retrieval_recall@5']:.3f}"
+            f" | text->image R@1 {rt['image_retrieval_recall@1']:.3f}"
+            f" R@5 {rt['image_retrieval_recall@5']:.3f}"
             + (f"  (chance R@1 {1 / rt['num_images']:.4f})" if rt.get("num_images") else "")
         )
     for name, metrics in results.items():
@@ -267,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
         "embed",
         cmd_embed,
         help="image and text embeddings of a shard set (.npy + metadata)",
-        epilog="example:\n  clip-train embed demo_out/runs/demo/export --data demo_out/data/retrieval "
+        epilog="example:\n  clip-train embed demo_out/runs/demo/export "
+        "--data demo_out/data/retrieval "
         "--output emb/demo",
     )
     p.add_argument("model", help="export dir, run dir or checkpoint dir")

@@ -31,7 +31,8 @@ LOSS_TERMS = (
 
 @dataclass
 class ImageTowerConfig:
-    """A timm ViT: a registered name, optionally resized by explicit sizes (None = as registered)."""
+    """A timm ViT: a registered name, optionally resized by explicit sizes (None = as
+    registered)."""
 
     timm_name: str = "vit_base_patch16_224"
     img_size: int | None = 64
@@ -45,7 +46,8 @@ class ImageTowerConfig:
     # open_clip then loads at any size. Off by default: at narrow widths it learns later on
     # mostly-blank images (docs/benchmarks.md, "Learning per step"); the ViT-B recipes set it.
     pre_norm: bool = False
-    # Weight init of the trunk: openclip (fan-in scaled, as open_clip's ViT), timm (N(0, 0.02)), timm-jax.
+    # Weight init of the trunk: openclip (fan-in scaled, as open_clip's ViT), timm (N(0, 0.02)),
+    # timm-jax.
     # timm's fixed 0.02 stalls narrow towers (width < 768): see clip_train.model.init_image_trunk.
     init: str = "openclip"
 
@@ -99,7 +101,8 @@ class DataConfig:
 
 @dataclass
 class LossTermConfig:
-    """One term of the objective (clip_train.objective.TERMS); keys a term does not use are ignored."""
+    """One term of the objective (clip_train.objective.TERMS); keys a term does not use are
+    ignored."""
 
     name: str = MISSING
     weight: float = 1.0
@@ -312,7 +315,8 @@ def validate(cfg: Config) -> None:
         )
     if img.img_size and img.patch_size and img.img_size % img.patch_size:
         raise ConfigError(
-            f"model.image.img_size={img.img_size} is not divisible by model.image.patch_size={img.patch_size}"
+            f"model.image.img_size={img.img_size} is not divisible by "
+            f"model.image.patch_size={img.patch_size}"
         )
     if txt.width % txt.heads:
         raise ConfigError(
@@ -351,7 +355,8 @@ def validate(cfg: Config) -> None:
         )
     if cfg.train.fsdp and cfg.train.mixed_precision == "fp16":
         raise ConfigError(
-            "train.fsdp=true does not support train.mixed_precision=fp16 (its loss scaler is untested "
+            "train.fsdp=true does not support train.mixed_precision=fp16 "
+            "(its loss scaler is untested "
             "on sharded gradients); use bf16"
         )
     if cfg.train.fsdp and cfg.train.compile:
@@ -379,7 +384,8 @@ def validate(cfg: Config) -> None:
     _check_loss_terms(cfg)
     if cfg.optim.decay_rule not in DECAY_RULES:
         raise ConfigError(
-            f"optim.decay_rule must be one of {', '.join(DECAY_RULES)}, not '{cfg.optim.decay_rule}'"
+            f"optim.decay_rule must be one of {', '.join(DECAY_RULES)}, "
+            f"not '{cfg.optim.decay_rule}'"
         )
     if (
         cfg.optim.schedule == "const-cooldown"
@@ -418,7 +424,8 @@ def _validate_timm_name(name: str) -> None:
         )
     if not timm.models.is_model_in_modules(name, ["vision_transformer", "deit"]):
         raise ConfigError(
-            f"model.image.timm_name '{name}' is not a timm VisionTransformer (the image tower is a ViT); "
+            f"model.image.timm_name '{name}' is not a timm VisionTransformer "
+            "(the image tower is a ViT); "
             f"use one of timm.list_models('vit_*'), e.g. vit_base_patch16_224"
         )
 

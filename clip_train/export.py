@@ -3,7 +3,8 @@
 An export directory holds:
   config.json, model.safetensors        our format: `clip_train.load(dir)` rebuilds the encoder
   image_tower.safetensors, text_tower.safetensors   each tower alone (keys without the tower prefix)
-  timm/config.json, timm/model.safetensors           the image trunk: `timm.create_model("local-dir:<dir>/timm", pretrained=True)`
+  timm/config.json, timm/model.safetensors           the image trunk:
+                                        `timm.create_model("local-dir:<dir>/timm", pretrained=True)`
   open_clip/open_clip_config.json, open_clip/open_clip_model.safetensors
                                         when open_clip can build the model (as its own ViT with
                                         pre_norm, the default, at any size; else through its timm
@@ -74,8 +75,8 @@ def _timm_adapter_incompatibility(cfg: ModelConfig) -> str | None:
     ]
     if differing:
         return (
-            f"its timm adapter builds '{cfg.image.timm_name}' at its registered sizes, but this model sets "
-            + ", ".join(differing)
+            f"its timm adapter builds '{cfg.image.timm_name}' at its registered sizes, "
+            "but this model sets " + ", ".join(differing)
         )
     return None
 
@@ -164,7 +165,8 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def is_export_dir(path: Path) -> bool:
-    """Whether `path` holds an export this module wrote (so replacing it loses nothing of the user's)."""
+    """Whether `path` holds an export this module wrote (so replacing it loses nothing of the
+    user's)."""
     try:
         return (path / "export_info.json").is_file() and json.loads(
             (path / "config.json").read_text()
@@ -239,7 +241,8 @@ def _model_from(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: Path
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ClipTrainError(
-            f"{source} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f"{source} does not match its config: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
         )
     return model.eval()
 

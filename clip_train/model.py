@@ -57,7 +57,8 @@ def init_linear_fan_in(trunk: nn.Module, qkv_only: bool = False) -> None:
 
 
 def init_embeddings_fan_in(trunk: nn.Module) -> None:
-    """Class token and position embeddings N(0, width^-1/2), as open_clip's ViT (timm: 1e-6, 0.02)."""
+    """Class token and position embeddings N(0, width^-1/2), as open_clip's ViT (timm: 1e-6,
+    0.02)."""
     std = trunk.embed_dim**-0.5
     if trunk.cls_token is not None:
         nn.init.normal_(trunk.cls_token, std=std)

@@ -1,4 +1,5 @@
-"""ONNX export of the two towers, each taking a batch of any size and returning normalised embeddings.
+"""ONNX export of the two towers, each taking a batch of any size and returning normalised
+embeddings.
 
 The text graph runs over the full context (padding trimming depends on the data, which a static
 graph cannot express; the result is the same). Needs `onnx` and `onnxscript`

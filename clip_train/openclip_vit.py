@@ -44,7 +44,10 @@ def incompatibility(trunk: nn.Module) -> str | None:
     if not isinstance(trunk, VisionTransformer):
         return f"the trunk is a {type(trunk).__name__}, not a timm VisionTransformer"
     if isinstance(trunk.norm_pre, nn.Identity) or trunk.patch_embed.proj.bias is not None:
-        return "the trunk has no ln_pre (open_clip's ViT has it, and no patch bias): set model.image.pre_norm=true"
+        return (
+            "the trunk has no ln_pre (open_clip's ViT has it, and no patch bias): "
+            "set model.image.pre_norm=true"
+        )
     if trunk.cls_token is None or trunk.num_prefix_tokens != 1 or trunk.no_embed_class:
         return "open_clip's ViT has exactly one class token inside the position embeddings"
     if trunk.global_pool not in ("token", "avg") or trunk.attn_pool is not None:
@@ -66,7 +69,10 @@ def incompatibility(trunk: nn.Module) -> str | None:
             and block.mlp.act.approximate == "none"
         )
         if not plain:
-            return "the trunk's blocks differ from open_clip's (layer scale, q/k norm, activation or qkv bias)"
+            return (
+                "the trunk's blocks differ from open_clip's "
+                "(layer scale, q/k norm, activation or qkv bias)"
+            )
     if _layer_norm_eps(trunk) is None:
         return "the trunk's LayerNorms differ in type or eps"
     return None

@@ -89,7 +89,8 @@ def read_metrics(path: Path) -> tuple[list[Record], list[Record]]:
 
 
 def _number(value: Any) -> float | None:
-    """A plottable float, or None for strings, lists and missing values (NaN/inf stay: they are data)."""
+    """A plottable float, or None for strings, lists and missing values (NaN/inf stay: they are
+    data)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
@@ -286,7 +287,8 @@ def write_report(
         _line_plot(out / "throughput.png", f"{name}: throughput", train, throughput),
     ]
     tasks = eval_tasks(evals)
-    # Counts (num_classes, num_images) are context for the table, not curves to compare with recalls.
+    # Counts (num_classes, num_images) are context for the table, not curves to compare with
+    # recalls.
     eval_panels = [
         (task, [f"{EVAL_PREFIX}{task}/{m}" for m in metrics if not m.startswith("num_")])
         for task, metrics in tasks.items()

@@ -72,7 +72,8 @@ def replicated_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 def average_replicated_grads(model: nn.Module) -> None:
-    """Average the unsharded parameters' gradients over processes, as DDP does (divide, then sum)."""
+    """Average the unsharded parameters' gradients over processes, as DDP does (divide, then
+    sum)."""
     world = dist.get_world_size()
     for param in replicated_params(model):
         if param.grad is not None and not isinstance(param.grad, DTensor):
@@ -82,7 +83,8 @@ def average_replicated_grads(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def no_gradient_sync(model: FSDPModule) -> Iterator[None]:
-    """GradCache's non-final micro-batches: gradients accumulate locally, reduced on the last one."""
+    """GradCache's non-final micro-batches: gradients accumulate locally, reduced on the last
+    one."""
     model.set_requires_gradient_sync(False)
     try:
         yield
@@ -115,7 +117,8 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None) -> torch.
 
 # -------------------------------------------------------------------------------- state
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The complete state dict on the CPU of rank 0 (empty elsewhere); every process must call it."""
+    """The complete state dict on the CPU of rank 0 (empty elsewhere); every process must call
+    it."""
     return get_model_state_dict(model, options=_FULL)
 
 
@@ -134,7 +137,8 @@ def plain_copy(state: dict[str, torch.Tensor], cfg: ModelConfig, device: torch.d
 
 
 def _flat_optimizer_tensors(osd: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """{"state": {fqn: {"exp_avg": t, ...}}} -> {"fqn/exp_avg": t}; DCP then reads/writes in place."""
+    """{"state": {fqn: {"exp_avg": t, ...}}} -> {"fqn/exp_avg": t}; DCP then reads/writes in
+    place."""
     flat = {}
     for fqn, entries in osd["state"].items():
         for name, value in entries.items():
@@ -156,7 +160,8 @@ def optimizer_state(
 
 
 def save_shards(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write this process's part of `tensors` (DTensor shards; whole tensors once) under `path` (collective)."""
+    """Write this process's part of `tensors` (DTensor shards; whole tensors once) under `path`
+    (collective)."""
     dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(path), save_distributed=True))
 
 

@@ -3,7 +3,8 @@
 Launch:
     clip-train train --config configs/demo.yaml data.train=/data/shards        # one process
     accelerate launch -m clip_train train --config configs/bench_tiny.yaml ...  # multi-GPU / node
-    torchrun --nproc_per_node 2 -m clip_train train --config ...                 # 2 CPU processes (gloo)
+    torchrun --nproc_per_node 2 -m clip_train train --config ...                 # 2 CPU processes
+                                                                                 # (gloo)
     torchrun --nproc_per_node 2 -m clip_train train --config ... train.fsdp=true # sharded (FSDP2)
     clip-train resume runs/<name>                                               # continue exactly
 
@@ -159,7 +160,8 @@ _RESUMABLE_MODEL_KEYS = {
 
 
 def _check_same_architecture(ckpt_dir: Path, cfg: Config) -> None:
-    """A resume whose overrides change the architecture fails with the keys, not a tensor-shape trace."""
+    """A resume whose overrides change the architecture fails with the keys, not a tensor-shape
+    trace."""
     from omegaconf import OmegaConf
 
     from clip_train.config import ModelConfig
@@ -354,7 +356,8 @@ def train(
         )
         if max_batches == 0:
             raise DataError(
-                f"data.train '{cfg.data.train}' has too few samples for one batch of {step_batch} on "
+                f"data.train '{cfg.data.train}' has too few samples "
+                f"for one batch of {step_batch} on "
                 f"each of {world} processes; use a smaller train.batch_size or more data"
             )
     needs_labels = "labels" in loss_fn.needs
@@ -365,7 +368,8 @@ def train(
         budget.load_state_dict(rank_state["bad_samples"])
 
     def open_loader(epoch: int, position: dict[str, Any] | None = None):
-        """One pass of batches; `position` (a loader state) resumes mid-pass without decoding the rest.
+        """One pass of batches; `position` (a loader state) resumes mid-pass without decoding the
+        rest.
 
         The loader feeds `budget` (stopping the run, naming bad keys, past data.max_bad_fraction),
         including the samples of each pass's dropped tail, which reach no batch."""
@@ -392,7 +396,8 @@ def train(
         )
 
     # ---------------------------------------------------------------- publish
-    # Config, model, checkpoint and data are known good: only now is anything in the run dir changed.
+    # Config, model, checkpoint and data are known good: only now is anything in the run dir
+    # changed.
     if previous:
         accelerator.wait_for_everyone()  # every process has looked before the main one deletes
         if is_main:
@@ -434,7 +439,8 @@ def train(
     preempted: str | None = None  # the signal that stopped the run early
     saved_step = -1
 
-    # GradCache's non-final micro-batches keep their gradients local (DDP's no_sync; FSDP's own switch).
+    # GradCache's non-final micro-batches keep their gradients local (DDP's no_sync; FSDP's own
+    # switch).
     no_sync = (
         (lambda: sharding.no_gradient_sync(model)) if fsdp else (lambda: accelerator.no_sync(model))
     )
@@ -448,14 +454,16 @@ def train(
             batch = next(data_iter, None)
             if sync_pass_end:
                 # A pass ends for every process at once: one rank's loader can run dry a batch early
-                # (bad samples skipped, short shards); deciding alone would desynchronise the epochs.
+                # (bad samples skipped, short shards); deciding alone would desynchronise the
+                # epochs.
                 have = torch.tensor([0.0 if batch is None else 1.0], device=device)
                 if accelerator.reduce(have, reduction="sum").item() < world:
                     batch = None
             if batch is None:  # end of epoch: reshuffle and go on
                 if state["batch_in_epoch"] == 0:
                     raise DataError(
-                        f"data.train '{cfg.data.train}' gave no full batch of {step_batch} on process "
+                        f"data.train '{cfg.data.train}' gave no full batch of {step_batch} "
+                        "on process "
                         f"{rank}; use fewer processes, a smaller train.batch_size or more data"
                     )
                 state["epoch"] += 1
@@ -487,8 +495,8 @@ def train(
             else:
                 grad_norm = _grad_norm(model, accelerator, cfg.optim.grad_clip)
             if accelerator.scaler is not None:
-                # fp16: the loss scaler skips overflowing steps and lowers its scale by itself; such a
-                # skip is routine, so it is counted but never stops the run.
+                # fp16: the loss scaler skips overflowing steps and lowers its scale by itself;
+                # such a skip is routine, so it is counted but never stops the run.
                 optimizer.step()
                 finite = torch.tensor(not accelerator.optimizer_step_was_skipped)
                 state["nonfinite_skipped"] += int(not finite)
@@ -509,7 +517,8 @@ def train(
                     )
                     if nonfinite_in_a_row >= cfg.train.max_nonfinite:
                         raise TrainingDiverged(
-                            f"loss or gradients were not finite for {nonfinite_in_a_row} steps in a row (up to step "
+                            f"loss or gradients were not finite for {nonfinite_in_a_row} "
+                            "steps in a row (up to step "
                             f"{state['step'] + 1}); lower optim.lr or set optim.grad_clip; "
                             f"the last good checkpoint is in {ckpts.root}"
                         )
@@ -551,7 +560,8 @@ def train(
                 metrics.write(record)
                 if is_main and not use_bar:
                     log.info(
-                        "step %d/%d  loss %.4f  lr %.3g  logit scale %.2f  %.0f samples/s  data wait %.0f%%",
+                        "step %d/%d  loss %.4f  lr %.3g  logit scale %.2f  %.0f samples/s  "
+                        "data wait %.0f%%",
                         state["step"],
                         cfg.train.steps,
                         last_loss if last_loss is not None else float("nan"),
@@ -664,7 +674,8 @@ def _check_labelled(shards: list, cfg: Config) -> None:
         terms = ", ".join(t.name for t in loss_terms(cfg.loss))
         raise ConfigError(
             f"loss term(s) {terms} read class labels, but {shards[0]} has no .cls in its first "
-            f"sample{'' if first is None else f' ({first.key})'}; give every sample an integer .cls "
+            f"sample{'' if first is None else f' ({first.key})'}; "
+            "give every sample an integer .cls "
             "(clip-data from-imagefolder writes them) or drop those terms"
         )
 

@@ -29,7 +29,8 @@ _FORMAT = "clip-train-classifier-v1"
 
 
 def default_cache_dir() -> Path:
-    """`$CLIP_TRAIN_CACHE/classifiers`, else `$XDG_CACHE_HOME/clip-train/classifiers`, else ~/.cache/..."""
+    """`$CLIP_TRAIN_CACHE/classifiers`, else `$XDG_CACHE_HOME/clip-train/classifiers`, else
+    ~/.cache/..."""
     root = os.environ.get(ENV_VAR)
     if root:
         return Path(root).expanduser() / "classifiers"
@@ -73,7 +74,8 @@ def cache_key(
     num_templates: int,
     precision: str,
 ) -> str:
-    """Hex key of one classifier: the model, every class name and every rendered prompt, precision."""
+    """Hex key of one classifier: the model, every class name and every rendered prompt,
+    precision."""
     hasher = hashlib.sha256()
     for part in (_FORMAT, model_id, precision, str(len(classnames)), str(num_templates)):
         hasher.update(part.encode() + b"\x00")
@@ -122,9 +124,7 @@ def save_classifier(
                 metadata={"format": _FORMAT, **metadata},
             )
     except OSError as exc:
-        log.warning(
-            "could not cache the classifier in %s (%s); continuing without", cache_dir, exc
-        )
+        log.warning("could not cache the classifier in %s (%s); continuing without", cache_dir, exc)
         return None
     log.info("cached zero-shot classifier: %s", path)
     return path

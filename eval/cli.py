@@ -1,7 +1,8 @@
 """`clip-eval`: zero-shot classification, retrieval, linear probe, few-shot and suites.
 
     clip-eval zero-shot --model demo_out/runs/demo --data demo_out/data/zeroshot
-    clip-eval zero-shot --model ViT-B-32 --pretrained ~/weights/vit_b32.bin --data imagenet/val --dataset imagenet
+    clip-eval zero-shot --model ViT-B-32 --pretrained ~/weights/vit_b32.bin --data imagenet/val \\
+        --dataset imagenet
     clip-eval retrieval --model demo_out/runs/demo --data coco/captions_val.csv
     clip-eval probe --model demo_out/runs/demo --train pets/train --test pets/test
     clip-eval few-shot --model demo_out/runs/demo --data pets/test --n-way 5 --k-shot 1
@@ -43,38 +44,50 @@ _EPILOGS = {
     "zero-shot": (
         "examples:\n"
         "  clip-eval zero-shot --model demo_out/runs/demo --data demo_out/data/zeroshot\n"
-        "  clip-eval zero-shot --model ViT-B-32 --pretrained vit_b32.bin --data imagenet/val --dataset imagenet\n"
-        "  clip-eval zero-shot --model demo_out/runs/demo --data imagenet/val_flat --labels val_labels.txt --dataset imagenet \\\n"
+        "  clip-eval zero-shot --model ViT-B-32 --pretrained vit_b32.bin --data imagenet/val "
+        "--dataset imagenet\n"
+        "  clip-eval zero-shot --model demo_out/runs/demo --data imagenet/val_flat --labels "
+        "val_labels.txt --dataset imagenet \\\n"
         "      --templates simple\n"
-        "  clip-eval zero-shot --model demo_out/runs/demo --data pets/test --classnames pets.txt --templates pets_templates.txt\n"
-        "--data is labelled shards, a class folder (ROOT/<class>/<image>; ImageNet synset folders map to the\n"
-        "standard indices) or, with --labels, a flat folder of images. Class names and templates default to\n"
-        "classnames.txt and templates.txt next to the shards or in the folder; templates hold one '{}'.\n"
-        f"Classifiers are cached in --cache-dir (default ${ENV_VAR}/classifiers or ~/.cache/clip-train/classifiers)."
+        "  clip-eval zero-shot --model demo_out/runs/demo --data pets/test --classnames pets.txt "
+        "--templates pets_templates.txt\n"
+        "--data is labelled shards, a class folder (ROOT/<class>/<image>; ImageNet synset folders "
+        "map to the\n"
+        "standard indices) or, with --labels, a flat folder of images. Class names and templates "
+        "default to\n"
+        "classnames.txt and templates.txt next to the shards or in the folder; templates hold one "
+        "'{}'.\n"
+        f"Classifiers are cached in --cache-dir (default ${ENV_VAR}/classifiers or "
+        "~/.cache/clip-train/classifiers)."
     ),
     "retrieval": (
         "examples:\n"
         "  clip-eval retrieval --model demo_out/runs/demo --data demo_out/data/retrieval\n"
-        "  clip-eval retrieval --model ViT-B-32 --pretrained vit_b32.bin --data coco/captions_val.csv\n"
+        "  clip-eval retrieval --model ViT-B-32 --pretrained vit_b32.bin --data "
+        "coco/captions_val.csv\n"
         "  clip-eval retrieval --model demo_out/runs/demo --data flickr30k/test.jsonl \\\n"
         "      --image-column file"
         " --caption-column captions\n"
         'shards: captions from each sample\'s json "captions" list when present, else its .txt;\n'
-        "tables (.csv/.tsv with a header, .jsonl): one row per caption, or a list of captions per row;\n"
+        "tables (.csv/.tsv with a header, .jsonl): one row per caption, or a list of captions per "
+        "row;\n"
         "image paths are relative to the table's folder"
     ),
     "probe": (
         "examples:\n"
         "  clip-eval probe --model demo_out/runs/demo --train pets/train --test pets/test\n"
-        "  clip-eval probe --model ViT-B-32 --pretrained vit_b32.bin --train cifar/train-{0000..0009}.tar \\\n"
+        "  clip-eval probe --model ViT-B-32 --pretrained vit_b32.bin --train "
+        "cifar/train-{0000..0009}.tar \\\n"
         "      --test cifar/test --weight-decays 1e-5,1e-4,1e-3 --val-fraction 0.1\n"
-        "features are extracted once; logistic regression (L-BFGS) per weight decay on a seeded validation split,\n"
+        "features are extracted once; logistic regression (L-BFGS) per weight decay on a seeded "
+        "validation split,\n"
         "then refit on all of --train and scored on --test"
     ),
     "few-shot": (
         "examples:\n"
         "  clip-eval few-shot --model demo_out/runs/demo --data pets/test --n-way 5 --k-shot 1\n"
-        "  clip-eval few-shot --model demo_out/runs/demo --data demo_out/data/zeroshot --n-way 5 --k-shot 5 --episodes 1000\n"
+        "  clip-eval few-shot --model demo_out/runs/demo --data demo_out/data/zeroshot --n-way 5 "
+        "--k-shot 5 --episodes 1000\n"
         "prototype classifier (nearest class mean of normalized features); mean accuracy +- 95% CI"
     ),
     "suite": (
@@ -145,7 +158,10 @@ def _add_classes(p: argparse.ArgumentParser, labels: str = "--labels") -> None:
             labels,
             default=None,
             metavar="FILE",
-            help="labels of a flat image folder: one index per line in sorted filename order, or 'filename,label' rows",
+            help=(
+                "labels of a flat image folder: one index per line in sorted filename order, or "
+                "'filename,label' rows"
+            ),
         )
 
 
@@ -154,7 +170,9 @@ def _add_cache(p: argparse.ArgumentParser) -> None:
         "--cache-dir",
         default=None,
         metavar="DIR",
-        help=f"classifier cache (default ${ENV_VAR}/classifiers or ~/.cache/clip-train/classifiers)",
+        help=(
+            f"classifier cache (default ${ENV_VAR}/classifiers or ~/.cache/clip-train/classifiers)"
+        ),
     )
     p.add_argument(
         "--no-cache", action="store_true", help="neither read nor write cached classifiers"
@@ -179,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  clip-eval zero-shot --model demo_out/runs/demo --data demo_out/data/zeroshot\n"
             "  clip-eval retrieval --model ViT-B-32 --pretrained vit_b32.bin "
             "--data demo_out/data/retrieval\n"
-            "  clip-eval suite --model demo_out/runs/demo --suite suite.yaml --output eval_results/\n"
+            "  clip-eval suite --model demo_out/runs/demo --suite suite.yaml --output "
+            "eval_results/\n"
             "run 'clip-eval SUBCOMMAND --help' for its options"
         ),
     )
@@ -206,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--templates",
         default=None,
         metavar="openai|simple|FILE",
-        help="prompt templates: open_clip's OpenAI 80, its short 7, or a file with one '{}' per line",
+        help=(
+            "prompt templates: open_clip's OpenAI 80, its short 7, or a file with one '{}' per line"
+        ),
     )
     _add_cache(zs)
     _add_results(zs)
@@ -216,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         "retrieval",
         _cmd_retrieval,
         "image<->text recall@1/5/10",
-        "Zero-shot retrieval: image_retrieval_recall@k (text->image), text_retrieval_recall@k (image->text).",
+        "Zero-shot retrieval: image_retrieval_recall@k (text->image), text_retrieval_recall@k "
+        "(image->text).",
     )
     _add_model(rt)
     rt.add_argument(

@@ -103,13 +103,15 @@ def _class_index(
         names = imagenet.classnames() if classnames is None else classnames
         if len(names) != len(synsets):
             raise DataError(
-                f"{source} has {len(names)} class names; ImageNet folders need all 1000 in synset order"
+                f"{source} has {len(names)} class names; ImageNet folders need all 1000 in synset "
+                "order"
             )
         for folder in folders:
             if folder not in index:
                 raise DataError(
                     f"class folder {folder!r} ({root / folder}) is not an ImageNet-1k synset; "
-                    f"remove it, or evaluate the tree with --classnames FILE instead of --dataset imagenet"
+                    "remove it, or evaluate the tree with --classnames FILE instead of --dataset "
+                    "imagenet"
                 )
         source = source if classnames is not None else "open_clip ImageNet names"
         return {f: index[f] for f in folders}, names, list(synsets), source
@@ -127,8 +129,10 @@ def _class_index(
         i = lookup.get(folder)
         if i is None:
             raise DataError(
-                f"class folder {folder!r} ({root / folder}) is not in the class names from {source}; "
-                f"add a line '{folder}' (or '{folder}<TAB>display name') there, or remove the folder"
+                f"class folder {folder!r} ({root / folder}) is not in the class names from "
+                f"{source}; "
+                f"add a line '{folder}' (or '{folder}<TAB>display name') there, or remove the "
+                "folder"
             )
         mapping[folder] = i
     return mapping, names, keys, source
@@ -160,7 +164,8 @@ def class_folder(
         labels.extend([mapping[folder]] * len(files))
     if not paths:
         raise DataError(
-            f"{root}: no images in its {len(folders)} class folders (extensions: {', '.join(IMAGE_FILE_EXTS)})"
+            f"{root}: no images in its {len(folders)} class folders (extensions: "
+            f"{', '.join(IMAGE_FILE_EXTS)})"
         )
     return ImageSet(root, paths, labels=labels, classnames=names, class_keys=keys, source=source)
 
@@ -202,7 +207,8 @@ def flat_folder(
         source = source if classnames is not None else "open_clip ImageNet names"
     elif classnames is None:
         raise DataError(
-            f"{root} is a flat folder: pass --classnames FILE (or --dataset imagenet) to name its labels"
+            f"{root} is a flat folder: pass --classnames FILE (or --dataset imagenet) to name its "
+            "labels"
         )
     else:
         keys, names = split_classname_lines(classnames)
@@ -218,7 +224,8 @@ def flat_folder(
     if delimiter is None:  # one label per line, in sorted filename order
         if len(rows) != len(paths):
             raise DataError(
-                f"--labels {labels_file} has {len(rows)} labels but {root} has {len(paths)} images; "
+                f"--labels {labels_file} has {len(rows)} labels but {root} has {len(paths)} "
+                "images; "
                 f"one label per image in sorted filename order is needed (or 'filename,label' rows)"
             )
         labels = [_parse_label(line, lookup, f"{labels_file} line {n}") for n, line in rows]
@@ -239,7 +246,8 @@ def flat_folder(
             label = by_name.pop(path.stem, None) if label is None else label
             if label is None:
                 raise DataError(
-                    f"--labels {labels_file} has no row for image {path.name} (rows are 'filename,label')"
+                    f"--labels {labels_file} has no row for image {path.name} (rows are "
+                    "'filename,label')"
                 )
             labels.append(label)
         if by_name:
@@ -250,7 +258,8 @@ def flat_folder(
     for path, label in zip(paths, labels):
         if not 0 <= label < len(names):
             raise DataError(
-                f"--labels {labels_file}: image {path.name} has label {label}, outside [0, {len(names)})"
+                f"--labels {labels_file}: image {path.name} has label {label}, outside [0, "
+                f"{len(names)})"
             )
     return ImageSet(
         root,
@@ -275,7 +284,8 @@ def _pick_column(
         if name in columns:
             return name
     raise DataError(
-        f"{table}: no {what} column among {', '.join(candidates)} (columns: {', '.join(columns) or 'none'}); "
+        f"{table}: no {what} column among {', '.join(candidates)} (columns: "
+        f"{', '.join(columns) or 'none'}); "
         f"name it with --{what}-column"
     )
 
@@ -312,7 +322,8 @@ def caption_table(
         if path not in images:
             if not path.is_file():
                 raise DataError(
-                    f"{table} line {n}: image {value!r} not found ({path}); paths are relative to the table's folder"
+                    f"{table} line {n}: image {value!r} not found ({path}); paths are relative to "
+                    "the table's folder"
                 )
             images[path] = []
         images[path].extend(captions)

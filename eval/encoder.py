@@ -145,7 +145,8 @@ def load_open_clip(
 
     if model_name.startswith("hf-hub:"):
         raise ConfigError(
-            f"--model {model_name}: hf-hub models are not downloaded; pass an open_clip architecture "
+            f"--model {model_name}: hf-hub models are not downloaded; pass an open_clip "
+            "architecture "
             f"name and --pretrained with a local weight file, or 'local-dir:DIR'"
         )
     if (

@@ -69,7 +69,8 @@ def image_features(
         if streams <= 1:
             return torch.cat([_chunk(encoder, c) for c in chunks])
         if streams not in pools:
-            # Made on first use, after the loader has forked its workers: no fork with threads alive.
+            # Made on first use, after the loader has forked its workers: no fork with threads
+            # alive.
             pools[streams] = ThreadPoolExecutor(
                 streams,
                 thread_name_prefix="clip-eval-image",

@@ -44,7 +44,8 @@ def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
     """
     if logits.ndim != 2 or labels.ndim != 1 or logits.shape[0] != labels.shape[0]:
         raise ValueError(
-            f"expected logits [N, C] and labels [N], got {tuple(logits.shape)} and {tuple(labels.shape)}"
+            f"expected logits [N, C] and labels [N], got {tuple(logits.shape)} and "
+            f"{tuple(labels.shape)}"
         )
     num_samples, num_classes = logits.shape
     if num_samples == 0:

@@ -57,7 +57,8 @@ def extract_features(
     progress: bool = False,
     total: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """L2-normalized image features [N, D] (float32, CPU) and labels [N] of every labelled sample."""
+    """L2-normalized image features [N, D] (float32, CPU) and labels [N] of every labelled
+    sample."""
     device = torch.device(device)
     features: list[Tensor] = []
     labels: list[Tensor] = []

@@ -55,7 +55,8 @@ def read_lines(path: PathLike, option: str) -> list[str]:
 def resolve_templates(
     value: Sequence[Template] | PathLike | None, default: Sequence[Template] | PathLike
 ) -> tuple[list[Template], str]:
-    """Templates from a list, a set name ('openai'/'simple'), a file, or `default`; plus their source."""
+    """Templates from a list, a set name ('openai'/'simple'), a file, or `default`; plus their
+    source."""
     if value is None:
         value = default
     if isinstance(value, (str, os.PathLike)):

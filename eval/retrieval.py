@@ -38,7 +38,8 @@ def _captions_of(batch: dict, index: int) -> list[str]:
         return captions
     if "caption" not in batch:
         raise EvalDataError(
-            "retrieval batch has neither json 'captions' nor 'caption': the shards need a .txt entry"
+            "retrieval batch has neither json 'captions' nor 'caption': the shards need a .txt "
+            "entry"
         )
     return [batch["caption"][index]]
 

@@ -191,7 +191,8 @@ def _task(raw: Any, index: int, defaults: dict[str, Any], source: str) -> Task:
     for key in merged:
         if key not in allowed:
             raise ConfigError(
-                f"{where} ({name}).{key}: unknown key for a {kind} task (known: {', '.join(sorted(allowed))})"
+                f"{where} ({name}).{key}: unknown key for a {kind} task (known: "
+                f"{', '.join(sorted(allowed))})"
             )
     data = merged.get("data")
     if not isinstance(data, str) or not data:
@@ -200,7 +201,8 @@ def _task(raw: Any, index: int, defaults: dict[str, Any], source: str) -> Task:
         )
     if kind == "linear-probe" and not isinstance(merged.get("train"), str):
         raise ConfigError(
-            f"{where} ({name}).train: required for a linear probe (its training data; data is the test set)"
+            f"{where} ({name}).train: required for a linear probe (its training data; data is the "
+            "test set)"
         )
     options = {
         k: _checked(k, v, f"{where} ({name}).{k}")
@@ -238,7 +240,8 @@ def parse_suite(raw: Any, source: str = "<suite>") -> Suite:
     for t in tasks:
         if t.name in seen:
             raise ConfigError(
-                f"{source}: task name {t.name!r} appears twice; names are file names and must differ"
+                f"{source}: task name {t.name!r} appears twice; names are file names and must "
+                "differ"
             )
         seen.add(t.name)
     cache_dir = raw.get("cache_dir")
@@ -248,7 +251,8 @@ def parse_suite(raw: Any, source: str = "<suite>") -> Suite:
 
 
 def load_suite(path: str | os.PathLike) -> Suite:
-    """Read and validate a suite YAML file; every mistake is one `ConfigError` line naming the key."""
+    """Read and validate a suite YAML file; every mistake is one `ConfigError` line naming the
+    key."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -314,7 +318,8 @@ def results_markdown(suite: Suite, results: dict[str, dict]) -> str:
             lines.append(f"| {t.name} | `{t.data}` | " + " | ".join(cells) + " |")
         lines.append("")
     lines.append(
-        "Accuracies and recalls in %; metric keys as in CLIP_benchmark (see the per-task JSON files)."
+        "Accuracies and recalls in %; metric keys as in CLIP_benchmark (see the per-task JSON "
+        "files)."
     )
     return "\n".join(lines) + "\n"
 
@@ -336,9 +341,7 @@ def run_suite(
     model = getattr(encoder, "name", None)
     for task in suite.tasks:
         started = time.perf_counter()
-        log.info(
-            "suite %s: running %s (%s on %s)", suite.source, task.name, task.task, task.data
-        )
+        log.info("suite %s: running %s (%s on %s)", suite.source, task.name, task.task, task.data)
         metrics = _runner(task, suite.cache_dir)(encoder, device, progress)
         seconds = time.perf_counter() - started
         results[task.name] = metrics

@@ -70,7 +70,8 @@ def _data_dir(data: object, shards: list[str]) -> Path:
 def _check_dataset(dataset: str | None) -> None:
     if dataset is not None and dataset not in DATASETS:
         raise ConfigError(
-            f"dataset {dataset!r}: unknown (known: {', '.join(DATASETS)}; others take --classnames and --templates)"
+            f"dataset {dataset!r}: unknown (known: {', '.join(DATASETS)}; others take --classnames "
+            "and --templates)"
         )
 
 
@@ -82,7 +83,8 @@ def _check_loader_args(batch_size: int, num_workers: int) -> None:
 
 
 class _Labelled:
-    """An ordered labelled image stream from shards or folders, with what is known of its classes."""
+    """An ordered labelled image stream from shards or folders, with what is known of its
+    classes."""
 
     def __init__(
         self,
@@ -113,7 +115,8 @@ class _Labelled:
             if kind == "flat-folder":
                 if labels is None:
                     raise DataError(
-                        f"{folder} holds images but no class sub-folders: pass --labels FILE for a flat folder"
+                        f"{folder} holds images but no class sub-folders: pass --labels FILE for a "
+                        "flat folder"
                     )
                 self.images: ImageSet | None = flat_folder(folder, labels, names, dataset, source)
             else:
@@ -168,7 +171,8 @@ class _Labelled:
 
 
 def _synset_remap(path: Path) -> torch.Tensor | None:
-    """Shard label -> ImageNet index, when the shards' classnames.txt lists synsets (from-imagefolder).
+    """Shard label -> ImageNet index, when the shards' classnames.txt lists synsets
+    (from-imagefolder).
 
     A tree of only some synset folders is labelled 0..k-1 by folder order; its class-name file
     says which synset each label is, so labels are mapped back to the standard 1000 indices.
@@ -183,7 +187,8 @@ def _synset_remap(path: Path) -> torch.Tensor | None:
     unknown = [k for k in keys if k not in index]
     if unknown:
         raise DataError(
-            f"{path}: {unknown[0]!r} is not an ImageNet-1k synset; this is not an ImageNet-1k shard set"
+            f"{path}: {unknown[0]!r} is not an ImageNet-1k synset; this is not an ImageNet-1k "
+            "shard set"
         )
     log.info("%s lists synsets: mapping shard labels to ImageNet-1k indices", path)
     return torch.tensor([index[k] for k in keys], dtype=torch.long)
@@ -230,7 +235,8 @@ def zero_shot_task(
         if names is None:
             raise DataError(
                 f"{stream.where}: no class names: {stream.source} not found "
-                f"(pass --classnames FILE or --dataset imagenet, or put classnames.txt next to the shards)"
+                "(pass --classnames FILE or --dataset imagenet, or put classnames.txt next to the "
+                "shards)"
             )
         if templates is None and dataset == "imagenet":
             default: Sequence[Template] | PathLike = "openai"
@@ -295,7 +301,8 @@ def retrieval_task(
                 "image_column/caption_column apply to CSV/TSV/JSONL tables, not to shards"
             )
         shards = expand_shards(data)
-        # Only ask for .json when the shards carry it: the loader skips samples lacking a requested field.
+        # Only ask for .json when the shards carry it: the loader skips samples lacking a requested
+        # field.
         loader = make_loader(
             shards,
             batch_size=batch_size,

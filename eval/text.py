@@ -123,7 +123,8 @@ def token_lengths(tokens: Tensor) -> Tensor:
 
 
 def _confirm_trimmed(encoder: object, forward: Callable[[Tensor], Tensor], tokens: Tensor) -> bool:
-    """Whether the trimmed forward reproduces the model's own encode_text on a few rows (once per model)."""
+    """Whether the trimmed forward reproduces the model's own encode_text on a few rows (once per
+    model)."""
     model = _unwrap(encoder)
     try:
         known = _CONFIRMED.get(model)
@@ -147,7 +148,8 @@ def _check_trimmed(encoder: object, forward: Callable[[Tensor], Tensor], tokens:
     diff = (want - got).abs().max().item()
     if diff > _CHECK_TOLERANCE:
         log.warning(
-            "trimmed text path differs from encode_text by %.2e on this model; using the plain path",
+            "trimmed text path differs from encode_text by %.2e on this model; using the plain "
+            "path",
             diff,
         )
         return False

@@ -35,7 +35,8 @@ def _prompt(template: Template, classname: str) -> str:
     if not isinstance(template, str) or "{}" not in template:
         raise ConfigError(
             f"template {template!r} has no '{{}}' placeholder for the class name; "
-            f"write templates like 'a photo of a {{}}.' (CLIP_benchmark's '{{c}}' form must be rewritten as '{{}}')"
+            f"write templates like 'a photo of a {{}}.' (CLIP_benchmark's '{{c}}' form must be "
+            f"rewritten as '{{}}')"
         )
     try:
         return template.format(classname)
@@ -142,7 +143,8 @@ def evaluate_zero_shot(
                 i = int(bad.nonzero()[0])
                 key = batch.get("key", [None] * len(labels))[i]
                 raise EvalDataError(
-                    f"sample {key!r} has label {int(labels[i])} but there are only {num_classes} class names; "
+                    f"sample {key!r} has label {int(labels[i])} but there are only {num_classes} "
+                    "class names; "
                     f"check that the class names match the data"
                 )
             features = F.normalize(encode(batch["image"]), dim=-1)

@@ -1,4 +1,5 @@
-"""The tiny training config tests share: configs/demo.yaml shrunk to train in a fraction of a second."""
+"""The tiny training config tests share: configs/demo.yaml shrunk to train in a fraction of a
+second."""
 
 TINY = [
     "model.embed_dim=32",

@@ -75,7 +75,8 @@ def test_train_eval_export_reload(synth_dir, tmp_path, make_cfg):
 
 
 def test_sigkill_then_resume_is_exact(synth_dir, tmp_path, make_cfg, tiny_overrides):
-    """SIGKILL a training process mid-run, resume it: same weights as an uninterrupted run, bit for bit.
+    """SIGKILL a training process mid-run, resume it: same weights as an uninterrupted run, bit for
+    bit.
 
     Two loader workers and a shuffle buffer: the resumed run must continue each worker's stream,
     and the workers' round-robin, where the checkpoint left them (24 steps = 2 epochs + a bit)."""

@@ -6,7 +6,8 @@ Three decisions, in this order:
    so zero-shot numbers measured on that set are not inflated by training on it.
 2. Groups: samples are joined when their image bytes hash equal (exact) or their image
    embeddings reach `threshold` cosine (near; exact faiss range search up to `flat_max`
-   vectors, k-means cells compared by matrix products above). Each group keeps one sample among its clean members: the best
+   vectors, k-means cells compared by matrix products above). Each group keeps one sample among
+   its clean members: the best
    scored, then the lowest (shard, key), so the choice never depends on run order.
 3. The others are removed as `exact` (same bytes as the kept one) or `near`.
 Samples without a score (the scorer skipped them as bad) are removed as `unscored`.

@@ -2,7 +2,8 @@
 
 Output shard i holds the kept samples of input shard i, byte for byte and in order (so
 sizes shrink, and a shard with none left is an empty tar: the next step, e.g. dedup after
-filter with the same scores, finds shard i at index i; `clip-data reshard` evens them out). `curate_state.json` records the run's
+filter with the same scores, finds shard i at index i; `clip-data reshard` evens them out).
+`curate_state.json` records the run's
 fingerprint (inputs + decisions) and the shards done; a rerun with the same fingerprint skips
 them, one with another is refused, and shards we did not write are never replaced.
 """

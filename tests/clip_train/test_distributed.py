@@ -1,4 +1,5 @@
-"""Two CPU processes (torchrun, gloo) give the loss and gradients of one process on the whole batch."""
+"""Two CPU processes (torchrun, gloo) give the loss and gradients of one process on the whole
+batch."""
 
 import os
 import subprocess
@@ -74,7 +75,8 @@ def test_two_processes_equal_one(tmp_path):
 
 
 def test_two_process_training_run_completes_epochs(synth_dir, tmp_path, tiny_overrides):
-    """The real loop under torchrun: ranks stop each epoch together (no DDP hang), checkpoints once."""
+    """The real loop under torchrun: ranks stop each epoch together (no DDP hang), checkpoints
+    once."""
     args = [
         f"data.train={synth_dir}/train",
         f"run.output_dir={tmp_path}",

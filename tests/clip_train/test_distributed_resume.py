@@ -1,6 +1,6 @@
-"""Two processes (torchrun, gloo) over shards with corrupt samples: the ranks end each pass together,
-and a run killed with SIGKILL mid-epoch and again after an epoch boundary resumes to the same
-weights, bit for bit, as the uninterrupted run (issue 10, item 1)."""
+"""Two processes (torchrun, gloo) over shards with corrupt samples: the ranks end each pass
+together, and a run killed with SIGKILL mid-epoch and again after an epoch boundary resumes to
+the same weights, bit for bit, as the uninterrupted run (issue 10, item 1)."""
 
 import io
 import json

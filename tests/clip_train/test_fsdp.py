@@ -39,7 +39,8 @@ COMMON = [
 
 
 def _torchrun(synth_dir, out, *args):
-    """A two-process `clip-train` on this checkout, each worker in its own session (torchrun's way)."""
+    """A two-process `clip-train` on this checkout, each worker in its own session (torchrun's
+    way)."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     if args[0] == "train":

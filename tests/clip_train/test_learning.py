@@ -21,7 +21,8 @@ KINDS = ("circle", "square", "triangle", "cross", "diamond", "star")
 
 
 def _outline(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float) -> None:
-    """A black outline on white, as the icon sets users train on (thin strokes, mostly background)."""
+    """A black outline on white, as the icon sets users train on (thin strokes, mostly
+    background)."""
     if kind == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline="black")
         return

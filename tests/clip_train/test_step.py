@@ -38,7 +38,8 @@ def _grads(model, images, tokens, accum):
 
 
 def test_cached_accumulation_equals_one_big_batch(tiny_model_cfg):
-    """4 micro-batches of 16 keep all 64 samples as negatives: same loss and gradients as batch 64."""
+    """4 micro-batches of 16 keep all 64 samples as negatives: same loss and gradients as batch
+    64."""
     torch.manual_seed(0)
     model = build_model(tiny_model_cfg)
     images, tokens = _batch()

@@ -1,4 +1,5 @@
-"""Engine features through the real loop on a tiny model: precision, skipping, trackers, MFU, locks."""
+"""Engine features through the real loop on a tiny model: precision, skipping, trackers, MFU,
+locks."""
 
 import json
 

@@ -225,7 +225,8 @@ def test_retrieval_from_table_matches_metric(tiny_encoder, tmp_path, write_image
 
 
 def test_imagenet_shards_with_synset_classnames_are_remapped(tiny_encoder, tmp_path, write_images):
-    """Shards of a partial synset tree (labels 0..k-1 + classnames.txt of synsets) map back to 0..999."""
+    """Shards of a partial synset tree (labels 0..k-1 + classnames.txt of synsets) map back to
+    0..999."""
     import io
     import tarfile
 

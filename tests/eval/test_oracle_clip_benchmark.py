@@ -40,7 +40,8 @@ def clip_benchmark_float(monkeypatch):
 
 
 class _Files(torch.utils.data.Dataset):
-    """What CLIP_benchmark's builders give: (preprocessed image, target), target a label or captions."""
+    """What CLIP_benchmark's builders give: (preprocessed image, target), target a label or
+    captions."""
 
     def __init__(self, paths, targets, transform, classes=None):
         self.paths, self.targets, self.transform = paths, targets, transform

@@ -26,7 +26,8 @@ def test_logistic_regression_matches_sklearn():
     x, y = _blobs(spread=2.0)
     wd = 1e-2
     weight, bias = fit_logistic_regression(x, y, 4, wd)
-    # sklearn minimizes C * sum(CE) + ||W||^2 / 2, i.e. ours (mean CE + wd/2 ||W||^2) with C = 1/(wd N)
+    # sklearn minimizes C * sum(CE) + ||W||^2 / 2, i.e. ours (mean CE + wd/2 ||W||^2)
+    # with C = 1/(wd N)
     ref = sklearn.LogisticRegression(C=1.0 / (wd * len(y)), tol=1e-10, max_iter=10000).fit(
         x.double().numpy(), y.numpy()
     )
