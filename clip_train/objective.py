@@ -107,6 +107,7 @@ class SupCon(nn.Module):
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        **_: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         if labels is None:
             raise ValueError("the supcon term needs class labels (.cls in the shards)")

@@ -174,6 +174,17 @@ def test_text_dropout_makes_two_views_and_accumulation_replays_it():
         )
 
 
+def test_every_term_takes_every_input_the_objective_passes():
+    """The objective hands all its inputs to each term; a term ignores what it does not read, so
+    any combination works (supcon beside simcse gets text_features_2, and so on)."""
+    image, text, scale, bias = _features(8)
+    _, second, _, _ = _features(9)
+    labels = torch.arange(len(image)) % 3
+    loss_fn = objective(*[(name, 1.0) for name in TERMS])
+    out = loss_fn(image, text, scale, logit_bias=bias, labels=labels, text_features_2=second)
+    assert {f"loss/{name}" for name in TERMS} <= set(out) and torch.isfinite(out["loss"])
+
+
 def test_clip_label_smoothing_formula():
     image, text, scale, _ = _features(3)
     logits = scale * image @ text.T
