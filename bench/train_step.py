@@ -7,7 +7,7 @@
     python bench/train_step.py --only speed --steps 20 --profile
     python bench/train_step.py --device cuda --preset vit_b16 --precision bf16 --batch 256
 
-What is compared (DESIGN.md, "Benchmarks"):
+What is compared (docs/benchmarks.md, "Training step"):
 - ours: `configs/bench_tiny.yaml` (or the ViT-B/16 preset) -> `build_model`, `build_optimizer`,
   `build_loss("clip", tiled=False)` (--tiled: the tiled loss); one step =
   `forward_backward(..., accum_steps=k)` + `optimizer.step()` +

@@ -6,7 +6,7 @@
                                                     # rounds
     python bench/zero_shot.py --classes 200 --templates 20 --images 512 --device cuda
 
-Models (DESIGN.md's bench_tiny sizes):
+Models (configs/bench_tiny.yaml's sizes):
 - ours: `clip_train.model.build_model` from configs/bench_tiny.yaml, wrapped in `ClipEncoder`;
   our `eval.build_zero_shot_classifier` (prompts sorted by token length, batched by similar
   length; the tower trims padding after each batch's longest prompt).
