@@ -9,6 +9,10 @@ containers (safetensors, `torch.load(weights_only=True)`).
 A run with `train.fsdp` keeps its optimizer state sharded: `optimizer.pt` then holds
 `{"sharded": "optimizer", "param_groups": ...}` and every process writes its part into `optimizer/`
 (clip_train/sharding.py) inside the same temporary directory, before anything is published.
+
+An objective with state of its own (moco's momentum towers and key queues) writes it to
+`objective.safetensors`, beside the model and never inside it: exports and `clip_train.load` read
+the model file alone.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.pt"
+OBJECTIVE_FILE = "objective.safetensors"  # the objective's own state (momentum towers, queues)
 SHARDED_OPTIM_DIR = "optimizer"  # FSDP runs: each process's optimizer shards (safetensors)
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete directory
 LATEST = "latest"
@@ -86,6 +91,7 @@ class Checkpoint:
     rng: dict[str, Any] | None
     trainer_state: dict[str, Any]
     rank_state: dict[str, Any] | None = None  # this process's data position (JSON)
+    objective: dict[str, torch.Tensor] | None = None  # the objective's state, when it has one
 
 
 class CheckpointManager:
@@ -125,10 +131,12 @@ class CheckpointManager:
         config_yaml: str,
         rank_state: dict[str, Any] | None = None,
         write_shards: Callable[[Path], None] | None = None,
+        objective_state: dict[str, torch.Tensor] | None = None,
     ) -> Path:
-        """Publish checkpoint `step_N` (every process calls this; `model_state` and `training_state`
-        are read on the main process only). `write_shards(tmp_dir)`, when given, runs on every
-        process before the checkpoint is published: state each process holds a part of."""
+        """Publish checkpoint `step_N` (every process calls this; `model_state`, `training_state`
+        and `objective_state` are read on the main process only). `write_shards(tmp_dir)`, when
+        given, runs on every process before the checkpoint is published: state each process holds
+        a part of."""
         final = self.root / f"step_{step}"
         tmp = self.root / f".tmp_step_{step}"
         if self.is_main:
@@ -148,6 +156,11 @@ class CheckpointManager:
                 str(tmp / MODEL_FILE),
             )
             torch.save(training_state, tmp / OPTIM_FILE)
+            if objective_state:
+                save_file(
+                    {k: v.detach().contiguous().cpu() for k, v in objective_state.items()},
+                    str(tmp / OBJECTIVE_FILE),
+                )
             (tmp / "config.yaml").write_text(config_yaml)
         self.barrier()
         if self.is_main:
@@ -237,6 +250,12 @@ def load_checkpoint_dir(path: Path, rank: int = 0, with_training_state: bool = T
             if with_training_state and rng_file.is_file()
             else None
         )
+        objective_file = path / OBJECTIVE_FILE
+        objective = (
+            load_file(str(objective_file))
+            if with_training_state and objective_file.is_file()
+            else None
+        )
         rank_file = path / f"rank_{rank}.json"
         rank_state = (
             json.loads(rank_file.read_text())
@@ -255,4 +274,5 @@ def load_checkpoint_dir(path: Path, rank: int = 0, with_training_state: bool = T
         rng=rng,
         trainer_state=trainer_state,
         rank_state=rank_state,
+        objective=objective,
     )

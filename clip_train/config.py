@@ -26,6 +26,7 @@ LOSS_TERMS = (
     "margin",
     "supcon",
     "simcse",
+    "moco",
 )  # the keys of clip_train.objective.TERMS
 
 
@@ -108,7 +109,11 @@ class LossTermConfig:
     weight: float = 1.0
     label_smoothing: float = 0.0  # clip: cross-entropy label smoothing
     margin: float = 1.0  # margin: distance unmatched pairs are pushed beyond
-    temperature: float | None = None  # supcon (default 0.1), simcse (0.05): fixed temperature
+    # supcon (default 0.1), simcse (0.05): fixed temperature; moco: None reads the model's learned
+    # temperature, a value fixes it
+    temperature: float | None = None
+    queue_size: int = 4096  # moco: past keys per modality kept as extra negatives (>= global batch)
+    momentum: float = 0.995  # moco: EMA rate of the momentum towers, in [0, 1)
 
 
 @dataclass
@@ -290,6 +295,8 @@ def _check_loss_terms(cfg: Config) -> None:
             raise ConfigError(f"{where}: margin must be > 0, not {term.margin}")
         if term.temperature is not None and not term.temperature > 0:
             raise ConfigError(f"{where}: temperature must be > 0, not {term.temperature}")
+        if term.name == "moco":
+            _check_moco(cfg, term, where, world_size=1)
     if any(t.name == "simcse" for t in terms) and not cfg.model.text.dropout > 0:
         raise ConfigError(
             "loss term simcse contrasts two dropout views of each caption: set model.text.dropout "
@@ -304,6 +311,34 @@ def _check_loss_terms(cfg: Config) -> None:
         cfg.model.init_logit_bias = -10.0
         if cfg.model.init_logit_scale == math.log(1 / 0.07):
             cfg.model.init_logit_scale = math.log(10)
+
+
+def _check_moco(cfg: Config, term: LossTermConfig, where: str, world_size: int) -> None:
+    if where == "loss.name":  # its keys can only be given in the list form
+        where = "loss.name=moco (give its keys as loss.terms=[{name: moco, ...}])"
+    if not 0 <= term.momentum < 1:
+        raise ConfigError(f"{where}: momentum must be in [0, 1), not {term.momentum}")
+    batch = cfg.train.batch_size * cfg.train.accum_steps * world_size
+    if term.queue_size < batch:
+        raise ConfigError(
+            f"{where}: queue_size={term.queue_size} is smaller than the global batch {batch} "
+            f"(train.batch_size x train.accum_steps x {world_size} "
+            f"process{'es' if world_size > 1 else ''}): "
+            "raise queue_size or lower the batch"
+        )
+    if cfg.train.fsdp:
+        raise ConfigError(
+            f"{where}: moco keeps whole momentum copies of the towers, which train.fsdp=true does "
+            "not shard: set train.fsdp=false or drop the moco term"
+        )
+
+
+def check_for_processes(cfg: Config, world_size: int) -> None:
+    """What only the number of processes decides (moco's queue against the global batch)."""
+    for i, term in enumerate(loss_terms(cfg.loss)):
+        if term.name == "moco":
+            where = f"loss.terms[{i}]" if cfg.loss.terms else "loss.name"
+            _check_moco(cfg, term, where, world_size)
 
 
 def validate(cfg: Config) -> None:

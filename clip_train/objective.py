@@ -11,6 +11,13 @@ such that N processes give the gradient of one process on the whole batch once t
 averaged (DDP): `clip` gathers features (`clip_train.distributed`), `siglip` passes text features
 around the ring of processes (open_clip's implementation, never the whole batch at once),
 `margin` gathers the columns of its pairwise distances.
+
+A term with state outside the model (`moco`: momentum towers and key queues, clip_train/moco.py)
+also has `attach(model, device)` (builds that state from the model, before training),
+`targets(images, tokens)` (per-sample inputs it computes without a graph, once per micro-batch,
+which the step passes back to the loss under their names) and `after_step()` (run once after each
+optimiser step that was taken); its state is part of the objective's `state_dict`, which every
+checkpoint saves. The objective forwards each of these to the terms that have them.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from torch import nn
 from clip_train.config import LossConfig, LossTermConfig, loss_terms
 from clip_train.distributed import gather_features
 from clip_train.losses import ClipInfoNCE
+from clip_train.moco import MoCo
+from data_tools.errors import ConfigError
 
 
 class SigLIP(nn.Module):
@@ -193,17 +202,21 @@ TERMS: dict[str, Callable[..., nn.Module]] = {
     "margin": MarginLoss,
     "supcon": SupCon,
     "simcse": SimCSE,
+    "moco": MoCo,
 }
 # What each term reads besides the features: model parameters (a parameter no term reads is frozen
 # by `freeze_unused`: it would get no gradient, and DDP would then skip averaging its bucket) and
 # per-sample inputs the loader and model must provide (`labels`: the shards' .cls; `text_views`:
-# a second encoding of each caption under another dropout mask).
+# a second encoding of each caption under another dropout mask; `momentum`: momentum towers, which
+# the term keeps itself once attached to the model). A term instance may narrow this in its own
+# `needs` (moco reads no temperature when it has a fixed one).
 TERM_NEEDS: dict[str, frozenset] = {
     "clip": frozenset({"logit_scale"}),
     "siglip": frozenset({"logit_scale", "logit_bias"}),
     "margin": frozenset(),
     "supcon": frozenset({"labels"}),
     "simcse": frozenset({"text_views"}),
+    "moco": frozenset({"logit_scale", "momentum"}),
 }
 
 
@@ -213,9 +226,35 @@ class Objective(nn.Module):
     def __init__(self, terms: list[tuple[str, float, nn.Module]]):
         super().__init__()
         self.names = [name for name, _, _ in terms]
-        self.needs = frozenset().union(*(TERM_NEEDS[name] for name in self.names))
+        self.needs = frozenset().union(
+            *(getattr(term, "needs", TERM_NEEDS[name]) for name, _, term in terms)
+        )
         self.weights = [weight for _, weight, _ in terms]
         self.terms = nn.ModuleList(term for _, _, term in terms)
+
+    def _with(self, hook: str) -> list:
+        return [getattr(term, hook) for term in self.terms if hasattr(term, hook)]
+
+    def attach(self, model: nn.Module, device: torch.device | str | None = None) -> None:
+        """Give the stateful terms their state, built from `model` (its weights now)."""
+        for attach in self._with("attach"):
+            attach(model, device)
+
+    @property
+    def has_targets(self) -> bool:
+        return bool(self._with("targets"))
+
+    def targets(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample inputs the terms compute themselves, without a graph (momentum keys)."""
+        out: dict[str, torch.Tensor] = {}
+        for targets in self._with("targets"):
+            out.update(targets(images, tokens))
+        return out
+
+    def after_step(self) -> None:
+        """Once per optimiser step taken: the terms' state moves on (momentum, queues)."""
+        for after_step in self._with("after_step"):
+            after_step()
 
     def forward(
         self,
@@ -223,14 +262,10 @@ class Objective(nn.Module):
         text_features: torch.Tensor,
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        text_features_2: torch.Tensor | None = None,
+        **extra: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
-        inputs = {"logit_bias": logit_bias}
-        if labels is not None:
-            inputs["labels"] = labels
-        if text_features_2 is not None:
-            inputs["text_features_2"] = text_features_2
+        """`extra`: per-sample inputs some terms read (labels, text_features_2, targets)."""
+        inputs = {"logit_bias": logit_bias, **{k: v for k, v in extra.items() if v is not None}}
         if len(self.terms) == 1 and self.weights[0] == 1.0:
             return self.terms[0](image_features, text_features, logit_scale, **inputs)
         out: dict[str, torch.Tensor] = {}
@@ -272,3 +307,25 @@ def build_objective(cfg: LossConfig, rank: int = 0, world_size: int = 1) -> Obje
         )
         terms.append((term.name, float(term.weight), module))
     return Objective(terms)
+
+
+def load_objective_state(
+    objective: Objective, state: dict[str, torch.Tensor] | None, where: object
+) -> None:
+    """Put back the objective's own state (moco's momentum towers and queues) from checkpoint
+    `where`; a checkpoint saved with other stateful terms or sizes is refused with one line."""
+    expected = objective.state_dict()
+    state = state or {}
+    if not expected and not state:
+        return
+    mismatch = sorted(
+        k
+        for k in expected.keys() | state.keys()
+        if k not in expected or k not in state or expected[k].shape != state[k].shape
+    )
+    if mismatch:
+        raise ConfigError(
+            f"cannot resume {where}: its objective state does not fit loss.terms now (first "
+            f"difference: {mismatch[0]}); resume with the run's loss.terms and queue_size"
+        )
+    objective.load_state_dict(state)

@@ -49,6 +49,7 @@ def _loss(
     features: dict[str, torch.Tensor],
     scalars: dict[str, torch.Tensor],
     labels: torch.Tensor | None,
+    targets: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     extra = {k: v for k, v in features.items() if k not in ("image_features", "text_features")}
     return loss_fn(
@@ -57,6 +58,7 @@ def _loss(
         scalars["logit_scale"],
         **{k: v for k, v in scalars.items() if k != "logit_scale"},
         **extra,
+        **targets,
         **_labels(labels),
     )
 
@@ -73,11 +75,14 @@ def forward_backward(
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     labels: torch.Tensor | None = None,
     text_views: int = 1,
+    targets: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Forward and backward of one step; returns the (detached) loss terms.
 
     `labels` (class ids of the batch) go to the loss when given (a supcon term reads them);
-    `text_views=2` encodes the captions twice (a simcse term reads the second view).
+    `text_views=2` encodes the captions twice (a simcse term reads the second view);
+    `targets(images, tokens)` (the objective's: moco's momentum keys) runs once per micro-batch
+    without a graph, and the loss gets its outputs, for the whole batch, under their names.
 
     `autocast`, `backward` and `no_sync` come from Accelerate (mixed precision, loss scaling, DDP
     gradient sync); the defaults run plain PyTorch.
@@ -94,6 +99,7 @@ def forward_backward(
                 {k: out[k] for k in FEATURES if k in out},
                 {"logit_scale": out["logit_scale"], **_extras(out)},
                 labels,
+                targets(images, tokens) if targets is not None else {},
             )
         backward(losses["loss"])
         return {k: v.detach() for k, v in losses.items()}
@@ -108,11 +114,14 @@ def forward_backward(
     # 1. embeddings of every micro-batch, no graph; remember the RNG so step 3 replays it exactly
     rng_states: list[tuple] = []
     cached: dict[str, list[torch.Tensor]] = {}
+    cached_targets: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
         for im, tok in zip(image_chunks, token_chunks):
             rng_states.append(_rng_state(device))
             with autocast():
                 out = forward(im, tok)
+                for key, value in (targets(im, tok) if targets is not None else {}).items():
+                    cached_targets.setdefault(key, []).append(value)
             for key in FEATURES:
                 if key in out:
                     cached.setdefault(key, []).append(out[key])
@@ -122,8 +131,9 @@ def forward_backward(
     # 2. the loss on the whole batch, with the embeddings (and the temperature, bias) as leaves
     features = {k: torch.cat(v).detach().requires_grad_() for k, v in cached.items()}
     leaves = {k: v.detach().requires_grad_() for k, v in scalars.items()}
+    batch_targets = {k: torch.cat(v) for k, v in cached_targets.items()}  # no graph: not leaves
     with autocast():
-        losses = _loss(loss_fn, features, leaves, labels)
+        losses = _loss(loss_fn, features, leaves, labels, batch_targets)
     backward(losses["loss"])  # grads land on the leaves (scaled, under fp16 loss scaling)
     sizes = [c.shape[0] for c in image_chunks]
     feature_grads = {k: v.grad.split(sizes) for k, v in features.items() if v.grad is not None}

@@ -33,11 +33,11 @@ from tqdm.auto import tqdm
 
 from clip_train import sharding
 from clip_train.checkpoint import SHARDED_OPTIM_DIR, CheckpointManager, set_rng_state
-from clip_train.config import Config, config_to_dict, loss_terms, to_yaml
+from clip_train.config import Config, check_for_processes, config_to_dict, loss_terms, to_yaml
 from clip_train.encoder import make_tokenizer
 from clip_train.evaluation import evaluate, load_eval_suite
 from clip_train.model import build_model, lock_towers, locked_modules
-from clip_train.objective import build_objective, freeze_unused
+from clip_train.objective import build_objective, freeze_unused, load_objective_state
 from clip_train.optim import build_optimizer, build_scheduler
 from clip_train.preempt import PreemptionGuard
 from clip_train.pretrained import init_from_source, warn_locked_without_weights
@@ -204,6 +204,7 @@ def train(
     accelerator = _accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     is_main, device = accelerator.is_main_process, accelerator.device
+    check_for_processes(cfg, world)
     run_dir = cfg.run_dir
     shards = expand_shards(cfg.data.train)  # a bad path fails here, before any work
     if resume and overwrite:
@@ -240,6 +241,9 @@ def train(
     lock_towers(model, cfg.model)
     loss_fn = build_objective(cfg.loss, rank=rank, world_size=world)
     freeze_unused(model, loss_fn)  # e.g. the temperature under a margin loss alone
+    # Momentum towers (moco) copy the model as it starts, before any wrapper; a resume replaces
+    # them with the checkpoint's.
+    loss_fn.attach(model, device)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     tokenizer = make_tokenizer(cfg.model)
@@ -297,6 +301,7 @@ def train(
                 unwrapped.load_state_dict(ckpt.model)
                 optimizer.load_state_dict(saved_optim)
             scheduler.load_state_dict(ckpt.training["scheduler"])
+            load_objective_state(loss_fn, ckpt.objective, ckpt.path)
             if accelerator.scaler is not None and ckpt.training.get("scaler"):
                 accelerator.scaler.load_state_dict(ckpt.training["scaler"])
             if ckpt.rng is not None:
@@ -315,7 +320,13 @@ def train(
         if not fsdp:
             training = {"optimizer": optimizer.state_dict(), **training}
             return ckpts.save(
-                state["step"], unwrapped.state_dict(), training, dict(state), to_yaml(cfg), position
+                state["step"],
+                unwrapped.state_dict(),
+                training,
+                dict(state),
+                to_yaml(cfg),
+                position,
+                objective_state=loss_fn.state_dict(),
             )
         # FSDP: the model gathered whole (what eval, export and load read), the optimizer in shards
         shards, groups = sharding.optimizer_state(unwrapped, optimizer.optimizer)
@@ -328,6 +339,7 @@ def train(
             to_yaml(cfg),
             position,
             write_shards=lambda tmp: sharding.save_shards(shards, tmp / SHARDED_OPTIM_DIR),
+            objective_state=loss_fn.state_dict(),
         )
 
     def plain_model() -> torch.nn.Module | None:
@@ -485,6 +497,7 @@ def train(
                 accum_steps=cfg.train.accum_steps,
                 labels=labels,
                 text_views=2 if "text_views" in loss_fn.needs else 1,
+                targets=loss_fn.targets if loss_fn.has_targets else None,
                 autocast=accelerator.autocast,
                 backward=accelerator.backward,
                 no_sync=no_sync,
@@ -522,6 +535,8 @@ def train(
                             f"{state['step'] + 1}); lower optim.lr or set optim.grad_clip; "
                             f"the last good checkpoint is in {ckpts.root}"
                         )
+            if bool(finite):  # once per step taken: momentum towers, then queues (moco)
+                loss_fn.after_step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             unwrapped.clamp_logit_scale()
