@@ -176,12 +176,23 @@ def test_text_dropout_makes_two_views_and_accumulation_replays_it():
 
 def test_every_term_takes_every_input_the_objective_passes():
     """The objective hands all its inputs to each term; a term ignores what it does not read, so
-    any combination works (supcon beside simcse gets text_features_2, and so on)."""
-    image, text, scale, bias = _features(8)
-    _, second, _, _ = _features(9)
+    any combination works (supcon beside simcse gets text_features_2, and so on). The stateful
+    terms are attached to a model (moco: momentum towers, queues) and get their targets."""
+    image, text, scale, bias = _features(8, d=CFG.embed_dim)
+    keys, second, _, _ = _features(9, d=CFG.embed_dim)
     labels = torch.arange(len(image)) % 3
     loss_fn = objective(*[(name, 1.0) for name in TERMS])
-    out = loss_fn(image, text, scale, logit_bias=bias, labels=labels, text_features_2=second)
+    loss_fn.attach(build_model(CFG))
+    out = loss_fn(
+        image,
+        text,
+        scale,
+        logit_bias=bias,
+        labels=labels,
+        text_features_2=second,
+        momentum_image_features=keys.detach(),
+        momentum_text_features=second.detach(),
+    )
     assert {f"loss/{name}" for name in TERMS} <= set(out) and torch.isfinite(out["loss"])
 
 
