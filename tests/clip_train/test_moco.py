@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,12 +32,12 @@ from dist_moco_worker import PRELOAD, QUEUE, VARIANTS, moco_objective, setup  # 
 from dist_worker import CFG, batch  # noqa: E402
 from test_distributed import REPO, checkout_env  # noqa: E402
 
-DIM = CFG.embed_dim
+NARROW = replace(CFG, embed_dim=8)  # keys of 8 numbers: a quick gradcheck
 
 
-def _unit(seed: int, n: int, dtype=torch.float64) -> torch.Tensor:
+def _unit(seed: int, n: int, dtype=torch.float64, dim: int = CFG.embed_dim) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, DIM, generator=g, dtype=dtype), dim=-1)
+    return F.normalize(torch.randn(n, dim, generator=g, dtype=dtype), dim=-1)
 
 
 def _moco(*terms, model=None, **options):
@@ -60,11 +61,13 @@ def _written_out(queries, keys, queue, scale):
 
 @pytest.mark.parametrize("temperature", [None, 0.2])
 def test_loss_formula_written_out_with_queue_and_gradient(temperature):
-    objective, term = _moco(("moco", 1.0), queue_size=20, temperature=temperature)
-    image, text = _unit(0, 6).requires_grad_(), _unit(1, 6).requires_grad_()
-    image_keys, text_keys = _unit(2, 6), _unit(3, 6)
-    term.image_queue.push(_unit(4, 5))
-    term.text_queue.push(_unit(5, 5))
+    model = build_model(NARROW)
+    objective, term = _moco(("moco", 1.0), model=model, queue_size=20, temperature=temperature)
+    unit = lambda seed, n: _unit(seed, n, dim=8)  # noqa: E731
+    image, text = unit(0, 6).requires_grad_(), unit(1, 6).requires_grad_()
+    image_keys, text_keys = unit(2, 6), unit(3, 6)
+    term.image_queue.push(unit(4, 5))
+    term.text_queue.push(unit(5, 5))
     scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
     inputs = {"momentum_image_features": image_keys, "momentum_text_features": text_keys}
     out = objective(image, text, scale, **inputs)
@@ -281,7 +284,7 @@ def test_training_run_logs_updates_once_per_step_and_resumes_exactly(synth_dir, 
     from clip_train.train import train
 
     common = [
-        "train.steps=6",
+        "train.steps=4",
         "train.save_every=1",
         "train.keep_last=10",
         "train.log_every=1",
@@ -294,7 +297,7 @@ def test_training_run_logs_updates_once_per_step_and_resumes_exactly(synth_dir, 
     train(make_cfg(synth_dir, tmp_path, "straight", *common))
     run = tmp_path / "straight"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(r["loss/moco"] > 0 and r["loss/clip"] > 0 for r in records)
     assert records[-1]["loss"] == pytest.approx(
         records[-1]["loss/clip"] + 0.5 * records[-1]["loss/moco"], rel=1e-5
@@ -339,19 +342,19 @@ def test_training_run_logs_updates_once_per_step_and_resumes_exactly(synth_dir, 
     )
     ckpts = tmp_path / "killed" / "checkpoints"
     deadline = time.monotonic() + 120
-    while not (ckpts / "step_3" / "trainer_state.json").exists():
+    while not (ckpts / "step_2" / "trainer_state.json").exists():
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (ckpts / "step_6").exists()
+    assert not (ckpts / "step_4").exists()
 
     summary = train(load_config(tmp_path / "killed" / "config.yaml"), resume=True)
-    assert summary["steps"] == 6
+    assert summary["steps"] == 4
     for name in ("model.safetensors", OBJECTIVE_FILE):
-        a = load_file(str(run / "checkpoints" / "step_6" / name))
-        b = load_file(str(ckpts / "step_6" / name))
+        a = load_file(str(run / "checkpoints" / "step_4" / name))
+        b = load_file(str(ckpts / "step_4" / name))
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"{name}: {key}"
