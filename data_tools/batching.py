@@ -24,11 +24,11 @@ def empty_shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 class Batcher:
     """Collects decoded samples of one batch; images go straight into the batch tensor.
 
-    A transform with `resize_pil` and `to_tensor_into` (`data_tools.transforms.ImageTransform`)
-    writes each image into its slot; any other callable's tensors are stacked at the end.
-    `view_transform` (SimCLR's augmentation, `data_tools.transforms.SimCLRTransform`) makes a
-    second view of every image into "image_2": the image is decoded once, at the larger
-    resolution the two views need, and augmented twice.
+    A transform with `decode`, `resize_rgb` and `to_tensor_into`
+    (`data_tools.transforms.ImageTransform`) writes each image into its slot; any other
+    callable's tensors are stacked at the end. `view_transform` (SimCLR's augmentation,
+    `data_tools.transforms.SimCLRTransform`) makes a second view of every image into "image_2":
+    the image is decoded once, at the larger resolution the two views need, and augmented twice.
     """
 
     def __init__(self, batch_size: int, transform: Any, view_transform: Any = None) -> None:
@@ -53,31 +53,26 @@ class Batcher:
 
     def image(self, img: Image.Image) -> None:
         """Transform one opened image into the next slot (raises on a bad image)."""
-        views = self.view_transform
+        views = [t for t in (self.transform, self.view_transform) if t is not None]
         if not self.fast:
             # PIL decodes an opened image once, on first access; both transforms read that copy
-            first = self.transform(img)
-            second = views(img) if views is not None else None
-            self.tensors.append(first)
-            if second is not None:
-                self.tensors_2.append(second)
+            made = [t(img) for t in views]
+            for out, tensor in zip((self.tensors, self.tensors_2), made):
+                out.append(tensor)
             return
-        side = self.transform.draft_side
-        if views is not None:
-            side = max(side, views.draft_side)
-        rgb = self.transform.decode(img, side)
-        small = self.transform.resize_rgb(rgb)
-        small_2 = views.resize_rgb(rgb) if views is not None else None
+        rgb = self.transform.decode(img, max(t.draft_side for t in views))
+        small = [t.resize_rgb(rgb) for t in views]
         if self.images is None:
-            s = self.transform.image_size
-            self.images = empty_shared((self.batch_size, 3, s, s), torch.float32)
-            if views is not None:
-                s2 = views.image_size
-                self.images_2 = empty_shared((self.batch_size, 3, s2, s2), torch.float32)
-        self.transform.to_tensor_into(small, self.images[self.n])
-        if views is not None:
-            assert self.images_2 is not None
-            views.to_tensor_into(small_2, self.images_2[self.n])
+            self.images = self._slots(self.transform)
+            if self.view_transform is not None:
+                self.images_2 = self._slots(self.view_transform)
+        for t, im, slots in zip(views, small, (self.images, self.images_2)):
+            assert slots is not None
+            t.to_tensor_into(im, slots[self.n])
+
+    def _slots(self, transform: Any) -> torch.Tensor:
+        size = transform.image_size
+        return empty_shared((self.batch_size, 3, size, size), torch.float32)
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
