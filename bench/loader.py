@@ -3,6 +3,7 @@
     bash bench/openclip_env.sh                       # once: the OpenCLIP venv (webdataset 0.2.86)
     .venv/bin/python bench/loader.py                 # 64 and 224 px, 2 workers, batch 256
     .venv/bin/python bench/loader.py --sizes 64 --rounds 5 --profile
+    .venv/bin/python bench/loader.py --skip-openclip --second-view   # + SimCLR's second view
 
 Builds shards of 256 px JPEGs with captions with `clip-data synth --image-size 256` (once, in
 --data), then for each round and image size times both pipelines from the same shards to
@@ -16,7 +17,10 @@ Prints one JSON line per (round, size) and a summary line per size with medians:
 {"bench": "loader", "image_size": 64, "ours": ..., "openclip": ..., "ratio": ...} (samples/s;
 ratio = ours / OpenCLIP, > 1 means we are faster; the summary's ratio is the median of the
 per-round ratios). `--profile` runs our worker pipeline
-in-process under cProfile for one size and prints where the time goes.
+in-process under cProfile for one size and prints where the time goes. `--second-view` also
+times ours with `image_views=2` (the SimCLR view a simclr term asks for: decoded once, augmented
+twice) and reports "ours_2views" and "second_view_cost" = ours / ours_2views (how many times
+slower the loader is with the second view; in the summary, the median of the per-round ratios).
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ def ours(
     batches: int,
     shuffle: int,
     seed: int,
+    image_views: int = 1,
 ) -> float:
     import open_clip
 
@@ -98,6 +103,7 @@ def ours(
         num_workers=workers,
         shuffle_buffer=shuffle,
         seed=seed,
+        image_views=image_views,
     )
     it = iter(loader)
     for _ in range(warmup):
@@ -109,6 +115,7 @@ def ours(
         n += b["image"].shape[0]
     took = time.perf_counter() - start
     assert b["image"].shape[-1] == size and b["text"].shape[1] == 77
+    assert ("image_2" in b) == (image_views == 2)
     loader.close()
     return n / took
 
@@ -209,6 +216,11 @@ def main() -> None:
         help="python of the OpenCLIP venv (default: made by bench/openclip_env.sh)",
     )
     ap.add_argument("--skip-openclip", action="store_true")
+    ap.add_argument(
+        "--second-view",
+        action="store_true",
+        help="also time ours with image_views=2 (SimCLR's second augmented view)",
+    )
     ap.add_argument("--profile", action="store_true", help="also profile ours at --sizes[0]")
     a = ap.parse_args()
 
@@ -235,14 +247,15 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
     }
     print(json.dumps(info), flush=True)
-    results: dict[int, dict[str, list[float]]] = {s: {"ours": [], "openclip": []} for s in a.sizes}
+    sides = ("ours", "openclip", "ours_2views")
+    results: dict[int, dict[str, list[float]]] = {s: {k: [] for k in sides} for s in a.sizes}
     for r in range(a.rounds):
         for size in a.sizes:
             row = {"bench": "loader", "round": r, "image_size": size}
-            order = ("ours", "openclip") if r % 2 == 0 else ("openclip", "ours")
-            for side in order:
-                if side == "ours":
-                    row["ours"] = ours(
+            order = ["ours", "openclip"] + (["ours_2views"] if a.second_view else [])
+            for side in order if r % 2 == 0 else reversed(order):  # alternate who goes first
+                if side == "ours" or side == "ours_2views":
+                    row[side] = ours(
                         shards,
                         size,
                         a.workers,
@@ -251,17 +264,20 @@ def main() -> None:
                         a.batches,
                         a.shuffle_buffer,
                         r,
+                        image_views=2 if side == "ours_2views" else 1,
                     )
                 elif not a.skip_openclip:
                     row["openclip"] = openclip(
                         py, shards, size, a.workers, a.batch_size, a.warmup, a.batches, r
                     )
-            for k in ("ours", "openclip"):
+            for k in sides:
                 if k in row:
                     results[size][k].append(row[k])
                     row[k] = round(row[k], 1)
             if "openclip" in row:
                 row["ratio"] = round(row["ours"] / row["openclip"], 2)
+            if "ours_2views" in row:
+                row["second_view_cost"] = round(row["ours"] / row["ours_2views"], 2)
             print(json.dumps(row), flush=True)
     for size in a.sizes:
         if not results[size]["ours"]:
@@ -283,6 +299,16 @@ def main() -> None:
                     "openclip": round(c, 1),
                     "ratio": round(statistics.median(ratios), 2),
                     "ratio_min": round(min(ratios), 2),
+                }
+            )
+        if results[size]["ours_2views"]:
+            two = statistics.median(results[size]["ours_2views"])
+            costs = [x / y for x, y in zip(results[size]["ours"], results[size]["ours_2views"])]
+            row.update(
+                {
+                    "ours_2views": round(two, 1),
+                    "second_view_cost": round(statistics.median(costs), 2),  # per-round pairs
+                    "second_view_cost_max": round(max(costs), 2),
                 }
             )
         print(json.dumps(row), flush=True)

@@ -27,7 +27,12 @@ LOSS_TERMS = (
     "supcon",
     "simcse",
     "moco",
+    "simclr",
 )  # the keys of clip_train.objective.TERMS
+# Terms that read the image SSL head's features of two views (clip_train.model.ImageSSLHead).
+SSL_HEAD_TERMS = ("simclr",)
+# Terms that train one tower only: an objective of these alone leaves the other tower untrained.
+SINGLE_TOWER_TERMS = ("simcse", "simclr")
 
 
 @dataclass
@@ -69,10 +74,22 @@ class TextTowerConfig:
 
 
 @dataclass
+class ImageSSLHeadConfig:
+    """The image self-supervision head (SLIP's 3-layer MLP on the trunk's pooled features), used
+    for training only: checkpoints keep it, exports leave it out."""
+
+    # Set from loss.terms: true exactly when a term reads it (simclr); not a switch of its own.
+    enabled: bool = False
+    hidden_dim: int | None = None  # None: SLIP's 4096 scaled by trunk width / 768 (192 -> 1024)
+    out_dim: int = 256  # SLIP's
+
+
+@dataclass
 class ModelConfig:
     embed_dim: int = 256
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    image_ssl: ImageSSLHeadConfig = field(default_factory=ImageSSLHeadConfig)
     init_logit_scale: float = math.log(1 / 0.07)
     # A learned logit bias (SigLIP: -10); None: no such parameter. A siglip loss term sets it.
     init_logit_bias: float | None = None
@@ -109,8 +126,8 @@ class LossTermConfig:
     weight: float = 1.0
     label_smoothing: float = 0.0  # clip: cross-entropy label smoothing
     margin: float = 1.0  # margin: distance unmatched pairs are pushed beyond
-    # supcon (default 0.1), simcse (0.05): fixed temperature; moco: None reads the model's learned
-    # temperature, a value fixes it
+    # supcon (default 0.1), simcse (0.05), simclr (0.1): fixed temperature; moco: None reads the
+    # model's learned temperature, a value fixes it
     temperature: float | None = None
     queue_size: int = 4096  # moco: past keys per modality kept as extra negatives (>= global batch)
     momentum: float = 0.995  # moco: EMA rate of the momentum towers, in [0, 1)
@@ -306,6 +323,15 @@ def _check_loss_terms(cfg: Config) -> None:
         raise ConfigError(f"model.text.dropout must be in [0, 1), not {cfg.model.text.dropout}")
     if len({t.name for t in terms}) < len(terms):
         raise ConfigError("loss.terms names a term twice; give each term once with its weight")
+    _check_ssl_head(cfg, [t.name for t in terms if t.name in SSL_HEAD_TERMS])
+    if any(t.name in SSL_HEAD_TERMS for t in terms) and all(
+        t.name in SINGLE_TOWER_TERMS for t in terms
+    ):
+        raise ConfigError(
+            f"loss terms {', '.join(t.name for t in terms)} train single towers only (no "
+            "image-text pairs): add an image-text term to loss.terms, e.g. "
+            "{name: clip, weight: 1.0}"
+        )
     if any(t.name == "siglip" for t in terms) and cfg.model.init_logit_bias is None:
         # As open_clip_train's --siglip and the paper: bias -10, temperature 10 (unless set).
         cfg.model.init_logit_bias = -10.0
@@ -339,6 +365,28 @@ def check_for_processes(cfg: Config, world_size: int) -> None:
         if term.name == "moco":
             where = f"loss.terms[{i}]" if cfg.loss.terms else "loss.name"
             _check_moco(cfg, term, where, world_size)
+
+
+def _check_ssl_head(cfg: Config, readers: list[str]) -> None:
+    """The image SSL head exists exactly when a term reads it; its sizes are positive."""
+    head = cfg.model.image_ssl
+    if head.enabled and not readers:
+        raise ConfigError(
+            "model.image_ssl.enabled=true but no loss term reads the image SSL head: add a "
+            f"{' or '.join(SSL_HEAD_TERMS)} term to loss.terms, or drop the key (the terms set it)"
+        )
+    head.enabled = bool(readers)
+    if not readers:
+        return
+    if cfg.model.lock_image:
+        raise ConfigError(
+            f"loss term {readers[0]} trains the image trunk on two views, but "
+            "model.lock_image=true freezes it: drop one of them"
+        )
+    for key in ("hidden_dim", "out_dim"):
+        value = getattr(head, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"model.image_ssl.{key} must be positive, not {value}")
 
 
 def validate(cfg: Config) -> None:

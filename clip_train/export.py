@@ -10,6 +10,8 @@ An export directory holds:
                                         pre_norm, the default, at any size; else through its timm
                                         adapter at registered sizes):
                                         `open_clip.create_model_and_transforms("local-dir:<dir>/open_clip")`
+Training-only parameters (the image SSL head of a simclr term) are not exported: every format
+holds the two towers and the temperature (and bias) only.
 The directory is built under a temporary name and renamed into place, so a crash leaves either
 the previous export or the new one, never a mix.
 """
@@ -33,7 +35,13 @@ from clip_train import openclip_vit
 from clip_train.checkpoint import MODEL_FILE, CheckpointManager
 from clip_train.config import Config, ModelConfig, config_to_dict
 from clip_train.encoder import ClipEncoder
-from clip_train.model import CLIPModel, build_model, timm_overrides
+from clip_train.model import (
+    CLIPModel,
+    build_model,
+    inference_config,
+    inference_state,
+    timm_overrides,
+)
 from data_tools.errors import ClipTrainError
 from data_tools.io import share_tree
 
@@ -114,7 +122,7 @@ def open_clip_export(model: CLIPModel) -> tuple[dict[str, Any], dict[str, torch.
     }
     if cfg.init_logit_bias is not None:  # SigLIP: open_clip then has the logit_bias parameter too
         model_cfg["init_logit_bias"] = cfg.init_logit_bias
-    state = _tensors(model.state_dict())
+    state = _tensors(inference_state(model))
     if openclip_vit.incompatibility(trunk) is None:
         model_cfg["vision_cfg"] = openclip_vit.vision_config(trunk)
         return model_cfg, openclip_vit.to_open_clip(state, trunk)
@@ -198,8 +206,8 @@ def export_model(model: CLIPModel, out_dir: str | Path) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    cfg = model.cfg
-    state = model.state_dict()
+    cfg = inference_config(model.cfg)  # training-only parts (the image SSL head) left out
+    state = inference_state(model)
     size = model.image_size
 
     _write_json(tmp / "config.json", {"format": FORMAT, "model": config_to_dict(cfg)})

@@ -7,6 +7,7 @@ of the state dict, not a translation. The model knows nothing of losses, data or
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
 
@@ -152,6 +153,39 @@ class TextTower(TextTransformer):
         return pooled @ self.text_projection
 
 
+class ImageSSLHead(nn.Sequential):
+    """The image self-supervision head of SLIP (Mu et al., 2022): a 3-layer MLP on the image
+    trunk's pooled features, beside (not after) the CLIP projection, so the SSL term shapes the
+    trunk without pulling the joint image-text space.
+
+    LayerNorm where SLIP has (synchronised) BatchNorm: per-sample normalisation keeps a GradCache
+    micro-batch and each process's share exact, with no statistics to synchronise.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+        super().__init__(
+            OrderedDict(
+                fc1=nn.Linear(in_dim, hidden_dim),
+                norm1=nn.LayerNorm(hidden_dim),
+                act1=nn.ReLU(inplace=True),
+                fc2=nn.Linear(hidden_dim, hidden_dim),
+                norm2=nn.LayerNorm(hidden_dim),
+                act2=nn.ReLU(inplace=True),
+                fc3=nn.Linear(hidden_dim, out_dim),
+            )
+        )
+
+
+def ssl_hidden_dim(cfg: ModelConfig, trunk_width: int) -> int:
+    """`model.image_ssl.hidden_dim`, or SLIP's 4096 for ViT-B scaled by the trunk's width."""
+    hidden = cfg.image_ssl.hidden_dim
+    return hidden if hidden is not None else max(1, round(4096 * trunk_width / 768))
+
+
+# Parameters that exist for training only: checkpoints keep them, exports leave them out.
+TRAINING_ONLY = ("image_ssl_head.",)
+
+
 class CLIPModel(nn.Module):
     """Two towers and a learned temperature; `encode_*` match open_clip's signatures."""
 
@@ -164,6 +198,11 @@ class CLIPModel(nn.Module):
         # SigLIP's learned bias of the pairwise logits (open_clip's name); only when configured.
         if cfg.init_logit_bias is not None:
             self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
+        if cfg.image_ssl.enabled:  # a term reads two image views (simclr)
+            width = self.visual.trunk.num_features
+            self.image_ssl_head = ImageSSLHead(
+                width, ssl_hidden_dim(cfg, width), cfg.image_ssl.out_dim
+            )
 
     @property
     def image_size(self) -> int:
@@ -190,19 +229,51 @@ class CLIPModel(nn.Module):
         images: torch.Tensor | None = None,
         tokens: torch.Tensor | None = None,
         text_views: int = 1,
+        images_2: torch.Tensor | None = None,
     ) -> dict:
         """Normalised features and the temperature; `text_views=2` also encodes the captions a
-        second time (`text_features_2`: another dropout mask, for SimCSE)."""
+        second time (`text_features_2`: another dropout mask, for SimCSE).
+
+        `images_2` (a second augmented view of `images`) adds `image_ssl_1` and `image_ssl_2`:
+        both views through the trunk and the image SSL head, normalised (for SimCLR). The two
+        views go through the trunk as one batch; `image_features` come from the first."""
         out = {"logit_scale": self.logit_scale.exp()}
         if hasattr(self, "logit_bias"):
             out["logit_bias"] = self.logit_bias
-        if images is not None:
+        if images is not None and images_2 is not None:
+            out.update(self._two_views(images, images_2))
+        elif images is not None:
             out["image_features"] = self.encode_image(images, normalize=True)
         if tokens is not None:
             out["text_features"] = self.encode_text(tokens, normalize=True)
             if text_views == 2:
                 out["text_features_2"] = self.encode_text(tokens, normalize=True)
         return out
+
+    def _two_views(self, images: torch.Tensor, images_2: torch.Tensor) -> dict:
+        if not hasattr(self, "image_ssl_head"):
+            raise ValueError(
+                "a second image view needs the image SSL head (model.image_ssl, which a simclr "
+                "loss term turns on)"
+            )
+        pooled = self.visual.trunk(torch.cat([images, images_2]))
+        first = pooled[: images.shape[0]]
+        ssl = F.normalize(self.image_ssl_head(pooled), dim=-1)
+        return {
+            "image_features": F.normalize(self.visual.head(first), dim=-1),
+            "image_ssl_1": ssl[: images.shape[0]],
+            "image_ssl_2": ssl[images.shape[0] :],
+        }
+
+
+def inference_state(model: CLIPModel) -> dict[str, torch.Tensor]:
+    """The state dict without the training-only parameters (`TRAINING_ONLY`): what exports hold."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(TRAINING_ONLY)}
+
+
+def inference_config(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` without the training-only parts: the config of `inference_state`."""
+    return dataclasses.replace(cfg, image_ssl=dataclasses.replace(cfg.image_ssl, enabled=False))
 
 
 def build_model(cfg: ModelConfig) -> CLIPModel:

@@ -10,7 +10,8 @@ Multi-process runs: each term receives rank and world size and exchanges what it
 such that N processes give the gradient of one process on the whole batch once the gradients are
 averaged (DDP): `clip` gathers features (`clip_train.distributed`), `siglip` passes text features
 around the ring of processes (open_clip's implementation, never the whole batch at once),
-`margin` gathers the columns of its pairwise distances.
+`margin` gathers the columns of its pairwise distances; `supcon`, `simcse` and `simclr` take
+their own samples as rows and everyone's (gathered) as columns.
 
 A term with state outside the model (`moco`: momentum towers and key queues, clip_train/moco.py)
 also has `attach(model, device)` (builds that state from the model, before training),
@@ -175,6 +176,49 @@ class SimCSE(nn.Module):
         return {"loss": loss}
 
 
+class SimCLR(nn.Module):
+    """NT-Xent of SimCLR (Chen et al., 2020) on two augmented views of each image, as SLIP adds
+    it to CLIP: each of the 2N views' positive is the other view of its image, the other 2N - 2
+    views are its negatives; cross-entropy at a fixed temperature, mean over the 2N views.
+
+    Reads `image_ssl_1`, `image_ssl_2` (both views through the image SSL head, normalised). Rows
+    are this process's views, columns everyone's (gathered with gradients), scaled so the mean
+    over processes is the full loss.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, temperature: float = 0.1, **_: object):
+        super().__init__()
+        self.rank, self.world_size, self.temperature = rank, world_size, temperature
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+        image_ssl_1: torch.Tensor | None = None,
+        image_ssl_2: torch.Tensor | None = None,
+        **_: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        if image_ssl_1 is None or image_ssl_2 is None:
+            raise ValueError("the simclr term needs two image views through the SSL head")
+        batch = image_ssl_1.shape[0]
+        all_1 = gather_features(image_ssl_1, self.rank, self.world_size, True)
+        all_2 = gather_features(image_ssl_2, self.rank, self.world_size, True)
+        total = all_1.shape[0]
+        logits = torch.cat([image_ssl_1, image_ssl_2]) @ torch.cat([all_1, all_2]).T
+        logits = logits / self.temperature
+        # row i (view 1 of local image i) is column own[i]; its positive is own[i] + total
+        own = torch.arange(batch, device=logits.device) + self.rank * batch
+        self_column = torch.cat([own, own + total])
+        positive = torch.cat([own + total, own])
+        rows = torch.arange(2 * batch, device=logits.device)
+        logits = logits.index_put((rows, self_column), logits.new_tensor(float("-inf")))
+        loss = F.cross_entropy(logits, positive, reduction="sum") * self.world_size / (2 * total)
+        accuracy = (logits.argmax(1) == positive).float().mean()
+        return {"loss": loss, "accuracy": accuracy.detach()}
+
+
 def _clip(
     rank: int = 0,
     world_size: int = 1,
@@ -203,13 +247,16 @@ TERMS: dict[str, Callable[..., nn.Module]] = {
     "supcon": SupCon,
     "simcse": SimCSE,
     "moco": MoCo,
+    "simclr": SimCLR,
 }
 # What each term reads besides the features: model parameters (a parameter no term reads is frozen
 # by `freeze_unused`: it would get no gradient, and DDP would then skip averaging its bucket) and
 # per-sample inputs the loader and model must provide (`labels`: the shards' .cls; `text_views`:
-# a second encoding of each caption under another dropout mask; `momentum`: momentum towers, which
-# the term keeps itself once attached to the model). A term instance may narrow this in its own
-# `needs` (moco reads no temperature when it has a fixed one).
+# a second encoding of each caption under another dropout mask; `image_views`: a second
+# augmented view of each image, the loader's "image_2", which the model turns into
+# `image_ssl_1`/`image_ssl_2`; `momentum`: momentum towers, which the term keeps itself once
+# attached to the model). A term instance may narrow this in its own `needs` (moco reads no
+# temperature when it has a fixed one).
 TERM_NEEDS: dict[str, frozenset] = {
     "clip": frozenset({"logit_scale"}),
     "siglip": frozenset({"logit_scale", "logit_bias"}),
@@ -217,6 +264,7 @@ TERM_NEEDS: dict[str, frozenset] = {
     "supcon": frozenset({"labels"}),
     "simcse": frozenset({"text_views"}),
     "moco": frozenset({"logit_scale", "momentum"}),
+    "simclr": frozenset({"image_views"}),
 }
 
 

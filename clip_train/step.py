@@ -31,8 +31,9 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
 
 
 # Per-sample outputs of the model a loss reads, cached per micro-batch with GradCache; the
-# second text view (another dropout mask of the same captions) exists only for SimCSE.
-FEATURES = ("image_features", "text_features", "text_features_2")
+# second text view (another dropout mask of the same captions) exists only for SimCSE, the two
+# image views through the image SSL head only with a second image view (SimCLR).
+FEATURES = ("image_features", "text_features", "text_features_2", "image_ssl_1", "image_ssl_2")
 
 
 def _extras(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -76,24 +77,30 @@ def forward_backward(
     labels: torch.Tensor | None = None,
     text_views: int = 1,
     targets: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    images_2: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Forward and backward of one step; returns the (detached) loss terms.
 
     `labels` (class ids of the batch) go to the loss when given (a supcon term reads them);
-    `text_views=2` encodes the captions twice (a simcse term reads the second view);
-    `targets(images, tokens)` (the objective's: moco's momentum keys) runs once per micro-batch
-    without a graph, and the loss gets its outputs, for the whole batch, under their names.
+    `text_views=2` encodes the captions twice (a simcse term reads the second view); `images_2`
+    (a second augmented view of `images`, the loader's "image_2") goes to the model, whose
+    `image_ssl_1`/`image_ssl_2` a simclr term reads; `targets(images, tokens)` (the objective's:
+    moco's momentum keys) runs once per micro-batch without a graph, and the loss gets its
+    outputs, for the whole batch, under their names.
 
     `autocast`, `backward` and `no_sync` come from Accelerate (mixed precision, loss scaling, DDP
     gradient sync); the defaults run plain PyTorch.
     """
 
-    def forward(im: torch.Tensor, tok: torch.Tensor) -> dict[str, torch.Tensor]:
-        return model(im, tok) if text_views == 1 else model(im, tok, text_views=text_views)
+    def forward(im: torch.Tensor, tok: torch.Tensor, im2: torch.Tensor | None) -> dict:
+        options = {} if text_views == 1 else {"text_views": text_views}
+        if im2 is not None:
+            options["images_2"] = im2
+        return model(im, tok, **options)
 
     if accum_steps == 1:
         with autocast():
-            out = forward(images, tokens)
+            out = forward(images, tokens, images_2)
             losses = _loss(
                 loss_fn,
                 {k: out[k] for k in FEATURES if k in out},
@@ -109,6 +116,7 @@ def forward_backward(
         raise ValueError(
             f"batch of {images.shape[0]} does not split into {accum_steps} equal micro-batches"
         )
+    view_chunks = [None] * accum_steps if images_2 is None else images_2.chunk(accum_steps)
     device = images.device
 
     # 1. embeddings of every micro-batch, no graph; remember the RNG so step 3 replays it exactly
@@ -116,10 +124,10 @@ def forward_backward(
     cached: dict[str, list[torch.Tensor]] = {}
     cached_targets: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
-        for im, tok in zip(image_chunks, token_chunks):
+        for im, tok, im2 in zip(image_chunks, token_chunks, view_chunks):
             rng_states.append(_rng_state(device))
             with autocast():
-                out = forward(im, tok)
+                out = forward(im, tok, im2)
                 for key, value in (targets(im, tok) if targets is not None else {}).items():
                     cached_targets.setdefault(key, []).append(value)
             for key in FEATURES:
@@ -141,12 +149,12 @@ def forward_backward(
     # 3. each micro-batch again with a graph; gradients sync across processes on the last one only.
     # The temperature's (and bias's) gradient rides on the last micro-batch so it passes through
     # the same (DDP-wrapped) forward as every other parameter.
-    for k, (im, tok) in enumerate(zip(image_chunks, token_chunks)):
+    for k, (im, tok, im2) in enumerate(zip(image_chunks, token_chunks, view_chunks)):
         last = k == accum_steps - 1
         _set_rng_state(rng_states[k], device)
         with contextlib.nullcontext() if last else no_sync():
             with autocast():
-                out = forward(im, tok)
+                out = forward(im, tok, im2)
             outputs = [out[name] for name in feature_grads]
             grads = [g[k] for g in feature_grads.values()]
             if last:

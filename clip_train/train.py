@@ -373,6 +373,7 @@ def train(
                 f"each of {world} processes; use a smaller train.batch_size or more data"
             )
     needs_labels = "labels" in loss_fn.needs
+    needs_views = "image_views" in loss_fn.needs
     if needs_labels:
         _check_labelled(shards, cfg)
     budget = BadSampleBudget(cfg.data.max_bad_fraction, shards=cfg.data.train)
@@ -405,6 +406,7 @@ def train(
             state=position,
             budget=budget,
             with_label=needs_labels,
+            image_views=2 if needs_views else 1,  # "image_2": SimCLR's augmentation
         )
 
     # ---------------------------------------------------------------- publish
@@ -489,6 +491,7 @@ def train(
             tokens = batch["text"].to(device, non_blocking=True)
 
             labels = batch["label"].to(device, non_blocking=True) if needs_labels else None
+            images_2 = batch["image_2"].to(device, non_blocking=True) if needs_views else None
             losses = forward_backward(
                 model,
                 loss_fn,
@@ -498,6 +501,7 @@ def train(
                 labels=labels,
                 text_views=2 if "text_views" in loss_fn.needs else 1,
                 targets=loss_fn.targets if loss_fn.has_targets else None,
+                images_2=images_2,
                 autocast=accelerator.autocast,
                 backward=accelerator.backward,
                 no_sync=no_sync,

@@ -40,7 +40,10 @@ Batches
 -------
 A dict with "image" [B,3,H,W] float32, "key" list[str], "caption" list[str] (when the shards
 have .txt), "text" [B,L] long (with a tokenizer), "label" [B] long (``with_label``), "json"
-list[dict] (``with_json``), plus private keys (leading ``_``) that the trainer may read:
+list[dict] (``with_json``), "image_2" [B,3,H,W] float32 (``image_views=2``: a second view of
+the same images, decoded once and augmented again by ``view_transform``, by default SimCLR's
+augmentation `data_tools.transforms.SimCLRTransform`; its RNG is reseeded per batch like the
+first view's, from its own stream), plus private keys (leading ``_``) that the trainer may read:
 
 - ``_skipped``: {reason: count} of bad samples this worker skipped since its previous batch,
   for every reason in `SKIP_REASONS`; ``_seen``: samples it examined in that span (good and
@@ -62,7 +65,8 @@ Exact resume
 ------------
 `ShardLoader.state_dict()` after any number of consumed batches returns a small JSON-able dict;
 ``make_loader(..., state=it)`` with the same shards, seed, epoch, rank, world_size, num_workers,
-batch_size, mode (and shuffle buffer, drop_last, weights, label/json/tokenizer use) continues
+batch_size, mode (and shuffle buffer, drop_last, weights, label/json/tokenizer/image_views use)
+continues
 with exactly the batches an uninterrupted iteration would have yielded next, in the same order
 and with the same contents. Each worker replays its stream from tar headers only (no data read,
 nothing decoded; remote and .tar.gz shards have no offsets, so theirs are read again) up to
@@ -137,6 +141,29 @@ def _parse_sources(
     return [expand_shards(p) for p in parts], tuple(float(w) for w in weights)
 
 
+def _second_view(
+    image_views: int, image_transform: Any, view_transform: Any
+) -> Callable[[Image.Image], torch.Tensor] | None:
+    """The transform of "image_2", or None for one view."""
+    if image_views not in (1, 2):
+        raise DataError(f"image_views must be 1 or 2, got {image_views}")
+    if image_views == 1:
+        if view_transform is not None:
+            raise DataError("view_transform makes a second view: pass image_views=2 with it")
+        return None
+    if view_transform is not None:
+        return view_transform
+    from data_tools.transforms import ImageTransform, SimCLRTransform  # torchvision: only here
+
+    if not isinstance(image_transform, ImageTransform):
+        raise DataError(
+            "image_views=2 with a transform other than ImageTransform needs view_transform "
+            "(the second view's augmentation)"
+        )
+    t = image_transform
+    return SimCLRTransform(t.image_size, mean=t.mean, std=t.std)
+
+
 def make_loader(
     shards: Any,
     *,
@@ -161,6 +188,8 @@ def make_loader(
     max_pixels: int | None = None,
     prefetch_factor: int = 2,
     budget: BadSampleBudget | None = None,
+    image_views: int = 1,
+    view_transform: Callable[[Image.Image], torch.Tensor] | None = None,
 ) -> ShardLoader:
     """Stream batches from WebDataset shards for one rank (see the module docstring).
 
@@ -174,7 +203,9 @@ def make_loader(
     lives across passes and resumes) is fed every batch's bad-sample counts, including those
     of a tail that `drop_last` drops, and stops the run past its bound.
     Images with more than `max_pixels` pixels (default: PIL's `MAX_IMAGE_PIXELS`) are
-    skipped as `too_large` before decoding.
+    skipped as `too_large` before decoding. `image_views=2` adds "image_2", a second view of
+    each image through `view_transform` (default: `SimCLRTransform` at the size, mean and std
+    of `image_transform`, which must then be an `ImageTransform`).
     """
     if mode not in ("epoch", "resampled"):
         raise DataError(f"loader mode must be 'epoch' or 'resampled', got {mode!r}")
@@ -186,6 +217,7 @@ def make_loader(
         raise DataError("num_workers and shuffle_buffer must be >= 0")
     if max_batches is not None and max_batches < 0:
         raise DataError(f"max_batches must be >= 0, got {max_batches}")
+    view_transform = _second_view(image_views, image_transform, view_transform)
     sources, mix = _parse_sources(shards, weights)
     if mix is not None:
         if mode != "resampled":
@@ -230,6 +262,7 @@ def make_loader(
                 ("label", with_label),
                 ("json", with_json),
                 ("text", tokenizer is not None),
+                ("image_2", view_transform is not None),
             )
             if on
         ),
@@ -268,7 +301,7 @@ def make_loader(
             workers,
             world_size * workers,
         )
-    dataset = ShardStream(plan, image_transform, tokenizer)
+    dataset = ShardStream(plan, image_transform, tokenizer, view_transform)
     dataloader = DataLoader(
         dataset,
         batch_size=None,

@@ -23,6 +23,7 @@ from data_tools.images import to_rgb
 
 __all__ = [
     "ImageTransform",
+    "SimCLRTransform",
     "image_transform",
     "to_rgb",
     "OPENAI_DATASET_MEAN",
@@ -83,19 +84,31 @@ class ImageTransform:
         side = min(w, h)
         return (h - side) // 2, (w - side) // 2, side, side
 
+    @property
+    def draft_side(self) -> int:
+        """The smallest source side a JPEG may be decoded at (with margin for the crop: it may
+        take 90% of the area)."""
+        return int(math.ceil(self.image_size / 0.85)) if self.train else self.image_size
+
+    def decode(self, img: Image.Image, side: int | None = None) -> Image.Image:
+        """`img` as RGB; big JPEGs decoded at 1/2, 1/4 or 1/8 scale when that still covers `side`
+        (PIL draft mode; default `draft_side`), so a 512 px shard feeding a 64 px model costs a
+        fraction of a full decode. The loader passes a larger `side` when a second view of the
+        same decoded image needs one."""
+        if img.format == "JPEG" and min(img.size) > self.image_size:
+            want = self.draft_side if side is None else side
+            img.draft("RGB", (want, want))
+        return to_rgb(img)
+
     def resize_pil(self, img: Image.Image) -> Image.Image:
         """The geometric part: an RGB image of exactly `image_size` x `image_size`.
 
-        Big JPEGs are decoded at 1/2, 1/4 or 1/8 scale when that still covers the target
-        (PIL draft mode), so a 512 px shard feeding a 64 px model costs a fraction of a
-        full decode. Training draws its crop from the transform's own RNG.
-        """
+        Training draws its crop from the transform's own RNG."""
+        return self.resize_rgb(self.decode(img))
+
+    def resize_rgb(self, img: Image.Image) -> Image.Image:
+        """`resize_pil` on an image `decode` returned (never modified: views share it)."""
         size = self.image_size
-        if img.format == "JPEG" and min(img.size) > size:
-            # Ask for margin when we will crop (the crop may take 90% of the area).
-            want = int(math.ceil(size / 0.85)) if self.train else size
-            img.draft("RGB", (want, want))
-        img = to_rgb(img)
         if self.train:
             top, left, ch, cw = self._crop_box(*img.size)
             return img.resize(
@@ -123,6 +136,70 @@ class ImageTransform:
         out = torch.empty(3, self.image_size, self.image_size)
         self.to_tensor_into(self.resize_pil(img), out)
         return out
+
+
+class SimCLRTransform(ImageTransform):
+    """The second, strongly augmented image view of SimCLR (Chen et al., 2020) and SLIP: random
+    resized crop (area 8-100%, bicubic), horizontal flip, colour jitter (brightness, contrast,
+    saturation 0.4, hue 0.1, in a random order) with probability 0.8, grayscale with probability
+    0.2; then normalised as the first view. Every draw comes from the transform's own RNG (the
+    loader reseeds it per batch), so views are deterministic and resume exactly.
+
+    Flipping is fine here: this view is compared with images only, never with a caption. SimCLR's
+    Gaussian blur is left out (SLIP keeps it for ImageNet at 224 px; small images lose too much).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float] = OPENAI_DATASET_MEAN,
+        std: Sequence[float] = OPENAI_DATASET_STD,
+        scale: tuple[float, float] = (0.08, 1.0),
+        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+        jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
+        flip_p: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(image_size, train=True, mean=mean, std=std, scale=scale, seed=seed)
+        self.jitter, self.jitter_p = tuple(float(j) for j in jitter), float(jitter_p)
+        self.grayscale_p, self.flip_p = float(grayscale_p), float(flip_p)
+
+    def __repr__(self) -> str:
+        return (
+            f"SimCLRTransform(image_size={self.image_size}, scale={self.scale}, "
+            f"jitter={self.jitter}@{self.jitter_p}, grayscale@{self.grayscale_p}, "
+            f"flip@{self.flip_p})"
+        )
+
+    @property
+    def draft_side(self) -> int:
+        # the smallest crop still has at least as many source pixels as the output
+        return int(math.ceil(self.image_size / math.sqrt(self.scale[0])))
+
+    def resize_rgb(self, img: Image.Image) -> Image.Image:
+        img = super().resize_rgb(img)  # the random resized crop
+        if self.rng.random() < self.flip_p:
+            img = TF.hflip(img)
+        if self.rng.random() < self.jitter_p:
+            img = self._jitter(img)
+        if self.rng.random() < self.grayscale_p:
+            img = TF.rgb_to_grayscale(img, num_output_channels=3)
+        return img
+
+    def _jitter(self, img: Image.Image) -> Image.Image:
+        """torchvision's ColorJitter, its factors and order drawn from our RNG."""
+        b, c, s, h = self.jitter
+        ops = [
+            (TF.adjust_brightness, self.rng.uniform(1 - b, 1 + b)),
+            (TF.adjust_contrast, self.rng.uniform(1 - c, 1 + c)),
+            (TF.adjust_saturation, self.rng.uniform(1 - s, 1 + s)),
+            (TF.adjust_hue, self.rng.uniform(-h, h)),
+        ]
+        self.rng.shuffle(ops)
+        for op, factor in ops:
+            img = op(img, factor)
+        return img
 
 
 def image_transform(

@@ -36,11 +36,13 @@ class ShardStream(IterableDataset):
         plan: ReadPlan,
         image_transform: Callable[[Image.Image], torch.Tensor],
         tokenizer: Callable[[list[str]], torch.Tensor] | None,
+        view_transform: Callable[[Image.Image], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.plan = plan
         self.image_transform = image_transform
         self.tokenizer = tokenizer
+        self.view_transform = view_transform  # a second view of every image ("image_2")
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -71,7 +73,7 @@ class ShardStream(IterableDataset):
             nxt = next(it, None)
         mode.read_data = not p.sample_split
         fields = FieldLoader()
-        batcher = Batcher(p.batch_size, self.image_transform)
+        batcher = Batcher(p.batch_size, self.image_transform, self.view_transform)
         batch_index = start_batches
         in_worker = info is not None
         try:
@@ -128,6 +130,9 @@ class ShardStream(IterableDataset):
         elif in_worker:  # a worker process owns its global RNGs; the main process does not
             random.seed(seed)
             torch.manual_seed(seed)
+        reseed_view = getattr(self.view_transform, "reseed", None)
+        if callable(reseed_view):  # its own stream: the first view's draws stay as they were
+            reseed_view(rng(p.seed, p.epoch, p.rank, worker, "view-2", batch_index).getrandbits(63))
 
 
 def worker_init(_: int) -> None:

@@ -1,13 +1,20 @@
 """Run under torchrun by test_objective.py: one step of the objective's gradients on this rank's
 half of a batch, for each term layout, DDP-averaged, written by rank 0."""
 
+import dataclasses
 import sys
 
 import torch
 from accelerate import Accelerator
 from dist_worker import CFG, batch
 
-from clip_train.config import LossConfig, LossTermConfig
+from clip_train.config import (
+    SSL_HEAD_TERMS,
+    ImageSSLHeadConfig,
+    LossConfig,
+    LossTermConfig,
+    ModelConfig,
+)
 from clip_train.model import build_model
 from clip_train.objective import build_objective, freeze_unused
 from clip_train.step import forward_backward
@@ -21,6 +28,8 @@ VARIANTS = [
     dict(terms=[("supcon", 1.0)], accum_steps=1),
     dict(terms=[("clip", 1.0), ("supcon", 0.5)], accum_steps=2),
     dict(terms=[("clip", 1.0), ("simcse", 0.5)], accum_steps=2),
+    dict(terms=[("clip", 1.0), ("simclr", 0.5)], accum_steps=1),
+    dict(terms=[("clip", 1.0), ("simclr", 0.5)], accum_steps=2),
 ]
 
 
@@ -32,6 +41,17 @@ def loss_config(variant: dict) -> LossConfig:
     return LossConfig(terms=[LossTermConfig(name=n, weight=w) for n, w in variant["terms"]])
 
 
+def model_config(variant: dict) -> ModelConfig:
+    """CFG, with the image SSL head when a term reads two image views (as the config sets it)."""
+    views = any(n in SSL_HEAD_TERMS for n, _ in variant["terms"])
+    return dataclasses.replace(CFG, image_ssl=ImageSSLHeadConfig(enabled=views))
+
+
+def second_views(n: int = 16) -> torch.Tensor:
+    """A second view of `batch()`'s images (any tensor of their shape: the loss only pairs rows)."""
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+
+
 def main(out_path: str) -> None:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -41,7 +61,7 @@ def main(out_path: str) -> None:
     results = []
     for variant in VARIANTS:
         torch.manual_seed(0)
-        model = build_model(CFG)
+        model = build_model(model_config(variant))
         objective = build_objective(loss_config(variant), rank=rank, world_size=world)
         freeze_unused(model, objective)
         model = accelerator.prepare(model)
@@ -55,6 +75,7 @@ def main(out_path: str) -> None:
             no_sync=lambda: accelerator.no_sync(model),
             labels=labels()[mine] if "labels" in objective.needs else None,
             text_views=2 if "text_views" in objective.needs else 1,
+            images_2=second_views()[mine] if "image_views" in objective.needs else None,
         )
         loss = accelerator.reduce(losses["loss"].detach(), reduction="mean")
         grads = {

@@ -1,6 +1,7 @@
 """The objective's terms: each against an independent formula or open_clip, by finite differences,
 under GradCache accumulation, and with two processes against one."""
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import SigLipLoss
 
-from clip_train.config import LossConfig, LossTermConfig, load_config
+from clip_train.config import ImageSSLHeadConfig, LossConfig, LossTermConfig, load_config
 from clip_train.model import build_model
 from clip_train.objective import TERMS, build_objective, freeze_unused
 from clip_train.step import forward_backward
@@ -174,6 +175,162 @@ def test_text_dropout_makes_two_views_and_accumulation_replays_it():
         )
 
 
+def test_simclr_formula_written_out_and_gradient():
+    """SimCLR's NT-Xent by loops: each of the 2N views against the 2N - 1 others, the other view
+    of its image the positive; mean over views. Then finite differences."""
+    _, first, scale, _ = _features(10, n=5, dtype=torch.float64)
+    _, second, _, _ = _features(11, n=5, dtype=torch.float64)
+    tau = 0.2
+    z = torch.cat([first, second]).detach()
+    n = len(first)
+    total = 0.0
+    for i in range(2 * n):
+        partner = (i + n) % (2 * n)
+        denominator = sum(math.exp(float(z[i] @ z[k]) / tau) for k in range(2 * n) if k != i)
+        total += -math.log(math.exp(float(z[i] @ z[partner]) / tau) / denominator)
+    loss_fn = objective(("simclr", 1.0), temperature=tau)
+    image, text, _, _ = _features(12, n=5, dtype=torch.float64)
+    got = loss_fn(image, text, scale, image_ssl_1=first, image_ssl_2=second)
+    assert got["loss"].item() == pytest.approx(total / (2 * n), rel=1e-9)
+    assert torch.autograd.gradcheck(
+        lambda a, b: loss_fn(image, text, scale, image_ssl_1=a, image_ssl_2=b)["loss"],
+        (first, second),
+    )
+    assert objective(("simclr", 1.0)).terms[0].temperature == 0.1  # SimCLR's default
+    with pytest.raises(ValueError, match="two image views"):
+        loss_fn(image, text, scale)
+
+
+def _ssl_cfg(cfg=None):
+    """The test model with the image SSL head (what a simclr term turns on in the config)."""
+    cfg = CFG if cfg is None else cfg
+    return dataclasses.replace(cfg, image_ssl=ImageSSLHeadConfig(enabled=True))
+
+
+def _views(n: int = 64) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(321))
+
+
+def test_simclr_accumulation_4x16_equals_64():
+    """clip + simclr: the loss and every gradient of a step of 4 cached micro-batches of 16 equal
+    one batch of 64 (both views' head features cached by GradCache)."""
+    images, tokens = batch(64)
+    images_2 = _views(64)
+    runs = []
+    for accum in (1, 4):
+        torch.manual_seed(0)
+        model = build_model(_ssl_cfg())
+        losses = forward_backward(
+            model,
+            objective(("clip", 1.0), ("simclr", 0.5)),
+            images,
+            tokens,
+            accum_steps=accum,
+            images_2=images_2,
+        )
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        runs.append((losses, grads))
+    (full_losses, full), (acc_losses, acc) = runs
+    assert set(full_losses) == {
+        "loss",
+        "loss/clip",
+        "clip/loss_i2t",
+        "clip/loss_t2i",
+        "loss/simclr",
+        "simclr/accuracy",
+    }
+    for key, value in full_losses.items():
+        torch.testing.assert_close(acc_losses[key], value, msg=key)
+    assert set(acc) == set(full) and any(n.startswith("image_ssl_head.") for n in full)
+    for name, grad in full.items():
+        torch.testing.assert_close(
+            acc[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}"
+        )
+
+
+def test_simclr_two_views_replay_dropout_and_drop_path():
+    """With drop-path in the image trunk (which now sees both views) and dropout in the text
+    tower, GradCache's gradients equal one graph over the same 4 forwards: the re-run replays
+    the masks of the cached pass. Removing the replay breaks this."""
+    from timm.layers import DropPath
+
+    cfg = dataclasses.replace(_ssl_cfg(), text=dataclasses.replace(CFG.text, dropout=0.1))
+    images, tokens = batch(64)
+    images_2 = _views(64)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        for block in model.visual.trunk.blocks:
+            block.drop_path1, block.drop_path2 = DropPath(0.3), DropPath(0.3)
+        return model
+
+    model = fresh()
+    torch.manual_seed(1)
+    chunks = zip(images.chunk(4), tokens.chunk(4), images_2.chunk(4))
+    outs = [model(im, tok, images_2=im2) for im, tok, im2 in chunks]
+    cat = {k: torch.cat([o[k] for o in outs]) for k in ("image_features", "text_features")}
+    views = {k: torch.cat([o[k] for o in outs]) for k in ("image_ssl_1", "image_ssl_2")}
+    terms = objective(("clip", 1.0), ("simclr", 0.5))
+    reference = terms(cat["image_features"], cat["text_features"], outs[-1]["logit_scale"], **views)
+    reference["loss"].backward()
+    expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    model = fresh()
+    torch.manual_seed(1)
+    losses = forward_backward(model, terms, images, tokens, accum_steps=4, images_2=images_2)
+    torch.testing.assert_close(losses["loss"], reference["loss"].detach())
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(got) == set(expected)
+    for name, grad in expected.items():
+        torch.testing.assert_close(
+            got[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}"
+        )
+
+
+def test_two_views_model_outputs():
+    """The second view goes through the same trunk and the SSL head: image_features are those of
+    the first view alone; the head's features are normalised; without the head, a clear error."""
+    model = build_model(_ssl_cfg()).eval()
+    images, tokens = batch(4)
+    images_2 = _views(4)
+    out = model(images, tokens, images_2=images_2)
+    alone = model(images, tokens)
+    torch.testing.assert_close(out["image_features"], alone["image_features"])
+    assert "image_ssl_1" not in alone
+    for key in ("image_ssl_1", "image_ssl_2"):
+        assert out[key].shape == (4, 256)
+        torch.testing.assert_close(out[key].norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(
+        out["image_ssl_2"],
+        F.normalize(model.image_ssl_head(model.visual.trunk(images_2)), dim=-1),
+    )
+    assert model.image_ssl_head.fc1.out_features == 256  # SLIP's 4096 x width 48 / 768
+    with pytest.raises(ValueError, match="image SSL head"):
+        build_model(CFG)(images, tokens, images_2=images_2)
+    assert not hasattr(build_model(CFG), "image_ssl_head")
+
+
+def test_simclr_config():
+    base = ["data.train=/x", "loss.terms=[{name: clip}, {name: simclr, weight: 0.5}]"]
+    cfg = load_config("configs/demo.yaml", base)
+    assert cfg.model.image_ssl.enabled and cfg.loss.terms[1].temperature is None
+    assert not load_config("configs/demo.yaml", ["data.train=/x"]).model.image_ssl.enabled
+    hidden = load_config("configs/demo.yaml", [*base, "model.image_ssl.hidden_dim=64"])
+    assert build_model(hidden.model).image_ssl_head.fc1.out_features == 64
+    for overrides, message in [
+        (["loss.terms=[{name: clip}, {name: simclr, temperature: 0}]"], "temperature must be > 0"),
+        (["loss.terms=[{name: clip}, {name: simclr, temperature: -0.1}]"], "must be > 0"),
+        (["loss.name=simclr"], "single towers only"),
+        (["loss.terms=[{name: simclr}, {name: simcse}]", "model.text.dropout=0.1"], "image-text"),
+        ([*base[1:], "model.lock_image=true"], "model.lock_image=true freezes it"),
+        (["model.image_ssl.enabled=true"], "no loss term reads the image SSL head"),
+        ([*base[1:], "model.image_ssl.out_dim=0"], "model.image_ssl.out_dim must be positive"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config("configs/demo.yaml", ["data.train=/x", *overrides])
+
+
 def test_every_term_takes_every_input_the_objective_passes():
     """The objective hands all its inputs to each term; a term ignores what it does not read, so
     any combination works (supcon beside simcse gets text_features_2, and so on). The stateful
@@ -190,6 +347,8 @@ def test_every_term_takes_every_input_the_objective_passes():
         logit_bias=bias,
         labels=labels,
         text_features_2=second,
+        image_ssl_1=second.flip(0),
+        image_ssl_2=image.flip(1),
         momentum_image_features=keys.detach(),
         momentum_text_features=second.detach(),
     )
@@ -256,8 +415,9 @@ def test_accumulation_4x16_equals_64(terms):
 
 def test_two_processes_equal_one(tmp_path):
     """torchrun, 2 gloo processes, DDP-averaged gradients == one process on the whole batch, for
-    siglip (ring exchange), margin (gathered columns) and a weighted sum, with accumulation."""
-    from dist_objective_worker import VARIANTS, labels, loss_config
+    siglip (ring exchange), margin, supcon, simcse and simclr (gathered columns) and weighted
+    sums, with accumulation."""
+    from dist_objective_worker import VARIANTS, labels, loss_config, model_config, second_views
 
     out = tmp_path / "grads.pt"
     proc = subprocess.run(
@@ -284,7 +444,7 @@ def test_two_processes_equal_one(tmp_path):
     CFG.init_logit_bias = -10.0
     for result in results:
         torch.manual_seed(0)
-        model = build_model(CFG)
+        model = build_model(model_config(result["variant"]))
         objective = build_objective(loss_config(result["variant"]))
         freeze_unused(model, objective)
         losses = forward_backward(
@@ -294,6 +454,7 @@ def test_two_processes_equal_one(tmp_path):
             tokens,
             labels=labels() if "labels" in objective.needs else None,
             text_views=2 if "text_views" in objective.needs else 1,
+            images_2=second_views() if "image_views" in objective.needs else None,
         )
         assert result["world"] == 2
         torch.testing.assert_close(
@@ -460,3 +621,67 @@ def test_training_run_logs_each_term_and_exports_the_bias(synth_dir, tmp_path):
     assert (
         torch.equal(oc_model.logit_bias, trained.logit_bias) and trained.logit_bias.item() != -10.0
     )
+
+
+def test_simclr_training_run_logs_resumes_exactly_and_exports_without_the_head(synth_dir, tmp_path):
+    """`clip-train train` with clip + simclr under accumulation: both terms logged; a run resumed
+    from its middle checkpoint ends with the same weights (head included), bit for bit; the
+    export holds the CLIP towers only, and open_clip loads it."""
+    import json
+    import shutil
+
+    import open_clip
+    from safetensors.torch import load_file
+    from smoke_config import TINY
+
+    from clip_train.cli import main as cli_main
+    from clip_train.export import load_model
+    from clip_train.train import train
+
+    args = [
+        "train",
+        "--config",
+        "configs/demo.yaml",
+        f"data.train={synth_dir}/train",
+        "data.zeroshot=null",
+        "data.retrieval=null",
+        f"run.output_dir={tmp_path}",
+        "run.name=clr",
+        *TINY,
+        "train.steps=4",
+        "train.log_every=1",
+        "train.save_every=2",
+        "train.accum_steps=2",
+        "eval.at_end=false",
+        "model.image.pre_norm=true",
+        "loss.terms=[{name: clip, weight: 1.0}, {name: simclr, weight: 0.5, temperature: 0.1}]",
+    ]
+    assert cli_main(args) == 0
+    run = tmp_path / "clr"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 4
+    for record in records:
+        assert record["loss/simclr"] > 0 and record["loss/clip"] > 0
+        assert record["loss"] == pytest.approx(
+            record["loss/clip"] + 0.5 * record["loss/simclr"], rel=1e-5
+        )
+
+    # the same run stopped after step 2 and resumed
+    shutil.copytree(run / "checkpoints", tmp_path / "again" / "checkpoints")
+    shutil.rmtree(tmp_path / "again" / "checkpoints" / "step_4")
+    (tmp_path / "again" / "checkpoints" / "latest").unlink()
+    cfg = load_config(run / "config.yaml", ["run.name=again", "export.at_end=false"])
+    assert train(cfg, resume=True)["steps"] == 4
+    final = load_file(run / "checkpoints" / "step_4" / "model.safetensors")
+    resumed = load_file(tmp_path / "again" / "checkpoints" / "step_4" / "model.safetensors")
+    assert any(k.startswith("image_ssl_head.") for k in final) and set(final) == set(resumed)
+    for key, value in final.items():
+        assert torch.equal(value, resumed[key]), key
+
+    exported = load_file(run / "export" / "model.safetensors")
+    assert set(exported) == {k for k in final if not k.startswith("image_ssl_head.")}
+    config = json.loads((run / "export" / "config.json").read_text())
+    assert config["model"]["image_ssl"]["enabled"] is False
+    assert not hasattr(load_model(run / "export"), "image_ssl_head")
+    assert hasattr(load_model(run), "image_ssl_head")  # the run's checkpoint keeps it
+    open_clip.create_model_and_transforms(f"local-dir:{run / 'export' / 'open_clip'}")
