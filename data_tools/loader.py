@@ -74,6 +74,21 @@ where it stopped, which rebuilds the shuffle buffer; its augmentation RNG restar
 batch boundary; the round-robin restarts at the worker that was due next (physical worker 0
 plays that logical worker). A state from another configuration raises
 `DataError` naming the field that differs.
+
+Resume on another layout
+------------------------
+``make_loader(..., state=[state of rank 0, ..., state of rank N-1])`` continues a pass saved on
+N processes with another ``world_size``, ``num_workers`` or ``batch_size`` (the rest must match).
+Epoch mode: the samples the N ranks had taken from their shuffle buffers (trained, skipped as
+bad, or dropped in a worker's tail) are found from the saved positions and the per-shard counts,
+without reading a tar; every other sample of the pass is dealt to exactly one new worker, in
+shares equal within one sample (`data_tools.redeal`). So no sample of the pass is read twice and
+none is left out, but for what every pass drops: each worker's last partial batch with
+``drop_last``, and the batches of ranks beyond the fewest any rank makes (the loader stops every
+rank there itself: ``max_batches`` then counts from the re-deal). The next epoch follows the plan
+for the new layout. Resampled mode: the pass keeps its length in batches and draws from new,
+differently seeded shard streams. A state saved in such a pass resumes exactly on its own layout
+or is re-dealt again.
 """
 
 from __future__ import annotations
@@ -82,6 +97,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +109,7 @@ from data_tools.bad_samples import SKIP_REASONS, BadSampleBudget
 from data_tools.counts import count_samples, shard_sample_counts
 from data_tools.errors import DataError
 from data_tools.read_plan import ReadPlan, epoch_batches
+from data_tools.redeal import Segment, rest_of_pass
 from data_tools.shard_loader import STATE_FORMAT, ShardLoader, start_position
 from data_tools.urls import expand_shards
 from data_tools.worker_stream import ShardStream, worker_init
@@ -184,7 +201,7 @@ def make_loader(
     weights: Sequence[float] | None = None,
     samples_per_epoch: int | None = None,
     max_batches: int | None = None,
-    state: dict[str, Any] | None = None,
+    state: dict[str, Any] | list[dict[str, Any]] | None = None,
     max_pixels: int | None = None,
     prefetch_factor: int = 2,
     budget: BadSampleBudget | None = None,
@@ -199,7 +216,9 @@ def make_loader(
     batches on this rank, counting those before `state` (use `min(epoch_batches(...))` in
     DDP epoch mode). `samples_per_epoch` (resampled) makes a pass
     `ceil(samples_per_epoch / (batch_size * world_size))` batches long. `state` is a
-    `ShardLoader.state_dict()` to resume from. `budget` (a trainer's `BadSampleBudget`, which
+    `ShardLoader.state_dict()` to resume from, or every rank's, in rank order, which also
+    continues a pass saved with another world_size, num_workers or batch_size (see "Resume on
+    another layout" in the module docstring). `budget` (a trainer's `BadSampleBudget`, which
     lives across passes and resumes) is fed every batch's bad-sample counts, including those
     of a tail that `drop_last` drops, and stops the run past its bound.
     Images with more than `max_pixels` pixels (default: PIL's `MAX_IMAGE_PIXELS`) are
@@ -267,7 +286,8 @@ def make_loader(
             if on
         ),
     }
-    start = start_position(state, config, workers)
+    start, redealt = start_position(state, config, workers)
+    segments = [Segment.from_json(x) for x in start.get("rest", ())]
     plan = ReadPlan(
         sources=tuple(tuple(s) for s in sources),
         weights=mix,
@@ -285,9 +305,50 @@ def make_loader(
         max_pixels=int(max_pixels if max_pixels is not None else (Image.MAX_IMAGE_PIXELS or 2**62)),
         offset=start["next_worker"],
         resume=tuple((b, e) for b, e in start["workers"]) if state is not None else None,
+        segment=len(segments),
     )
+    rest_batches = None
+    if segments and mode == "epoch":
+        counts = [n for _, n in shard_sample_counts(flat)]
+        rest = rest_of_pass(plan, counts, segments)
+        mine = rest.streams[rank * workers : (rank + 1) * workers]
+        plan = replace(plan, rest=tuple(tuple(map(tuple, s.tolist())) for s in mine))
+        per_rank = rest.batches(workers, batch_size, drop_last)
+        rest_batches = per_rank[rank]
+        limit = min(per_rank) if limit is None else min(limit, min(per_rank))
+        if redealt and rank == 0:
+            old = segments[-1]
+            log.info(
+                "epoch %d continues on %d processes x %d workers (saved on %d x %d): %d of its "
+                "%d samples were taken before, the %d left are dealt out anew, %d batches of %d "
+                "per process; no sample is read twice",
+                epoch,
+                world_size,
+                workers,
+                old.world_size,
+                old.workers,
+                rest.total - rest.left,
+                rest.total,
+                rest.left,
+                limit,
+                batch_size,
+            )
+    elif redealt and rank == 0:
+        old = segments[-1]
+        log.info(
+            "epoch %d continues on %d processes x %d workers (saved on %d x %d) after %d "
+            "batches per process, drawing from new shard streams (resampled: with replacement)",
+            epoch,
+            world_size,
+            workers,
+            old.world_size,
+            old.workers,
+            max(old.batches),
+        )
     if mode == "resampled":
         regime = "resampled" if mix is None else f"resampled, {len(sources)} sources mixed"
+    elif plan.rest is not None:
+        regime = "re-dealt rest of a pass"
     elif not plan.sample_split:
         regime = "shard-split"
     else:
@@ -311,4 +372,4 @@ def make_loader(
         worker_init_fn=worker_init if num_workers > 0 else None,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
     )
-    return ShardLoader(dataloader, plan, config, start, limit, regime, budget)
+    return ShardLoader(dataloader, plan, config, start, limit, regime, budget, rest_batches)

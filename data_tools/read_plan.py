@@ -9,12 +9,13 @@ counts batches without reading a sample. The modes and the shard split are descr
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from data_tools.counts import shard_sample_counts
 from data_tools.errors import DataError
@@ -22,6 +23,7 @@ from data_tools.tario import RawSample, ReadMode, iter_shard
 from data_tools.urls import expand_shards
 
 ShardSpec = str | Path | Sequence[str | Path]
+T = TypeVar("T")
 
 
 class ProblemSink(Protocol):
@@ -55,6 +57,11 @@ class ReadPlan:
     max_pixels: int
     offset: int = 0  # logical worker played by physical worker 0
     resume: tuple[tuple[int, int], ...] | None = None  # per logical worker: (batches, emitted)
+    # A pass continued on another layout (`data_tools.redeal`): its segment number (0: the pass
+    # as planned), and in epoch mode, per logical worker, the (shard, start, stop) ordinal runs
+    # of the samples left over that it reads, in order.
+    segment: int = 0
+    rest: tuple[tuple[tuple[int, int, int], ...], ...] | None = None
 
     @property
     def shards(self) -> tuple[str, ...]:
@@ -62,14 +69,43 @@ class ReadPlan:
 
     @property
     def sample_split(self) -> bool:
-        return self.mode == "epoch" and len(self.shards) < self.world_size * self.workers
+        return (
+            self.mode == "epoch"
+            and self.rest is None
+            and len(self.shards) < self.world_size * self.workers
+        )
+
+    @property
+    def on_demand(self) -> bool:
+        """Workers read tar headers and load only the samples that are theirs."""
+        return self.sample_split or self.rest is not None
+
+    def worker_rng(self, worker: int, *what: object) -> random.Random:
+        """The RNG of one stream of logical worker `worker` (shards, buffer, augment ...);
+        a re-dealt segment draws its own."""
+        tail = ("segment", self.segment) if self.segment else ()
+        return rng(self.seed, self.epoch, self.rank, worker, *what, *tail)
 
 
 def worker_shards(
-    shards: Sequence[str], rank: int, world_size: int, worker: int, workers: int
-) -> list[str]:
+    shards: Sequence[T], rank: int, world_size: int, worker: int, workers: int
+) -> list[T]:
     """Epoch mode with enough shards: the fixed shard assignment (see `data_tools.loader`)."""
     return list(shards[rank::world_size][worker::workers])
+
+
+def shard_order(p: ReadPlan, worker: int) -> list[int]:
+    """Epoch mode: indices (into `p.shards`) of the shards logical worker `worker` reads, in
+    order; in sample-split mode every worker walks all of them, in the same order."""
+    order = list(range(len(p.shards)))
+    if p.sample_split:
+        if p.shuffle_buffer > 0:
+            rng(p.seed, p.epoch, "shards").shuffle(order)  # same order in every worker
+        return order
+    mine = worker_shards(order, p.rank, p.world_size, worker, p.workers)
+    if p.shuffle_buffer > 0:
+        rng(p.seed, p.epoch, p.rank, worker, "shards").shuffle(mine)
+    return mine
 
 
 def worker_samples(
@@ -79,30 +115,46 @@ def worker_samples(
     buffer; shard problems go to `sink`."""
     if p.mode == "resampled":
         streams = [
-            _resampled(src, rng(p.seed, p.epoch, p.rank, worker, "resample", i), mode, sink)
+            _resampled(src, p.worker_rng(worker, "resample", i), mode, sink)
             for i, src in enumerate(p.sources)
         ]
         if len(streams) == 1:
             return streams[0]
         assert p.weights is not None
-        return _mixed(streams, p.weights, rng(p.seed, p.epoch, p.rank, worker, "mix"))
-    shards = list(p.shards)
+        return _mixed(streams, p.weights, p.worker_rng(worker, "mix"))
+    shards = p.shards
+    if p.rest is not None:
+        return _runs(shards, p.rest[worker], mode, sink)
+    order = [shards[i] for i in shard_order(p, worker)]
     if p.sample_split:
-        if p.shuffle_buffer > 0:
-            rng(p.seed, p.epoch, "shards").shuffle(shards)  # same order in every worker
         groups = p.world_size * p.workers
         me = p.rank * p.workers + worker
-        samples = _chain(shards, mode, sink)
+        samples = _chain(order, mode, sink)
         return (s for i, s in enumerate(samples) if i % groups == me)
-    mine = worker_shards(shards, p.rank, p.world_size, worker, p.workers)
-    if p.shuffle_buffer > 0:
-        rng(p.seed, p.epoch, p.rank, worker, "shards").shuffle(mine)
-    return _chain(mine, mode, sink)
+    return _chain(order, mode, sink)
 
 
 def _chain(shards: Iterable[str], mode: ReadMode, sink: ProblemSink) -> Iterator[RawSample]:
     for url in shards:
         yield from iter_shard(url, mode=mode, on_problem=sink.bad)
+
+
+def _runs(
+    shards: Sequence[str], runs: Sequence[tuple[int, int, int]], mode: ReadMode, sink: ProblemSink
+) -> Iterator[RawSample]:
+    """The samples whose ordinals fall in `runs` ((shard, start, stop), a shard's runs together
+    and in order); a shard is read no further than its last run."""
+    for shard, group in itertools.groupby(runs, key=lambda r: r[0]):
+        spans = [(a, b) for _, a, b in group]
+        j = 0
+        with contextlib.closing(iter_shard(shards[shard], mode=mode, on_problem=sink.bad)) as it:
+            for i, s in enumerate(it):
+                while j < len(spans) and i >= spans[j][1]:
+                    j += 1
+                if j == len(spans):
+                    break
+                if i >= spans[j][0]:
+                    yield s
 
 
 def _resampled(

@@ -3,6 +3,8 @@
 Each batch says which logical worker made it and how far that worker got; `ShardLoader`
 keeps those positions, so `state_dict()` after any batch is a small JSON-able dict from which
 `make_loader(..., state=...)` continues exactly (see "Exact resume" in `data_tools.loader`).
+Every rank's states together let a pass continue on another layout (`start_position`,
+`data_tools.redeal`); a state of such a pass lists the layouts before it under "rest".
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch.utils.data import DataLoader
@@ -18,6 +20,7 @@ from torch.utils.data import DataLoader
 from data_tools.bad_samples import BadSampleBudget
 from data_tools.errors import DataError
 from data_tools.read_plan import ReadPlan, epoch_batches
+from data_tools.redeal import Segment
 
 log = logging.getLogger("data_tools.loader")  # the name users filter the loader's log on
 
@@ -41,6 +44,7 @@ class ShardLoader:
         limit: int | None,
         regime: str,
         budget: BadSampleBudget | None = None,
+        rest_batches: int | None = None,
     ) -> None:
         self.dataloader = dataloader
         self.budget = budget  # fed every batch's bad-sample counts, dropped tails included
@@ -48,6 +52,7 @@ class ShardLoader:
         self.shards = list(plan.shards)
         self.regime = regime
         self.limit = limit
+        self.rest_batches = rest_batches  # a re-dealt epoch-mode pass: this rank's share
         self._config = config
         self._start = start
         self._state = json.loads(json.dumps(start))
@@ -112,9 +117,13 @@ class ShardLoader:
     @property
     def num_batches(self) -> int | None:
         """Batches this pass yields on this rank (epoch mode: exact when no sample is bad),
-        counting those before a resume state; None when endless."""
+        counting those before a resume state (a pass re-dealt to this layout: those since the
+        re-deal); None when endless."""
         if self.plan.mode == "resampled":
             return self.limit
+        if self.rest_batches is not None:
+            n = self.rest_batches
+            return n if self.limit is None else min(n, self.limit)
         n = epoch_batches(
             list(self.plan.shards),
             batch_size=self.plan.batch_size,
@@ -135,24 +144,34 @@ class ShardLoader:
         return f"ShardLoader({len(self.shards)} shards, {self.regime})"
 
 
+# What a pass continued on another layout (`data_tools.redeal`) may change; the rest must match.
+LAYOUT_KEYS = ("rank", "world_size", "num_workers", "batch_size")
+
+
 def start_position(
-    state: dict[str, Any] | None, config: dict[str, Any], workers: int
-) -> dict[str, Any]:
-    """Where a pass starts: the beginning, or the position in `state` after checking that it
-    was saved by a loader with this `config` (a `DataError` names the field that differs)."""
+    state: dict[str, Any] | list[dict[str, Any]] | None, config: dict[str, Any], workers: int
+) -> tuple[dict[str, Any], bool]:
+    """Where a pass starts, and whether it was re-dealt to a new layout.
+
+    `state`: None (the beginning), this rank's state, or every rank's state in rank order (a
+    list): with this layout, this rank's own is used; with another (world_size, num_workers or
+    batch_size), the pass continues with the samples those ranks left (`data_tools.redeal`).
+    A state saved by a loader with other settings raises a `DataError` naming the field."""
     if state is None:
-        return {"batches": 0, "next_worker": 0, "workers": [[0, 0] for _ in range(workers)]}
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise DataError(
-            f"loader state is not a {STATE_FORMAT} state dict (got "
-            f"{type(state).__name__}); pass ShardLoader.state_dict() as saved"
-        )
-    for k, v in config.items():
-        if state.get(k) != v:
-            raise DataError(
-                f"loader state does not match this loader: {k} differs (state {state.get(k)!r}, "
-                f"now {v!r}); resume with the same data and loader settings"
-            )
+        return _fresh(workers), False
+    if isinstance(state, list):
+        for s in state:
+            _check_format(s)
+        if state and all(state[0].get(k) == config[k] for k in LAYOUT_KEYS[1:]):
+            if len(state) != config["world_size"]:
+                raise DataError(
+                    f"{len(state)} loader states for {config['world_size']} processes; pass "
+                    "every rank's state, in rank order"
+                )
+            return start_position(state[config["rank"]], config, workers)
+        return _redealt(state, config, workers), True
+    _check_format(state)
+    _check_config(state, config, LAYOUT_KEYS)
     try:
         ws = [[int(b), int(e)] for b, e in state["workers"]]
         start = {
@@ -164,4 +183,74 @@ def start_position(
         raise DataError(f"loader state is incomplete or malformed ({e})") from e
     if len(ws) != workers or not 0 <= start["next_worker"] < workers:
         raise DataError("loader state is malformed: worker entries do not match num_workers")
+    if state.get("rest"):
+        start["rest"] = _segments(state["rest"])
+    return start, False
+
+
+def _fresh(workers: int) -> dict[str, Any]:
+    return {"batches": 0, "next_worker": 0, "workers": [[0, 0] for _ in range(workers)]}
+
+
+def _check_format(state: Any) -> None:
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise DataError(
+            f"loader state is not a {STATE_FORMAT} state dict (got "
+            f"{type(state).__name__}); pass ShardLoader.state_dict() as saved"
+        )
+
+
+def _check_config(state: dict[str, Any], config: dict[str, Any], layout: Sequence[str]) -> None:
+    """Every field of `config` must match; those in `layout` only in a single rank's state."""
+    for k, v in config.items():
+        if state.get(k) != v:
+            how = "resume with the same data and loader settings"
+            if k in layout:
+                how += " (or pass every rank's state, as a list, to continue on this layout)"
+            raise DataError(
+                f"loader state does not match this loader: {k} differs (state {state.get(k)!r}, "
+                f"now {v!r}); {how}"
+            )
+
+
+def _segments(raw: Any) -> list[dict[str, Any]]:
+    if not isinstance(raw, list):
+        raise DataError("loader state is malformed: 'rest' is not a list")
+    return [Segment.from_json(x).to_json() for x in raw]
+
+
+def _redealt(states: list[dict[str, Any]], config: dict[str, Any], workers: int) -> dict[str, Any]:
+    """Every old rank's state -> the start of the rest of the pass on this layout."""
+    same = {k: v for k, v in config.items() if k not in LAYOUT_KEYS}
+    for s in states:
+        _check_config(s, same, ())
+    world = states[0].get("world_size")
+    if not isinstance(world, int) or [s.get("rank") for s in states] != list(range(world)):
+        raise DataError(
+            f"to continue a pass on {config['world_size']} processes, pass the loader state of "
+            f"every rank it was saved on ({world}), in rank order; got ranks "
+            f"{[s.get('rank') for s in states]}"
+        )
+    if any(s.get("world_size") != world for s in states) or any(
+        s.get(k) != states[0].get(k) for s in states for k in ("num_workers", "batch_size")
+    ):
+        raise DataError("loader states disagree on world_size, num_workers or batch_size")
+    earlier = [_segments(s.get("rest") or []) for s in states]
+    if any(e != earlier[0] for e in earlier):
+        raise DataError("loader states disagree on the pass's earlier layouts ('rest')")
+    try:
+        seg = Segment(
+            world_size=world,
+            workers=max(1, int(states[0]["num_workers"])),
+            batch_size=int(states[0]["batch_size"]),
+            batches=tuple(int(s["batches"]) for s in states),
+            positions=tuple(tuple((int(b), int(e)) for b, e in s["workers"]) for s in states),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"loader state is incomplete or malformed ({e})") from e
+    seg = Segment.from_json(seg.to_json())  # the same checks as a saved segment
+    start = _fresh(workers)
+    if config["mode"] == "resampled":  # a pass keeps its length: its batches so far count
+        start["batches"] = max(seg.batches)
+    start["rest"] = [*earlier[0], seg.to_json()]
     return start

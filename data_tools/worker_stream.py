@@ -22,7 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from data_tools.bad_samples import BadSampleLog
 from data_tools.batching import Batcher
 from data_tools.decode import decode_into
-from data_tools.read_plan import ReadPlan, buffer_shuffle, rng, worker_samples
+from data_tools.read_plan import ReadPlan, buffer_shuffle, worker_samples
 from data_tools.tario import FieldLoader, RawSample, ReadMode
 
 log = logging.getLogger("data_tools.loader")  # the name users filter the loader's log on
@@ -51,15 +51,14 @@ class ShardStream(IterableDataset):
         worker = (physical + p.offset) % p.workers
         start_batches, start_emitted = p.resume[worker] if p.resume else (0, 0)
         report = BadSampleLog(where=f"rank {p.rank} worker {worker}")
-        # Sample-split workers read only the headers of samples that are not theirs and
-        # load the rest on demand; a resumed worker reads headers only until it catches up.
-        mode = ReadMode(read_data=not (p.sample_split or start_emitted > 0))
+        # Sample-split and re-dealt workers read only the headers of samples that are not
+        # theirs and load the rest on demand; a resumed worker reads headers only until it
+        # catches up.
+        mode = ReadMode(read_data=not (p.on_demand or start_emitted > 0))
         raw = worker_samples(p, worker, mode, report)
         stream: Iterable[RawSample] = raw
         if p.shuffle_buffer > 0:
-            stream = buffer_shuffle(
-                raw, p.shuffle_buffer, rng(p.seed, p.epoch, p.rank, worker, "buffer")
-            )
+            stream = buffer_shuffle(raw, p.shuffle_buffer, p.worker_rng(worker, "buffer"))
         it = iter(stream)
         # A resumed worker replays, quietly, the samples it had taken before its state.
         # One sample of look-ahead: shard problems met while reading the sample after a
@@ -71,7 +70,7 @@ class ShardStream(IterableDataset):
             if emitted < start_emitted:
                 return  # this worker had finished its pass
             nxt = next(it, None)
-        mode.read_data = not p.sample_split
+        mode.read_data = not p.on_demand
         fields = FieldLoader()
         batcher = Batcher(p.batch_size, self.image_transform, self.view_transform)
         batch_index = start_batches
@@ -123,7 +122,7 @@ class ShardStream(IterableDataset):
 
     def _reseed(self, worker: int, batch_index: int, in_worker: bool) -> None:
         p = self.plan
-        seed = rng(p.seed, p.epoch, p.rank, worker, "augment", batch_index).getrandbits(63)
+        seed = p.worker_rng(worker, "augment", batch_index).getrandbits(63)
         reseed = getattr(self.image_transform, "reseed", None)
         if callable(reseed):
             reseed(seed)
