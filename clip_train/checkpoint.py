@@ -92,6 +92,9 @@ class Checkpoint:
     trainer_state: dict[str, Any]
     rank_state: dict[str, Any] | None = None  # this process's data position (JSON)
     objective: dict[str, torch.Tensor] | None = None  # the objective's state, when it has one
+    # Every process's, in rank order, when the checkpoint has them all (a resume on another
+    # number of processes deals out the data the saving processes left).
+    rank_states: list[dict[str, Any]] | None = None
 
 
 class CheckpointManager:
@@ -256,6 +259,13 @@ def load_checkpoint_dir(path: Path, rank: int = 0, with_training_state: bool = T
             if with_training_state and objective_file.is_file()
             else None
         )
+        saved_world = int(trainer_state.get("world_size", 1))
+        rank_files = [path / f"rank_{r}.json" for r in range(saved_world)]
+        rank_states = (
+            [json.loads(f.read_text()) for f in rank_files]
+            if with_training_state and all(f.is_file() for f in rank_files)
+            else None
+        )
         rank_file = path / f"rank_{rank}.json"
         rank_state = (
             json.loads(rank_file.read_text())
@@ -275,4 +285,5 @@ def load_checkpoint_dir(path: Path, rank: int = 0, with_training_state: bool = T
         trainer_state=trainer_state,
         rank_state=rank_state,
         objective=objective,
+        rank_states=rank_states,
     )

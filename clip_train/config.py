@@ -204,6 +204,7 @@ class RunConfig:
     output_dir: str = "runs"
     progress: bool = True  # tqdm bar on the main process when stderr is a terminal (else log lines)
     trackers: list[str] = field(default_factory=list)  # tensorboard, wandb (Accelerate trackers)
+    ledger: bool = False  # RUN_DIR/ledger/rank_R.jsonl: the sample keys of every step (ledger.py)
 
 
 @dataclass

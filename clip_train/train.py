@@ -34,8 +34,10 @@ from tqdm.auto import tqdm
 from clip_train import sharding
 from clip_train.checkpoint import SHARDED_OPTIM_DIR, CheckpointManager, set_rng_state
 from clip_train.config import Config, check_for_processes, config_to_dict, loss_terms, to_yaml
+from clip_train.elastic import keep_contrastive_batch, merged_budget, saved_batch
 from clip_train.encoder import make_tokenizer
 from clip_train.evaluation import evaluate, load_eval_suite
+from clip_train.ledger import SampleLedger
 from clip_train.model import build_model, lock_towers, locked_modules
 from clip_train.objective import build_objective, freeze_unused, load_objective_state
 from clip_train.optim import build_optimizer, build_scheduler
@@ -120,7 +122,7 @@ def _accelerator(cfg: Config) -> Accelerator:
 
 
 # What a run writes into its directory; --overwrite removes these and nothing else.
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "eval_results.json", "eval", "report")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "eval_results.json", "eval", "report", "ledger")
 
 
 def _previous_run(run_dir: Path) -> list:
@@ -204,7 +206,8 @@ def train(
     accelerator = _accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     is_main, device = accelerator.is_main_process, accelerator.device
-    check_for_processes(cfg, world)
+    if not resume:  # a resume checks after the checkpoint, which may change the batch split
+        check_for_processes(cfg, world)
     run_dir = cfg.run_dir
     shards = expand_shards(cfg.data.train)  # a bad path fails here, before any work
     if resume and overwrite:
@@ -222,6 +225,8 @@ def train(
         )
     suite = load_eval_suite(cfg)  # a bad suite file fails now, not hours into the run
     set_seed(cfg.train.seed)
+    if resume:
+        check_for_processes(cfg, world)
     step_batch = cfg.train.batch_size * cfg.train.accum_steps  # per process, one contrastive batch
     log.info(
         "run %s: %d processes on %s, %d train shards, contrastive batch %d",
@@ -274,7 +279,9 @@ def train(
     )
     state = {"step": 0, "samples_seen": 0, "epoch": 0, "batch_in_epoch": 0, "nonfinite_skipped": 0}
     metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator)
+    ledger = SampleLedger(run_dir, rank, cfg.run.ledger)
     rank_state: dict[str, Any] = {}
+    positions: list[dict[str, Any]] | dict[str, Any] | None = None  # the loader's saved state
     ckpt_step = 0
     if resume:
         ckpt = ckpts.load_latest()
@@ -308,8 +315,28 @@ def train(
                 set_rng_state(ckpt.rng)
             state.update({k: ckpt.trainer_state.get(k, v) for k, v in state.items()})
             rank_state = ckpt.rank_state or {}
+            positions = rank_state.get("loader")
+            saved_world = int(ckpt.trainer_state.get("world_size", world))
+            # Every process's data position: the loader keeps this process's own on the same
+            # layout, and deals out what the saving processes left on another (data_tools.redeal).
+            if ckpt.rank_states and all("loader" in s for s in ckpt.rank_states):
+                positions = [s["loader"] for s in ckpt.rank_states]
+            if saved_world != world:
+                if not isinstance(positions, list):
+                    raise DataError(
+                        f"cannot resume {ckpt.path} on {world} processes: it lacks the data "
+                        f"position of some of the {saved_world} processes that saved it "
+                        f"(rank_R.json); resume on {saved_world} processes"
+                    )
+                cfg, change = keep_contrastive_batch(
+                    cfg, saved_batch(ckpt.path), saved_world, world
+                )
+                if is_main:
+                    log.info(change)
+                rank_state = {"bad_samples": merged_budget(ckpt.rank_states or [], rank)}
             ckpt_step = state["step"]
             log.info("resumed from %s at step %d", ckpt.path, state["step"])
+    step_batch = cfg.train.batch_size * cfg.train.accum_steps  # a resume may have changed it
 
     def save() -> Path:
         training = {
@@ -380,9 +407,9 @@ def train(
     if rank_state.get("bad_samples"):
         budget.load_state_dict(rank_state["bad_samples"])
 
-    def open_loader(epoch: int, position: dict[str, Any] | None = None):
-        """One pass of batches; `position` (a loader state) resumes mid-pass without decoding the
-        rest.
+    def open_loader(epoch: int, position: list[dict[str, Any]] | dict[str, Any] | None = None):
+        """One pass of batches; `position` (every process's loader state, or this one's) resumes
+        mid-pass without decoding the rest.
 
         The loader feeds `budget` (stopping the run, naming bad keys, past data.max_bad_fraction),
         including the samples of each pass's dropped tail, which reach no batch."""
@@ -420,10 +447,10 @@ def train(
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
-        if resume:
-            metrics.truncate_after(
-                ckpt_step
-            )  # a run resumed before its first checkpoint restarts its log
+        if resume:  # a run resumed before its first checkpoint restarts its log
+            metrics.truncate_after(ckpt_step)
+    if resume:
+        ledger.truncate_after(ckpt_step, world, is_main)
     if cfg.run.trackers:
         accelerator.init_trackers(cfg.run.name, config=_flat(config_to_dict(cfg)))
 
@@ -431,7 +458,7 @@ def train(
     model.train()
     for module in locked_modules(unwrapped, cfg.model):
         module.eval()
-    loader = open_loader(state["epoch"], rank_state.get("loader"))
+    loader = open_loader(state["epoch"], positions)
     data_iter = iter(loader)
     sync_pass_end = world > 1 and cfg.data.mode == "epoch"
     loss_sums: dict[str, torch.Tensor] = {}
@@ -548,6 +575,7 @@ def train(
             state["step"] += 1
             state["batch_in_epoch"] += 1
             state["samples_seen"] += images.shape[0] * world
+            ledger.write(state["step"], state["epoch"], batch["key"])
             if bool(finite):  # a skipped step's loss is not part of the window mean
                 window["finite"] += 1
                 for k, v in losses.items():
