@@ -225,17 +225,6 @@ def train(
         )
     suite = load_eval_suite(cfg)  # a bad suite file fails now, not hours into the run
     set_seed(cfg.train.seed)
-    if resume:
-        check_for_processes(cfg, world)
-    step_batch = cfg.train.batch_size * cfg.train.accum_steps  # per process, one contrastive batch
-    log.info(
-        "run %s: %d processes on %s, %d train shards, contrastive batch %d",
-        run_dir,
-        world,
-        device,
-        len(shards),
-        step_batch * world,
-    )
 
     # ---------------------------------------------------------------- model
     model = build_model(cfg.model)
@@ -336,7 +325,17 @@ def train(
                 rank_state = {"bad_samples": merged_budget(ckpt.rank_states or [], rank)}
             ckpt_step = state["step"]
             log.info("resumed from %s at step %d", ckpt.path, state["step"])
-    step_batch = cfg.train.batch_size * cfg.train.accum_steps  # a resume may have changed it
+    if resume:
+        check_for_processes(cfg, world)
+    step_batch = cfg.train.batch_size * cfg.train.accum_steps  # per process, one contrastive batch
+    log.info(
+        "run %s: %d processes on %s, %d train shards, contrastive batch %d",
+        run_dir,
+        world,
+        device,
+        len(shards),
+        step_batch * world,
+    )
 
     def save() -> Path:
         training = {

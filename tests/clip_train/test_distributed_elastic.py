@@ -53,7 +53,7 @@ def _launch(processes, *args):
     return done.stderr
 
 
-def _train(processes, root, name, batch_size, workers):
+def _train(processes, root, name, *extra):
     _launch(
         processes,
         "-q",
@@ -64,14 +64,13 @@ def _train(processes, root, name, batch_size, workers):
         f"run.output_dir={root['runs']}",
         f"run.name={name}",
         *TINY,
-        f"train.batch_size={batch_size}",
-        f"data.num_workers={workers}",
         f"train.steps={STEPS}",
         f"train.save_every={SAVED}",
         "train.keep_last=10",
         "run.ledger=true",
         "eval.at_end=false",
         "export.at_end=false",
+        *extra,
     )
     return root["runs"] / name
 
@@ -150,7 +149,7 @@ def _keys(shards):
 
 def test_one_process_resumes_on_two(shards, tmp_path):
     root = {"shards": shards, "runs": tmp_path}
-    straight = _train(1, root, "one", batch_size=16, workers=0)
+    straight = _train(1, root, "one", "train.batch_size=16", "data.num_workers=0")
     resumed = _stopped_copy(straight, "one_then_two")
     log = _launch(2, "resume", str(resumed), f"run.name={resumed.name}")
     change = (
@@ -162,7 +161,7 @@ def test_one_process_resumes_on_two(shards, tmp_path):
 
 def test_two_processes_resume_on_one(shards, tmp_path):
     root = {"shards": shards, "runs": tmp_path}
-    straight = _train(2, root, "two", batch_size=8, workers=1)
+    straight = _train(2, root, "two", "train.batch_size=8", "data.num_workers=1")
     resumed = _stopped_copy(straight, "two_then_one")
     log = _launch(1, "resume", str(resumed), f"run.name={resumed.name}")
     change = (
@@ -170,3 +169,32 @@ def test_two_processes_resume_on_one(shards, tmp_path):
         "8 -> 8 x train.accum_steps 1 -> 2 x 1 processes"
     )
     _check(straight, resumed, log, change, batch_size=8, accum=2, every_key=_keys(shards))
+
+
+@pytest.mark.slow
+def test_fsdp_optimizer_shards_reshard_on_three_and_back(shards, tmp_path):
+    """train.fsdp keeps the optimizer state in per-process shards: 3 processes read the 2 shards
+    of a checkpoint (and re-save it in 3), and 2 processes read those back to the same tensors."""
+    from safetensors.torch import load_file
+
+    run = _train(
+        2,
+        {"shards": shards, "runs": tmp_path},
+        "fsdp",
+        "train.fsdp=true",
+        "train.steps=5",
+        "train.batch_size=12",
+    )
+    ckpt = run / "checkpoints" / f"step_{SAVED}"
+    saved = {f.name: load_file(f) for f in sorted((ckpt / "optimizer").glob("*.safetensors"))}
+    model = load_file(ckpt / "model.safetensors")
+    _launch(3, "-q", "resume", str(run))  # no step left: it loads, then saves step 5 again
+    assert len(list((ckpt / "optimizer").glob("*.safetensors"))) == 3
+    _launch(2, "-q", "resume", str(run))
+    again = {f.name: load_file(f) for f in sorted((ckpt / "optimizer").glob("*.safetensors"))}
+    assert saved.keys() == again.keys() and len(saved) == 2
+    for name, tensors in saved.items():
+        assert tensors.keys() == again[name].keys()
+        assert all(torch.equal(t, again[name][k]) for k, t in tensors.items())
+    now = load_file(ckpt / "model.safetensors")
+    assert all(torch.equal(t, now[k]) for k, t in model.items())
