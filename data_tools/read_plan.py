@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import itertools
 import random
 from collections.abc import Iterable, Iterator, Sequence
@@ -63,7 +64,7 @@ class ReadPlan:
     segment: int = 0
     rest: tuple[tuple[tuple[int, int, int], ...], ...] | None = None
 
-    @property
+    @functools.cached_property
     def shards(self) -> tuple[str, ...]:
         return tuple(u for src in self.sources for u in src)
 

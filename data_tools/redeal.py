@@ -125,8 +125,10 @@ def buffer_leftover(n: int, taken: int, size: int, gen: random.Random) -> tuple[
     draws, after = _draws(gen, size, min(taken, reads))
     slots = np.arange(fill, dtype=np.int64)
     if len(draws):  # a slot holds the sample read at its last draw t (position size + t)
-        slot, last = np.unique(draws[::-1], return_index=True)
-        slots[slot] = size + len(draws) - 1 - last
+        last = np.full(fill, -1, dtype=np.int64)
+        np.maximum.at(last, draws, np.arange(len(draws), dtype=np.int64))
+        drawn = last >= 0
+        slots[drawn] = size + last[drawn]
     if taken <= reads:
         return fill + taken, np.sort(slots)
     rest = slots.tolist()
@@ -146,8 +148,7 @@ def _slice(runs: np.ndarray, ends: np.ndarray, a: int, b: int) -> np.ndarray:
     i = int(np.searchsorted(ends, a, side="right"))
     j = int(np.searchsorted(ends, b, side="left"))
     out = runs[i : j + 1].copy()
-    starts = ends - (runs[:, 2] - runs[:, 1])
-    out[0, 1] += a - starts[i]
+    out[0, 1] += a - (ends[i] - (runs[i, 2] - runs[i, 1]))  # a minus the position run i starts at
     out[-1, 2] -= ends[j] - b
     return out
 
