@@ -7,6 +7,8 @@ Launch:
                                                                                  # (gloo)
     torchrun --nproc_per_node 2 -m clip_train train --config ... train.fsdp=true # sharded (FSDP2)
     clip-train resume runs/<name>                                               # continue exactly
+    torchrun --nproc_per_node 4 -m clip_train resume runs/<name>                # on 4 processes
+                                                                                 # (elastic.py)
 
 SIGTERM or SIGUSR1 (SLURM's `--signal=USR1@120`) stop the run after the current step with a
 checkpoint; the CLI then exits with code 75 (clip_train/preempt.py, docs/scaling.md).
