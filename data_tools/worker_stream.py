@@ -131,7 +131,7 @@ class ShardStream(IterableDataset):
             torch.manual_seed(seed)
         reseed_view = getattr(self.view_transform, "reseed", None)
         if callable(reseed_view):  # its own stream: the first view's draws stay as they were
-            reseed_view(rng(p.seed, p.epoch, p.rank, worker, "view-2", batch_index).getrandbits(63))
+            reseed_view(p.worker_rng(worker, "view-2", batch_index).getrandbits(63))
 
 
 def worker_init(_: int) -> None:
