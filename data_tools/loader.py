@@ -81,11 +81,12 @@ Resume on another layout
 N processes with another ``world_size``, ``num_workers`` or ``batch_size`` (the rest must match).
 Epoch mode: the samples the N ranks had taken from their shuffle buffers (trained, skipped as
 bad, or dropped in a worker's tail) are found from the saved positions and the per-shard counts,
-without reading a tar; every other sample of the pass is dealt to exactly one new worker, in
-shares equal within one sample (`data_tools.redeal`). So no sample of the pass is read twice and
-none is left out, but for what every pass drops: each worker's last partial batch with
-``drop_last``, and the batches of ranks beyond the fewest any rank makes (the loader stops every
-rank there itself: ``max_batches`` then counts from the re-deal). The next epoch follows the plan
+without reading a tar; every other sample of the pass is dealt to exactly one new worker, each
+rank getting the same number of whole batches, as many as the samples allow
+(`data_tools.redeal`). So no sample of the pass is read twice, and none is left out but the
+remainder short of one more batch on every rank (the loader stops every rank after the same
+number of batches itself: ``max_batches`` then counts from the re-deal) and, as in any pass,
+what bad samples cost. The next epoch follows the plan
 for the new layout. Resampled mode: the pass keeps its length in batches and draws from new,
 differently seeded shard streams. A state saved in such a pass resumes exactly on its own layout
 or is re-dealt again.
