@@ -274,7 +274,7 @@ class CLIPModel(nn.Module):
         if not hasattr(self, "image_ssl_head"):
             raise ValueError(
                 "a second image view needs the image SSL head (model.image_ssl, which a simclr "
-                "loss term turns on)"
+                "or byol loss term turns on)"
             )
         n = images.shape[0]
         pooled = self.visual.trunk(torch.cat([images, images_2]))
