@@ -28,11 +28,15 @@ LOSS_TERMS = (
     "simcse",
     "moco",
     "simclr",
+    "byol",
 )  # the keys of clip_train.objective.TERMS
 # Terms that read the image SSL head's features of two views (clip_train.model.ImageSSLHead).
-SSL_HEAD_TERMS = ("simclr",)
+SSL_HEAD_TERMS = ("simclr", "byol")
 # Terms that train one tower only: an objective of these alone leaves the other tower untrained.
-SINGLE_TOWER_TERMS = ("simcse", "simclr")
+SINGLE_TOWER_TERMS = ("simcse", "simclr", "byol")
+# Terms that keep EMA copies of the towers (clip_train.momentum.MomentumCopy).
+MOMENTUM_TERMS = ("moco", "byol")
+MOMENTUM_SCHEDULES = ("constant", "cosine")  # byol's target momentum over training
 
 
 @dataclass
@@ -78,10 +82,14 @@ class ImageSSLHeadConfig:
     """The image self-supervision head (SLIP's 3-layer MLP on the trunk's pooled features), used
     for training only: checkpoints keep it, exports leave it out."""
 
-    # Set from loss.terms: true exactly when a term reads it (simclr); not a switch of its own.
+    # Set from loss.terms: true exactly when a term reads it (simclr, byol); not a switch of its
+    # own.
     enabled: bool = False
     hidden_dim: int | None = None  # None: SLIP's 4096 scaled by trunk width / 768 (192 -> 1024)
     out_dim: int = 256  # SLIP's
+    # BYOL's predictor (out_dim -> hidden_dim -> out_dim) on the head's output; set from
+    # loss.terms: true exactly when a byol term is listed.
+    predictor: bool = False
 
 
 @dataclass
@@ -130,7 +138,10 @@ class LossTermConfig:
     # model's learned temperature, a value fixes it
     temperature: float | None = None
     queue_size: int = 4096  # moco: past keys per modality kept as extra negatives (>= global batch)
-    momentum: float = 0.995  # moco: EMA rate of the momentum towers, in [0, 1)
+    # moco (default 0.995), byol (0.996): EMA rate of the momentum towers / target, in [0, 1)
+    momentum: float | None = None
+    # byol: cosine (default; BYOL's rise of the momentum to 1 over train.steps) or constant
+    momentum_schedule: str | None = None
 
 
 @dataclass
@@ -313,6 +324,8 @@ def _check_loss_terms(cfg: Config) -> None:
             raise ConfigError(f"{where}: margin must be > 0, not {term.margin}")
         if term.temperature is not None and not term.temperature > 0:
             raise ConfigError(f"{where}: temperature must be > 0, not {term.temperature}")
+        if term.name in MOMENTUM_TERMS:
+            _check_momentum(cfg, term, where)
         if term.name == "moco":
             _check_moco(cfg, term, where, world_size=1)
     if any(t.name == "simcse" for t in terms) and not cfg.model.text.dropout > 0:
@@ -340,11 +353,28 @@ def _check_loss_terms(cfg: Config) -> None:
             cfg.model.init_logit_scale = math.log(10)
 
 
+def _check_momentum(cfg: Config, term: LossTermConfig, where: str) -> None:
+    """The keys of a term with EMA copies of the towers (moco, byol)."""
+    if where == "loss.name":  # its keys can only be given in the list form
+        where = f"loss.name={term.name} (give its keys as loss.terms=[{{name: {term.name}, ...}}])"
+    if term.momentum is not None and not 0 <= term.momentum < 1:
+        raise ConfigError(f"{where}: momentum must be in [0, 1), not {term.momentum}")
+    schedule = term.momentum_schedule
+    if schedule is not None and schedule not in MOMENTUM_SCHEDULES:
+        raise ConfigError(
+            f"{where}: momentum_schedule must be one of {', '.join(MOMENTUM_SCHEDULES)}, "
+            f"not '{schedule}'"
+        )
+    if cfg.train.fsdp:
+        raise ConfigError(
+            f"{where}: {term.name} keeps whole momentum copies of the towers, which "
+            f"train.fsdp=true does not shard: set train.fsdp=false or drop the {term.name} term"
+        )
+
+
 def _check_moco(cfg: Config, term: LossTermConfig, where: str, world_size: int) -> None:
     if where == "loss.name":  # its keys can only be given in the list form
         where = "loss.name=moco (give its keys as loss.terms=[{name: moco, ...}])"
-    if not 0 <= term.momentum < 1:
-        raise ConfigError(f"{where}: momentum must be in [0, 1), not {term.momentum}")
     batch = cfg.train.batch_size * cfg.train.accum_steps * world_size
     if term.queue_size < batch:
         raise ConfigError(
@@ -352,11 +382,6 @@ def _check_moco(cfg: Config, term: LossTermConfig, where: str, world_size: int) 
             f"(train.batch_size x train.accum_steps x {world_size} "
             f"process{'es' if world_size > 1 else ''}): "
             "raise queue_size or lower the batch"
-        )
-    if cfg.train.fsdp:
-        raise ConfigError(
-            f"{where}: moco keeps whole momentum copies of the towers, which train.fsdp=true does "
-            "not shard: set train.fsdp=false or drop the moco term"
         )
 
 
@@ -377,6 +402,12 @@ def _check_ssl_head(cfg: Config, readers: list[str]) -> None:
             f"{' or '.join(SSL_HEAD_TERMS)} term to loss.terms, or drop the key (the terms set it)"
         )
     head.enabled = bool(readers)
+    if head.predictor and "byol" not in readers:
+        raise ConfigError(
+            "model.image_ssl.predictor=true but no byol term reads it: add a byol term to "
+            "loss.terms, or drop the key (the term sets it)"
+        )
+    head.predictor = "byol" in readers
     if not readers:
         return
     if cfg.model.lock_image:

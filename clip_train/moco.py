@@ -88,8 +88,10 @@ class MoCo(nn.Module):
         return self.towers
 
     @torch.no_grad()
-    def targets(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The momentum keys of a (micro-)batch, normalised, without a graph."""
+    def targets(
+        self, images: torch.Tensor, tokens: torch.Tensor, images_2: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The momentum keys of a (micro-)batch, normalised, without a graph (`images_2` unread)."""
         towers = self._attached().module
         return {
             "momentum_image_features": F.normalize(towers["visual"](images), dim=-1),

@@ -176,6 +176,23 @@ class ImageSSLHead(nn.Sequential):
         )
 
 
+class BYOLPredictor(nn.Sequential):
+    """BYOL's predictor (Grill et al., 2020): a 2-layer MLP from the image SSL head's output
+    (BYOL's projector) back to its size; only the online network has one, and the asymmetry is
+    what keeps BYOL from collapsing without negatives. LayerNorm where BYOL has BatchNorm, for
+    the same reason as `ImageSSLHead`."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__(
+            OrderedDict(
+                fc1=nn.Linear(dim, hidden_dim),
+                norm1=nn.LayerNorm(hidden_dim),
+                act1=nn.ReLU(inplace=True),
+                fc2=nn.Linear(hidden_dim, dim),
+            )
+        )
+
+
 def ssl_hidden_dim(cfg: ModelConfig, trunk_width: int) -> int:
     """`model.image_ssl.hidden_dim`, or SLIP's 4096 for ViT-B scaled by the trunk's width."""
     hidden = cfg.image_ssl.hidden_dim
@@ -183,7 +200,7 @@ def ssl_hidden_dim(cfg: ModelConfig, trunk_width: int) -> int:
 
 
 # Parameters that exist for training only: checkpoints keep them, exports leave them out.
-TRAINING_ONLY = ("image_ssl_head.",)
+TRAINING_ONLY = ("image_ssl_head.", "image_ssl_predictor.")
 
 
 class CLIPModel(nn.Module):
@@ -198,11 +215,12 @@ class CLIPModel(nn.Module):
         # SigLIP's learned bias of the pairwise logits (open_clip's name); only when configured.
         if cfg.init_logit_bias is not None:
             self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
-        if cfg.image_ssl.enabled:  # a term reads two image views (simclr)
+        if cfg.image_ssl.enabled:  # a term reads two image views (simclr, byol)
             width = self.visual.trunk.num_features
-            self.image_ssl_head = ImageSSLHead(
-                width, ssl_hidden_dim(cfg, width), cfg.image_ssl.out_dim
-            )
+            hidden = ssl_hidden_dim(cfg, width)
+            self.image_ssl_head = ImageSSLHead(width, hidden, cfg.image_ssl.out_dim)
+            if cfg.image_ssl.predictor:  # byol: trained here, so the optimizer and DDP see it
+                self.image_ssl_predictor = BYOLPredictor(cfg.image_ssl.out_dim, hidden)
 
     @property
     def image_size(self) -> int:
@@ -235,8 +253,10 @@ class CLIPModel(nn.Module):
         second time (`text_features_2`: another dropout mask, for SimCSE).
 
         `images_2` (a second augmented view of `images`) adds `image_ssl_1` and `image_ssl_2`:
-        both views through the trunk and the image SSL head, normalised (for SimCLR). The two
-        views go through the trunk as one batch; `image_features` come from the first."""
+        both views through the trunk and the image SSL head, normalised (for SimCLR), and, with
+        BYOL's predictor, `image_pred_1` and `image_pred_2`: the head's output through the
+        predictor, normalised. The two views go through the trunk as one batch;
+        `image_features` come from the first."""
         out = {"logit_scale": self.logit_scale.exp()}
         if hasattr(self, "logit_bias"):
             out["logit_bias"] = self.logit_bias
@@ -254,16 +274,21 @@ class CLIPModel(nn.Module):
         if not hasattr(self, "image_ssl_head"):
             raise ValueError(
                 "a second image view needs the image SSL head (model.image_ssl, which a simclr "
-                "loss term turns on)"
+                "or byol loss term turns on)"
             )
+        n = images.shape[0]
         pooled = self.visual.trunk(torch.cat([images, images_2]))
-        first = pooled[: images.shape[0]]
-        ssl = F.normalize(self.image_ssl_head(pooled), dim=-1)
-        return {
-            "image_features": F.normalize(self.visual.head(first), dim=-1),
-            "image_ssl_1": ssl[: images.shape[0]],
-            "image_ssl_2": ssl[images.shape[0] :],
+        projected = self.image_ssl_head(pooled)
+        ssl = F.normalize(projected, dim=-1)
+        out = {
+            "image_features": F.normalize(self.visual.head(pooled[:n]), dim=-1),
+            "image_ssl_1": ssl[:n],
+            "image_ssl_2": ssl[n:],
         }
+        if hasattr(self, "image_ssl_predictor"):
+            predicted = F.normalize(self.image_ssl_predictor(projected), dim=-1)
+            out.update(image_pred_1=predicted[:n], image_pred_2=predicted[n:])
+        return out
 
 
 def inference_state(model: CLIPModel) -> dict[str, torch.Tensor]:
@@ -273,7 +298,9 @@ def inference_state(model: CLIPModel) -> dict[str, torch.Tensor]:
 
 def inference_config(cfg: ModelConfig) -> ModelConfig:
     """`cfg` without the training-only parts: the config of `inference_state`."""
-    return dataclasses.replace(cfg, image_ssl=dataclasses.replace(cfg.image_ssl, enabled=False))
+    return dataclasses.replace(
+        cfg, image_ssl=dataclasses.replace(cfg.image_ssl, enabled=False, predictor=False)
+    )
 
 
 def build_model(cfg: ModelConfig) -> CLIPModel:

@@ -13,12 +13,14 @@ around the ring of processes (open_clip's implementation, never the whole batch 
 `margin` gathers the columns of its pairwise distances; `supcon`, `simcse` and `simclr` take
 their own samples as rows and everyone's (gathered) as columns.
 
-A term with state outside the model (`moco`: momentum towers and key queues, clip_train/moco.py)
-also has `attach(model, device)` (builds that state from the model, before training),
-`targets(images, tokens)` (per-sample inputs it computes without a graph, once per micro-batch,
-which the step passes back to the loss under their names) and `after_step()` (run once after each
-optimiser step that was taken); its state is part of the objective's `state_dict`, which every
-checkpoint saves. The objective forwards each of these to the terms that have them.
+A term with state outside the model (`moco`: momentum towers and key queues, clip_train/moco.py;
+`byol`: the target network, clip_train/byol.py) also has `attach(model, device)` (builds that
+state from the model, before training), `targets(images, tokens, images_2)` (per-sample inputs it
+computes without a graph, once per micro-batch, from the images, the captions and the second
+image view when there is one; the step passes them back to the loss under their names) and
+`after_step()` (run once after each optimiser step that was taken); its state is part of the
+objective's `state_dict`, which every checkpoint saves. The objective forwards each of these to
+the terms that have them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clip_train.byol import BYOL
 from clip_train.config import LossConfig, LossTermConfig, loss_terms
 from clip_train.distributed import gather_features
 from clip_train.losses import ClipInfoNCE
@@ -248,14 +251,16 @@ TERMS: dict[str, Callable[..., nn.Module]] = {
     "simcse": SimCSE,
     "moco": MoCo,
     "simclr": SimCLR,
+    "byol": BYOL,
 }
 # What each term reads besides the features: model parameters (a parameter no term reads is frozen
 # by `freeze_unused`: it would get no gradient, and DDP would then skip averaging its bucket) and
 # per-sample inputs the loader and model must provide (`labels`: the shards' .cls; `text_views`:
 # a second encoding of each caption under another dropout mask; `image_views`: a second
 # augmented view of each image, the loader's "image_2", which the model turns into
-# `image_ssl_1`/`image_ssl_2`; `momentum`: momentum towers, which the term keeps itself once
-# attached to the model). A term instance may narrow this in its own `needs` (moco reads no
+# `image_ssl_1`/`image_ssl_2` (and, with BYOL's predictor, `image_pred_1`/`image_pred_2`);
+# `momentum`: momentum towers or a target network, which the term keeps itself once attached to
+# the model). A term instance may narrow this in its own `needs` (moco reads no
 # temperature when it has a fixed one).
 TERM_NEEDS: dict[str, frozenset] = {
     "clip": frozenset({"logit_scale"}),
@@ -265,6 +270,7 @@ TERM_NEEDS: dict[str, frozenset] = {
     "simcse": frozenset({"text_views"}),
     "moco": frozenset({"logit_scale", "momentum"}),
     "simclr": frozenset({"image_views"}),
+    "byol": frozenset({"image_views", "momentum"}),
 }
 
 
@@ -292,15 +298,18 @@ class Objective(nn.Module):
     def has_targets(self) -> bool:
         return bool(self._with("targets"))
 
-    def targets(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-sample inputs the terms compute themselves, without a graph (momentum keys)."""
+    def targets(
+        self, images: torch.Tensor, tokens: torch.Tensor, images_2: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample inputs the terms compute themselves, without a graph (momentum keys,
+        target projections); `images_2`: the second image view, when the loader makes one."""
         out: dict[str, torch.Tensor] = {}
         for targets in self._with("targets"):
-            out.update(targets(images, tokens))
+            out.update(targets(images, tokens, images_2))
         return out
 
     def after_step(self) -> None:
-        """Once per optimiser step taken: the terms' state moves on (momentum, queues)."""
+        """Once per optimiser step taken: the terms' state moves on (momentum, queues, target)."""
         for after_step in self._with("after_step"):
             after_step()
 
@@ -335,8 +344,11 @@ def freeze_unused(model: nn.Module, objective: Objective) -> None:
             param.requires_grad_(False)
 
 
-def build_objective(cfg: LossConfig, rank: int = 0, world_size: int = 1) -> Objective:
-    """The terms of `cfg` (validated by the config) for this process."""
+def build_objective(
+    cfg: LossConfig, rank: int = 0, world_size: int = 1, total_steps: int | None = None
+) -> Objective:
+    """The terms of `cfg` (validated by the config) for this process; `total_steps`
+    (train.steps) for a schedule over training (byol's momentum)."""
     terms = []
     for term in loss_terms(cfg):
         options = {
@@ -351,6 +363,7 @@ def build_objective(cfg: LossConfig, rank: int = 0, world_size: int = 1) -> Obje
             gather_with_grad=cfg.gather_with_grad,
             tiled=cfg.tiled,
             tile_size=cfg.tile_size,
+            total_steps=total_steps,
             **options,
         )
         terms.append((term.name, float(term.weight), module))
@@ -360,8 +373,9 @@ def build_objective(cfg: LossConfig, rank: int = 0, world_size: int = 1) -> Obje
 def load_objective_state(
     objective: Objective, state: dict[str, torch.Tensor] | None, where: object
 ) -> None:
-    """Put back the objective's own state (moco's momentum towers and queues) from checkpoint
-    `where`; a checkpoint saved with other stateful terms or sizes is refused with one line."""
+    """Put back the objective's own state (moco's momentum towers and queues, byol's target)
+    from checkpoint `where`; a checkpoint saved with other stateful terms or sizes is refused
+    with one line."""
     expected = objective.state_dict()
     state = state or {}
     if not expected and not state:

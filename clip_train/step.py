@@ -32,8 +32,18 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
 
 # Per-sample outputs of the model a loss reads, cached per micro-batch with GradCache; the
 # second text view (another dropout mask of the same captions) exists only for SimCSE, the two
-# image views through the image SSL head only with a second image view (SimCLR).
-FEATURES = ("image_features", "text_features", "text_features_2", "image_ssl_1", "image_ssl_2")
+# image views through the image SSL head only with a second image view (SimCLR, BYOL), and
+# through BYOL's predictor only with a byol term.
+FEATURES = (
+    "image_features",
+    "text_features",
+    "text_features_2",
+    "image_ssl_1",
+    "image_ssl_2",
+    "image_pred_1",
+    "image_pred_2",
+)
+Targets = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], dict[str, torch.Tensor]]
 
 
 def _extras(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -76,7 +86,7 @@ def forward_backward(
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     labels: torch.Tensor | None = None,
     text_views: int = 1,
-    targets: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    targets: Targets | None = None,
     images_2: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Forward and backward of one step; returns the (detached) loss terms.
@@ -84,8 +94,9 @@ def forward_backward(
     `labels` (class ids of the batch) go to the loss when given (a supcon term reads them);
     `text_views=2` encodes the captions twice (a simcse term reads the second view); `images_2`
     (a second augmented view of `images`, the loader's "image_2") goes to the model, whose
-    `image_ssl_1`/`image_ssl_2` a simclr term reads; `targets(images, tokens)` (the objective's:
-    moco's momentum keys) runs once per micro-batch without a graph, and the loss gets its
+    `image_ssl_1`/`image_ssl_2` a simclr term reads (and `image_pred_1`/`image_pred_2`, a byol
+    term's); `targets(images, tokens, images_2)` (the objective's: moco's momentum keys, byol's
+    target projections) runs once per micro-batch without a graph, and the loss gets its
     outputs, for the whole batch, under their names.
 
     `autocast`, `backward` and `no_sync` come from Accelerate (mixed precision, loss scaling, DDP
@@ -106,7 +117,7 @@ def forward_backward(
                 {k: out[k] for k in FEATURES if k in out},
                 {"logit_scale": out["logit_scale"], **_extras(out)},
                 labels,
-                targets(images, tokens) if targets is not None else {},
+                targets(images, tokens, images_2) if targets is not None else {},
             )
         backward(losses["loss"])
         return {k: v.detach() for k, v in losses.items()}
@@ -128,7 +139,7 @@ def forward_backward(
             rng_states.append(_rng_state(device))
             with autocast():
                 out = forward(im, tok, im2)
-                for key, value in (targets(im, tok) if targets is not None else {}).items():
+                for key, value in (targets(im, tok, im2) if targets is not None else {}).items():
                     cached_targets.setdefault(key, []).append(value)
             for key in FEATURES:
                 if key in out:

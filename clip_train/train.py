@@ -235,10 +235,10 @@ def train(
     )  # a checkpoint, when resuming, replaces these below
     warn_locked_without_weights(cfg.model, covered)
     lock_towers(model, cfg.model)
-    loss_fn = build_objective(cfg.loss, rank=rank, world_size=world)
+    loss_fn = build_objective(cfg.loss, rank=rank, world_size=world, total_steps=cfg.train.steps)
     freeze_unused(model, loss_fn)  # e.g. the temperature under a margin loss alone
-    # Momentum towers (moco) copy the model as it starts, before any wrapper; a resume replaces
-    # them with the checkpoint's.
+    # Momentum towers (moco) and the target network (byol) copy the model as it starts, before
+    # any wrapper; a resume replaces them with the checkpoint's.
     loss_fn.attach(model, device)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -567,7 +567,7 @@ def train(
                             f"{state['step'] + 1}); lower optim.lr or set optim.grad_clip; "
                             f"the last good checkpoint is in {ckpts.root}"
                         )
-            if bool(finite):  # once per step taken: momentum towers, then queues (moco)
+            if bool(finite):  # once per step taken: momentum towers, queues (moco), target (byol)
                 loss_fn.after_step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -334,12 +334,15 @@ def test_simclr_config():
 def test_every_term_takes_every_input_the_objective_passes():
     """The objective hands all its inputs to each term; a term ignores what it does not read, so
     any combination works (supcon beside simcse gets text_features_2, and so on). The stateful
-    terms are attached to a model (moco: momentum towers, queues) and get their targets."""
+    terms are attached to a model (moco: momentum towers, queues; byol: a target network) and
+    get their targets."""
     image, text, scale, bias = _features(8, d=CFG.embed_dim)
     keys, second, _, _ = _features(9, d=CFG.embed_dim)
     labels = torch.arange(len(image)) % 3
-    loss_fn = objective(*[(name, 1.0) for name in TERMS])
-    loss_fn.attach(build_model(CFG))
+    terms = [LossTermConfig(name=name) for name in TERMS]
+    loss_fn = build_objective(LossConfig(terms=terms), total_steps=10)
+    ssl = ImageSSLHeadConfig(enabled=True, predictor=True)
+    loss_fn.attach(build_model(dataclasses.replace(CFG, image_ssl=ssl)))
     out = loss_fn(
         image,
         text,
@@ -351,6 +354,10 @@ def test_every_term_takes_every_input_the_objective_passes():
         image_ssl_2=image.flip(1),
         momentum_image_features=keys.detach(),
         momentum_text_features=second.detach(),
+        image_pred_1=image.flip(0),
+        image_pred_2=second,
+        byol_target_1=keys.detach(),
+        byol_target_2=text.detach().flip(0),
     )
     assert {f"loss/{name}" for name in TERMS} <= set(out) and torch.isfinite(out["loss"])
 
