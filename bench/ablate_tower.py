@@ -22,6 +22,8 @@ Variants (`ours`: the model `configs/bench_tiny.yaml` builds, with '+' changes):
   `ours+timm_init+linear_init`).
 - `+ln_pre`: timm's `pre_norm` (open_clip's `ln_pre`, and timm then drops the patch bias, as
   open_clip's ViT); `+jax_init`: timm's own `weight_init='jax'`.
+- `+patch_norm`: `ln_pre` on the patch tokens only; the class token enters the first block as
+  initialised (small), not scaled to unit size by the norm.
 - `+decay_embed`: open_clip_train's weight-decay groups (embeddings and class token decayed).
 Variants combine with '+' (`ours+timm_init+ln_pre`); an unknown change is refused.
 
@@ -90,7 +92,16 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 
 
 INITS = {"timm_init": "timm", "jax_init": "timm-jax", "openclip_init": "openclip"}
-CHANGES = {"avg", "ln_pre", "linear_init", "qkv_init", "embed_init", "decay_embed", *INITS}
+CHANGES = {
+    "avg",
+    "ln_pre",
+    "patch_norm",
+    "linear_init",
+    "qkv_init",
+    "embed_init",
+    "decay_embed",
+    *INITS,
+}
 
 
 def check_variant(name: str) -> tuple[str, set[str]]:
@@ -109,6 +120,17 @@ def check_variant(name: str) -> tuple[str, set[str]]:
     return base, changes
 
 
+class PatchOnly(torch.nn.Module):
+    """Apply `norm` to the patch tokens and pass the class (prefix) tokens through."""
+
+    def __init__(self, norm: torch.nn.Module, prefix: int):
+        super().__init__()
+        self.norm, self.prefix = norm, prefix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, : self.prefix], self.norm(x[:, self.prefix :])], dim=1)
+
+
 def build_variant(name: str, cfg) -> tuple[torch.nn.Module, bool]:
     """(model, decay embeddings as open_clip_train does)."""
     base, changes = check_variant(name)
@@ -118,7 +140,7 @@ def build_variant(name: str, cfg) -> tuple[torch.nn.Module, bool]:
     img = cfg.model.image
     if "avg" in changes:
         img.pool = "avg"
-    if "ln_pre" in changes:
+    if changes & {"ln_pre", "patch_norm"}:
         img.pre_norm = True
     for change in changes & set(INITS):
         img.init = INITS[change]
@@ -130,6 +152,8 @@ def build_variant(name: str, cfg) -> tuple[torch.nn.Module, bool]:
         init_linear_fan_in(trunk, qkv_only=True)
     if "embed_init" in changes:
         init_embeddings_fan_in(trunk)
+    if "patch_norm" in changes:
+        trunk.norm_pre = PatchOnly(trunk.norm_pre, trunk.num_prefix_tokens)
     return model, "decay_embed" in changes
 
 

@@ -30,7 +30,7 @@ from data_tools.errors import ConfigError
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_byol_worker import BYOL_CFG, VARIANTS, second_views, setup  # noqa: E402
 from dist_worker import batch  # noqa: E402
-from test_distributed import REPO, checkout_env  # noqa: E402
+from torchrun import REPO, checkout_env, torchrun  # noqa: E402
 
 
 def _byol(*terms, model=None, total_steps=None, **options):
@@ -202,24 +202,7 @@ def test_two_processes_equal_one(tmp_path):
     whole batch; after the optimiser step both ranks hold the same target network, equal to the
     single process's."""
     out = tmp_path / "byol.pt"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--standalone",
-            str(Path(__file__).parent / "dist_byol_worker.py"),
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env=checkout_env(),
-        cwd=REPO,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(str(Path(__file__).parent / "dist_byol_worker.py"), str(out))
     results = torch.load(out, weights_only=True)
     assert len(results) == len(VARIANTS)
     images, tokens = batch()

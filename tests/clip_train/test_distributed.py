@@ -1,8 +1,6 @@
 """Two CPU processes (torchrun, gloo) give the loss and gradients of one process on the whole
 batch."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,40 +12,12 @@ from clip_train.step import forward_backward
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_worker import CFG, batch  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def checkout_env() -> dict:
-    """Subprocess environment that imports this checkout's packages, not an installed copy.
-
-    A script's own folder comes first on its sys.path, so without this the worker would import
-    whatever clip_train the venv has installed (another checkout, under an editable install).
-    """
-    path = [str(REPO), os.environ.get("PYTHONPATH", "")]
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in path if p))
+from torchrun import REPO, torchrun  # noqa: E402
 
 
 def test_two_processes_equal_one(tmp_path):
     out = tmp_path / "grads.pt"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--standalone",
-            str(Path(__file__).parent / "dist_worker.py"),
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env=checkout_env(),
-        cwd=REPO,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(str(Path(__file__).parent / "dist_worker.py"), str(out))
     results = torch.load(out, weights_only=True)
     assert all(Path(r["clip_train"]).resolve().is_relative_to(REPO) for r in results), (
         f"the worker imported {results[0]['clip_train']}, not the checkout {REPO}"
@@ -88,29 +58,7 @@ def test_two_process_training_run_completes_epochs(synth_dir, tmp_path, tiny_ove
         "export.at_end=false",
         "data.num_workers=1",
     ]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "clip_train",
-            "-q",
-            "train",
-            "--config",
-            "configs/demo.yaml",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        env=checkout_env(),
-        cwd=REPO,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun("-m", "clip_train", "-q", "train", "--config", "configs/demo.yaml", *args)
     import json
 
     records = [
@@ -143,29 +91,7 @@ def test_logged_loss_is_the_whole_batch_loss_with_local_loss(synth_dir, tmp_path
             "eval.at_end=false",
             "export.at_end=false",
         ]
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node",
-                "2",
-                "-m",
-                "clip_train",
-                "-q",
-                "train",
-                "--config",
-                "configs/demo.yaml",
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            env=checkout_env(),
-            cwd=REPO,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        torchrun("-m", "clip_train", "-q", "train", "--config", "configs/demo.yaml", *args)
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         logged[local] = [json.loads(line)["loss"] for line in lines]
     assert len(logged["true"]) == 2

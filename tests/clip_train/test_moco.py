@@ -30,7 +30,7 @@ from data_tools.errors import ConfigError
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_moco_worker import PRELOAD, QUEUE, VARIANTS, moco_objective, setup  # noqa: E402
 from dist_worker import CFG, batch  # noqa: E402
-from test_distributed import REPO, checkout_env  # noqa: E402
+from torchrun import REPO, checkout_env, torchrun  # noqa: E402
 
 NARROW = replace(CFG, embed_dim=8)  # keys of 8 numbers: a quick gradcheck
 
@@ -193,24 +193,7 @@ def test_two_processes_equal_one(tmp_path):
     whole batch; after the optimiser step every rank's towers and queues are identical and equal
     to the single process's (the queues hold all 16 gathered keys, in rank order)."""
     out = tmp_path / "moco.pt"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--standalone",
-            str(Path(__file__).parent / "dist_moco_worker.py"),
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env=checkout_env(),
-        cwd=REPO,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(str(Path(__file__).parent / "dist_moco_worker.py"), str(out))
     results = torch.load(out, weights_only=True)
     assert len(results) == len(VARIANTS)
     images, tokens = batch()

@@ -3,7 +3,6 @@ under GradCache accumulation, and with two processes against one."""
 
 import dataclasses
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from data_tools.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_worker import CFG, batch  # noqa: E402
-from test_distributed import REPO, checkout_env  # noqa: E402
+from torchrun import torchrun  # noqa: E402
 
 
 def _features(seed: int, n: int = 12, d: int = 8, dtype=torch.float32):
@@ -427,24 +426,7 @@ def test_two_processes_equal_one(tmp_path):
     from dist_objective_worker import VARIANTS, labels, loss_config, model_config, second_views
 
     out = tmp_path / "grads.pt"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--standalone",
-            str(Path(__file__).parent / "dist_objective_worker.py"),
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env=checkout_env(),
-        cwd=REPO,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(str(Path(__file__).parent / "dist_objective_worker.py"), str(out))
     results = torch.load(out, weights_only=False)
     assert len(results) == len(VARIANTS)
     images, tokens = batch()
