@@ -1,60 +1,69 @@
-"""Training step: ours vs OpenCLIP of the same sizes, same captions, same run.
+"""Training step: ours vs OpenCLIP of the same sizes, like for like, same captions, same run.
 
-    python bench/train_step.py                    # bench_tiny on CPU: speed, memory at 512,
-                                                  # largest batch in 8 GiB
-    python bench/train_step.py --quick            # sanity run of every code path (~3 min on 2
-                                                  # quiet cores)
+    bash bench/openclip_env.sh                    # once: the OpenCLIP venv (memory workers)
+    python bench/train_step.py                    # bench_tiny on CPU: all four parts
+    python bench/train_step.py --quick            # sanity run of every code path (small sizes)
     python bench/train_step.py --only speed --steps 20 --profile
+    python bench/train_step.py --only largest --tiled true --largest-sides ours
     python bench/train_step.py --device cuda --preset vit_b16 --precision bf16 --batch 256
 
 What is compared (docs/benchmarks.md, "Training step"):
-- ours: `configs/bench_tiny.yaml` (or the ViT-B/16 preset) -> `build_model`, `build_optimizer`,
-  `build_loss("clip", tiled=False)` (--tiled: the tiled loss); one step =
-  `forward_backward(..., accum_steps=k)` + `optimizer.step()` +
-  `zero_grad(set_to_none=True)` + `clamp_logit_scale()`, as `clip_train.train` does it.
+- ours: `configs/bench_tiny.yaml` (or the ViT-B/16 preset) -> `build_model`, `build_optimizer`
+  (AdamW fused=True, as clip_train.train), `build_loss("clip", tiled=False)` (--tiled: the tiled
+  loss); one step = `forward_backward(..., accum_steps=k)` (GradCache over micro-batches when
+  k > 1) + `optimizer.step()` + `zero_grad(set_to_none=True)` + `clamp_logit_scale()`.
 - OpenCLIP: `open_clip.CLIP` (its native ViT and text transformer) with the same sizes, read from
   our config, `open_clip.ClipLoss()`, `torch.optim.AdamW` with open_clip_train's parameter groups
-  (no decay for 1-d, bias, ln/bn and logit_scale) and our optimiser hyper-parameters; one step =
-  `model(images, texts)` + loss + backward + step + zero_grad + logit-scale clamp
-  (as open_clip_train).
+  and our hyper-parameters; one step = one call of open_clip_train's own
+  `open_clip_train.train.train_one_epoch` over an epoch of one step's micro-batches, with
+  `accum_freq` = batch / micro-batch (its feature-cache accumulation: a no-grad pass over all
+  micro-batches, then for each one a forward pass and the loss over the whole contrastive batch).
+- Optimiser: both sides are run with both torch AdamW implementations, the default one (the
+  single-tensor loop on the CPU) and fused=True; every figure names which. open_clip_train has
+  no flag for fused: it is one keyword in its main.py, which OpenCLIP users can also set.
 - Data: random image tensors (pixels do not change the cost) and real captions: `data_tools.synth`
   attributes drawn at random, `make_caption` over all `CAPTION_TEMPLATES`, tokenized by open_clip's
   BPE tokenizer to the model's context (32 for bench_tiny). Both sides get the same tensors.
 
-Three measurements:
-1. speed: both models in this process, steps alternated A B A B ... (and `ours_no_trim`, our
-   model with `model.text.trim_padding=false`, as a third contestant unless --no-ablation), warmup
-   steps dropped, medians of the timed steps -> samples/s. Batch --batch (64), accum_steps 1.
-   Also reported: the pairwise ratio (each OpenCLIP step over the ours step next to it), the
-   fastest step of each side, and process CPU seconds per step.
-2. memory at --mem-batch (512): each run in a FRESH subprocess (peaks do not mix): one warmup step
-   and one measured step at that batch; peak RSS of the worker at the end, absolute (nothing
+Four measurements:
+1. speed: in this process, steps alternated A B C D ... (ours fused, ours default AdamW, OpenCLIP
+   default, OpenCLIP fused, and ours without text trimming unless --no-ablation), batch --batch
+   (64) in one batch, warmup steps dropped, medians -> samples/s. Each ratio names its pair
+   (SPEED_PAIRS): the headline is the like-for-like one, fused on both sides. Also reported: the
+   pairwise ratio (each OpenCLIP step over the ours step next to it), the fastest steps' ratio and
+   process CPU seconds per step. (open_clip_train.train imports no webdataset, so it runs in our
+   venv here.)
+2. speed_accum: the same four at --mem-batch (512) in micro-batches of --micro (64): ours
+   GradCache vs OpenCLIP accum_freq 8, alternated, --accum-steps timed.
+3. memory at --mem-batch (512): each run in a FRESH subprocess (peaks do not mix), OpenCLIP's in
+   the venv of bench/openclip_env.sh as bench/loader.py runs its side: a warm-up step and a
+   measured step at that batch; peak RSS of the worker at the end, absolute (nothing
    subtracted), plus the RSS after building model + optimizer. The peak is read as VmHWM from
    /proc/self/status: `ru_maxrss` is the same figure for a process started from a shell, but
-   Linux carries the parent's high-water mark over fork + exec into it (workers report it too).
-   Ours uses micro-batches of --micro (64) with cached features (GradCache: the contrastive batch
-   stays 512). On CUDA the figure is `torch.cuda.max_memory_allocated` (RSS is reported too).
-3. largest batch under --budget-gib (8): peak memory at a few batch sizes in fresh subprocesses
-   (warmup step at batch 64 to create the optimiser state, then one step at B), a fit, a
-   prediction and a verification run at the predicted batch (stepping down 5% if it does not fit;
-   also 5% above it when a step there took under --larger-max-s). OpenCLIP: affine in B from
-   --fit-batches-openclip and --mem-batch. Ours: c*B^2 for the logits of the loss, c from the loss
-   alone at two large batches (--loss-batches; a full step at a batch where B^2 shows takes
-   minutes on a CPU), plus a + b*B from full steps at --mem-batch and twice that for each
-   micro-batch in --micros (one slope, one intercept per micro-batch); the micro-batch with the
-   largest prediction is verified. Adding the two over-estimates (the loss's peak and the
-   micro-batch activations' peak come at different times), so the prediction errs towards
-   fitting and the verified figure is a lower bound on the true one. --max-batch caps our
-   verification run (the cap is then reported as a verified lower bound).
+   Linux carries the parent's high-water mark over fork + exec into it. The headline pair: both
+   sides accumulate micro-batches of --micro (the contrastive batch stays 512), both fused; also
+   OpenCLIP with its default AdamW and both sides in one batch (MEMORY_RUNS). On CUDA the figure
+   is `torch.cuda.max_memory_allocated` (RSS is reported too).
+4. largest contrastive batch under --budget-gib (8), both sides accumulating micro-batches of
+   --micro, both fused, both keeping the full B x B logits (ours untiled unless --tiled):
+   peak = a + b*B + c*B^2 per side, c from that side's loss alone at --loss-batches (OpenCLIP's
+   ClipLoss builds logits_per_image and logits_per_text, two B x B products), a and b from full
+   steps at --mem-batch and twice that (warm-up step at 64 first, so the optimiser state exists);
+   then verification runs in fresh processes: at the prediction, --above (3%) above it if that
+   fitted (5% below until one fits if not), halving the bracket while a fitting step takes under
+   --larger-max-s. A run stops as soon as its peak passes the budget, so failing runs are cheap;
+   a fitting OpenCLIP run near its largest batch is not (each of its B/64 micro-steps computes
+   the B x B loss: most of an hour on 2 CPU cores). --max-batch caps the runs (the cap is then
+   a verified lower bound).
 
 JSON lines on stdout, one per figure, each with both numbers, the ratio and what it means, the
-machine and the command; progress on stderr. Timings on a shared machine move with its load: the
-alternation keeps the ratio fair, absolute samples/s are only as good as the machine was quiet.
-On a CPU that other jobs also use, 2 OpenMP threads spin-wait for a descheduled partner: steps
-then take 3-10x longer and CPU time rises with wall time, which shows in the CPU-seconds field.
-The --device cuda path (synchronize around timings, max_memory_allocated, bf16 autocast, the
-vit_b16 preset) ran on an H200 for the speed part (docs/benchmarks.md); memory and largest batch
-have not been run on a GPU yet.
+machine, its load and the command; progress on stderr. Timings on a shared machine move with its
+load: the alternation keeps the ratios fair, absolute samples/s are only as good as the machine
+was quiet. On a CPU that other jobs also use, 2 OpenMP threads spin-wait for a descheduled
+partner: steps then take 3-10x longer and CPU time rises with wall time, which shows in the
+CPU-seconds field. The --device cuda path (synchronize around timings, max_memory_allocated, bf16
+autocast, the vit_b16 preset) ran on an H200 for the speed part before the like-for-like pairs
+(docs/benchmarks.md); memory and largest batch have not been run on a GPU.
 """
 
 from __future__ import annotations
@@ -155,15 +164,25 @@ class Ours(Contestant):
         micro: int | None = None,
         trim_padding: bool = True,
         loss: dict | None = None,
+        fused: bool = True,
     ):
         from clip_train.losses import build_loss
         from clip_train.model import build_model
-        from clip_train.optim import build_optimizer
+        from clip_train.optim import build_optimizer, param_groups
 
-        self.name = "ours" if trim_padding else "ours_no_trim"
+        self.name = ("ours" if trim_padding else "ours_no_trim") + ("" if fused else "_unfused")
         self.cfg = our_config(preset, [] if trim_padding else ["model.text.trim_padding=false"])
         self.model = build_model(self.cfg.model).to(device).train()
-        self.optimizer = build_optimizer(self.model, self.cfg.optim)
+        if fused:  # what clip_train.train runs
+            self.optimizer = build_optimizer(self.model, self.cfg.optim)
+        else:  # the same groups and hyper-parameters, torch's default AdamW implementation
+            o = self.cfg.optim
+            self.optimizer = torch.optim.AdamW(
+                param_groups(self.model, o.weight_decay, o.decay_rule),
+                lr=o.lr,
+                betas=(o.beta1, o.beta2),
+                eps=o.eps,
+            )
         self.loss = build_loss("clip", **(loss or LOSS_UNTILED))
         self.micro = micro
         self.autocast = _autocast(device, precision)
@@ -171,14 +190,26 @@ class Ours(Contestant):
     def step(self, images: torch.Tensor, tokens: torch.Tensor) -> None:
         from clip_train.step import forward_backward
 
-        batch = images.shape[0]
-        accum = 1 if not self.micro or self.micro >= batch else batch // self.micro
         forward_backward(
-            self.model, self.loss, images, tokens, accum_steps=accum, autocast=self.autocast
+            self.model,
+            self.loss,
+            images,
+            tokens,
+            accum_steps=accum_steps(images.shape[0], self.micro),
+            autocast=self.autocast,
         )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.clamp_logit_scale()
+
+
+def accum_steps(batch: int, micro: int | None) -> int:
+    """Micro-batches per step: one unless --micro splits the batch (both sides alike)."""
+    if not micro or micro >= batch:
+        return 1
+    if batch % micro:
+        raise ValueError(f"batch {batch} is not a multiple of the micro-batch {micro}")
+    return batch // micro
 
 
 def openclip_sizes(cfg) -> dict:
@@ -212,33 +243,78 @@ def openclip_param_groups(model: torch.nn.Module, weight_decay: float) -> list:
     return param_groups(model, weight_decay, "open_clip")
 
 
+class _Epoch:
+    """The `data["train"]` that open_clip_train's `train_one_epoch` reads: one optimiser step's
+    micro-batches, as its DataInfo would hand them out (set_epoch, a dataloader with
+    num_batches and num_samples)."""
+
+    class Loader(list):
+        num_batches: int
+        num_samples: int
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.dataloader = self.Loader(batches)
+        self.dataloader.num_batches = len(batches)
+        self.dataloader.num_samples = sum(b[0].shape[0] for b in batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
 class OpenClip(Contestant):
-    def __init__(self, preset: str, device: torch.device, precision: str):
+    """open_clip.CLIP stepped by open_clip_train's own training loop: each step is one call of
+    `open_clip_train.train.train_one_epoch` over an epoch of one optimiser step, with
+    `accum_freq` = batch / micro-batch (its feature-cache accumulation) when --micro splits it."""
+
+    def __init__(
+        self,
+        preset: str,
+        device: torch.device,
+        precision: str,
+        micro: int | None = None,
+        fused: bool = False,
+    ):
         import open_clip
 
-        self.name = "openclip"
+        self.name = "openclip" + ("_fused" if fused else "")
         cfg = our_config(preset)
         self.model = open_clip.CLIP(**openclip_sizes(cfg), output_dict=True).to(device).train()
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = torch.optim.AdamW(  # open_clip_train's call, plus fused=True if asked
             openclip_param_groups(self.model, o.weight_decay),
             lr=o.lr,
             betas=(o.beta1, o.beta2),
             eps=o.eps,
+            **({"fused": True} if fused else {}),
         )
         self.loss = open_clip.ClipLoss()
-        self.max_log_scale = math.log(cfg.model.max_logit_scale)
-        self.autocast = _autocast(device, precision)
+        self.micro = micro
+        self.device = device
+        self.precision = {"fp32": "fp32", "bf16": "amp_bf16"}[precision]
+        if cfg.model.max_logit_scale != 100:
+            raise ValueError("open_clip_train clamps the logit scale at ln(100)")
 
     def step(self, images: torch.Tensor, tokens: torch.Tensor) -> None:
-        with self.autocast():
-            out = self.model(images, tokens)
-            loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"])
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            self.model.logit_scale.clamp_(0, self.max_log_scale)
+        from open_clip_train.train import train_one_epoch
+
+        accum = accum_steps(images.shape[0], self.micro)
+        micro = images.shape[0] // accum
+        args = argparse.Namespace(  # the fields train_one_epoch reads (open_clip_train.params)
+            device=str(self.device),
+            precision=self.precision,
+            accum_freq=accum,
+            batch_size=micro,
+            world_size=1,
+            rank=0,
+            distill=False,
+            skip_scheduler=True,  # ours is not stepping a schedule either
+            horovod=False,
+            grad_clip_norm=None,
+            log_every_n_steps=10**9,
+            wandb=False,
+        )
+        data = {"train": _Epoch(list(zip(images.split(micro), tokens.split(micro))))}
+        train_one_epoch(self.model, data, self.loss, 0, self.optimizer, None, None, None, args)
 
 
 def captions(n: int, seed: int) -> list[str]:
@@ -322,76 +398,136 @@ def log(msg: str) -> None:
 
 
 # -- 1. speed --------------------------------------------------------------------------------------
-def bench_speed(args, device: torch.device, common: dict) -> None:
-    torch.manual_seed(0)
-    loss = loss_kwargs(args)
-    contestants = [
-        Ours(args.preset, device, args.precision, loss=loss),
-        OpenClip(args.preset, device, args.precision),
-    ]
-    if not args.no_ablation:
-        contestants.append(Ours(args.preset, device, args.precision, trim_padding=False, loss=loss))
-    cfg = contestants[0].cfg
-    pool = [make_batch(cfg, args.batch, seed, device) for seed in range(args.pool)]
+# (ours, OpenCLIP, what differs between them): every speed ratio names its two contestants.
+SPEED_PAIRS = (
+    (
+        "ours",
+        "openclip_fused",
+        "like for like: torch AdamW(fused=True) on both sides; differs: the model code (timm ViT "
+        "vs open_clip's, text tower trimmed to the longest caption) and the loop",
+    ),
+    (
+        "ours_unfused",
+        "openclip",
+        "like for like: torch's default AdamW (single-tensor on the CPU) on both sides; differs: "
+        "the model code and the loop",
+    ),
+    (
+        "ours",
+        "openclip",
+        "as shipped: ours fused AdamW (clip_train.optim), OpenCLIP its default AdamW; fused=True "
+        "is a torch flag OpenCLIP users can also set (one keyword in open_clip_train/main.py, "
+        "no CLI flag)",
+    ),
+    (
+        "ours_no_trim",
+        "openclip_fused",
+        "ablation: ours without text trimming (model.text.trim_padding=false); fused AdamW on "
+        "both sides",
+    ),
+)
+
+
+def _race(contestants: list[Contestant], pool, device, warmup: int, steps: int, tag: str):
+    """Steps alternated A B C ... A B C ...: load drifts hit every side alike. Returns per name
+    the timed steps' wall and process-CPU seconds."""
     times: dict[str, list[float]] = {c.name: [] for c in contestants}
     cpu: dict[str, list[float]] = {c.name: [] for c in contestants}
-    total = args.warmup + args.steps
+    total = warmup + steps
     for i in range(total):
         images, tokens = pool[i % len(pool)]
-        for c in contestants:  # A B (C) A B (C) ...: load drifts hit every side alike
+        for c in contestants:
             _sync(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             c.step(images, tokens)
             _sync(device)
-            if i >= args.warmup:
+            if i >= warmup:
                 times[c.name].append(time.perf_counter() - start)
                 cpu[c.name].append(time.process_time() - start_cpu)
         log(
-            f"speed step {i + 1}/{total}: "
+            f"{tag} step {i + 1}/{total}: "
             + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items() if t)
         )
-    sps = {n: args.batch / statistics.median(t) for n, t in times.items()}
-    pair = [o / p for o, p in zip(times["openclip"], times["ours"])]
+    return times, cpu
+
+
+def _pairs(times: dict, cpu: dict, batch: int) -> list[dict]:
+    out = []
+    for ours, oc, differs in SPEED_PAIRS:
+        if ours not in times or oc not in times:
+            continue
+        med = statistics.median
+        out.append(
+            {
+                "ours": ours,
+                "openclip": oc,
+                "differs": differs,
+                "ours_samples_per_s": round(batch / med(times[ours]), 1),
+                "openclip_samples_per_s": round(batch / med(times[oc]), 1),
+                "ratio": round(med(times[oc]) / med(times[ours]), 3),
+                # each OpenCLIP step over the ours step run next to it
+                "pairwise_ratio_median": round(
+                    med([o / p for o, p in zip(times[oc], times[ours])]), 3
+                ),
+                # on a loaded machine the fastest step is the least disturbed one
+                "best_ratio": round(min(times[oc]) / min(times[ours]), 3),
+                # CPU seconds of the process (all threads) per step; OpenMP threads spinning for
+                # a descheduled partner inflate it too on a busy machine
+                "cpu_time_ratio": round(med(cpu[oc]) / med(cpu[ours]), 3),
+            }
+        )
+    return out
+
+
+def bench_speed(args, device: torch.device, common: dict, accum: bool = False) -> None:
+    """Both optimisers on both sides, alternated in this process. accum: the contrastive batch
+    --mem-batch in micro-batches of --micro (ours GradCache, OpenCLIP accum_freq); else one
+    batch of --batch."""
+    torch.manual_seed(0)
+    loss = loss_kwargs(args)
+    batch, micro = (args.mem_batch, args.micro) if accum else (args.batch, None)
+    warmup, steps = (args.accum_warmup, args.accum_steps) if accum else (args.warmup, args.steps)
+    contestants: list[Contestant] = [
+        Ours(args.preset, device, args.precision, micro=micro, loss=loss),
+        Ours(args.preset, device, args.precision, micro=micro, loss=loss, fused=False),
+        OpenClip(args.preset, device, args.precision, micro=micro),
+        OpenClip(args.preset, device, args.precision, micro=micro, fused=True),
+    ]
+    if not args.no_ablation and not accum:
+        contestants.append(Ours(args.preset, device, args.precision, trim_padding=False, loss=loss))
+    cfg = contestants[0].cfg
+    pool = [make_batch(cfg, batch, seed, device) for seed in range(args.pool)]
+    tag = "speed_accum" if accum else "speed"
+    times, cpu = _race(contestants, pool, device, warmup, steps, tag)
+    med = statistics.median
+    pairs = _pairs(times, cpu, batch)
     record = {
-        "metric": "samples_per_s",
-        "batch": args.batch,
-        "warmup_steps": args.warmup,
-        "timed_steps": args.steps,
-        "ours": round(sps["ours"], 1),
-        "openclip": round(sps["openclip"], 1),
-        "ratio": round(sps["ours"] / sps["openclip"], 3),
-        "ratio_meaning": "ours / OpenCLIP samples/s (median step time); >1 = ours faster",
-        "pairwise_ratio_median": round(statistics.median(pair), 3),
-        # on a loaded machine the fastest step is the least disturbed one
-        "ours_best": round(args.batch / min(times["ours"]), 1),
-        "openclip_best": round(args.batch / min(times["openclip"]), 1),
-        "best_ratio": round(min(times["openclip"]) / min(times["ours"]), 3),
-        # CPU seconds of the process (all threads) per step; OpenMP threads spinning for a
-        # descheduled partner inflate it too on a busy machine
-        "ours_cpu_s_per_step": round(statistics.median(cpu["ours"]), 3),
-        "openclip_cpu_s_per_step": round(statistics.median(cpu["openclip"]), 3),
-        "cpu_time_ratio": round(
-            statistics.median(cpu["openclip"]) / statistics.median(cpu["ours"]), 3
+        "metric": "samples_per_s" + ("_accum" if accum else ""),
+        "batch": batch,
+        "micro_batch": micro,
+        "warmup_steps": warmup,
+        "timed_steps": steps,
+        # the headline: the same optimiser implementation on both sides (fused)
+        "ours": pairs[0]["ours_samples_per_s"],
+        "openclip": pairs[0]["openclip_samples_per_s"],
+        "ratio": pairs[0]["ratio"],
+        "ratio_meaning": "ours / OpenCLIP-fused samples/s (median step time), the same AdamW "
+        "on both sides; >1 = ours faster",
+        "pairs": pairs,
+        "samples_per_s": {n: round(batch / med(t), 1) for n, t in times.items()},
+        "best_samples_per_s": {n: round(batch / min(t), 1) for n, t in times.items()},
+        "cpu_s_per_step": {n: round(med(t), 3) for n, t in cpu.items()},
+        "step_s": {n: [round(x, 3) for x in t] for n, t in times.items()},
+        "mean_longest_caption_tokens": statistics.mean(
+            longest(chunk) for _, t in pool for chunk in t.split(micro or batch)
         ),
-        "ours_step_s": [round(t, 3) for t in times["ours"]],
-        "openclip_step_s": [round(t, 3) for t in times["openclip"]],
-        "mean_longest_caption_tokens": statistics.mean(longest(t) for _, t in pool),
         "context_length": cfg.model.text.context_length,
         "params_ours": contestants[0].num_params(),
-        "params_openclip": contestants[1].num_params(),
+        "params_openclip": contestants[2].num_params(),
     }
-    if "ours_no_trim" in sps:
-        record["ours_no_trim"] = round(sps["ours_no_trim"], 1)
-        record["ours_no_trim_ratio"] = round(sps["ours_no_trim"] / sps["openclip"], 3)
-        record["ours_no_trim_best_ratio"] = round(
-            min(times["openclip"]) / min(times["ours_no_trim"]), 3
-        )
-        record["ours_no_trim_cpu_time_ratio"] = round(
-            statistics.median(cpu["openclip"]) / statistics.median(cpu["ours_no_trim"]), 3
-        )
     emit(record, common)
-    if args.profile:
-        profile(contestants[:2], pool, device)
+    if args.profile and not accum:
+        profile([contestants[0], contestants[3]], pool, device)
 
 
 def profile(contestants: list[Contestant], pool, device: torch.device, steps: int = 3) -> None:
@@ -434,15 +570,42 @@ def _ru_maxrss() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def _abort_above(budget: float) -> None:
+    """Exit as soon as the peak passes `budget`: such a run has failed already, and a step at a
+    batch near the largest takes minutes (OpenCLIP's accumulation: an hour)."""
+    import threading
+
+    def watch() -> None:
+        start = time.perf_counter()
+        while True:
+            peak = _peak_rss()
+            if peak > budget:
+                out = {"peak_rss": peak, "exceeded": True, "after_s": time.perf_counter() - start}
+                print(json.dumps(out), flush=True)
+                os._exit(0)
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def worker(spec: dict) -> dict:
-    """One memory measurement; runs alone in its own process."""
+    """One memory measurement; runs alone in its own process (OpenCLIP's in its venv)."""
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     torch.manual_seed(0)
-    if spec["impl"] == "loss":  # our loss alone on random unit features: its B^2 term
-        from clip_train.losses import build_loss
+    if spec["impl"] in ("loss", "openclip_loss"):  # a loss alone on random unit features
+        if spec["impl"] == "loss":
+            from clip_train.losses import build_loss
 
-        loss_fn = build_loss("clip", **spec.get("loss", LOSS_UNTILED))
+            loss_fn = build_loss("clip", **spec.get("loss", LOSS_UNTILED))
+        else:
+            import open_clip
+
+            oc_loss = open_clip.ClipLoss()
+
+            def loss_fn(img, txt, scale):
+                return {"loss": oc_loss(img, txt, scale)}
+
         dim = our_config(spec["preset"]).model.embed_dim
         build_rss = _rss_now()
 
@@ -465,9 +628,16 @@ def worker(spec: dict) -> dict:
                 spec["precision"],
                 micro=spec.get("micro"),
                 loss=spec.get("loss"),
+                fused=spec.get("fused", True),
             )
             if spec["impl"] == "ours"
-            else OpenClip(spec["preset"], device, spec["precision"])
+            else OpenClip(
+                spec["preset"],
+                device,
+                spec["precision"],
+                micro=spec.get("micro"),
+                fused=spec.get("fused", False),
+            )
         )
         build_rss = _rss_now()
         cfg = our_config(spec["preset"])
@@ -478,6 +648,8 @@ def worker(spec: dict) -> dict:
         def run(batch) -> None:
             c.step(*batch)
 
+    if spec.get("abort_above_gib") and device.type == "cpu":
+        _abort_above(spec["abort_above_gib"] * GIB)
     build_alloc = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     batch = data(spec["warmup_batch"], 1)
     start = time.perf_counter()
@@ -506,9 +678,31 @@ def worker(spec: dict) -> dict:
     return out
 
 
+def openclip_python(args) -> str:
+    """The python of the OpenCLIP venv (--openclip-python, else made by bench/openclip_env.sh)."""
+    if not getattr(args, "openclip_python", None):
+        env_sh = ROOT / "bench" / "openclip_env.sh"
+        out = subprocess.run(["bash", str(env_sh)], capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"bench/openclip_env.sh failed ({out.stderr.strip()}); pass --openclip-python")
+        args.openclip_python = out.stdout.strip().splitlines()[-1]
+    return args.openclip_python
+
+
 def measure(
-    args, impl: str, batch: int, micro: int | None = None, warmup_batch: int | None = None
+    args,
+    impl: str,
+    batch: int,
+    micro: int | None = None,
+    warmup_batch: int | None = None,
+    fused: bool | None = None,
+    abort_above_gib: float | None = None,
 ) -> dict:
+    """Peak memory of a warm-up step and a step at `batch` in a fresh process: ours in this
+    python, OpenCLIP's (impl openclip, openclip_loss) in the venv of bench/openclip_env.sh, as
+    bench/loader.py runs its side. fused: the AdamW implementation (default: each side's own,
+    ours fused, OpenCLIP's default). abort_above_gib: stop the run once its peak passes that
+    (the result then has exceeded=True and no step time)."""
     spec = {
         "impl": impl,
         "batch": batch,
@@ -519,8 +713,11 @@ def measure(
         "precision": args.precision,
         "threads": args.threads,
         "loss": loss_kwargs(args),
+        "fused": None if impl.endswith("loss") else (impl == "ours") if fused is None else fused,
+        "abort_above_gib": abort_above_gib,
     }
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)]
+    python = openclip_python(args) if impl.startswith("openclip") else sys.executable
+    cmd = [python, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
@@ -529,12 +726,21 @@ def measure(
             f"measurement {spec} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
         )
     res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res.setdefault("exceeded", False)
     # the figure the budget is about: host RSS on CPU, allocated device memory on CUDA
     res["peak"] = res["peak_alloc"] if args.device.startswith("cuda") else res["peak_rss"]
-    res.update(spec, wall_s=wall)
+    res.update(spec, wall_s=wall, python=python)
+    if res["exceeded"]:
+        log(
+            f"memory {impl} batch {batch}" + (f" micro {micro}" if micro else "") + ": "
+            f"peak passed {abort_above_gib} GiB after {res['after_s']:.0f}s; stopped "
+            f"(wall {wall:.0f}s)"
+        )
+        return res
     log(
         f"memory {impl} batch {batch}"
         + (f" micro {micro}" if micro else "")
+        + (" fused" if spec["fused"] and impl != "ours" else "")
         + f" warmup {spec['warmup_batch']}: "
         f"peak {res['peak'] / GIB:.3f} GiB (rss after build {res['rss_after_build'] / GIB:.3f}), "
         f"step {res['step_s']:.1f}s, wall {wall:.0f}s"
@@ -547,12 +753,17 @@ def _point(r: dict) -> dict:
         "impl": r["impl"],
         "batch": r["batch"],
         "micro": r["micro"],
+        "fused": r["fused"],
         "warmup_batch": r["warmup_batch"],
         "peak_gib": round(r["peak"] / GIB, 3),
-        "peak_rss_gib": round(r["peak_rss"] / GIB, 3),
-        "rss_after_build_gib": round(r["rss_after_build"] / GIB, 3),
-        "step_s": round(r["step_s"], 2),
     }
+    if r["exceeded"]:
+        return {**keep, "exceeded_budget_after_s": round(r["after_s"], 1)}
+    keep.update(
+        peak_rss_gib=round(r["peak_rss"] / GIB, 3),
+        rss_after_build_gib=round(r["rss_after_build"] / GIB, 3),
+        step_s=round(r["step_s"], 2),
+    )
     if "peak_reserved" in r:
         keep["peak_reserved_gib"] = round(r["peak_reserved"] / GIB, 3)
     return keep
@@ -562,35 +773,55 @@ def memory_unit(args) -> str:
     return "cuda max_memory_allocated" if args.device.startswith("cuda") else "peak RSS (VmHWM)"
 
 
+# (name, impl, micro-batched, fused AdamW, what the row is)
+MEMORY_RUNS = (
+    ("ours", "ours", True, True, "GradCache: micro-batches of --micro, cached features"),
+    ("openclip", "openclip", True, True, "open_clip_train accum_freq = batch / --micro"),
+    ("openclip_default_adamw", "openclip", True, False, "as openclip, its default AdamW"),
+    ("ours_one_batch", "ours", False, True, "one batch, no micro-batches"),
+    ("openclip_one_batch", "openclip", False, True, "one batch, accum_freq 1"),
+)
+
+
 def bench_memory(args, common: dict) -> dict[str, dict]:
+    """Peak memory at --mem-batch, each figure a fresh process, warm-up step at the same batch.
+    The headline pair: both sides accumulate micro-batches of --micro (the contrastive batch and
+    its B x B logits stay --mem-batch), both with AdamW(fused=True)."""
     b = args.mem_batch
-    runs = {
-        "ours": measure(args, "ours", b, micro=args.micro),
-        "openclip": measure(args, "openclip", b),
+    runs = {}
+    for name, impl, micro, fused, _ in MEMORY_RUNS:
+        if args.no_ablation and name not in ("ours", "openclip"):
+            continue
+        runs[name] = measure(args, impl, b, micro=args.micro if micro else None, fused=fused)
+    rows = {
+        name: {
+            "peak_gib": round(runs[name]["peak"] / GIB, 3),
+            "after_build_gib": round(runs[name]["rss_after_build"] / GIB, 3),
+            "step_s": round(runs[name]["step_s"], 2),
+            "what": what,
+        }
+        for name, *_, what in MEMORY_RUNS
+        if name in runs
     }
-    if not args.no_ablation:
-        runs["ours_no_microbatch"] = measure(args, "ours", b)
     ours, oc = runs["ours"], runs["openclip"]
     record = {
         "metric": "peak_memory_gib",
         "batch": b,
-        "ours_micro_batch": args.micro,
+        "micro_batch": args.micro,
         "memory": memory_unit(args),
         "ours": round(ours["peak"] / GIB, 3),
         "openclip": round(oc["peak"] / GIB, 3),
         "ratio": round(ours["peak"] / oc["peak"], 3),
-        "ratio_meaning": "ours / OpenCLIP peak memory; lower is better",
-        "improvement": round(oc["peak"] / ours["peak"], 2),
-        "ours_after_build_gib": round(ours["rss_after_build"] / GIB, 3),
-        "openclip_after_build_gib": round(oc["rss_after_build"] / GIB, 3),
-        "ours_step_s": round(ours["step_s"], 2),
-        "openclip_step_s": round(oc["step_s"], 2),
-        "note": "absolute peak of the process (nothing subtracted); "
-        "warmup step and measured step both at this batch",
+        "ratio_meaning": "ours / OpenCLIP peak memory, both accumulating micro-batches of "
+        f"{args.micro} into a contrastive batch of {b}, both fused AdamW; lower is better",
+        "rows": rows,
+        "note": "absolute peak of the process (nothing subtracted); warm-up step and measured "
+        "step both at this batch; step_s: one step in that process, not a speed comparison",
     }
-    if "ours_no_microbatch" in runs:
-        record["ours_no_microbatch"] = round(runs["ours_no_microbatch"]["peak"] / GIB, 3)
-        record["ours_no_microbatch_step_s"] = round(runs["ours_no_microbatch"]["step_s"], 2)
+    if "openclip_one_batch" in runs:
+        record["one_batch_ratio"] = round(
+            runs["ours_one_batch"]["peak"] / runs["openclip_one_batch"]["peak"], 3
+        )
     emit(record, common)
     return runs
 
@@ -606,41 +837,42 @@ def _round_down(x: float, multiple: int) -> int:
     return max(multiple, int(x // multiple) * multiple)
 
 
-def _verify(
-    args,
-    impl: str,
-    predicted: int,
-    multiple: int,
-    cap: int | None,
-    micro: int | None,
-    points: list[dict],
-) -> tuple[int, int | None, bool]:
-    """Run at the prediction; if it fits, also 5% above it (when a step there is affordable), if
-    not, 5% below until one fits; a bracket (fits, does not) is then halved down to ~2%.
-    Returns (largest batch seen to fit, smallest seen not to fit or None, whether capped)."""
-    budget = args.budget_gib * GIB
+def _verify(args, impl: str, predicted: int, points: list[dict]) -> tuple[int, int | None, bool]:
+    """Run at the prediction, then --above it if that fitted or 5% below until one fits; then
+    halve the bracket (fits, does not) down to ~2% while a fitting step is affordable
+    (--larger-max-s). A run that passes the budget stops there, so failing runs are cheap; at
+    most --max-verify runs. Returns (largest batch seen to fit, smallest seen not to, capped)."""
+    budget, multiple = args.budget_gib, args.micro
+    cap = args.max_batch or None
     capped = cap is not None and predicted > cap
     batch = _round_down(min(predicted, cap) if capped else predicted, multiple)
-    fits, fails = 0, None
-    for _ in range(6):
-        r = measure(args, impl, batch, micro=micro, warmup_batch=min(WARMUP_BATCH, batch))
+    fits, fails, affordable = 0, None, True
+    for _ in range(args.max_verify):
+        r = measure(
+            args,
+            impl,
+            batch,
+            micro=multiple,
+            warmup_batch=min(WARMUP_BATCH, batch),
+            fused=True,
+            abort_above_gib=budget,
+        )
         points.append(_point(r))
-        if r["peak"] <= budget:
-            fits = max(fits, batch)
-        else:
+        if r["exceeded"] or r["peak"] > budget * GIB:
             fails = batch if fails is None else min(fails, batch)
-        if fits and r["step_s"] > args.larger_max_s:  # another run as long: not affordable
-            log(f"{impl}: stopping at {batch} (its step took {r['step_s']:.0f}s > --larger-max-s)")
-            break
+        else:
+            fits = max(fits, batch)
+            affordable = r["step_s"] <= args.larger_max_s
         if fits and fails:
-            if fails - fits <= max(multiple, fits // 50):
-                break
             nxt = _round_down((fits + fails) / 2, multiple)
-            if nxt <= fits:
+            if fails - fits <= max(multiple, fits // 50) or nxt <= fits or not affordable:
                 break
         elif fits:
-            nxt = _round_down(batch * 1.05, multiple)
+            nxt = _round_down(batch * (1 + args.above), multiple)
             if capped or nxt == batch or (cap is not None and nxt > cap):
+                break
+            if batch != _round_down(predicted, multiple) and not affordable:
+                log(f"{impl}: stopping at {batch} (its step took > --larger-max-s)")
                 break
         else:
             nxt = _round_down(batch * 0.95, multiple)
@@ -648,94 +880,85 @@ def _verify(
     return fits, fails, capped and fits == _round_down(cap, multiple)
 
 
-def bench_largest(args, common: dict, mem_runs: dict[str, dict]) -> None:
-    budget = args.budget_gib * GIB
-    fit_batches = args.fit_batches_openclip
-    points: list[dict] = []
-
-    # OpenCLIP: affine in B
-    oc_runs = [measure(args, "openclip", b, warmup_batch=min(WARMUP_BATCH, b)) for b in fit_batches]
-    if "openclip" in mem_runs and mem_runs["openclip"]["batch"] not in fit_batches:
-        oc_runs.append(mem_runs["openclip"])
-    points += [_point(r) for r in oc_runs]
-    a, b = _lstsq([[1.0, r["batch"]] for r in oc_runs], [r["peak"] for r in oc_runs])
-    oc_pred = int((budget - a) / b)
-    log(f"openclip fit: {a / GIB:.3f} GiB + {b / 2**20:.2f} MiB * B -> predicted {oc_pred}")
-    oc_verified, oc_fails, _ = _verify(args, "openclip", oc_pred, 8, None, None, points)
-
-    # Ours: c * B^2 from the loss alone, then affine in B from full steps, for each micro-batch
+def _fit(args, impl: str, loss_impl: str, mem_runs: dict, points: list[dict]) -> dict:
+    """Peak = a + b x B + c x B^2 at micro-batches of --micro: c from the loss alone at
+    --loss-batches (its B x B logits; a full step at a batch where B^2 shows takes minutes on a
+    CPU), a and b from full steps at --mem-batch and twice that."""
     loss_runs = [
-        measure(args, "loss", n, warmup_batch=min(WARMUP_BATCH, n)) for n in args.loss_batches
+        measure(args, loss_impl, n, warmup_batch=min(WARMUP_BATCH, n)) for n in args.loss_batches
     ]
     points += [_point(r) for r in loss_runs]
     (n1, p1), (n2, p2) = [(r["batch"], r["peak"]) for r in loss_runs[:2]]
     c = max(0.0, (p2 - p1) / (n2**2 - n1**2))
-    log(f"loss alone: {c:.1f} bytes * B^2")
-    # Full steps at mem_batch and twice that for each micro-batch; one slope for all (the per-sample
-    # part: the batch itself, features and their gradients), one intercept per micro-batch (its
-    # activations). Differences of ~0.1 GiB are near the allocator's noise: the joint fit is
-    # steadier.
     runs = []
-    for micro in args.micros:
-        for n in (args.mem_batch, 2 * args.mem_batch):
-            old = mem_runs.get("ours")
-            if old is not None and old["batch"] == n and old["micro"] == micro:
-                runs.append(old)
-            else:
-                runs.append(
-                    measure(args, "ours", n, micro=micro, warmup_batch=min(WARMUP_BATCH, n))
-                )
-    points += [_point(r) for r in runs]
-    rows = [[float(r["micro"] == m) for m in args.micros] + [float(r["batch"])] for r in runs]
-    sol = _lstsq(rows, [r["peak"] - c * r["batch"] ** 2 for r in runs])
-    cfg = our_config(args.preset)
-    # the batch itself (fp32 images + int64 tokens) is a floor under the fitted slope
-    floor = 3 * cfg.model.image.img_size**2 * 4 + cfg.model.text.context_length * 8
-    b0 = max(sol[-1], floor)
-    best = None
-    for micro, a0 in zip(args.micros, sol[:-1]):
-        if c > 0:
-            pred = int((-b0 + math.sqrt(b0 * b0 + 4 * c * max(0.0, budget - a0))) / (2 * c))
-        else:
-            pred = int((budget - a0) / b0) if b0 > 0 else 10**9
-        pred = _round_down(pred, micro)
-        log(
-            f"ours micro {micro}: {a0 / GIB:.3f} GiB + {b0 / 2**10:.1f} KiB * B "
-            f"+ {c:.1f} B * B^2 -> predicted {pred}"
+    for n in (args.mem_batch, 2 * args.mem_batch):
+        old = next(
+            (
+                r
+                for r in mem_runs.values()
+                if (r["impl"], r["batch"], r["micro"], r["fused"]) == (impl, n, args.micro, True)
+            ),
+            None,
         )
-        if best is None or pred > best[1] or (pred == best[1] and micro > best[0]):
-            best = (micro, pred, a0)
-    micro, ours_pred, a0 = best
-    cap = args.max_batch or None
-    ours_verified, ours_fails, at_cap = _verify(args, "ours", ours_pred, micro, cap, micro, points)
-    lower_bound = at_cap or ours_fails is None
-    emit(
-        {
-            "metric": "largest_batch",
-            "budget_gib": args.budget_gib,
-            "memory": memory_unit(args),
-            "ours": ours_verified,
-            "openclip": oc_verified,
-            "ratio": round(ours_verified / oc_verified, 2) if oc_verified else None,
-            "ratio_meaning": "ours / OpenCLIP largest batch verified to fit; >1 = ours fits more"
-            + (" (ours: a lower bound, no larger batch was tried)" if lower_bound else ""),
-            "ours_is_lower_bound": lower_bound,
-            "openclip_smallest_failing": oc_fails,
-            "ours_smallest_failing": ours_fails,
-            "ours_predicted": ours_pred,
-            "openclip_predicted": oc_pred,
-            "ours_micro_batch": micro,
-            "ours_fit": {
-                "const_gib": round(a0 / GIB, 3),
-                "per_sample_kib": round(b0 / 1024, 1),
-                "per_sample_sq_bytes": round(c, 2),
-            },
-            "openclip_fit": {"const_gib": round(a / GIB, 3), "per_sample_mib": round(b / 2**20, 3)},
-            "predicted_ratio": round(ours_pred / oc_pred, 2) if oc_pred > 0 else None,
-            "points": points,
-        },
-        common,
+        runs.append(
+            old
+            or measure(
+                args, impl, n, micro=args.micro, warmup_batch=min(WARMUP_BATCH, n), fused=True
+            )
+        )
+    points += [_point(r) for r in runs]
+    a, b = _lstsq(
+        [[1.0, r["batch"]] for r in runs], [r["peak"] - c * r["batch"] ** 2 for r in runs]
     )
+    cfg = our_config(args.preset)
+    # the batch itself (fp32 images + int64 tokens), held whole by both loops, is a floor under
+    # the slope: two points ~0.1 GiB apart are near the allocator's noise
+    b = max(b, 3 * cfg.model.image.img_size**2 * 4 + cfg.model.text.context_length * 8)
+    budget = args.budget_gib * GIB
+    if c > 0:
+        pred = (-b + math.sqrt(b * b + 4 * c * max(0.0, budget - a))) / (2 * c)
+    else:
+        pred = (budget - a) / b
+    pred = _round_down(pred, args.micro)
+    log(
+        f"{impl} fit: {a / GIB:.3f} GiB + {b / 2**10:.1f} KiB * B + {c:.2f} B * B^2 "
+        f"-> predicted {pred}"
+    )
+    return {
+        "const_gib": round(a / GIB, 3),
+        "per_sample_kib": round(b / 1024, 1),
+        "per_sample_sq_bytes": round(c, 2),
+        "predicted": pred,
+    }
+
+
+def bench_largest(args, common: dict, mem_runs: dict[str, dict]) -> None:
+    """Largest contrastive batch under --budget-gib, both sides accumulating micro-batches of
+    --micro with fused AdamW: a fit, then verification runs (`_verify`)."""
+    sides = {"ours": "loss", "openclip": "openclip_loss"}
+    record = {
+        "metric": "largest_batch",
+        "budget_gib": args.budget_gib,
+        "memory": memory_unit(args),
+        "micro_batch": args.micro,
+        "ours_loss": loss_kwargs(args),
+    }
+    for side in args.largest_sides:
+        points: list[dict] = []
+        fit = _fit(args, side, sides[side], mem_runs, points)
+        fits, fails, capped = _verify(args, side, fit["predicted"], points)
+        record[side] = fits
+        record[f"{side}_smallest_failing"] = fails
+        record[f"{side}_is_lower_bound"] = capped or fails is None
+        record[f"{side}_fit"] = fit
+        record[f"{side}_points"] = points
+    if "ours" in record and "openclip" in record:
+        record["ratio"] = round(record["ours"] / record["openclip"], 2)
+        record["ratio_meaning"] = (
+            "ours / OpenCLIP largest contrastive batch verified to fit, both accumulating "
+            f"micro-batches of {args.micro}; >1 = ours fits more"
+        )
+    emit(record, common)
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -755,7 +978,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument(
         "--only",
-        choices=("speed", "memory", "largest"),
+        choices=("speed", "speed_accum", "memory", "largest"),
         action="append",
         help="run only these parts (repeatable; default all)",
     )
@@ -763,27 +986,31 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="speed: samples per step (default 64)")
     p.add_argument("--warmup", type=int, help="speed: untimed steps per side (default 3)")
     p.add_argument("--steps", type=int, help="speed: timed steps per side (default 20)")
+    p.add_argument("--accum-warmup", type=int, help="speed_accum: untimed steps (default 1)")
+    p.add_argument("--accum-steps", type=int, help="speed_accum: timed steps (default 4)")
     p.add_argument("--pool", type=int, default=4, help="speed: distinct batches cycled (default 4)")
     p.add_argument(
         "--profile",
         action="store_true",
-        help="speed: torch.profiler top ops of both sides (stderr)",
+        help="speed: torch.profiler top ops of ours and OpenCLIP, both fused (stderr)",
     )
     p.add_argument(
         "--no-ablation",
         action="store_true",
-        help="skip ours_no_trim (speed) and ours without micro-batches (memory)",
+        help="skip ours_no_trim (speed) and the one-batch and default-AdamW rows (memory)",
     )
-    p.add_argument("--mem-batch", type=int, help="memory: contrastive batch (default 512)")
-    p.add_argument("--micro", type=int, help="memory: our micro-batch (default 64)")
+    p.add_argument(
+        "--mem-batch", type=int, help="memory, speed_accum: contrastive batch (default 512)"
+    )
+    p.add_argument(
+        "--micro", type=int, help="memory, speed_accum, largest: micro-batch (default 64)"
+    )
     p.add_argument("--budget-gib", type=float, help="largest batch: memory budget (default 8)")
     p.add_argument(
-        "--micros", type=_ints, help="largest batch: our micro-batches to try (default 64,128)"
-    )
-    p.add_argument(
-        "--fit-batches-openclip",
-        type=_ints,
-        help="largest batch: OpenCLIP fit points (default 128,256)",
+        "--largest-sides",
+        type=lambda t: [x for x in t.split(",") if x],
+        default=["ours", "openclip"],
+        help="largest batch: sides to run (default ours,openclip)",
     )
     p.add_argument(
         "--loss-batches", type=_ints, help="largest batch: loss-alone points (default 4096,8192)"
@@ -791,14 +1018,27 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--max-batch",
         type=int,
-        help="largest batch: cap on our verification run; 0 = none (default none)",
+        help="largest batch: cap on the verification runs; 0 = none (default none)",
+    )
+    p.add_argument(
+        "--above",
+        type=float,
+        default=0.03,
+        help="largest batch: after a fit at the prediction, verify this fraction above it "
+        "(default 0.03)",
     )
     p.add_argument(
         "--larger-max-s",
         type=float,
         default=240.0,
-        help="largest batch: also verify 5%% above the prediction when a step at it took less "
-        "(default 240)",
+        help="largest batch: bisect further only while a fitting step took less (default 240)",
+    )
+    p.add_argument(
+        "--max-verify", type=int, default=4, help="largest batch: runs per side (default 4)"
+    )
+    p.add_argument(
+        "--openclip-python",
+        help="python of the OpenCLIP venv (default: made by bench/openclip_env.sh)",
     )
     p.add_argument(
         "--tiled",
@@ -812,23 +1052,25 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
-    big = args.preset == "vit_b16"  # ViT-B/16: a GPU preset; smaller fit points and micro-batches
+    big = args.preset == "vit_b16"  # ViT-B/16: a GPU preset; smaller micro-batches
     defaults = {
         "batch": 32 if quick else 64,
         "warmup": 1 if quick else 3,
         "steps": 3 if quick else 20,
         "mem_batch": 128 if quick else 512,
-        "micro": 32 if quick else 64,
+        "micro": 32 if quick or big else 64,
         "budget_gib": 2.0 if quick else 8.0,
-        "micros": [32, 64] if quick or big else [64, 128],
-        "fit_batches_openclip": [32, 64] if quick or big else [128, 256],
+        "accum_warmup": 1,
+        "accum_steps": 1 if quick else 4,
         "loss_batches": [1024, 2048] if quick else [4096, 8192],
         "max_batch": 512 if quick else 0,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.only = set(args.only or ("speed", "memory", "largest"))
+    if set(args.largest_sides) - {"ours", "openclip"}:
+        p.error("--largest-sides takes ours, openclip or both")
+    args.only = set(args.only or ("speed", "speed_accum", "memory", "largest"))
     return args
 
 
@@ -850,6 +1092,8 @@ def main(argv=None) -> None:
     }
     if "speed" in args.only:
         bench_speed(args, device, common)
+    if "speed_accum" in args.only:
+        bench_speed(args, device, common, accum=True)
     mem_runs: dict[str, dict] = {}
     if "memory" in args.only:
         mem_runs = bench_memory(args, common)
