@@ -102,9 +102,20 @@ def _device_env(device: str) -> dict:
 
 
 def run_openclip(
-    a, python: str, data: Path, seed: int, steps_per_epoch: int, out: Path, cfg
+    a,
+    python: str,
+    data: Path,
+    seed: int,
+    steps_per_epoch: int,
+    out: Path,
+    cfg,
+    tag: str = "openclip",
+    env: dict[str, str] | None = None,
+    evaluate_after: bool = True,
 ) -> dict:
-    name = f"openclip-s{seed}"
+    """open_clip_train's `main` on `data`; `env` is added to its environment; the result has
+    its wall time, per-step losses and samples/s and (unless not `evaluate_after`) metrics."""
+    name = f"{tag}-s{seed}"
     shutil.rmtree(out / name, ignore_errors=True)
     config = out / "ttq_bench_tiny.json"
     config.write_text(json.dumps(openclip_sizes(cfg)))
@@ -159,16 +170,19 @@ def run_openclip(
         capture_output=True,
         text=True,
         cwd=out,
-        env=_device_env(a.device),
+        env={**_device_env(a.device), **(env or {})},
     )
     wall = time.perf_counter() - start
     logfile = out / name / "out.log"
     if r.returncode != 0 or not logfile.is_file():
         raise SystemExit(f"open_clip_train failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
-    losses = [
-        float(x)
-        for x in re.findall(r"Contrastive_loss: ([-+0-9.eE]+|nan|inf) ", logfile.read_text())
-    ]
+    log_text = logfile.read_text()
+    losses = [float(x) for x in re.findall(r"Contrastive_loss: ([-+0-9.eE]+|nan|inf) ", log_text)]
+    speeds = [float(x) for x in re.findall(r" ([0-9.]+)/s/gpu", log_text)]
+    result = {"side": tag, "seed": seed, "steps": len(losses), "wall_s": round(wall, 1)}
+    result.update(losses=losses, samples_per_s=speeds)
+    if not evaluate_after:
+        return result
     ckpt = out / name / "checkpoints" / f"epoch_{a.epochs}.pt"
     # The checkpoint as an open_clip local directory for clip-eval (weights only, no optimizer).
     import torch
@@ -182,17 +196,20 @@ def run_openclip(
         json.dumps({"model_cfg": openclip_sizes(cfg), "preprocess_cfg": {}})
     )
     model = ["--model", f"local-dir:{local}"]  # clip-eval finds the weight file as open_clip does
-    return {
-        "side": "openclip",
-        "seed": seed,
-        "steps": len(losses),
-        "wall_s": round(wall, 1),
-        "losses": losses,
-        **evaluate(model, data, out / name, a.device),
-    }
+    return {**result, **evaluate(model, data, out / name, a.device)}
 
 
-def run_ours(a, data: Path, seed: int, steps: int, out: Path, tag: str = "ours") -> dict:
+def run_ours(
+    a,
+    data: Path,
+    seed: int,
+    steps: int,
+    out: Path,
+    tag: str = "ours",
+    env: dict[str, str] | None = None,
+    evaluate_after: bool = True,
+) -> dict:
+    """`clip-train train` on `data` (overrides `a.ours` added); as `run_openclip`."""
     name = f"{tag}-s{seed}"
     shutil.rmtree(out / name, ignore_errors=True)
     overrides = [
@@ -217,7 +234,7 @@ def run_ours(a, data: Path, seed: int, steps: int, out: Path, tag: str = "ours")
         f"run.name={name}",
         *a.ours,
     ]
-    env = _device_env(a.device)
+    env = {**_device_env(a.device), **(env or {})}
     start = time.perf_counter()
     r = subprocess.run(
         [
@@ -237,16 +254,13 @@ def run_ours(a, data: Path, seed: int, steps: int, out: Path, tag: str = "ours")
     wall = time.perf_counter() - start
     if r.returncode != 0:
         raise SystemExit(f"clip-train failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
-    lines = (out / name / "metrics.jsonl").read_text().splitlines()
-    losses = [json.loads(line)["loss"] for line in lines]
-    return {
-        "side": tag,
-        "seed": seed,
-        "steps": len(losses),
-        "wall_s": round(wall, 1),
-        "losses": losses,
-        **evaluate(["--model", str(out / name)], data, out / name, a.device),
-    }
+    rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows]
+    result = {"side": tag, "seed": seed, "steps": len(losses), "wall_s": round(wall, 1)}
+    result.update(losses=losses, samples_per_s=[row["samples_per_s"] for row in rows])
+    if not evaluate_after:
+        return result
+    return {**result, **evaluate(["--model", str(out / name)], data, out / name, a.device)}
 
 
 def evaluate(model: list[str], data: Path, where: Path, device: str) -> dict:
@@ -418,7 +432,8 @@ def main(argv=None) -> None:
             print(
                 json.dumps(
                     {
-                        **{k: v for k, v in r.items() if k != "losses"},
+                        **{k: v for k, v in r.items() if k not in ("losses", "samples_per_s")},
+                        "median_samples_per_s": round(statistics.median(r["samples_per_s"]), 1),
                         "loss_curve": curve(r["losses"], a.window),
                     }
                 ),

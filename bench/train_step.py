@@ -4,6 +4,7 @@
     python bench/train_step.py                    # bench_tiny on CPU: all four parts
     python bench/train_step.py --quick            # sanity run of every code path (small sizes)
     python bench/train_step.py --only speed --steps 20 --profile
+    python bench/train_step.py --only speed --captions ../shared/data/icons/train   # real captions
     python bench/train_step.py --only largest --tiled true --largest-sides ours
     python bench/train_step.py --device cuda --preset vit_b16 --precision bf16 --batch 256
 
@@ -23,7 +24,8 @@ What is compared (docs/benchmarks.md, "Training step"):
   no flag for fused: it is one keyword in its main.py, which OpenCLIP users can also set.
 - Data: random image tensors (pixels do not change the cost) and real captions: `data_tools.synth`
   attributes drawn at random, `make_caption` over all `CAPTION_TEMPLATES`, tokenized by open_clip's
-  BPE tokenizer to the model's context (32 for bench_tiny). Both sides get the same tensors.
+  BPE tokenizer to the model's context (32 for bench_tiny), or with --captions DIR the captions
+  of a shard set (what trimming saves depends on their length). Both sides get the same tensors.
 
 Four measurements:
 1. speed: in this process, steps alternated A B C D ... (ours fused, ours default AdamW, OpenCLIP
@@ -53,8 +55,11 @@ Four measurements:
    fitted (5% below until one fits if not), halving the bracket while a fitting step takes under
    --larger-max-s. A run stops as soon as its peak passes the budget, so failing runs are cheap;
    a fitting OpenCLIP run near its largest batch is not (each of its B/64 micro-steps computes
-   the B x B loss: most of an hour on 2 CPU cores). --max-batch caps the runs (the cap is then
-   a verified lower bound).
+   the B x B loss: most of an hour on 2 CPU cores). --openclip-micro-steps K stops OpenCLIP's
+   verification steps after K micro-steps: each makes the same allocations (the micro-batch's
+   forward, all cached features concatenated, the B x B loss, backward), so from K = 2 (the
+   gradients then exist) the peak is the whole step's but the AdamW update; the record names K.
+   --max-batch caps the runs (the cap is then a verified lower bound).
 
 JSON lines on stdout, one per figure, each with both numbers, the ratio and what it means, the
 machine, its load and the command; progress on stderr. Timings on a shared machine move with its
@@ -289,6 +294,8 @@ class OpenClip(Contestant):
         )
         self.loss = open_clip.ClipLoss()
         self.micro = micro
+        self.max_micro_steps: int | None = None  # measurement runs: stop after this many
+        self.micro_steps_run = 0
         self.device = device
         self.precision = {"fp32": "fp32", "bf16": "amp_bf16"}[precision]
         if cfg.model.max_logit_scale != 100:
@@ -314,7 +321,36 @@ class OpenClip(Contestant):
             wandb=False,
         )
         data = {"train": _Epoch(list(zip(images.split(micro), tokens.split(micro))))}
-        train_one_epoch(self.model, data, self.loss, 0, self.optimizer, None, None, None, args)
+        loss = (
+            self.loss
+            if self.max_micro_steps is None
+            else _StopAfter(self.loss, self.max_micro_steps)
+        )
+        try:
+            train_one_epoch(self.model, data, loss, 0, self.optimizer, None, None, None, args)
+        except _StopAfter.Reached:
+            self.micro_steps_run = self.max_micro_steps
+        else:
+            self.micro_steps_run = accum
+
+
+class _StopAfter:
+    """open_clip_train's loss, stopping its accumulation loop at the (k+1)-th call: k micro-steps
+    (forward, the B x B loss over all cached features, backward) have then run. Each of its
+    micro-steps makes the same allocations, so the peak of the first few is the step's; near its
+    largest batch a whole step (B / micro of them, each over B x B) is an hour on 2 CPU cores."""
+
+    class Reached(Exception):
+        pass
+
+    def __init__(self, loss, k: int):
+        self.loss, self.k, self.calls = loss, k, 0
+
+    def __call__(self, *args, **kwargs):
+        if self.calls == self.k:
+            raise self.Reached
+        self.calls += 1
+        return self.loss(*args, **kwargs)
 
 
 def captions(n: int, seed: int) -> list[str]:
@@ -336,13 +372,36 @@ def captions(n: int, seed: int) -> list[str]:
     return out
 
 
-def make_batch(cfg, batch: int, seed: int, device: torch.device):
+def shard_captions(path: str) -> list[str]:
+    """Every caption (.txt) of the tar shards under `path`, in shard and member order."""
+    import tarfile
+
+    out = []
+    for shard in sorted(Path(path).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            out += [
+                tar.extractfile(m).read().decode()
+                for m in tar
+                if m.isfile() and m.name.endswith(".txt")
+            ]
+    if not out:
+        sys.exit(f"--captions {path}: no .txt in its *.tar shards; give a shard folder")
+    return out
+
+
+def make_batch(cfg, batch: int, seed: int, device: torch.device, real: list[str] | None = None):
+    """Random images and `batch` captions: synthetic ones, or drawn from `real` (--captions)."""
     from open_clip.tokenizer import SimpleTokenizer
 
     size = cfg.model.image.img_size
     gen = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, size, size, generator=gen)
-    tokens = SimpleTokenizer(context_length=cfg.model.text.context_length)(captions(batch, seed))
+    texts = (
+        random.Random(f"bench-train-step:{seed}").sample(real, batch)
+        if real
+        else captions(batch, seed)
+    )
+    tokens = SimpleTokenizer(context_length=cfg.model.text.context_length)(texts)
     return images.to(device), tokens.to(device)
 
 
@@ -479,6 +538,10 @@ def _pairs(times: dict, cpu: dict, batch: int) -> list[dict]:
     return out
 
 
+def tag_of(accum: bool) -> str:
+    return "speed_accum" if accum else "speed"
+
+
 def bench_speed(args, device: torch.device, common: dict, accum: bool = False) -> None:
     """Both optimisers on both sides, alternated in this process. accum: the contrastive batch
     --mem-batch in micro-batches of --micro (ours GradCache, OpenCLIP accum_freq); else one
@@ -496,8 +559,9 @@ def bench_speed(args, device: torch.device, common: dict, accum: bool = False) -
     if not args.no_ablation and not accum:
         contestants.append(Ours(args.preset, device, args.precision, trim_padding=False, loss=loss))
     cfg = contestants[0].cfg
-    pool = [make_batch(cfg, batch, seed, device) for seed in range(args.pool)]
-    tag = "speed_accum" if accum else "speed"
+    real = shard_captions(args.captions) if args.captions else None
+    pool = [make_batch(cfg, batch, seed, device, real) for seed in range(args.pool)]
+    tag = tag_of(accum)
     times, cpu = _race(contestants, pool, device, warmup, steps, tag)
     med = statistics.median
     pairs = _pairs(times, cpu, batch)
@@ -522,6 +586,7 @@ def bench_speed(args, device: torch.device, common: dict, accum: bool = False) -
             longest(chunk) for _, t in pool for chunk in t.split(micro or batch)
         ),
         "context_length": cfg.model.text.context_length,
+        "captions": args.captions or "synthetic (data_tools.synth)",
         "params_ours": contestants[0].num_params(),
         "params_openclip": contestants[2].num_params(),
     }
@@ -658,6 +723,9 @@ def worker(spec: dict) -> dict:
     warmup_s = time.perf_counter() - start
     del batch
     batch = data(spec["batch"], 2)
+    partial = spec.get("max_micro_steps") if spec["impl"] == "openclip" else None
+    if partial:
+        c.max_micro_steps = partial
     start = time.perf_counter()
     run(batch)
     _sync(device)
@@ -669,6 +737,9 @@ def worker(spec: dict) -> dict:
         "warmup_s": warmup_s,
         "step_s": step_s,
     }
+    if partial:
+        out["micro_steps_run"] = c.micro_steps_run
+        out["micro_steps"] = accum_steps(spec["batch"], spec["micro"])
     if device.type == "cuda":
         out.update(
             alloc_after_build=build_alloc,
@@ -697,12 +768,14 @@ def measure(
     warmup_batch: int | None = None,
     fused: bool | None = None,
     abort_above_gib: float | None = None,
+    max_micro_steps: int | None = None,
 ) -> dict:
     """Peak memory of a warm-up step and a step at `batch` in a fresh process: ours in this
     python, OpenCLIP's (impl openclip, openclip_loss) in the venv of bench/openclip_env.sh, as
     bench/loader.py runs its side. fused: the AdamW implementation (default: each side's own,
     ours fused, OpenCLIP's default). abort_above_gib: stop the run once its peak passes that
-    (the result then has exceeded=True and no step time)."""
+    (the result then has exceeded=True and no step time). max_micro_steps (OpenCLIP): stop its
+    measured step after that many micro-steps (`_StopAfter`; the result names how many ran)."""
     spec = {
         "impl": impl,
         "batch": batch,
@@ -715,6 +788,7 @@ def measure(
         "loss": loss_kwargs(args),
         "fused": None if impl.endswith("loss") else (impl == "ours") if fused is None else fused,
         "abort_above_gib": abort_above_gib,
+        "max_micro_steps": max_micro_steps,
     }
     python = openclip_python(args) if impl.startswith("openclip") else sys.executable
     cmd = [python, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)]
@@ -743,7 +817,13 @@ def measure(
         + (" fused" if spec["fused"] and impl != "ours" else "")
         + f" warmup {spec['warmup_batch']}: "
         f"peak {res['peak'] / GIB:.3f} GiB (rss after build {res['rss_after_build'] / GIB:.3f}), "
-        f"step {res['step_s']:.1f}s, wall {wall:.0f}s"
+        f"step {res['step_s']:.1f}s"
+        + (
+            f" ({res['micro_steps_run']} of {res['micro_steps']} micro-steps)"
+            if "micro_steps_run" in res
+            else ""
+        )
+        + f", wall {wall:.0f}s"
     )
     return res
 
@@ -763,6 +843,7 @@ def _point(r: dict) -> dict:
         peak_rss_gib=round(r["peak_rss"] / GIB, 3),
         rss_after_build_gib=round(r["rss_after_build"] / GIB, 3),
         step_s=round(r["step_s"], 2),
+        **{k: r[k] for k in ("micro_steps_run", "micro_steps") if k in r},
     )
     if "peak_reserved" in r:
         keep["peak_reserved_gib"] = round(r["peak_reserved"] / GIB, 3)
@@ -856,6 +937,7 @@ def _verify(args, impl: str, predicted: int, points: list[dict]) -> tuple[int, i
             warmup_batch=min(WARMUP_BATCH, batch),
             fused=True,
             abort_above_gib=budget,
+            max_micro_steps=args.openclip_micro_steps if impl == "openclip" else None,
         )
         points.append(_point(r))
         if r["exceeded"] or r["peak"] > budget * GIB:
@@ -990,6 +1072,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--accum-steps", type=int, help="speed_accum: timed steps (default 4)")
     p.add_argument("--pool", type=int, default=4, help="speed: distinct batches cycled (default 4)")
     p.add_argument(
+        "--captions",
+        help="speed: draw the captions from the .txt of these shards (e.g. a train/ folder) "
+        "instead of synthetic ones",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="speed: torch.profiler top ops of ours and OpenCLIP, both fused (stderr)",
@@ -1035,6 +1122,12 @@ def parse(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--max-verify", type=int, default=4, help="largest batch: runs per side (default 4)"
+    )
+    p.add_argument(
+        "--openclip-micro-steps",
+        type=int,
+        help="largest batch: stop OpenCLIP's verification steps after this many micro-steps "
+        "(each repeats the same allocations; default: whole steps)",
     )
     p.add_argument(
         "--openclip-python",
