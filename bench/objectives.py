@@ -17,7 +17,10 @@ set's train split does not, so a labelled copy is written beside it in --work wi
 
 Cost: samples/s of each run (median of its logged windows) over clip's in the same seed; the
 objectives of a seed run one after the other in an order rotated per seed, so a drift in machine
-load does not always fall on the same term.
+load does not always fall on the same term. The logged samples/s mean something only on a
+machine that runs nothing else; `--no-eval --steps 40` gives that column alone, cheaply:
+
+    .venv/bin/python bench/objectives.py --data ../shared/data/icons --steps 40 --no-eval --seeds 0
 
 Prints one JSON line per run on stdout and, on stderr, a markdown table of means and standard
 deviations over seeds (the one in docs/objectives.md).
@@ -135,7 +138,7 @@ def train(a, data: Path, objective: str, seed: int) -> dict:
         "final_loss": round(statistics.fmean(r["loss"] for r in rows[-3:]), 4),
         "terms": {k: round(v, 4) for k, v in rows[-1].items() if k.startswith("loss/")},
         "samples_per_s": round(statistics.median(r["samples_per_s"] for r in rows[1:]), 1),
-        **evaluate(["--model", str(out / name)], data, out / name, a.device),
+        **({} if a.no_eval else evaluate(["--model", str(out / name)], data, out / name, a.device)),
     }
 
 
@@ -179,6 +182,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--no-eval",
+        action="store_true",
+        help="train only: short runs on a quiet machine for the samples/s column",
+    )
     p.add_argument(
         "--table-from",
         nargs="+",

@@ -91,10 +91,6 @@ def _run(cfg, resume: bool, as_json: bool, overwrite: bool = False, progress: bo
     from clip_train.preempt import PREEMPTED_EXIT_CODE
     from clip_train.train import train
 
-    if cfg.train.tune_malloc:  # process-wide, so the command decides, not train()
-        from clip_train.allocator import tune_malloc
-
-        tune_malloc()
     summary = train(cfg, resume=resume, overwrite=overwrite, progress=progress)
     main_process = os.environ.get("RANK", "0") == "0"
     if summary.get("preempted"):

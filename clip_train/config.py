@@ -184,9 +184,6 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile the model
-    # The clip-train command keeps freed memory in the process (glibc malloc thresholds,
-    # clip_train/allocator.py): fewer page faults per step on the CPU; false leaves malloc alone.
-    tune_malloc: bool = True
     # Shard parameters, gradients and optimizer state over the processes (torch's FSDP2,
     # clip_train/sharding.py) instead of replicating them (DDP); docs/scaling.md#fsdp.
     fsdp: bool = False
