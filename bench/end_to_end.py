@@ -113,7 +113,7 @@ def main(argv=None) -> None:
             log(f"round {r + 1}/{a.rounds}: {side}, {steps} steps")
             res = run_side(side, a, python, data, steps, spe, work, cfg)
             sps = res["samples_per_s"][a.skip :]
-            in_loop = sum(a.batch / x for x in sps)  # seconds of the steps after --skip
+            in_loop = sum(a.batch / x for x in res["samples_per_s"])  # every logged step
             wall[side].append(res["wall_s"])
             speed[side].append(statistics.median(sps))
             row = {"round": r, "side": side, "steps": res["steps"], "wall_s": res["wall_s"]}
