@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +72,18 @@ def test_cli_typo_is_one_line_exit_2(tmp_path):
 def test_shipped_configs_load():
     for name in ("configs/demo.yaml", "configs/bench_tiny.yaml"):
         load_config(name, ["data.train=/x"])
+
+
+@pytest.mark.parametrize("recipe", ["demo.yaml", "vit_b32_laion.yaml", "vit_b16_datacomp.yaml"])
+def test_recipe_option_line_turns_simclr_on(recipe, tmp_path):
+    """The one commented line each recipe offers (docs/objectives.md) is a valid objective."""
+    text = (Path(__file__).parents[2] / "configs" / recipe).read_text()
+    option = "  # terms: [{name: clip}, {name: simclr, weight: 0.5}]\n"
+    assert text.count(option) == 1
+    on = tmp_path / recipe
+    on.write_text(text.replace(option, option.replace("# ", "", 1)))
+    cfg = load_config(on, [f"data.train={tmp_path}"])
+    assert [(t.name, t.weight) for t in cfg.loss.terms] == [("clip", 1.0), ("simclr", 0.5)]
+    assert cfg.model.image_ssl.enabled  # the SSL head comes with the term
+    off = load_config(Path(__file__).parents[2] / "configs" / recipe, [f"data.train={tmp_path}"])
+    assert off.loss.terms == []  # off unless the line is uncommented
