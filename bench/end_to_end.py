@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import time_to_quality as ttq  # noqa: E402  (bench/, beside this file)
+from train_step import openclip_python  # noqa: E402
 
 DIFFERS = (
     "by design: ours fused AdamW, trimmed text tower, our loader and data order; the same "
@@ -76,19 +76,7 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     data = Path(a.data).resolve() if a.data else ttq.build_synth(work, a.synth_samples)
     cfg = load_config(ROOT / "configs" / "bench_tiny.yaml", [f"data.train={data / 'train'}"])
-    python = (
-        a.openclip_python
-        or (
-            subprocess.run(
-                ["bash", str(ROOT / "bench" / "openclip_env.sh")],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            .stdout.strip()
-            .splitlines()[-1]
-        )
-    )
+    python = openclip_python(a)  # bench/openclip_env.sh's venv unless --openclip-python
     spe = ttq.openclip_steps_per_epoch(ttq.shard_counts(data / "train"), a.batch, a.workers)
     if spe == 0:
         raise SystemExit(f"{data / 'train'}: too few samples for batch {a.batch}")
