@@ -190,6 +190,9 @@ class TrainConfig:
     max_nonfinite: int = 5  # stop after this many steps in a row with non-finite loss or gradients
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: known GPUs only
     seed: int = 0
+    # cuDNN's deterministic kernels (the patch embedding is the one convolution): on a GPU a
+    # resumed run then ends bit for bit as the uninterrupted one; false lets cuDNN pick others.
+    deterministic: bool = True
     log_every: int = 10
     save_every: int = 500  # 0: only at the end
     keep_last: int = 2
@@ -442,6 +445,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.image.init must be one of {', '.join(IMAGE_INITS)}, not '{img.init}'"
         )
+    if cfg.train.mixed_precision == "False":  # YAML reads a bare `no` as false
+        cfg.train.mixed_precision = "no"
     if cfg.train.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(
             f"train.mixed_precision must be no, bf16 or fp16, not '{cfg.train.mixed_precision}'"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -98,6 +99,13 @@ def _accelerator(cfg: Config) -> Accelerator:
                 f"pip install 'clip-train[{tracker}]'"
                 + (" (set WANDB_MODE=offline to log without network)" if tracker == "wandb" else "")
             )
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if torch.cuda.is_available() and local > torch.cuda.device_count():
+        gpus = torch.cuda.device_count()
+        raise ConfigError(
+            f"{local} processes on this node but {gpus} GPU(s): launch at most {gpus} "
+            f"(--nproc_per_node {gpus}), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on CPUs"
+        )
     # Accelerate keeps process-wide state; drop a previous run's precision settings so `train` can
     # be called again in one process (notebooks, sweeps, tests). The process group is kept.
     AcceleratorState._reset_state()
@@ -227,6 +235,8 @@ def train(
         )
     suite = load_eval_suite(cfg)  # a bad suite file fails now, not hours into the run
     set_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
     # ---------------------------------------------------------------- model
     model = build_model(cfg.model)

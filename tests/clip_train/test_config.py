@@ -24,6 +24,17 @@ def test_saved_yaml_round_trips(tmp_path):
     assert load_config(path) == cfg
 
 
+def test_mixed_precision_no_is_the_string_not_yaml_false(tmp_path):
+    """YAML 1.1 reads a bare `no` as false; the key takes it as the documented value 'no'."""
+    assert (
+        load_config(None, ["data.train=/x", "train.mixed_precision=no"]).train.mixed_precision
+        == "no"
+    )
+    preset = tmp_path / "run.yaml"
+    preset.write_text("data:\n  train: /x\ntrain:\n  mixed_precision: no\n")
+    assert load_config(preset).train.mixed_precision == "no"
+
+
 @pytest.mark.parametrize(
     "override, words",
     [

@@ -4,13 +4,13 @@ once across the two layouts, the contrastive batch stays 16, and step, schedule 
 step count continue as in the run that kept its processes."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from checkout_env import checkout_env  # tests/, on sys.path
 from smoke_config import TINY
 
 from data_tools.synth import SynthConfig, write_synth
@@ -44,7 +44,7 @@ def _launch(processes, *args):
         head += ["--nproc_per_node", str(processes), "-m", "clip_train"]
     done = subprocess.run(
         [*head, *args],
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        env=checkout_env(),
         capture_output=True,
         text=True,
         timeout=600,

@@ -13,6 +13,7 @@ import time
 
 import psutil
 import torch
+from checkout_env import checkout_env  # tests/, on sys.path
 from safetensors.torch import load_file
 from smoke_config import TINY
 
@@ -42,7 +43,7 @@ def _dirty_copy(synth_dir, out):
 
 
 def _torchrun(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = checkout_env()
     return subprocess.Popen(
         [
             sys.executable,

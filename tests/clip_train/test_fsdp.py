@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from checkout_env import checkout_env  # tests/, on sys.path
 from safetensors.torch import load_file
 from smoke_config import TINY
 
@@ -41,8 +42,7 @@ COMMON = [
 def _torchrun(synth_dir, out, *args):
     """A two-process `clip-train` on this checkout, each worker in its own session (torchrun's
     way)."""
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    env = checkout_env()
     if args[0] == "train":
         args = (
             "train",
@@ -130,9 +130,6 @@ def test_fsdp_gradients_and_clipping_match_ddp(tmp_path):
     float32 rounding only: the norm's sum of squares runs over shards, then across processes, in
     another order than over whole tensors (relative differences ~1e-7)."""
     out = tmp_path / "grads.pt"
-    path = os.pathsep.join(
-        p for p in (str(REPO), str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p
-    )
     proc = subprocess.run(
         [
             sys.executable,
@@ -146,7 +143,7 @@ def test_fsdp_gradients_and_clipping_match_ddp(tmp_path):
         ],
         capture_output=True,
         text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path),
+        env=checkout_env(),
         cwd=REPO,
         timeout=300,
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkout_env import checkout_env  # tests/, on sys.path
 from safetensors.torch import load_file
 from smoke_config import TINY
 
@@ -22,8 +23,7 @@ STEPS = 40
 
 def _train(synth_dir, out, name, *extra):
     """A `clip-train train` process in its own process group (its loader worker included)."""
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    env = checkout_env()
     args = [
         f"data.train={synth_dir}/train",
         f"run.output_dir={out}",
@@ -126,8 +126,7 @@ def test_a_signal_to_one_rank_stops_both(synth_dir, tmp_path):
 
     import psutil
 
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    env = checkout_env()
     args = [
         f"data.train={synth_dir}/train",
         f"run.output_dir={tmp_path}",

@@ -1,7 +1,6 @@
 """The tiled InfoNCE (`loss.tiled`) equals the full loss: alone, with GradCache, over two processes,
 and never creates a B x B tensor."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from checkout_env import checkout_env  # tests/, on sys.path
 from open_clip.loss import ClipLoss
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -103,8 +103,7 @@ def test_gradcache_with_tiled_loss_equals_one_big_batch(tiny_model_cfg):
 def test_two_processes_tiled_equal_one_untiled(tmp_path):
     """torchrun, gloo: full and local loss, with and without GradCache, tiled on each rank."""
     out = tmp_path / "grads.pt"
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)  # the workers import this checkout
+    env = checkout_env()  # the workers import this checkout, on the CPU
     proc = subprocess.run(
         [
             sys.executable,

@@ -110,6 +110,32 @@ def test_fp16_on_cpu_is_a_config_error(synth_dir, tmp_path, make_cfg):
         train(make_cfg(synth_dir, tmp_path, "fp16", *QUIET, "train.mixed_precision=fp16"))
 
 
+def test_more_processes_than_gpus_is_one_line(synth_dir, tmp_path, make_cfg, monkeypatch):
+    """Two processes on a node with one GPU stop before training (NCCL would refuse them)."""
+    from data_tools.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="2 processes on this node but 1 GPU") as info:
+        train(make_cfg(synth_dir, tmp_path, "two", *QUIET, "train.steps=1"))
+    assert "\n" not in str(info.value) and not (tmp_path / "two" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_deterministic_turns_on_cudnns_deterministic_kernels(
+    synth_dir, tmp_path, make_cfg, monkeypatch, deterministic
+):
+    """The GPU check is tests/clip_train/test_objective.py's simclr resume, bit for bit on a GPU
+    only with these kernels (an H100 run differed in 57 of 72 tensors without them)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    overrides = (*QUIET, "train.steps=1", f"train.deterministic={str(deterministic).lower()}")
+    train(make_cfg(synth_dir, tmp_path, "det", *overrides))
+    assert torch.backends.cudnn.deterministic is deterministic
+    assert torch.backends.cudnn.benchmark is not deterministic
+
+
 @pytest.mark.slow
 def test_compiled_model_trains_and_saves_plain_names(synth_dir, tmp_path, make_cfg):
     """torch.compile in place: the loop runs and checkpoints keep the uncompiled parameter names."""

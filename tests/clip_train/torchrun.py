@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def checkout_env() -> dict:
-    """Subprocess environment that imports this checkout's packages, not an installed copy.
-
-    A script's own folder comes first on its sys.path, so without this the worker would import
-    whatever clip_train the venv has installed (another checkout, under an editable install).
-    """
-    path = [str(REPO), os.environ.get("PYTHONPATH", "")]
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in path if p))
+from checkout_env import REPO, checkout_env  # noqa: F401  (tests/, on sys.path)
 
 
 def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -4,7 +4,6 @@ mismatched captions; resume, refusals, threshold checks, and score under torchru
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from checkout_env import checkout_env  # tests/, on sys.path
 
 from data_tools.cli import main
 from data_tools.curate import dedup as dd
@@ -537,11 +537,7 @@ def test_near_pairs_and_deterministic_choice():
 
 
 def test_score_under_torchrun_matches_one_process(data, export, cli_scores, tmp_path):
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p),
-    )
+    env = checkout_env()
     out = tmp_path / "scores2"
     proc = subprocess.run(
         [
