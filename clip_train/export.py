@@ -22,6 +22,8 @@ import json
 import logging
 import os
 import shutil
+import typing
+from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ from clip_train.model import (
     inference_state,
     timm_overrides,
 )
-from data_tools.errors import ClipTrainError
+from data_tools.errors import ClipTrainError, ConfigError
 from data_tools.io import share_tree
 
 log = logging.getLogger(__name__)
@@ -288,10 +290,49 @@ def load_model(path: str | Path) -> CLIPModel:
 
 
 def _run_config(path: Path) -> Config:
-    """The resolved config a run saved (the schema fills keys added since)."""
-    saved = OmegaConf.load(path)
-    merged = OmegaConf.merge(OmegaConf.structured(Config), saved)
+    """The resolved config a run saved: the schema fills keys added since; keys it does not know
+    (a newer clip-train saved the run) are dropped with a warning, except under `model`, where
+    an unknown key may change what the weights compute, so loading stops with one line."""
+    saved = OmegaConf.to_container(OmegaConf.load(path))
+    schema = OmegaConf.structured(Config)
+    unknown = _unknown_keys(saved, Config)
+    for key in unknown:
+        if key.startswith("model."):
+            raise ConfigError(
+                f"{path}: model key '{key}' is unknown to this clip-train (the run was saved by a "
+                "newer version?): upgrade clip-train to load this model"
+            )
+        log.warning("%s: key '%s' unknown to this clip-train, ignored", path, key)
+    merged = OmegaConf.merge(schema, _without(saved, set(unknown)))
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def _unknown_keys(saved: Any, cls: type, prefix: str = "") -> list[str]:
+    """Dotted keys of `saved` (plain containers) that the config dataclass `cls` does not have."""
+    if not isinstance(saved, dict):
+        return []
+    hints = typing.get_type_hints(cls)
+    out = []
+    for key, value in saved.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            out.append(name)
+            continue
+        nested = [t for t in (hints[key], *typing.get_args(hints[key])) if is_dataclass(t)]
+        if nested:  # a section (or an optional one); free-form dicts keep any key
+            out += _unknown_keys(value, nested[0], name + ".")
+    return out
+
+
+def _without(saved: dict, dotted: set[str], prefix: str = "") -> dict:
+    """`saved` without the dotted keys."""
+    out = {}
+    for key, value in saved.items():
+        name = f"{prefix}{key}"
+        if name in dotted:
+            continue
+        out[key] = _without(value, dotted, name + ".") if isinstance(value, dict) else value
+    return out
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> ClipEncoder:

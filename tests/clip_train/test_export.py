@@ -156,3 +156,31 @@ def test_timm_rebuilds_trunk_with_or_without_ln_pre(tiny_model_cfg, tmp_path, pr
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(trunk(images), model.visual.trunk(images))
+
+
+def test_a_run_saved_by_a_newer_version_loads_or_says_why(tiny_model_cfg, tmp_path, caplog):
+    """A key this version does not know: ignored with a warning outside `model`; under `model`
+    (it may change what the weights compute) one line asking for a newer clip-train."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from clip_train.checkpoint import MODEL_FILE
+    from clip_train.config import Config, config_to_dict
+
+    torch.manual_seed(0)
+    model = build_model(tiny_model_cfg)
+    save_file(model.state_dict(), str(tmp_path / MODEL_FILE))
+    saved = config_to_dict(Config(model=tiny_model_cfg))
+    saved["data"]["train"] = "/x"
+    saved["train"]["a_future_key"] = 1
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    loaded = clip_train.load(tmp_path)
+    assert "train.a_future_key" in caplog.text
+    image = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.encode_image(image), model.eval().encode_image(image))
+
+    saved["model"]["image"]["a_future_switch"] = True
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(clip_train.ClipTrainError, match="model.image.a_future_switch") as info:
+        clip_train.load(tmp_path)
+    assert "\n" not in str(info.value)
