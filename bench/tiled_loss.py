@@ -164,7 +164,14 @@ def bench_largest(args, common: dict, loss_runs: dict[str, list[dict]]) -> None:
     ts.log(
         f"tiled step: {a / GIB:.3f} GiB + ({b / 1024:.1f} + {d / 1024:.2f}) KiB x B -> {predicted}"
     )
-    verify = ts.measure(tiled_args, "ours", args.verify_batch, micro=args.micro, warmup_batch=64)
+    verify = ts.measure(  # stopped as soon as its peak passes the budget: it did not fit
+        tiled_args,
+        "ours",
+        args.verify_batch,
+        micro=args.micro,
+        warmup_batch=64,
+        abort_above_gib=args.budget_gib,
+    )
     ts.emit(
         {
             "metric": "largest_batch_tiled",
@@ -181,7 +188,8 @@ def bench_largest(args, common: dict, loss_runs: dict[str, list[dict]]) -> None:
             "verified_batch": args.verify_batch,
             "verified_peak_gib": round(verify["peak"] / GIB, 3),
             "verified_predicted_gib": round((a + (b + d) * args.verify_batch) / GIB, 3),
-            "verified_step_s": round(verify["step_s"], 1),
+            "verified_fits": not verify["exceeded"],
+            "verified_step_s": None if verify["exceeded"] else round(verify["step_s"], 1),
             "points": [ts._point(r) for r in runs + [verify]],
         },
         common,
