@@ -1,5 +1,6 @@
-"""The environment of the processes the tests start with torchrun: this checkout's code, one
-thread each, and the CPU (gloo), also on a machine with a GPU.
+"""The environment of the training processes the tests start (torchrun's, and the single runs
+compared with them): this checkout's code, one thread each, and the CPU (gloo), also on a
+machine with a GPU.
 
 A script's own folder comes first on its sys.path, so without PYTHONPATH a worker would import
 whatever clip_train the venv has installed (another checkout, under an editable install). The
