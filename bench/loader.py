@@ -4,6 +4,7 @@
     .venv/bin/python bench/loader.py                 # 64 and 224 px, 2 workers, batch 256
     .venv/bin/python bench/loader.py --sizes 64 --rounds 5 --profile
     .venv/bin/python bench/loader.py --skip-openclip --second-view   # + SimCLR's second view
+    .venv/bin/python bench/loader.py --uint8         # + ours sending uint8 pixels (the trainer's)
 
 Builds shards of 256 px JPEGs with captions with `clip-data synth --image-size 256` (once, in
 --data), then for each round and image size times both pipelines from the same shards to
@@ -21,6 +22,10 @@ in-process under cProfile for one size and prints where the time goes. `--second
 times ours with `image_views=2` (the SimCLR view a simclr term asks for: decoded once, augmented
 twice) and reports "ours_2views" and "second_view_cost" = ours / ours_2views (how many times
 slower the loader is with the second view; in the summary, the median of the per-round ratios).
+`--uint8` also times ours with `uint8_images=True`, what `clip-train train` runs by default
+(`data.uint8_images`): the batch as uint8 pixels, normalised later per micro-batch in the step,
+so not model-ready: "ours_uint8", "uint8_speedup" = ours_uint8 / ours and "ratio_uint8" =
+ours_uint8 / OpenCLIP (what differs: the loader leaves normalisation to the training step).
 """
 
 from __future__ import annotations
@@ -88,8 +93,10 @@ def ours(
     shuffle: int,
     seed: int,
     image_views: int = 1,
+    uint8_images: bool = False,
 ) -> float:
     import open_clip
+    import torch
 
     from data_tools.loader import make_loader
     from data_tools.transforms import ImageTransform
@@ -104,6 +111,7 @@ def ours(
         shuffle_buffer=shuffle,
         seed=seed,
         image_views=image_views,
+        uint8_images=uint8_images,
     )
     it = iter(loader)
     for _ in range(warmup):
@@ -116,6 +124,7 @@ def ours(
     took = time.perf_counter() - start
     assert b["image"].shape[-1] == size and b["text"].shape[1] == 77
     assert ("image_2" in b) == (image_views == 2)
+    assert b["image"].dtype == (torch.uint8 if uint8_images else torch.float32)
     loader.close()
     return n / took
 
@@ -221,6 +230,11 @@ def main() -> None:
         action="store_true",
         help="also time ours with image_views=2 (SimCLR's second augmented view)",
     )
+    ap.add_argument(
+        "--uint8",
+        action="store_true",
+        help="also time ours with uint8_images=True (the trainer's default; normalised later)",
+    )
     ap.add_argument("--profile", action="store_true", help="also profile ours at --sizes[0]")
     a = ap.parse_args()
 
@@ -247,14 +261,15 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
     }
     print(json.dumps(info), flush=True)
-    sides = ("ours", "openclip", "ours_2views")
+    sides = ("ours", "openclip", "ours_2views", "ours_uint8")
     results: dict[int, dict[str, list[float]]] = {s: {k: [] for k in sides} for s in a.sizes}
     for r in range(a.rounds):
         for size in a.sizes:
             row = {"bench": "loader", "round": r, "image_size": size}
             order = ["ours", "openclip"] + (["ours_2views"] if a.second_view else [])
+            order += ["ours_uint8"] if a.uint8 else []
             for side in order if r % 2 == 0 else reversed(order):  # alternate who goes first
-                if side == "ours" or side == "ours_2views":
+                if side.startswith("ours"):
                     row[side] = ours(
                         shards,
                         size,
@@ -265,6 +280,7 @@ def main() -> None:
                         a.shuffle_buffer,
                         r,
                         image_views=2 if side == "ours_2views" else 1,
+                        uint8_images=side == "ours_uint8",
                     )
                 elif not a.skip_openclip:
                     row["openclip"] = openclip(
@@ -278,6 +294,10 @@ def main() -> None:
                 row["ratio"] = round(row["ours"] / row["openclip"], 2)
             if "ours_2views" in row:
                 row["second_view_cost"] = round(row["ours"] / row["ours_2views"], 2)
+            if "ours_uint8" in row:
+                row["uint8_speedup"] = round(row["ours_uint8"] / row["ours"], 2)
+                if "openclip" in row:
+                    row["ratio_uint8"] = round(row["ours_uint8"] / row["openclip"], 2)
             print(json.dumps(row), flush=True)
     for size in a.sizes:
         if not results[size]["ours"]:
@@ -311,6 +331,16 @@ def main() -> None:
                     "second_view_cost_max": round(max(costs), 2),
                 }
             )
+        if results[size]["ours_uint8"]:
+            fast = results[size]["ours_uint8"]
+            row["ours_uint8"] = round(statistics.median(fast), 1)
+            row["uint8_speedup"] = round(  # per-round pairs, as above
+                statistics.median([x / y for x, y in zip(fast, results[size]["ours"])]), 2
+            )
+            if results[size]["openclip"]:
+                row["ratio_uint8"] = round(
+                    statistics.median([x / y for x, y in zip(fast, results[size]["openclip"])]), 2
+                )
         print(json.dumps(row), flush=True)
     if a.profile:
         profile(shards, a.sizes[0], a.batch_size, 8)

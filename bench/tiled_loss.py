@@ -20,7 +20,8 @@ its own worker: peak RSS (VmHWM) of a fresh subprocess per figure, after a warm-
    towards fitting); largest B = (budget - a) / (b + d). A full
    step at a batch the full logits cannot reach is run to check the fit (--verify-batch); a full
    step at 100,000 takes most of an hour on 2 CPU cores, so that one is predicted, and the loss
-   itself is measured there (part 1).
+   itself is measured there (part 1). The batches are uint8 pixels normalised per micro-batch,
+   as the trainer holds them (`data.uint8_images`, its default); --float-images for float32.
 """
 
 from __future__ import annotations
@@ -147,13 +148,16 @@ def bench_speed(args, common: dict) -> None:
 def bench_largest(args, common: dict, loss_runs: dict[str, list[dict]]) -> None:
     tiled_args = _args_with(args, True)
     budget = args.budget_gib * GIB
+    uint8 = not args.float_images
     runs = [
-        ts.measure(tiled_args, "ours", n, micro=args.micro, warmup_batch=64)
+        ts.measure(tiled_args, "ours", n, micro=args.micro, warmup_batch=64, uint8_images=uint8)
         for n in (args.mem_batch, 2 * args.mem_batch)
     ]
     a, b = ts._lstsq([[1.0, r["batch"]] for r in runs], [r["peak"] for r in runs])
-    cfg = ts.our_config(args.preset)  # the batch itself (fp32 images, int64 tokens) is a floor on b
-    floor = 3 * cfg.model.image.img_size**2 * 4 + cfg.model.text.context_length * 8
+    # the batch itself (uint8 or fp32 images, int64 tokens) is a floor on b
+    cfg = ts.our_config(args.preset)
+    pixel_bytes = 1 if uint8 else 4
+    floor = 3 * cfg.model.image.img_size**2 * pixel_bytes + cfg.model.text.context_length * 8
     if b < floor:
         a, b = a + (b - floor) * args.mem_batch, floor  # through the first point with slope `floor`
     tiled = loss_runs.get("tiled") or [
@@ -171,6 +175,7 @@ def bench_largest(args, common: dict, loss_runs: dict[str, list[dict]]) -> None:
         micro=args.micro,
         warmup_batch=64,
         abort_above_gib=args.budget_gib,
+        uint8_images=uint8,
     )
     ts.emit(
         {
@@ -179,6 +184,7 @@ def bench_largest(args, common: dict, loss_runs: dict[str, list[dict]]) -> None:
             "memory": ts.memory_unit(args),
             "tile_size": args.tile_size,
             "micro": args.micro,
+            "images": "uint8, normalised per micro-batch" if uint8 else "float32",
             "predicted": predicted,
             "fit": {
                 "const_gib": round(a / GIB, 3),
@@ -220,6 +226,11 @@ def main(argv=None) -> None:
     p.add_argument("--mem-batch", type=int, default=512)
     p.add_argument("--budget-gib", type=float, default=8.0)
     p.add_argument("--verify-batch", type=int, default=24576)
+    p.add_argument(
+        "--float-images",
+        action="store_true",
+        help="largest: float32 batches (before data.uint8_images) instead of the trainer's uint8",
+    )
     args = p.parse_args(argv)
     args.precision = "fp32"
     only = set(args.only or ("memory", "speed", "largest"))

@@ -170,10 +170,12 @@ class Ours(Contestant):
         trim_padding: bool = True,
         loss: dict | None = None,
         fused: bool = True,
+        uint8_images: bool = False,
     ):
         from clip_train.losses import build_loss
         from clip_train.model import build_model
         from clip_train.optim import build_optimizer, param_groups
+        from data_tools.transforms import ImageTransform
 
         self.name = ("ours" if trim_padding else "ours_no_trim") + ("" if fused else "_unfused")
         self.cfg = our_config(preset, [] if trim_padding else ["model.text.trim_padding=false"])
@@ -191,6 +193,11 @@ class Ours(Contestant):
         self.loss = build_loss("clip", **(loss or LOSS_UNTILED))
         self.micro = micro
         self.autocast = _autocast(device, precision)
+        # uint8 batches, normalised per micro-batch, as clip_train.train runs with its default
+        # data.uint8_images
+        self.prepare = (
+            ImageTransform(self.cfg.model.image.img_size).normalize if uint8_images else None
+        )
 
     def step(self, images: torch.Tensor, tokens: torch.Tensor) -> None:
         from clip_train.step import forward_backward
@@ -202,6 +209,7 @@ class Ours(Contestant):
             tokens,
             accum_steps=accum_steps(images.shape[0], self.micro),
             autocast=self.autocast,
+            prepare=self.prepare,
         )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -389,13 +397,25 @@ def shard_captions(path: str) -> list[str]:
     return out
 
 
-def make_batch(cfg, batch: int, seed: int, device: torch.device, real: list[str] | None = None):
-    """Random images and `batch` captions: synthetic ones, or drawn from `real` (--captions)."""
+def make_batch(
+    cfg,
+    batch: int,
+    seed: int,
+    device: torch.device,
+    real: list[str] | None = None,
+    uint8: bool = False,
+):
+    """Random images (float32, or uint8 pixels with `uint8`) and `batch` captions: synthetic
+    ones, or drawn from `real` (--captions)."""
     from open_clip.tokenizer import SimpleTokenizer
 
     size = cfg.model.image.img_size
     gen = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, size, size, generator=gen)
+    shape = (batch, 3, size, size)
+    if uint8:
+        images = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+    else:
+        images = torch.randn(*shape, generator=gen)
     texts = (
         random.Random(f"bench-train-step:{seed}").sample(real, batch)
         if real
@@ -694,6 +714,7 @@ def worker(spec: dict) -> dict:
                 micro=spec.get("micro"),
                 loss=spec.get("loss"),
                 fused=spec.get("fused", True),
+                uint8_images=spec.get("uint8_images", False),
             )
             if spec["impl"] == "ours"
             else OpenClip(
@@ -708,7 +729,7 @@ def worker(spec: dict) -> dict:
         cfg = our_config(spec["preset"])
 
         def data(batch: int, seed: int):
-            return make_batch(cfg, batch, seed, device)
+            return make_batch(cfg, batch, seed, device, uint8=spec.get("uint8_images", False))
 
         def run(batch) -> None:
             c.step(*batch)
@@ -769,13 +790,16 @@ def measure(
     fused: bool | None = None,
     abort_above_gib: float | None = None,
     max_micro_steps: int | None = None,
+    uint8_images: bool = False,
 ) -> dict:
     """Peak memory of a warm-up step and a step at `batch` in a fresh process: ours in this
     python, OpenCLIP's (impl openclip, openclip_loss) in the venv of bench/openclip_env.sh, as
     bench/loader.py runs its side. fused: the AdamW implementation (default: each side's own,
     ours fused, OpenCLIP's default). abort_above_gib: stop the run once its peak passes that
     (the result then has exceeded=True and no step time). max_micro_steps (OpenCLIP): stop its
-    measured step after that many micro-steps (`_StopAfter`; the result names how many ran)."""
+    measured step after that many micro-steps (`_StopAfter`; the result names how many ran).
+    uint8_images (ours): the batch as uint8 pixels, normalised per micro-batch (the trainer's
+    default) instead of float32 images."""
     spec = {
         "impl": impl,
         "batch": batch,
@@ -789,6 +813,7 @@ def measure(
         "fused": None if impl.endswith("loss") else (impl == "ours") if fused is None else fused,
         "abort_above_gib": abort_above_gib,
         "max_micro_steps": max_micro_steps,
+        "uint8_images": uint8_images,
     }
     python = openclip_python(args) if impl.startswith("openclip") else sys.executable
     cmd = [python, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)]

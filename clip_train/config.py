@@ -123,6 +123,9 @@ class DataConfig:
     weights: list[float] | None = None  # one per '::'-separated source of data.train (resampled)
     samples_per_epoch: int | None = None  # resampled: samples in one pass (for epochs in the log)
     max_bad_fraction: float = 0.01  # stop when more of the samples read than this are unusable
+    # workers send uint8 pixels; the step normalises each micro-batch on the device (a quarter of
+    # the bytes in shared memory, host-to-device copies and the batch held through the step)
+    uint8_images: bool = True
 
 
 @dataclass

@@ -30,6 +30,16 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
+def _store(
+    buffers: dict[str, torch.Tensor], key: str, value: torch.Tensor, at: int, n: int
+) -> None:
+    """Copy `value` (one micro-batch's rows) into rows `at`... of `buffers[key]`, a tensor of `n`
+    rows made on first use (like `value` otherwise)."""
+    if key not in buffers:
+        buffers[key] = value.new_empty((n, *value.shape[1:]))
+    buffers[key][at : at + value.shape[0]].copy_(value)
+
+
 # Per-sample outputs of the model a loss reads, cached per micro-batch with GradCache; the
 # second text view (another dropout mask of the same captions) exists only for SimCSE, the two
 # image views through the image SSL head only with a second image view (SimCLR, BYOL), and
@@ -88,6 +98,7 @@ def forward_backward(
     text_views: int = 1,
     targets: Targets | None = None,
     images_2: torch.Tensor | None = None,
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Forward and backward of one step; returns the (detached) loss terms.
 
@@ -99,9 +110,18 @@ def forward_backward(
     target projections) runs once per micro-batch without a graph, and the loss gets its
     outputs, for the whole batch, under their names.
 
+    `prepare` (the loader's `ImageTransform.normalize`) turns images as the loader sent them (uint8
+    pixels, a quarter of float32's bytes) into the model's input, one micro-batch at a time, so
+    the step never holds the whole batch as floats (4.6 GiB of 64 px images at batch 100,000).
+
     `autocast`, `backward` and `no_sync` come from Accelerate (mixed precision, loss scaling, DDP
     gradient sync); the defaults run plain PyTorch.
     """
+
+    def inputs(im: torch.Tensor, im2: torch.Tensor | None) -> tuple:
+        if prepare is None:
+            return im, im2
+        return prepare(im), None if im2 is None else prepare(im2)
 
     def forward(im: torch.Tensor, tok: torch.Tensor, im2: torch.Tensor | None) -> dict:
         options = {} if text_views == 1 else {"text_views": text_views}
@@ -110,6 +130,7 @@ def forward_backward(
         return model(im, tok, **options)
 
     if accum_steps == 1:
+        images, images_2 = inputs(images, images_2)
         with autocast():
             out = forward(images, tokens, images_2)
             losses = _loss(
@@ -130,28 +151,36 @@ def forward_backward(
     view_chunks = [None] * accum_steps if images_2 is None else images_2.chunk(accum_steps)
     device = images.device
 
-    # 1. embeddings of every micro-batch, no graph; remember the RNG so step 3 replays it exactly
-    rng_states: list[tuple] = []
-    cached: dict[str, list[torch.Tensor]] = {}
-    cached_targets: dict[str, list[torch.Tensor]] = {}
+    # 1. embeddings of every micro-batch, no graph; remember the RNG so step 3 replays it exactly.
+    # What this pass keeps (embeddings, momentum targets, RNG states) is copied into tensors made
+    # once for the whole batch: hundreds of small tensors kept one per micro-batch, each allocated
+    # between that micro-batch's MiB-sized temporaries, pin glibc's heap so it cannot reuse or
+    # return the space around them (at batch 100,032 on the CPU the heap grew by GiBs in this pass).
+    n = images.shape[0]
+    features: dict[str, torch.Tensor] = {}
+    batch_targets: dict[str, torch.Tensor] = {}  # no graph: not leaves
+    rng_states: dict[str, torch.Tensor] = {}  # "cpu", "cuda": one row per micro-batch
+    at = 0
     with torch.no_grad():
-        for im, tok, im2 in zip(image_chunks, token_chunks, view_chunks):
-            rng_states.append(_rng_state(device))
+        for k, (im, tok, im2) in enumerate(zip(image_chunks, token_chunks, view_chunks)):
+            im, im2 = inputs(im, im2)
+            for name, state in zip(("cpu", "cuda"), _rng_state(device)):
+                if state is not None:
+                    _store(rng_states, name, state[None], k, accum_steps)
             with autocast():
                 out = forward(im, tok, im2)
                 for key, value in (targets(im, tok, im2) if targets is not None else {}).items():
-                    cached_targets.setdefault(key, []).append(value)
+                    _store(batch_targets, key, value, at, n)
             for key in FEATURES:
                 if key in out:
-                    cached.setdefault(key, []).append(out[key])
+                    _store(features, key, out[key], at, n)
+            at += im.shape[0]
         scalars = {"logit_scale": out["logit_scale"], **_extras(out)}
     rng_after = _rng_state(device)
 
     # 2. the loss on the whole batch, with the embeddings (and the temperature, bias) as leaves
-    features = {k: torch.cat(v).detach().requires_grad_() for k, v in cached.items()}
-    del cached  # the per-micro-batch copies: ~2 KiB a sample at embed dim 256
+    features = {k: v.requires_grad_() for k, v in features.items()}
     leaves = {k: v.detach().requires_grad_() for k, v in scalars.items()}
-    batch_targets = {k: torch.cat(v) for k, v in cached_targets.items()}  # no graph: not leaves
     with autocast():
         losses = _loss(loss_fn, features, leaves, labels, batch_targets)
     backward(losses["loss"])  # grads land on the leaves (scaled, under fp16 loss scaling)
@@ -167,7 +196,10 @@ def forward_backward(
     # the same (DDP-wrapped) forward as every other parameter.
     for k, (im, tok, im2) in enumerate(zip(image_chunks, token_chunks, view_chunks)):
         last = k == accum_steps - 1
-        _set_rng_state(rng_states[k], device)
+        im, im2 = inputs(im, im2)
+        # a copy of the row: torch's set_rng_state reads a state's storage from its start
+        cuda_state = rng_states["cuda"][k].clone() if "cuda" in rng_states else None
+        _set_rng_state((rng_states["cpu"][k].clone(), cuda_state), device)
         with contextlib.nullcontext() if last else no_sync():
             with autocast():
                 out = forward(im, tok, im2)

@@ -445,6 +445,7 @@ def train(
             budget=budget,
             with_label=needs_labels,
             image_views=2 if needs_views else 1,  # "image_2": SimCLR's augmentation
+            uint8_images=cfg.data.uint8_images,  # normalised per micro-batch in forward_backward
         )
 
     # ---------------------------------------------------------------- publish
@@ -540,6 +541,7 @@ def train(
                 text_views=2 if "text_views" in loss_fn.needs else 1,
                 targets=loss_fn.targets if loss_fn.has_targets else None,
                 images_2=images_2,
+                prepare=train_transform.normalize if cfg.data.uint8_images else None,
                 autocast=accelerator.autocast,
                 backward=accelerator.backward,
                 no_sync=no_sync,

@@ -29,9 +29,13 @@ class Batcher:
     callable's tensors are stacked at the end. `view_transform` (SimCLR's augmentation,
     `data_tools.transforms.SimCLRTransform`) makes a second view of every image into "image_2":
     the image is decoded once, at the larger resolution the two views need, and augmented twice.
+    `uint8=True` keeps the images as uint8 pixels (the transform's `normalize` finishes them),
+    which needs such a transform.
     """
 
-    def __init__(self, batch_size: int, transform: Any, view_transform: Any = None) -> None:
+    def __init__(
+        self, batch_size: int, transform: Any, view_transform: Any = None, uint8: bool = False
+    ) -> None:
         self.batch_size = batch_size
         self.transform = transform
         self.view_transform = view_transform
@@ -41,6 +45,9 @@ class Batcher:
             if t is not None
             for name in ("decode", "resize_rgb", "to_tensor_into")
         )
+        if uint8 and not self.fast:
+            raise ValueError("uint8 images need transforms with decode, resize_rgb, to_tensor_into")
+        self.dtype = torch.uint8 if uint8 else torch.float32
         self.reset()
 
     def reset(self) -> None:
@@ -72,7 +79,7 @@ class Batcher:
 
     def _slots(self, transform: Any) -> torch.Tensor:
         size = transform.image_size
-        return empty_shared((self.batch_size, 3, size, size), torch.float32)
+        return empty_shared((self.batch_size, 3, size, size), self.dtype)
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)

@@ -38,12 +38,14 @@ and torch's global RNGs instead; with ``num_workers=0`` those are left alone).
 
 Batches
 -------
-A dict with "image" [B,3,H,W] float32, "key" list[str], "caption" list[str] (when the shards
-have .txt), "text" [B,L] long (with a tokenizer), "label" [B] long (``with_label``), "json"
-list[dict] (``with_json``), "image_2" [B,3,H,W] float32 (``image_views=2``: a second view of
-the same images, decoded once and augmented again by ``view_transform``, by default SimCLR's
-augmentation `data_tools.transforms.SimCLRTransform`; its RNG is reseeded per batch like the
-first view's, from its own stream), plus private keys (leading ``_``) that the trainer may read:
+A dict with "image" [B,3,H,W] float32 (uint8 pixels with ``uint8_images``: a quarter of the
+bytes; ``image_transform.normalize`` turns them into the float32 batch, bit for bit), "key"
+list[str], "caption" list[str] (when the shards have .txt), "text" [B,L] long (with a
+tokenizer), "label" [B] long (``with_label``), "json" list[dict] (``with_json``), "image_2"
+[B,3,H,W] like "image" (``image_views=2``: a second view of the same images, decoded once and
+augmented again by ``view_transform``, by default SimCLR's augmentation
+`data_tools.transforms.SimCLRTransform`; its RNG is reseeded per batch like the first view's,
+from its own stream), plus private keys (leading ``_``) that the trainer may read:
 
 - ``_skipped``: {reason: count} of bad samples this worker skipped since its previous batch,
   for every reason in `SKIP_REASONS`; ``_seen``: samples it examined in that span (good and
@@ -208,6 +210,7 @@ def make_loader(
     budget: BadSampleBudget | None = None,
     image_views: int = 1,
     view_transform: Callable[[Image.Image], torch.Tensor] | None = None,
+    uint8_images: bool = False,
 ) -> ShardLoader:
     """Stream batches from WebDataset shards for one rank (see the module docstring).
 
@@ -225,7 +228,10 @@ def make_loader(
     Images with more than `max_pixels` pixels (default: PIL's `MAX_IMAGE_PIXELS`) are
     skipped as `too_large` before decoding. `image_views=2` adds "image_2", a second view of
     each image through `view_transform` (default: `SimCLRTransform` at the size, mean and std
-    of `image_transform`, which must then be an `ImageTransform`).
+    of `image_transform`, which must then be an `ImageTransform`). `uint8_images=True` sends
+    "image" (and "image_2") as uint8 pixels, a quarter of the bytes; the consumer normalises them
+    with `image_transform.normalize` (bit-identical to the float32 batch), per micro-batch on its
+    device. It needs `ImageTransform`s.
     """
     if mode not in ("epoch", "resampled"):
         raise DataError(f"loader mode must be 'epoch' or 'resampled', got {mode!r}")
@@ -238,6 +244,15 @@ def make_loader(
     if max_batches is not None and max_batches < 0:
         raise DataError(f"max_batches must be >= 0, got {max_batches}")
     view_transform = _second_view(image_views, image_transform, view_transform)
+    if uint8_images:
+        from data_tools.transforms import ImageTransform  # torchvision: only here
+
+        for t in (image_transform, view_transform):
+            if t is not None and not isinstance(t, ImageTransform):
+                raise DataError(
+                    f"uint8_images=True needs ImageTransforms (they normalise the pixels later), "
+                    f"got {type(t).__name__}; pass uint8_images=False"
+                )
     sources, mix = _parse_sources(shards, weights)
     if mix is not None:
         if mode != "resampled":
@@ -363,7 +378,7 @@ def make_loader(
             workers,
             world_size * workers,
         )
-    dataset = ShardStream(plan, image_transform, tokenizer, view_transform)
+    dataset = ShardStream(plan, image_transform, tokenizer, view_transform, uint8_images)
     dataloader = DataLoader(
         dataset,
         batch_size=None,

@@ -56,9 +56,15 @@ class ImageTransform:
         self.std = tuple(float(s) for s in std)
         self._mean_t = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
         self._std_t = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.scale = scale
         self.ratio = ratio
         self.rng = random.Random(seed)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_on_device"] = {}  # never send GPU tensors to loader workers
+        return state
 
     def reseed(self, seed: int) -> None:
         """Restart the augmentation RNG (the loader calls this at the start of every batch)."""
@@ -120,7 +126,8 @@ class ImageTransform:
         return img
 
     def to_tensor_into(self, img: Image.Image, out: torch.Tensor) -> None:
-        """Write `img` (RGB, `image_size` square) normalised into `out` ([3, H, W] float32).
+        """Write `img` (RGB, `image_size` square) into `out` ([3, H, W]): normalised when `out`
+        is float32, its raw pixels when `out` is uint8 (`normalize` finishes those later).
 
         The loader calls this on a slot of a batch tensor that already lives in shared
         memory, so an image is converted once, while it is in cache, and never copied again.
@@ -130,7 +137,28 @@ class ImageTransform:
         if arr.shape != (self.image_size, self.image_size, 3):
             raise ValueError(f"expected a {self.image_size}px RGB image, got array {arr.shape}")
         np.copyto(out.numpy(), arr.transpose(2, 0, 1), casting="unsafe")
-        out.div_(255).sub_(self._mean_t).div_(self._std_t)
+        if out.dtype != torch.uint8:
+            self._normalize_(out)
+
+    def _normalize_(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            mean, std = self._mean_t, self._std_t
+        else:  # copied to a device once, not at every micro-batch
+            if x.device not in self._on_device:
+                self._on_device[x.device] = (self._mean_t.to(x.device), self._std_t.to(x.device))
+            mean, std = self._on_device[x.device]
+        return x.div_(255).sub_(mean).div_(std)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels ([..., 3, H, W], any device) -> the float32 tensor `to_tensor_into`
+        would have written, bit for bit: the same operations in the same order.
+
+        A loader made with `uint8_images=True` sends pixels, a quarter of float32's bytes in
+        shared memory and host-to-device copies (as timm's prefetching loader does); the trainer
+        calls this per micro-batch on the device."""
+        if pixels.dtype != torch.uint8:
+            raise TypeError(f"normalize takes uint8 pixels, got {pixels.dtype}")
+        return self._normalize_(pixels.to(torch.float32))
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         out = torch.empty(3, self.image_size, self.image_size)

@@ -37,8 +37,10 @@ class ShardStream(IterableDataset):
         image_transform: Callable[[Image.Image], torch.Tensor],
         tokenizer: Callable[[list[str]], torch.Tensor] | None,
         view_transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        uint8_images: bool = False,
     ) -> None:
         super().__init__()
+        self.uint8_images = uint8_images  # pixels, normalised by the consumer
         self.plan = plan
         self.image_transform = image_transform
         self.tokenizer = tokenizer
@@ -72,7 +74,9 @@ class ShardStream(IterableDataset):
             nxt = next(it, None)
         mode.read_data = not p.on_demand
         fields = FieldLoader()
-        batcher = Batcher(p.batch_size, self.image_transform, self.view_transform)
+        batcher = Batcher(
+            p.batch_size, self.image_transform, self.view_transform, self.uint8_images
+        )
         batch_index = start_batches
         in_worker = info is not None
         try:

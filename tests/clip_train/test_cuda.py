@@ -1,6 +1,6 @@
 """The CUDA paths of training: fp16 with Accelerate's loss scaler through GradCache and resume,
-bf16 autocast, the tiled loss on the GPU (the GradCache replay of CUDA's generator:
-tests/clip_train/test_objective.py).
+bf16 autocast, the tiled loss on the GPU, uint8 pixels normalised on it (the GradCache replay of
+CUDA's generator: tests/clip_train/test_objective.py).
 
 Skipped without a GPU (CI has none); run on one with `python -m pytest tests -k cuda`.
 """
@@ -101,3 +101,17 @@ def test_tiled_loss_on_the_gpu_equals_the_full_loss(autocast):
     full = run(build_loss("clip", tiled=False), torch.autocast("cuda", enabled=False))
     for a, b in zip(tiled, full):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_uint8_pixels_normalise_on_the_gpu_as_on_the_cpu():
+    """data.uint8_images normalises on the device: bit-identical to the loader's CPU floats, and
+    the statistics copied to the GPU once, never into a pickled transform (loader workers)."""
+    import pickle
+
+    from data_tools.transforms import ImageTransform
+
+    t = ImageTransform(16)
+    pixels = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    on_gpu = t.normalize(pixels.cuda())
+    assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), t.normalize(pixels))
+    assert len(t._on_device) == 1 and pickle.loads(pickle.dumps(t))._on_device == {}

@@ -128,3 +128,32 @@ def test_cached_accumulation_replays_dropout(monkeypatch):
     torch.manual_seed(7)
     _, unreplayed = _grads(model, images, tokens, 4)
     assert not torch.allclose(unreplayed["image.1.weight"], reference["image.1.weight"])
+
+
+@pytest.mark.parametrize("accum", [1, 4])
+def test_uint8_images_prepared_per_micro_batch_equal_float_images(tiny_model_cfg, accum):
+    """`prepare` (the loader's normalize, as the trainer passes it with data.uint8_images) turns
+    each micro-batch of pixels into the float input: the same loss and gradients, bit for bit, as
+    the float batch normalised up front."""
+    from data_tools.transforms import ImageTransform
+
+    torch.manual_seed(0)
+    model = build_model(tiny_model_cfg)
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (64, 3, 32, 32), generator=g, dtype=torch.uint8)
+    _, tokens = _batch()
+    t = ImageTransform(32)
+    seen = []
+
+    def prepare(x):
+        seen.append(x.shape[0])
+        return t.normalize(x)
+
+    ref_loss, ref = _grads(model, t.normalize(pixels), tokens, accum)
+    model.zero_grad()
+    loss = forward_backward(
+        model, build_loss("clip"), pixels, tokens, accum_steps=accum, prepare=prepare
+    )["loss"]
+    assert seen == [64 // accum] * (accum if accum == 1 else 2 * accum)  # both GradCache passes
+    assert torch.equal(loss, ref_loss)
+    assert all(torch.equal(p.grad, ref[n]) for n, p in model.named_parameters())

@@ -265,3 +265,27 @@ def test_bad_samples_in_the_dropped_tail_count(synth_dir, tmp_path, make_cfg):
     train(cfg)
     rank = json.loads((tmp_path / "tail" / "checkpoints" / "step_12" / "rank_0.json").read_text())
     assert (rank["bad_samples"]["seen"], rank["bad_samples"]["bad"]) == (200, 3)
+
+
+def test_uint8_images_train_exactly_as_float_images(synth_dir, tmp_path, make_cfg):
+    """data.uint8_images (the default) sends pixels and normalises each micro-batch in the step:
+    the run is the float32 one, loss for loss and weight for weight."""
+    runs = {}
+    for flag in ("true", "false"):
+        name = f"uint8_{flag}"
+        cfg = make_cfg(
+            synth_dir,
+            tmp_path,
+            name,
+            *QUIET,
+            "train.steps=3",
+            "train.batch_size=8",
+            "train.accum_steps=2",
+            f"data.uint8_images={flag}",
+        )
+        train(cfg)
+        weights = load_file(str(tmp_path / name / "checkpoints" / "step_3" / "model.safetensors"))
+        runs[flag] = ([r["loss"] for r in _metrics(tmp_path / name)], weights)
+    assert runs["true"][0] == runs["false"][0]
+    assert runs["true"][1].keys() == runs["false"][1].keys()
+    assert all(torch.equal(runs["true"][1][k], runs["false"][1][k]) for k in runs["true"][1])

@@ -1,7 +1,9 @@
 import io
 import pickle
 
+import numpy as np
 import open_clip
+import pytest
 import torch
 from PIL import Image
 
@@ -56,3 +58,20 @@ def test_train_crop_is_mild_seeded_and_picklable():
     for _ in range(10):
         x = t(lr)
         assert x[0, :, :4].mean() > x[0, :, -4:].mean()
+
+
+def test_uint8_pixels_normalise_to_open_clips_preprocess_bit_for_bit():
+    # Oracle: open_clip's eval transform. The uint8 slot holds the raw pixels; normalize gives
+    # exactly what the float32 slot holds (the trainer normalises per micro-batch).
+    t, img = image_transform(32), _image()
+    resized = t.resize_pil(img)
+    pixels = torch.empty(2, 3, 32, 32, dtype=torch.uint8)
+    floats = torch.empty(3, 32, 32)
+    t.to_tensor_into(resized, pixels[1])
+    t.to_tensor_into(resized, floats)
+    assert torch.equal(pixels[1], torch.from_numpy(np.array(resized)).permute(2, 0, 1))
+    normalised = t.normalize(pixels)
+    assert normalised.dtype == torch.float32 and torch.equal(normalised[1], floats)
+    torch.testing.assert_close(normalised[1], open_clip.image_transform(32, is_train=False)(img))
+    with pytest.raises(TypeError, match="uint8"):
+        t.normalize(floats)

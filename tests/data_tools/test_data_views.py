@@ -171,3 +171,29 @@ def test_simclr_transform_augmentations():
     areas = [h * w / 200**2 for _, _, h, w in (t._crop_box(200, 200) for _ in range(500))]
     assert 0.075 < min(areas) < 0.12 and max(areas) > 0.9
     assert ImageTransform(32, train=True).scale == (0.9, 1.0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uint8_batches_normalise_to_the_float_batches(noise_shards, workers):
+    """`uint8_images`: both views arrive as pixels, a quarter of the bytes, and the transform's
+    normalize turns them into exactly the float32 batches (the trainer does it per micro-batch)."""
+    shards = noise_shards([7, 6])
+    floats = _take(make_loader(shards, num_workers=workers, **_kw()))
+    loader = make_loader(shards, num_workers=workers, uint8_images=True, **_kw())
+    pixels = _take(loader)
+    assert len(pixels) == len(floats) == 5
+    t = _kw()["image_transform"]
+    for p, f in zip(pixels, floats):
+        assert p["key"] == f["key"]
+        assert p["image"].dtype == p["image_2"].dtype == torch.uint8
+        assert torch.equal(t.normalize(p["image"]), f["image"])
+        assert torch.equal(t.normalize(p["image_2"]), f["image_2"])
+
+
+def test_uint8_images_need_an_image_transform(noise_shards):
+    with pytest.raises(DataError, match="uint8_images=True needs ImageTransforms"):
+        make_loader(
+            noise_shards([4]),
+            **_kw(image_transform=lambda im: torch.zeros(3, 16, 16), image_views=1),
+            uint8_images=True,
+        )
