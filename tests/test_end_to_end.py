@@ -1,14 +1,13 @@
 """The walking skeleton, end to end: synth -> train -> checkpoint -> eval -> export -> reload."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from kill_resume import assert_same_tensors, kill_after_checkpoint
 from safetensors.torch import load_file
 
 import clip_train
@@ -97,29 +96,12 @@ def test_sigkill_then_resume_is_exact(synth_dir, tmp_path, make_cfg, tiny_overri
         *tiny_overrides,
         *common,
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clip_train", "-q", "train", "--config", "configs/demo.yaml", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    ckpts = tmp_path / "killed" / "checkpoints"
-    deadline = time.monotonic() + 120
-    while not (ckpts / "step_8" / "trainer_state.json").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    ckpts = kill_after_checkpoint(args, tmp_path / "killed", step=8)
     assert not (ckpts / "step_28").exists()
 
     summary = train(load_config(tmp_path / "killed" / "config.yaml"), resume=True)
     assert summary["steps"] == 28
-    a = load_file(str(tmp_path / "straight" / "checkpoints" / "step_28" / "model.safetensors"))
-    b = load_file(str(ckpts / "step_28" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_same_tensors(tmp_path / "straight" / "checkpoints" / "step_28", ckpts / "step_28")
     steps = [
         json.loads(line)["step"]
         for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()

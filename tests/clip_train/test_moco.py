@@ -5,11 +5,7 @@ training run that logs the term and resumes after SIGKILL to the same bits."""
 
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,7 +26,8 @@ from data_tools.errors import ConfigError
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_moco_worker import PRELOAD, QUEUE, VARIANTS, moco_objective, setup  # noqa: E402
 from dist_worker import CFG, batch  # noqa: E402
-from torchrun import REPO, checkout_env, torchrun  # noqa: E402
+from kill_resume import assert_same_tensors, kill_after_checkpoint  # noqa: E402
+from torchrun import torchrun  # noqa: E402
 
 NARROW = replace(CFG, embed_dim=8)  # keys of 8 numbers: a quick gradcheck
 
@@ -316,31 +313,16 @@ def test_training_run_logs_updates_once_per_step_and_resumes_exactly(synth_dir, 
         *TINY,
         *common,
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clip_train", "-q", "train", "--config", "configs/demo.yaml", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": checkout_env()["PYTHONPATH"]},  # same threads as here
-        cwd=REPO,
-    )
-    ckpts = tmp_path / "killed" / "checkpoints"
-    deadline = time.monotonic() + 120
-    while not (ckpts / "step_2" / "trainer_state.json").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    ckpts = kill_after_checkpoint(args, tmp_path / "killed", step=2)
     assert not (ckpts / "step_4").exists()
 
     summary = train(load_config(tmp_path / "killed" / "config.yaml"), resume=True)
     assert summary["steps"] == 4
-    for name in ("model.safetensors", OBJECTIVE_FILE):
-        a = load_file(str(run / "checkpoints" / "step_4" / name))
-        b = load_file(str(ckpts / "step_4" / name))
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{name}: {key}"
+    assert_same_tensors(
+        run / "checkpoints" / "step_4",
+        ckpts / "step_4",
+        names=("model.safetensors", OBJECTIVE_FILE),
+    )
 
 
 def test_resume_refuses_a_changed_queue(synth_dir, tmp_path, make_cfg):
