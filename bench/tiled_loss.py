@@ -17,11 +17,11 @@ its own worker: peak RSS (VmHWM) of a fresh subprocess per figure, after a warm-
 3. largest: full tiled training steps at --mem-batch and twice that (micro-batches of --micro)
    give a + b x B (b at least the batch's own bytes, as in bench/train_step.py); the tiled loss
    alone adds d x B (its slope from part 1, counted on top of the step's, so the prediction errs
-   towards fitting); largest B = (budget - a) / (b + d). A full
-   step at a batch the full logits cannot reach is run to check the fit (--verify-batch); a full
-   step at 100,000 takes most of an hour on 2 CPU cores, so that one is predicted, and the loss
-   itself is measured there (part 1). The batches are uint8 pixels normalised per micro-batch,
-   as the trainer holds them (`data.uint8_images`, its default); --float-images for float32.
+   towards fitting); largest B = (budget - a) / (b + d). A full step at a batch the full logits
+   cannot reach is run to check the fit (--verify-batch; 100032 for the target of 100,000: ~40
+   minutes on one CPU core, stopped as soon as it passes the budget). The batches are uint8
+   pixels normalised per micro-batch, as the trainer holds them (`data.uint8_images`, its
+   default); --float-images for float32.
 """
 
 from __future__ import annotations

@@ -31,13 +31,15 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
 
 
 def _store(
-    buffers: dict[str, torch.Tensor], key: str, value: torch.Tensor, at: int, n: int
+    buffers: dict[str, torch.Tensor], key: str, value: torch.Tensor, at: int, rows: int, n: int
 ) -> None:
-    """Copy `value` (one micro-batch's rows) into rows `at`... of `buffers[key]`, a tensor of `n`
-    rows made on first use (like `value` otherwise)."""
+    """Copy `value` (`rows` rows: one micro-batch's) into rows `at`... of `buffers[key]`, a
+    tensor of `n` rows made on first use (like `value` otherwise)."""
+    if value.shape[0] != rows:
+        raise ValueError(f"{key}: {value.shape[0]} rows from a micro-batch of {rows}")
     if key not in buffers:
         buffers[key] = value.new_empty((n, *value.shape[1:]))
-    buffers[key][at : at + value.shape[0]].copy_(value)
+    buffers[key][at : at + rows].copy_(value)
 
 
 # Per-sample outputs of the model a loss reads, cached per micro-batch with GradCache; the
@@ -163,18 +165,19 @@ def forward_backward(
     at = 0
     with torch.no_grad():
         for k, (im, tok, im2) in enumerate(zip(image_chunks, token_chunks, view_chunks)):
-            im, im2 = inputs(im, im2)
             for name, state in zip(("cpu", "cuda"), _rng_state(device)):
                 if state is not None:
-                    _store(rng_states, name, state[None], k, accum_steps)
+                    _store(rng_states, name, state[None], k, 1, accum_steps)
+            im, im2 = inputs(im, im2)  # after the RNG is saved: step 3 replays it from here
+            rows = im.shape[0]
             with autocast():
                 out = forward(im, tok, im2)
                 for key, value in (targets(im, tok, im2) if targets is not None else {}).items():
-                    _store(batch_targets, key, value, at, n)
+                    _store(batch_targets, key, value, at, rows, n)
             for key in FEATURES:
                 if key in out:
-                    _store(features, key, out[key], at, n)
-            at += im.shape[0]
+                    _store(features, key, out[key], at, rows, n)
+            at += rows
         scalars = {"logit_scale": out["logit_scale"], **_extras(out)}
     rng_after = _rng_state(device)
 
@@ -196,10 +199,11 @@ def forward_backward(
     # the same (DDP-wrapped) forward as every other parameter.
     for k, (im, tok, im2) in enumerate(zip(image_chunks, token_chunks, view_chunks)):
         last = k == accum_steps - 1
-        im, im2 = inputs(im, im2)
-        # a copy of the row: torch's set_rng_state reads a state's storage from its start
+        # copies of the rows: torch.set_rng_state given a row view of the buffer crashes (segfault
+        # in torch 2.14's CPU generator)
         cuda_state = rng_states["cuda"][k].clone() if "cuda" in rng_states else None
         _set_rng_state((rng_states["cpu"][k].clone(), cuda_state), device)
+        im, im2 = inputs(im, im2)
         with contextlib.nullcontext() if last else no_sync():
             with autocast():
                 out = forward(im, tok, im2)

@@ -231,7 +231,7 @@ def make_loader(
     of `image_transform`, which must then be an `ImageTransform`). `uint8_images=True` sends
     "image" (and "image_2") as uint8 pixels, a quarter of the bytes; the consumer normalises them
     with `image_transform.normalize` (bit-identical to the float32 batch), per micro-batch on its
-    device. It needs `ImageTransform`s.
+    device. It needs `ImageTransform`s, the second view's with the first's mean and std.
     """
     if mode not in ("epoch", "resampled"):
         raise DataError(f"loader mode must be 'epoch' or 'resampled', got {mode!r}")
@@ -253,6 +253,15 @@ def make_loader(
                     f"uint8_images=True needs ImageTransforms (they normalise the pixels later), "
                     f"got {type(t).__name__}; pass uint8_images=False"
                 )
+        if view_transform is not None and (view_transform.mean, view_transform.std) != (
+            image_transform.mean,
+            image_transform.std,
+        ):
+            raise DataError(
+                "uint8_images=True sends both views as pixels for one normalisation, but "
+                "view_transform's mean/std differ from image_transform's; give them the same "
+                "or pass uint8_images=False"
+            )
     sources, mix = _parse_sources(shards, weights)
     if mix is not None:
         if mode != "resampled":

@@ -56,7 +56,11 @@ class ImageTransform:
         self.std = tuple(float(s) for s in std)
         self._mean_t = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
         self._std_t = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
-        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        # 255 as a tensor, not a Python number: CUDA divides by a scalar as a multiplication by
+        # its reciprocal, which differs from true division in the last bit for half the pixel
+        # values; tensor / tensor is true division on every device, as the CPU's `div_(255)` is
+        self._255_t = torch.full((1, 1, 1), 255.0)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self.scale = scale
         self.ratio = ratio
         self.rng = random.Random(seed)
@@ -141,17 +145,18 @@ class ImageTransform:
             self._normalize_(out)
 
     def _normalize_(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            mean, std = self._mean_t, self._std_t
-        else:  # copied to a device once, not at every micro-batch
+        stats = (self._255_t, self._mean_t, self._std_t)
+        if x.device.type != "cpu":  # copied to a device once, not at every micro-batch
             if x.device not in self._on_device:
-                self._on_device[x.device] = (self._mean_t.to(x.device), self._std_t.to(x.device))
-            mean, std = self._on_device[x.device]
-        return x.div_(255).sub_(mean).div_(std)
+                self._on_device[x.device] = tuple(t.to(x.device) for t in stats)
+            stats = self._on_device[x.device]
+        scale, mean, std = stats
+        return x.div_(scale).sub_(mean).div_(std)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 pixels ([..., 3, H, W], any device) -> the float32 tensor `to_tensor_into`
-        would have written, bit for bit: the same operations in the same order.
+        would have written, bit for bit: the same operations in the same order, each correctly
+        rounded (tested on the CPU; on CUDA by tests/clip_train/test_cuda.py).
 
         A loader made with `uint8_images=True` sends pixels, a quarter of float32's bytes in
         shared memory and host-to-device copies (as timm's prefetching loader does); the trainer

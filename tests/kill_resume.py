@@ -29,12 +29,14 @@ def kill_after_checkpoint(args: list[str], run_dir: Path, step: int) -> Path:
     )
     ckpts = run_dir / "checkpoints"
     deadline = time.monotonic() + 120
-    while not (ckpts / f"step_{step}" / "trainer_state.json").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, f"no checkpoint step_{step} after 120 s"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        while not (ckpts / f"step_{step}" / "trainer_state.json").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, f"no checkpoint step_{step} after 120 s"
+            time.sleep(0.005)
+    finally:  # also when the test fails: no training process is left running
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL
     return ckpts
 

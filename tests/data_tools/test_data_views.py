@@ -197,3 +197,9 @@ def test_uint8_images_need_an_image_transform(noise_shards):
             **_kw(image_transform=lambda im: torch.zeros(3, 16, 16), image_views=1),
             uint8_images=True,
         )
+
+
+def test_uint8_views_share_one_normalisation(noise_shards):
+    other = SimCLRTransform(16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    with pytest.raises(DataError, match="view_transform's mean/std differ"):
+        make_loader(noise_shards([4]), **_kw(view_transform=other), uint8_images=True)
