@@ -197,6 +197,12 @@ def profile(shards: str, size: int, batch_size: int, batches: int) -> None:
     pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(18)
 
 
+def per_round(got: dict[str, list[float]], x: str, y: str) -> list[float]:
+    """Side x's samples/s over side y's, round by round: each pair ran back to back, so their
+    median is the figure least moved by other load on the machine."""
+    return [p / q for p, q in zip(got[x], got[y])]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -302,6 +308,7 @@ def main() -> None:
     for size in a.sizes:
         if not results[size]["ours"]:
             continue
+        got = results[size]
         o = statistics.median(results[size]["ours"])
         row = {
             "bench": "loader-summary",
@@ -311,9 +318,7 @@ def main() -> None:
         }
         if results[size]["openclip"]:
             c = statistics.median(results[size]["openclip"])
-            ratios = [x / y for x, y in zip(results[size]["ours"], results[size]["openclip"])]
-            # the median of per-round ratios: each pair ran back to back, so it is the
-            # figure least moved by other load on the machine
+            ratios = per_round(got, "ours", "openclip")
             row.update(
                 {
                     "openclip": round(c, 1),
@@ -323,7 +328,7 @@ def main() -> None:
             )
         if results[size]["ours_2views"]:
             two = statistics.median(results[size]["ours_2views"])
-            costs = [x / y for x, y in zip(results[size]["ours"], results[size]["ours_2views"])]
+            costs = per_round(got, "ours", "ours_2views")
             row.update(
                 {
                     "ours_2views": round(two, 1),
@@ -334,12 +339,10 @@ def main() -> None:
         if results[size]["ours_uint8"]:
             fast = results[size]["ours_uint8"]
             row["ours_uint8"] = round(statistics.median(fast), 1)
-            row["uint8_speedup"] = round(  # per-round pairs, as above
-                statistics.median([x / y for x, y in zip(fast, results[size]["ours"])]), 2
-            )
+            row["uint8_speedup"] = round(statistics.median(per_round(got, "ours_uint8", "ours")), 2)
             if results[size]["openclip"]:
                 row["ratio_uint8"] = round(
-                    statistics.median([x / y for x, y in zip(fast, results[size]["openclip"])]), 2
+                    statistics.median(per_round(got, "ours_uint8", "openclip")), 2
                 )
         print(json.dumps(row), flush=True)
     if a.profile:
