@@ -1,4 +1,5 @@
 import os
+import shutil
 import tempfile
 
 # Tests run on the CPU with two threads at most: CI has 2 cores and the tests must not
@@ -7,11 +8,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Zero-shot classifier caches go to a throwaway directory, never the user's ~/.cache.
-os.environ["CLIP_TRAIN_CACHE"] = tempfile.mkdtemp(prefix="clip-train-test-cache-")
+_CACHE = tempfile.mkdtemp(prefix="clip-train-test-cache-")
+os.environ["CLIP_TRAIN_CACHE"] = _CACHE
 
 import pytest  # noqa: E402
 from smoke_config import TINY  # noqa: E402
 from smoke_config import make_cfg as _make_cfg
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The throwaway cache goes with the run (one per run would pile up in the temp folder)."""
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
