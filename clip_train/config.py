@@ -52,9 +52,10 @@ class ImageTowerConfig:
     heads: int | None = 3
     mlp_ratio: float | None = 4.0
     pool: str = "token"  # timm global_pool: "token" (class token) or "avg"
-    # LayerNorm on the embedded tokens (ln_pre) and no patch bias: open_clip's ViT exactly, which
-    # open_clip then loads at any size. Off by default: at narrow widths it learns later on
-    # mostly-blank images (docs/benchmarks.md, "Learning per step"); the ViT-B recipes set it.
+    # LayerNorm on the embedded tokens (ln_pre) and no patch bias: open_clip's default ViT exactly
+    # (without it: its `no_ln_pre` form; both export to open_clip at any size). Off by default: at
+    # narrow widths it learns later on mostly-blank images (docs/benchmarks.md, "Learning per
+    # step"); the ViT-B recipes set it.
     pre_norm: bool = False
     # Weight init of the trunk: openclip (fan-in scaled, as open_clip's ViT), timm (N(0, 0.02)),
     # timm-jax.

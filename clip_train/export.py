@@ -6,9 +6,9 @@ An export directory holds:
   timm/config.json, timm/model.safetensors           the image trunk:
                                         `timm.create_model("local-dir:<dir>/timm", pretrained=True)`
   open_clip/open_clip_config.json, open_clip/open_clip_model.safetensors
-                                        when open_clip can build the model (as its own ViT with
-                                        pre_norm, the default, at any size; else through its timm
-                                        adapter at registered sizes):
+                                        when open_clip can build the model (as its own ViT at any
+                                        size, with or without ln_pre; else through its timm adapter
+                                        at registered sizes):
                                         `open_clip.create_model_and_transforms("local-dir:<dir>/open_clip")`
 Training-only parameters (the image SSL head of a simclr term) are not exported: every format
 holds the two towers and the temperature (and bias) only.
@@ -105,7 +105,7 @@ def open_clip_incompatibility(model: CLIPModel) -> str | None:
 def open_clip_export(model: CLIPModel) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """open_clip's `model_cfg` and state dict for `model` (check `open_clip_incompatibility` first).
 
-    Preferred: open_clip's own `VisionTransformer` (any size; `model.image.pre_norm`, the default).
+    Preferred: open_clip's own `VisionTransformer` (any size, `no_ln_pre` where the trunk has none).
     Otherwise its timm adapter, whose state dict is ours unchanged (`visual.trunk.*`).
     """
     cfg, trunk = model.cfg, model.visual.trunk

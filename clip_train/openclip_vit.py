@@ -1,12 +1,15 @@
 """Our timm ViT image tower as open_clip's own `VisionTransformer`: the structural check and the
 state-dict translation.
 
-A timm ViT with `pre_norm` (ln_pre, no patch bias), one class token, position embeddings that
-cover it and plain pre-LN blocks (qkv bias, exact GELU, no layer scale, no q/k norm) computes what
-open_clip's `VisionTransformer` computes, under other parameter names. Exported that way, open_clip
-builds the model at any size (its timm adapter only builds registered timm models at their
-registered sizes). timm converts the other way (`checkpoint_filter_fn` reads open_clip
-checkpoints); nothing converts a timm ViT into open_clip's layout, so the map is written here.
+A timm ViT with one class token, position embeddings that cover it and plain pre-LN blocks (qkv
+bias, exact GELU, no layer scale, no q/k norm) computes what open_clip's `VisionTransformer`
+computes, under other parameter names: with `pre_norm` (ln_pre) as open_clip's default ViT, without
+it as its `no_ln_pre` ViT. timm's patch bias, which open_clip's bias-free `conv1` lacks, is a
+constant added to every patch token before the position embeddings, so it folds into the patch
+positions' embeddings (exact up to float rounding). Exported that way, open_clip builds the model
+at any size (its timm adapter only builds registered timm models at their registered sizes).
+timm converts the other way (`checkpoint_filter_fn` reads open_clip checkpoints); nothing converts
+a timm ViT into open_clip's layout, so the map is written here.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ _BLOCK_NAMES = {
 
 def _layer_norm_eps(trunk: VisionTransformer) -> float | None:
     """The one eps of every LayerNorm in the trunk, or None if they differ or are not LayerNorms."""
-    norms = [trunk.norm_pre, trunk.norm if trunk.global_pool == "token" else trunk.fc_norm]
+    norms = [trunk.norm if trunk.global_pool == "token" else trunk.fc_norm]
+    if not isinstance(trunk.norm_pre, nn.Identity):
+        norms.append(trunk.norm_pre)
     for block in trunk.blocks:
         norms += [block.norm1, block.norm2]
     if not all(isinstance(n, nn.LayerNorm) for n in norms):
@@ -43,11 +48,6 @@ def incompatibility(trunk: nn.Module) -> str | None:
     """Why open_clip's `VisionTransformer` cannot compute what `trunk` computes, or None."""
     if not isinstance(trunk, VisionTransformer):
         return f"the trunk is a {type(trunk).__name__}, not a timm VisionTransformer"
-    if isinstance(trunk.norm_pre, nn.Identity) or trunk.patch_embed.proj.bias is not None:
-        return (
-            "the trunk has no ln_pre (open_clip's ViT has it, and no patch bias): "
-            "set model.image.pre_norm=true"
-        )
     if trunk.cls_token is None or trunk.num_prefix_tokens != 1 or trunk.no_embed_class:
         return "open_clip's ViT has exactly one class token inside the position embeddings"
     if trunk.global_pool not in ("token", "avg") or trunk.attn_pool is not None:
@@ -92,6 +92,7 @@ def vision_config(trunk: VisionTransformer) -> dict:
         "pool_type": "tok" if trunk.global_pool == "token" else "avg",
         "final_ln_after_pool": trunk.global_pool == "avg",  # timm's fc_norm follows the average
         "norm_kwargs": {"eps": _layer_norm_eps(trunk)},
+        "no_ln_pre": isinstance(trunk.norm_pre, nn.Identity),
     }
 
 
@@ -100,12 +101,15 @@ def to_open_clip(
 ) -> dict[str, torch.Tensor]:
     """Our model's state dict in open_clip's `CustomTextCLIP` names with a native `visual` ViT.
 
-    Keys outside the image tower (`text.*`, `logit_scale`) are already open_clip's.
+    Keys outside the image tower (`text.*`, `logit_scale`) are already open_clip's. A patch bias
+    is added to the patch positions' embeddings (rows 1:), where open_clip's bias-free conv1 adds
+    nothing.
     """
     post = (
         "norm" if trunk.global_pool == "token" else "fc_norm"
     )  # the LayerNorm open_clip calls ln_post
     out = {}
+    patch_bias = None
     for key, value in state.items():
         if not key.startswith("visual."):
             out[key] = value
@@ -121,6 +125,8 @@ def to_open_clip(
             out["visual.positional_embedding"] = value.squeeze(0)
         elif name == "patch_embed.proj.weight":
             out["visual.conv1.weight"] = value
+        elif name == "patch_embed.proj.bias":
+            patch_bias = value
         elif name.startswith("norm_pre."):
             out["visual.ln_pre." + name.split(".", 1)[1]] = value
         elif name.startswith(post + "."):
@@ -134,4 +140,8 @@ def to_open_clip(
             out[f"visual.transformer.resblocks.{index}.{rest}"] = value
         else:
             raise KeyError(f"no open_clip name for image-tower parameter {key!r}")
+    if patch_bias is not None:
+        pos = out["visual.positional_embedding"].clone()
+        pos[1:] += patch_bias
+        out["visual.positional_embedding"] = pos
     return out

@@ -66,12 +66,16 @@ def _open_clip_to_ours(
 
     out: dict[str, torch.Tensor] = {}
     if "visual.class_embedding" in state:  # open_clip's own ViT
-        if "visual.trunk.norm_pre.weight" not in model.state_dict():
+        ln_pre = "visual.ln_pre.weight" in state
+        if ln_pre != ("visual.trunk.norm_pre.weight" in model.state_dict()):
             raise ConfigError(
-                f"model.init_from {what}: the checkpoint's ViT has ln_pre and no patch bias; "
-                "set model.image.pre_norm=true to load it"
+                f"model.init_from {what}: the checkpoint's ViT has {'an' if ln_pre else 'no'} "
+                f"ln_pre; set model.image.pre_norm={str(ln_pre).lower()} to load it"
             )
         trunk = checkpoint_filter_fn(state, model.visual.trunk)  # timm's open_clip -> timm map
+        bias = model.visual.trunk.patch_embed.proj.bias
+        if bias is not None:  # open_clip's conv1 has none: its position embeddings carry ours
+            trunk["patch_embed.proj.bias"] = torch.zeros_like(bias)
         head = trunk.pop("head.weight", None)
         trunk.pop("head.bias", None)
         out.update({f"visual.trunk.{k}": v for k, v in trunk.items()})

@@ -14,18 +14,20 @@ from clip_train.model import build_model
 
 
 @pytest.fixture
-def test_vit_cfg() -> ModelConfig:
-    """timm's registered `test_vit` (160px, patch 16) as it is: expressible in open_clip."""
+def test_vit2_cfg() -> ModelConfig:
+    """timm's registered `test_vit2` (160px, patch 16) as it is: layer scale, a register token and
+    no class token, which open_clip's own ViT cannot express and its timm adapter can."""
     return ModelConfig(
         embed_dim=32,
         image=ImageTowerConfig(
-            timm_name="test_vit",
+            timm_name="test_vit2",
             img_size=None,
             patch_size=None,
             width=None,
             depth=None,
             heads=None,
             mlp_ratio=None,
+            pool="avg",
         ),
         text=TextTowerConfig(context_length=16, width=32, heads=2, layers=2),
     )
@@ -63,20 +65,27 @@ def assert_open_clip_matches(model, out, size: int) -> None:
     torch.testing.assert_close(oc_preprocess(img), ours.preprocess(img), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("pre_norm", [True, False])
 @pytest.mark.parametrize("pool", ["token", "avg"])
-def test_open_clip_builds_its_own_vit_at_any_size(tiny_model_cfg, tmp_path, pool):
-    """A pre_norm trunk is open_clip's VisionTransformer: exported at sizes that no registered timm
-    model has, open_clip builds it natively and gives the same embeddings."""
+def test_open_clip_builds_its_own_vit_at_any_size(tiny_model_cfg, tmp_path, pool, pre_norm):
+    """Our trunk is open_clip's VisionTransformer (with ln_pre, or its `no_ln_pre` form, the patch
+    bias folded into the position embeddings): exported at sizes that no registered timm model
+    has, open_clip builds it natively and gives the same embeddings."""
     torch.manual_seed(0)
     tiny_model_cfg.image.pool = pool
-    tiny_model_cfg.image.pre_norm = True
+    tiny_model_cfg.image.pre_norm = pre_norm
     model = build_model(tiny_model_cfg).eval()
+    bias = model.visual.trunk.patch_embed.proj.bias
+    assert (bias is None) == pre_norm
+    if bias is not None:  # timm starts it at zero: a trained bias must reach open_clip too
+        torch.nn.init.normal_(bias, std=0.5)
     out = export_model(model, tmp_path / "export")
     assert json.loads((out / "export_info.json").read_text())["open_clip"] is True
     vision = json.loads((out / "open_clip" / "open_clip_config.json").read_text())["model_cfg"][
         "vision_cfg"
     ]
     assert "timm_model_name" not in vision and vision["width"] == 48 and vision["image_size"] == 32
+    assert vision["no_ln_pre"] is not pre_norm
     assert_open_clip_matches(model, out, 32)
 
 
@@ -99,23 +108,24 @@ def test_timm_converts_our_open_clip_export_back(tiny_model_cfg, tmp_path):
         assert torch.equal(converted[key], value), key
 
 
-def test_open_clip_loads_registered_timm_trunk(test_vit_cfg, tmp_path):
-    """Without pre_norm, a registered timm ViT at its registered sizes goes through open_clip's timm
-    adapter, with our state dict unchanged."""
+def test_open_clip_loads_registered_timm_trunk(test_vit2_cfg, tmp_path):
+    """A trunk open_clip's own ViT cannot express goes, at its registered sizes, through open_clip's
+    timm adapter, with our state dict unchanged."""
     torch.manual_seed(0)
-    model = build_model(test_vit_cfg).eval()
+    model = build_model(test_vit2_cfg).eval()
     out = export_model(model, tmp_path / "export")
     vision = json.loads((out / "open_clip" / "open_clip_config.json").read_text())["model_cfg"][
         "vision_cfg"
     ]
-    assert vision["timm_model_name"] == "test_vit"
+    assert vision["timm_model_name"] == "test_vit2"
     assert_open_clip_matches(model, out, 160)
 
 
-def test_resized_vit_without_ln_pre_says_why_not_open_clip(tiny_model_cfg, tmp_path):
-    model = build_model(tiny_model_cfg)
+def test_resized_trunk_open_clip_cannot_express_says_why_not(test_vit2_cfg, tmp_path):
+    test_vit2_cfg.image.img_size = 32
+    model = build_model(test_vit2_cfg)
     reason = open_clip_incompatibility(model)
-    assert "model.image.pre_norm=true" in reason and "img_size=32 (registered 224)" in reason
+    assert "one class token" in reason and "img_size=32 (registered 160)" in reason
     out = export_model(model, tmp_path / "export")
     info = json.loads((out / "export_info.json").read_text())
     assert info["open_clip"] is False and info["open_clip_reason"] == reason

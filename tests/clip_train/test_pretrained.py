@@ -53,6 +53,7 @@ def _open_clip_model(cfg):
         "patch_size": cfg.image.patch_size,
         "image_size": cfg.image.img_size,
         "norm_kwargs": {"eps": 1e-6},
+        "no_ln_pre": not cfg.image.pre_norm,
     }
     text = {
         "context_length": cfg.text.context_length,
@@ -65,8 +66,13 @@ def _open_clip_model(cfg):
     return open_clip.CLIP(embed_dim=cfg.embed_dim, vision_cfg=vision, text_cfg=text).eval()
 
 
-def test_init_from_open_clip_checkpoint_gives_open_clip_embeddings(tiny_model_cfg, tmp_path):
-    tiny_model_cfg.image.pre_norm = True
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_init_from_open_clip_checkpoint_gives_open_clip_embeddings(
+    tiny_model_cfg, tmp_path, pre_norm
+):
+    """open_clip's ViT with ln_pre, or its `no_ln_pre` form (into our trunk with a patch bias,
+    which it sets to zero)."""
+    tiny_model_cfg.image.pre_norm = pre_norm
     reference = _open_clip_model(tiny_model_cfg)
     torch.save(
         {"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}},
@@ -81,24 +87,37 @@ def test_init_from_open_clip_checkpoint_gives_open_clip_embeddings(tiny_model_cf
     assert torch.equal(model.logit_scale, reference.logit_scale)
 
 
-def test_init_from_our_open_clip_export_round_trips(tiny_model_cfg, tmp_path):
-    """Our open_clip export (CustomTextCLIP layout, native ViT) read back as an open_clip source."""
-    tiny_model_cfg.image.pre_norm = True
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_init_from_our_open_clip_export_round_trips(tiny_model_cfg, tmp_path, pre_norm):
+    """Our open_clip export (CustomTextCLIP layout, native ViT) read back as an open_clip source:
+    bit for bit with ln_pre; without it the patch bias comes back inside the position embeddings
+    (one float addition in another order)."""
+    tiny_model_cfg.image.pre_norm = pre_norm
     source = _fresh(tiny_model_cfg, seed=0)
+    if not pre_norm:
+        torch.nn.init.normal_(source.visual.trunk.patch_embed.proj.bias, std=0.5)
     out = export_model(source, tmp_path / "export")
     model = _fresh(tiny_model_cfg, f"open_clip:{out / 'open_clip' / 'open_clip_model.safetensors'}")
     init_from_source(model, tiny_model_cfg)
     for ours, theirs in zip(_embeddings(model), _embeddings(source)):
-        assert torch.equal(ours, theirs)
+        if pre_norm:
+            assert torch.equal(ours, theirs)
+        else:
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
 
 
 def test_open_clip_vit_needs_pre_norm_and_matching_sizes(tiny_model_cfg, tmp_path):
     tiny_model_cfg.image.pre_norm = True
     torch.save(_open_clip_model(tiny_model_cfg).state_dict(), tmp_path / "oc.bin")
     tiny_model_cfg.image.pre_norm = False
-    with pytest.raises(ConfigError, match="model.image.pre_norm=true"):
+    with pytest.raises(ConfigError, match="has an ln_pre; set model.image.pre_norm=true"):
         init_from_source(_fresh(tiny_model_cfg, f"open_clip:{tmp_path / 'oc.bin'}"), tiny_model_cfg)
+    torch.save(_open_clip_model(tiny_model_cfg).state_dict(), tmp_path / "oc_no_ln_pre.bin")
     tiny_model_cfg.image.pre_norm = True
+    with pytest.raises(ConfigError, match="has no ln_pre; set model.image.pre_norm=false"):
+        init_from_source(
+            _fresh(tiny_model_cfg, f"open_clip:{tmp_path / 'oc_no_ln_pre.bin'}"), tiny_model_cfg
+        )
     tiny_model_cfg.text.width = 64
     with pytest.raises(ConfigError, match=r"text\..* is \(.*\) there and \(.*\) in this model"):
         init_from_source(_fresh(tiny_model_cfg, f"open_clip:{tmp_path / 'oc.bin'}"), tiny_model_cfg)
