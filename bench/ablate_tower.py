@@ -29,7 +29,9 @@ Variants combine with '+' (`ours+timm_init+ln_pre`); an unknown change is refuse
 
 Prints one JSON line per (variant, seed) with the train-loss curve (mean over windows of
 --window steps) and held-out retrieval R@1/R@10 (both directions) and zero-shot top-1, then one
-summary line per variant: means over seeds.
+summary line per variant: means over seeds. `--init-cosine N` trains nothing: it prints, per
+variant and seed, how alike the initialised model finds the first N train images (the pairwise
+cosine of their embeddings).
 """
 
 from __future__ import annotations
@@ -158,6 +160,24 @@ def build_variant(name: str, cfg) -> tuple[torch.nn.Module, bool]:
 
 
 @torch.no_grad()
+def initial_cosine(variant: str, seed: int, args, images: torch.Tensor) -> dict:
+    """How alike the freshly initialised model finds the images: the pairwise cosine of their
+    embeddings (near 1: the logits start flat and the contrastive gradient is weak)."""
+    cfg = load_config(ROOT / "configs" / "bench_tiny.yaml", [f"data.train={args.data}"])
+    torch.manual_seed(seed)
+    model, _ = build_variant(variant, cfg)
+    emb = F.normalize(model.eval().encode_image(normalise(images)), dim=-1)
+    pairs = (emb @ emb.T)[~torch.eye(len(emb), dtype=torch.bool)]
+    return {
+        "variant": variant,
+        "seed": seed,
+        "images": len(emb),
+        "cosine_mean": round(pairs.mean().item(), 3),
+        "cosine_std": round(pairs.std().item(), 3),
+    }
+
+
+@torch.no_grad()
 def evaluate(model, images, captions, labels, classnames, templates, tokenizer, device) -> dict:
     model.eval()
     feats = []
@@ -268,6 +288,14 @@ def main(argv=None) -> None:
     p.add_argument("--window", type=int, default=21)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--init-cosine",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of training: the pairwise cosine of the first N train images' embeddings "
+        "at initialisation, per variant and seed",
+    )
     args = p.parse_args(argv)
     for variant in args.variants:
         check_variant(variant)
@@ -279,6 +307,12 @@ def main(argv=None) -> None:
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=32)
     data: dict = {"tokenizer": tokenizer}
     data["train_images"], caps, _ = read_split(root / "train", size)
+    if args.init_cosine:
+        for seed in args.seeds:
+            for variant in args.variants:
+                r = initial_cosine(variant, seed, args, data["train_images"][: args.init_cosine])
+                print(json.dumps(r), flush=True)
+        return
     data["train_tokens"] = tokenizer(caps)
     data["ret_images"], data["ret_captions"], _ = read_split(root / "retrieval", size)
     zs = root / "zeroshot"

@@ -309,15 +309,15 @@ def main() -> None:
         if not results[size]["ours"]:
             continue
         got = results[size]
-        o = statistics.median(results[size]["ours"])
+        o = statistics.median(got["ours"])
         row = {
             "bench": "loader-summary",
             "image_size": size,
             "rounds": a.rounds,
             "ours": round(o, 1),
         }
-        if results[size]["openclip"]:
-            c = statistics.median(results[size]["openclip"])
+        if got["openclip"]:
+            c = statistics.median(got["openclip"])
             ratios = per_round(got, "ours", "openclip")
             row.update(
                 {
@@ -326,8 +326,8 @@ def main() -> None:
                     "ratio_min": round(min(ratios), 2),
                 }
             )
-        if results[size]["ours_2views"]:
-            two = statistics.median(results[size]["ours_2views"])
+        if got["ours_2views"]:
+            two = statistics.median(got["ours_2views"])
             costs = per_round(got, "ours", "ours_2views")
             row.update(
                 {
@@ -336,11 +336,10 @@ def main() -> None:
                     "second_view_cost_max": round(max(costs), 2),
                 }
             )
-        if results[size]["ours_uint8"]:
-            fast = results[size]["ours_uint8"]
-            row["ours_uint8"] = round(statistics.median(fast), 1)
+        if got["ours_uint8"]:
+            row["ours_uint8"] = round(statistics.median(got["ours_uint8"]), 1)
             row["uint8_speedup"] = round(statistics.median(per_round(got, "ours_uint8", "ours")), 2)
-            if results[size]["openclip"]:
+            if got["openclip"]:
                 row["ratio_uint8"] = round(
                     statistics.median(per_round(got, "ours_uint8", "openclip")), 2
                 )

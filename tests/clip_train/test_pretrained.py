@@ -106,7 +106,7 @@ def test_init_from_our_open_clip_export_round_trips(tiny_model_cfg, tmp_path, pr
             torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
 
 
-def test_open_clip_vit_needs_pre_norm_and_matching_sizes(tiny_model_cfg, tmp_path):
+def test_open_clip_vit_needs_matching_pre_norm_and_sizes(tiny_model_cfg, tmp_path):
     tiny_model_cfg.image.pre_norm = True
     torch.save(_open_clip_model(tiny_model_cfg).state_dict(), tmp_path / "oc.bin")
     tiny_model_cfg.image.pre_norm = False
