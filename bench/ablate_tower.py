@@ -25,13 +25,21 @@ Variants (`ours`: the model `configs/bench_tiny.yaml` builds, with '+' changes):
 - `+patch_norm`: `ln_pre` on the patch tokens only; the class token enters the first block as
   initialised (small), not scaled to unit size by the norm.
 - `+decay_embed`: open_clip_train's weight-decay groups (embeddings and class token decayed).
+- `+no_patch_bias`: the patch embedding without its bias (open_clip's conv1 has none; timm's
+  default has one); `+patch_bias`: with `+ln_pre`, keep a patch bias (timm drops it).
+- `+patch_lecun`: `model.image.patch_init=lecun`, the original ViT's patch-embedding init (LeCun
+  normal, std 1/sqrt(fan_in), zero bias) instead of PyTorch's conv default (1/sqrt(3 fan_in)).
+- `+patch_x1.5`, `+patch_x2`, `+patch_x3`: the patch embedding's initial weights and bias scaled
+  up, so the patch tokens enter the first block at about the size `ln_pre` gives them on
+  coloured images.
 Variants combine with '+' (`ours+timm_init+ln_pre`); an unknown change is refused.
 
 Prints one JSON line per (variant, seed) with the train-loss curve (mean over windows of
 --window steps) and held-out retrieval R@1/R@10 (both directions) and zero-shot top-1, then one
 summary line per variant: means over seeds. `--init-cosine N` trains nothing: it prints, per
 variant and seed, how alike the initialised model finds the first N train images (the pairwise
-cosine of their embeddings).
+cosine of their embeddings) and, for our towers, the size (RMS) of the patch and class tokens as
+they enter the first block.
 """
 
 from __future__ import annotations
@@ -94,6 +102,7 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 
 
 INITS = {"timm_init": "timm", "jax_init": "timm-jax", "openclip_init": "openclip"}
+PATCH_SCALES = {"patch_x1.5": 1.5, "patch_x2": 2.0, "patch_x3": 3.0}
 CHANGES = {
     "avg",
     "ln_pre",
@@ -102,6 +111,10 @@ CHANGES = {
     "qkv_init",
     "embed_init",
     "decay_embed",
+    "no_patch_bias",
+    "patch_bias",
+    "patch_lecun",
+    *PATCH_SCALES,
     *INITS,
 }
 
@@ -113,11 +126,15 @@ def check_variant(name: str) -> tuple[str, set[str]]:
     if (
         unknown
         or len(changes & set(INITS)) > 1
+        or len(changes & set(PATCH_SCALES)) > 1
+        or ("patch_bias" in changes and not changes & {"ln_pre", "patch_norm"})
+        or {"patch_bias", "no_patch_bias"} <= changes
         or (base == "openclip" and changes - {"decay_embed"})
     ):
         raise SystemExit(
             f"variant {name!r}: use ours|openclip, then '+' changes from {sorted(CHANGES)} "
-            f"(at most one of {sorted(INITS)}; openclip takes only decay_embed)"
+            f"(at most one of {sorted(INITS)} and of {sorted(PATCH_SCALES)}; patch_bias only "
+            "with ln_pre or patch_norm; openclip takes only decay_embed)"
         )
     return base, changes
 
@@ -146,6 +163,8 @@ def build_variant(name: str, cfg) -> tuple[torch.nn.Module, bool]:
         img.pre_norm = True
     for change in changes & set(INITS):
         img.init = INITS[change]
+    if "patch_lecun" in changes:
+        img.patch_init = "lecun"
     model = build_model(cfg.model)
     trunk = model.visual.trunk
     if "linear_init" in changes:
@@ -156,25 +175,49 @@ def build_variant(name: str, cfg) -> tuple[torch.nn.Module, bool]:
         init_embeddings_fan_in(trunk)
     if "patch_norm" in changes:
         trunk.norm_pre = PatchOnly(trunk.norm_pre, trunk.num_prefix_tokens)
+    proj = trunk.patch_embed.proj
+    if "no_patch_bias" in changes:
+        proj.register_parameter("bias", None)
+    if "patch_bias" in changes:  # PyTorch's default conv init for the new bias
+        with_bias = torch.nn.Conv2d(
+            proj.in_channels, proj.out_channels, proj.kernel_size, proj.stride, bias=True
+        )
+        with torch.no_grad():
+            with_bias.weight.copy_(proj.weight)
+        trunk.patch_embed.proj = with_bias
+    for change in changes & set(PATCH_SCALES):
+        with torch.no_grad():
+            for p in trunk.patch_embed.proj.parameters():
+                p.mul_(PATCH_SCALES[change])
     return model, "decay_embed" in changes
 
 
 @torch.no_grad()
 def initial_cosine(variant: str, seed: int, args, images: torch.Tensor) -> dict:
     """How alike the freshly initialised model finds the images: the pairwise cosine of their
-    embeddings (near 1: the logits start flat and the contrastive gradient is weak)."""
+    embeddings (near 1: the logits start flat and the contrastive gradient is weak); and the size
+    (RMS over channels) of the patch and class tokens as they enter the first block."""
     cfg = load_config(ROOT / "configs" / "bench_tiny.yaml", [f"data.train={args.data}"])
     torch.manual_seed(seed)
     model, _ = build_variant(variant, cfg)
-    emb = F.normalize(model.eval().encode_image(normalise(images)), dim=-1)
+    pixels = normalise(images)
+    emb = F.normalize(model.eval().encode_image(pixels), dim=-1)
     pairs = (emb @ emb.T)[~torch.eye(len(emb), dtype=torch.bool)]
-    return {
+    row = {
         "variant": variant,
         "seed": seed,
         "images": len(emb),
         "cosine_mean": round(pairs.mean().item(), 3),
         "cosine_std": round(pairs.std().item(), 3),
     }
+    if hasattr(model, "visual") and hasattr(model.visual, "trunk"):  # ours (timm's ViT)
+        trunk = model.visual.trunk
+        tokens = trunk.norm_pre(trunk._pos_embed(trunk.patch_embed(pixels)))
+        prefix = trunk.num_prefix_tokens
+        rms = tokens.pow(2).mean(-1).sqrt()
+        row["patch_rms"] = round(rms[:, prefix:].mean().item(), 3)
+        row["class_rms"] = round(rms[:, :prefix].mean().item(), 3)
+    return row
 
 
 @torch.no_grad()

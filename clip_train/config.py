@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data_tools.errors import ConfigError
 
 IMAGE_INITS = ("timm", "timm-jax", "openclip")
+PATCH_INITS = ("lecun", "torch")
 DECAY_RULES = ("clip-train", "open_clip")  # the keys of clip_train.optim.DECAY_RULES
 LOSS_TERMS = (
     "clip",
@@ -61,6 +62,11 @@ class ImageTowerConfig:
     # timm-jax.
     # timm's fixed 0.02 stalls narrow towers (width < 768): see clip_train.model.init_image_trunk.
     init: str = "openclip"
+    # The patch embedding's init: torch (as `init` leaves it: PyTorch's conv default, as open_clip's
+    # conv1) or lecun (sqrt(3) larger, zero bias: the original ViT's, as big_vision; timm-jax has it
+    # either way). Without ln_pre the patch tokens enter the blocks at the size this gives them:
+    # see clip_train.model.init_patch_embed_lecun for what each learns better.
+    patch_init: str = "torch"
 
 
 @dataclass
@@ -448,6 +454,11 @@ def validate(cfg: Config) -> None:
     if img.init not in IMAGE_INITS:
         raise ConfigError(
             f"model.image.init must be one of {', '.join(IMAGE_INITS)}, not '{img.init}'"
+        )
+    if img.patch_init not in PATCH_INITS:
+        raise ConfigError(
+            f"model.image.patch_init must be one of {', '.join(PATCH_INITS)}, not "
+            f"'{img.patch_init}'"
         )
     if cfg.train.mixed_precision == "False":  # YAML reads a bare `no` as false
         cfg.train.mixed_precision = "no"

@@ -15,6 +15,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import TextTransformer
+from timm.layers import lecun_normal_
 from torch import nn
 
 from clip_train.config import ImageTowerConfig, ModelConfig, TextTowerConfig
@@ -81,6 +82,23 @@ def init_image_trunk(trunk: nn.Module, mode: str) -> None:
         init_embeddings_fan_in(trunk)
 
 
+def init_patch_embed_lecun(trunk: nn.Module) -> None:
+    """The patch embedding as the original ViT initialises it (big_vision; timm's 'jax' init):
+    LeCun normal, std 1/sqrt(fan_in), zero bias.
+
+    PyTorch's conv default (open_clip's conv1, timm's own init; `patch_init: torch`, the default)
+    is sqrt(3) smaller: on coloured images the patch tokens then enter the first block at ~0.66
+    RMS, and without ln_pre (which rescales them to 1) the tower learns less per step than
+    open_clip's. LeCun's scale (~1.2 there) closes that gap, but outline icons on white, whose
+    tokens already start at ~1, then learn less early and can sit at chance (docs/benchmarks.md,
+    "Learning per step"), so it is an option, not the default.
+    """
+    proj = trunk.patch_embed.proj
+    lecun_normal_(proj.weight)
+    if proj.bias is not None:
+        nn.init.zeros_(proj.bias)
+
+
 class ImageTower(nn.Module):
     """timm ViT trunk without classifier, then a bias-free linear projection."""
 
@@ -100,6 +118,8 @@ class ImageTower(nn.Module):
             **extra,
         )
         init_image_trunk(self.trunk, cfg.init)
+        if cfg.patch_init == "lecun":
+            init_patch_embed_lecun(self.trunk)
         self.head = nn.Sequential(
             OrderedDict(proj=nn.Linear(self.trunk.num_features, embed_dim, bias=False))
         )

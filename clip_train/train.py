@@ -163,6 +163,7 @@ def _clear_previous_run(run_dir: Path, run_name: str) -> None:
 # Model keys a resume may change: they shape neither the weights nor the optimizer's groups.
 _RESUMABLE_MODEL_KEYS = {
     "image.init",
+    "image.patch_init",
     "text.trim_padding",
     "max_logit_scale",
     "init_logit_scale",

@@ -42,6 +42,7 @@ def test_mixed_precision_no_is_the_string_not_yaml_false(tmp_path):
         ("train.steps=abc", ["train.steps", "abc"]),
         ("model.text.heads=3", ["model.text.width", "model.text.heads"]),
         ("train.mixed_precision=fp8", ["train.mixed_precision"]),
+        ("model.image.patch_init=xavier", ["model.image.patch_init", "lecun, torch", "xavier"]),
         ("nonsense", ["section.key=value"]),
     ],
 )
