@@ -89,9 +89,10 @@ def init_patch_embed_lecun(trunk: nn.Module) -> None:
     PyTorch's conv default (open_clip's conv1, timm's own init; `patch_init: torch`, the default)
     is sqrt(3) smaller: on coloured images the patch tokens then enter the first block at ~0.66
     RMS, and without ln_pre (which rescales them to 1) the tower learns less per step than
-    open_clip's. LeCun's scale (~1.2 there) closes that gap, but outline icons on white, whose
-    tokens already start at ~1, then learn less early and can sit at chance (docs/benchmarks.md,
-    "Learning per step"), so it is an option, not the default.
+    open_clip's. LeCun's scale (~1.2 there) closes that gap in a same-loop ablation (less so with
+    the real trainers), but outline icons on white, whose tokens already start at ~1, then learn
+    less early and can sit at chance (docs/benchmarks.md, "Learning per step"), so it is an
+    option, not the default.
     """
     proj = trunk.patch_embed.proj
     lecun_normal_(proj.weight)
