@@ -81,9 +81,9 @@ def test_init_from_open_clip_checkpoint_gives_open_clip_embeddings(
     model = _fresh(tiny_model_cfg, f"open_clip:{tmp_path / 'oc.pt'}")
     init_from_source(model, tiny_model_cfg)
     ours = _embeddings(model)
-    with torch.no_grad():
-        torch.testing.assert_close(ours[0], reference.encode_image(IMAGES), rtol=0, atol=1e-6)
-        torch.testing.assert_close(ours[1], reference.encode_text(TEXT), rtol=0, atol=1e-6)
+    with torch.no_grad():  # unit vectors; other attention kernels: ~1e-6 on some CPUs
+        torch.testing.assert_close(ours[0], reference.encode_image(IMAGES), rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours[1], reference.encode_text(TEXT), rtol=0, atol=1e-5)
     assert torch.equal(model.logit_scale, reference.logit_scale)
 
 
