@@ -9,7 +9,10 @@ Every variant is trained by the same in-process loop on the same batches in the 
 seed), with the same optimiser, schedule and loss, so what differs between two rows is the model
 and nothing else; the trainers themselves are compared by bench/time_to_quality.py. The data
 (train shards, held-out retrieval and zero-shot shards of the layout `../shared/data/icons` and
-`clip-data synth` write) is decoded once into memory; no augmentation, a full shuffle per epoch.
+`clip-data synth` write) is decoded once into memory; a full shuffle per epoch; no augmentation,
+or with `--augment` the trainers' own: each batch's images through `clip-train train`'s random
+resized crop (`data_tools.transforms`, area 90-100%, bicubic), seeded per seed, so every variant
+still sees the same crops.
 
 Variants (`ours`: the model `configs/bench_tiny.yaml` builds, with '+' changes):
 - `ours`: the current default; `openclip`: open_clip's own `CLIP` (its ViT and text tower) with
@@ -93,6 +96,14 @@ def read_split(folder: Path, size: int) -> tuple[torch.Tensor, list[str], list[i
             captions.append(fields.get("txt", b"").decode().strip())
             labels.append(int(fields["cls"]) if "cls" in fields else -1)
     return torch.stack(images), captions, labels
+
+
+def augment(images: torch.Tensor, tf) -> torch.Tensor:
+    """uint8 images [B, 3, S, S] through the training transform's crop (PIL, as the trainer)."""
+    crops = [
+        np.asarray(tf.resize_rgb(Image.fromarray(img.permute(1, 2, 0).numpy()))) for img in images
+    ]
+    return torch.from_numpy(np.stack(crops).transpose(0, 3, 1, 2).copy())
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
@@ -269,13 +280,17 @@ def train_one(variant: str, seed: int, args, data: dict, device) -> dict:
     n = images.shape[0]
     order = torch.Generator().manual_seed(1000 + seed)  # the same batches for every variant
     perm, pos, losses = torch.randperm(n, generator=order), 0, []
+    crop = image_transform(images.shape[-1], train=True) if args.augment else None
+    if crop is not None:
+        crop.reseed(2000 + seed)  # the same crops for every variant
     start = time.perf_counter()
     for _ in range(args.steps):
         if pos + args.batch > n:
             perm, pos = torch.randperm(n, generator=order), 0
         idx = perm[pos : pos + args.batch]
         pos += args.batch
-        x = normalise(images[idx].to(device, non_blocking=True))
+        batch = augment(images[idx], crop) if crop is not None else images[idx]
+        x = normalise(batch.to(device, non_blocking=True))
         out = model(x, tokens[idx].to(device))
         loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])["loss"]
         opt.zero_grad(set_to_none=True)
@@ -339,6 +354,11 @@ def main(argv=None) -> None:
         help="instead of training: the pairwise cosine of the first N train images' embeddings "
         "at initialisation, per variant and seed",
     )
+    p.add_argument(
+        "--augment",
+        action="store_true",
+        help="the trainers' random resized crop (area 90-100%%) on every training batch",
+    )
     args = p.parse_args(argv)
     for variant in args.variants:
         check_variant(variant)
@@ -363,7 +383,7 @@ def main(argv=None) -> None:
         data["zs_images"], data["zs_captions"], data["zs_labels"] = read_split(zs, size)
         data["classnames"] = (zs / "classnames.txt").read_text().splitlines()
         data["templates"] = (zs / "templates.txt").read_text().splitlines()
-    if device.type == "cuda":
+    if device.type == "cuda" and not args.augment:  # crops are drawn on the host
         data["train_images"] = data["train_images"].to(device)
     print(
         json.dumps(
@@ -372,6 +392,7 @@ def main(argv=None) -> None:
                 "train": len(caps),
                 "retrieval": len(data["ret_captions"]),
                 "device": str(device),
+                "augment": args.augment,
                 "torch": torch.__version__,
             }
         ),

@@ -26,6 +26,12 @@ side-by-side train-loss curve (means over --window steps) on stderr and JSON lin
 per run, one per seed with ratios (ours / OpenCLIP; for losses < 1 is better, for metrics > 1),
 and a summary with means over seeds. `--equal-time` also trains ours for as many steps as fit in
 OpenCLIP's whole-process wall time of the same seed (its own schedule over those steps).
+
+The summary also gives, per metric and per point of the loss curve, our mean minus OpenCLIP's
+with Welch's 95% confidence interval over the seeds and a verdict (`ahead`, `behind`, or `level`
+when the interval holds 0): open_clip_train's runs are not repeatable, so "no worse" is a claim
+about means over seeds, not about one run. `--summarize LOG [LOG ...]` trains nothing and prints
+that summary over the runs in earlier invocations' stdout (more seeds, added later).
 """
 
 from __future__ import annotations
@@ -303,6 +309,112 @@ def curve(losses: list[float], window: int) -> list[float]:
     ]
 
 
+KEYS = [
+    "final_loss",
+    "wall_s",
+    "acc1",
+    "acc5",
+    "mean_per_class_recall",
+    "image_retrieval_recall@1",
+    "image_retrieval_recall@5",
+    "image_retrieval_recall@10",
+    "text_retrieval_recall@1",
+    "text_retrieval_recall@5",
+    "text_retrieval_recall@10",
+]
+LOWER_IS_BETTER = {"final_loss", "wall_s"}
+
+
+def difference(ours: list[float], theirs: list[float], lower_is_better: bool) -> dict:
+    """Mean of ours minus mean of OpenCLIP's over seeds, with Welch's 95% confidence interval
+    (scipy), and a verdict: `ahead` or `behind` when the interval excludes 0, else `level`.
+
+    Unpaired: open_clip_train's data order is not repeatable, so a seed does not pair two runs.
+    """
+    import warnings
+
+    from scipy.stats import ttest_ind
+
+    diff = statistics.fmean(ours) - statistics.fmean(theirs)
+    row: dict = {"diff": round(diff, 4), "ci95": None, "verdict": None}
+    if len(ours) > 1 and len(theirs) > 1 and (statistics.pstdev(ours) or statistics.pstdev(theirs)):
+        with warnings.catch_warnings():  # a side whose runs agree to rounding: still a CI
+            warnings.simplefilter("ignore", RuntimeWarning)
+            lo, hi = ttest_ind(ours, theirs, equal_var=False).confidence_interval(0.95)
+        better, worse = (hi < 0, lo > 0) if lower_is_better else (lo > 0, hi < 0)
+        row["ci95"] = [round(float(lo), 4), round(float(hi), 4)]
+        row["verdict"] = "ahead" if better else "behind" if worse else "level"
+    return row
+
+
+def summarize(runs: list[dict], steps: int, window: int) -> dict:
+    """Means over seeds per side, ratios to OpenCLIP's, and each of our sides' difference from
+    OpenCLIP's (`difference`) per metric and per point of the loss curve up to `steps`."""
+    sides: dict[str, list[dict]] = {}
+    for r in runs:
+        sides.setdefault(r["side"], []).append(r)
+    out: dict = {
+        "summary": "time_to_quality",
+        "seeds": sorted({r["seed"] for r in runs}),
+        "steps": steps,
+    }
+    points = -(-steps // window)
+    for side, rs in sides.items():
+        out[side] = {
+            k: round(statistics.fmean(r[k] for r in rs), 4) for k in KEYS if all(k in r for r in rs)
+        }
+        out[side]["runs"] = len(rs)
+        out[side]["loss_curve"] = [
+            round(statistics.fmean(c), 3) for c in zip(*(r["loss_curve"][:points] for r in rs))
+        ]
+    for side in [s for s in sides if s != "openclip" and "openclip" in sides]:
+        ours, theirs = sides[side], sides["openclip"]
+        out[f"{side}_ratio"] = {
+            k: round(out[side][k] / out["openclip"][k], 3)
+            for k in KEYS
+            if out[side].get(k) and out["openclip"].get(k)
+        }
+        out[f"{side}_minus_openclip"] = {
+            k: difference([r[k] for r in ours], [r[k] for r in theirs], k in LOWER_IS_BETTER)
+            for k in KEYS
+            if k in out[side] and k in out["openclip"] and k != "wall_s"
+        }
+        if all(r["steps"] == steps for r in ours):  # same schedule: the curves compare
+            out[f"{side}_minus_openclip"]["loss_curve"] = [
+                difference(list(o), list(t), True)
+                for o, t in zip(
+                    zip(*(r["loss_curve"][:points] for r in ours)),
+                    zip(*(r["loss_curve"][:points] for r in theirs)),
+                )
+            ]
+        for k, d in out[f"{side}_minus_openclip"].items():
+            for i, row in enumerate(d if k == "loss_curve" else [d]):
+                what = f"loss, steps to {min(steps, (i + 1) * window)}" if k == "loss_curve" else k
+                ci = "[{:+.3f}, {:+.3f}]".format(*row["ci95"]) if row["ci95"] else ""
+                verdict = row["verdict"] or "one run"
+                log(f"{side} - openclip: {what:32s} {row['diff']:+8.3f} {ci:20s} {verdict}")
+    return out
+
+
+def summarize_logs(paths: list[str]) -> dict:
+    """`summarize` over the per-run JSON lines of earlier runs' stdout (several seeds' logs)."""
+    runs, steps = [], None
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if not line.startswith("{"):
+                continue
+            row = json.loads(line)
+            if row.get("bench") == "time_to_quality":
+                if steps not in (None, row["steps"]):
+                    raise SystemExit(f"{path}: {row['steps']} steps, other logs {steps}")
+                steps = row["steps"]
+            elif "side" in row:
+                runs.append(row)
+    if not runs or steps is None:
+        raise SystemExit(f"no time_to_quality runs in {' '.join(paths)}")
+    return summarize(runs, steps, runs[0].get("window", 20))
+
+
 def compare(ours: dict, theirs: dict, keys: list[str]) -> dict:
     row = {}
     for k in keys:
@@ -344,7 +456,16 @@ def main(argv=None) -> None:
     p.add_argument(
         "--openclip-python", help="python of the OpenCLIP venv (default: bench/openclip_env.sh)"
     )
+    p.add_argument(
+        "--summarize",
+        nargs="+",
+        metavar="LOG",
+        help="train nothing: summarize the JSON lines of earlier runs (their stdout)",
+    )
     a = p.parse_args(argv)
+    if a.summarize:
+        print(json.dumps(summarize_logs(a.summarize)), flush=True)
+        return
 
     from clip_train.config import load_config
 
@@ -397,19 +518,7 @@ def main(argv=None) -> None:
         ),
         flush=True,
     )
-    keys = [
-        "final_loss",
-        "wall_s",
-        "acc1",
-        "acc5",
-        "mean_per_class_recall",
-        "image_retrieval_recall@1",
-        "image_retrieval_recall@5",
-        "image_retrieval_recall@10",
-        "text_retrieval_recall@1",
-        "text_retrieval_recall@5",
-        "text_retrieval_recall@10",
-    ]
+    runs: list[dict] = []  # one row per run, as printed
     rows = []
     for seed in a.seeds:
         # alternate which side runs first so machine load drifts do not favour one
@@ -429,16 +538,15 @@ def main(argv=None) -> None:
         for r in res.values():
             w = min(a.window, len(r["losses"]))
             r["final_loss"] = round(statistics.fmean(r["losses"][-w:]), 4)
-            print(
-                json.dumps(
-                    {
-                        **{k: v for k, v in r.items() if k not in ("losses", "samples_per_s")},
-                        "median_samples_per_s": round(statistics.median(r["samples_per_s"]), 1),
-                        "loss_curve": curve(r["losses"], a.window),
-                    }
-                ),
-                flush=True,
+            runs.append(
+                {
+                    **{k: v for k, v in r.items() if k not in ("losses", "samples_per_s")},
+                    "median_samples_per_s": round(statistics.median(r["samples_per_s"]), 1),
+                    "window": a.window,
+                    "loss_curve": curve(r["losses"], a.window),
+                }
             )
+            print(json.dumps(runs[-1]), flush=True)
         rows.append(res)
         n = min(len(res["ours"]["losses"]), len(res["openclip"]["losses"]))
         log(
@@ -456,9 +564,9 @@ def main(argv=None) -> None:
             json.dumps(
                 {
                     "seed": seed,
-                    "equal_steps": compare(res["ours"], res["openclip"], keys),
+                    "equal_steps": compare(res["ours"], res["openclip"], KEYS),
                     **(
-                        {"equal_time": compare(res["ours_equal_time"], res["openclip"], keys)}
+                        {"equal_time": compare(res["ours_equal_time"], res["openclip"], KEYS)}
                         if a.equal_time
                         else {}
                     ),
@@ -467,24 +575,7 @@ def main(argv=None) -> None:
             flush=True,
         )
 
-    def mean(side: str, k: str) -> float | None:
-        vals = [r[side][k] for r in rows if k in r[side]]
-        return round(statistics.fmean(vals), 4) if vals else None
-
-    summary = {"summary": "time_to_quality", "seeds": a.seeds, "steps": steps}
-    for side in rows[0]:
-        summary[side] = {k: mean(side, k) for k in keys if mean(side, k) is not None}
-        summary[side]["loss_curve"] = [
-            round(statistics.fmean(c), 3)
-            for c in zip(*(curve(r[side]["losses"][:steps], a.window) for r in rows))
-        ]
-    for side in [s for s in rows[0] if s != "openclip"]:
-        summary[f"{side}_ratio"] = {
-            k: round(summary[side][k] / summary["openclip"][k], 3)
-            for k in keys
-            if summary[side].get(k) and summary["openclip"].get(k)
-        }
-    print(json.dumps(summary), flush=True)
+    print(json.dumps(summarize(runs, steps, a.window)), flush=True)
     if any(math.isnan(v) for r in rows for s in r.values() for v in s["losses"]):
         raise SystemExit("a run produced a NaN loss")
 
