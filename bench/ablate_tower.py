@@ -38,11 +38,12 @@ Variants (`ours`: the model `configs/bench_tiny.yaml` builds, with '+' changes):
 Variants combine with '+' (`ours+timm_init+ln_pre`); an unknown change is refused.
 
 Prints one JSON line per (variant, seed) with the train-loss curve (mean over windows of
---window steps) and held-out retrieval R@1/R@10 (both directions) and zero-shot top-1, then one
-summary line per variant: means over seeds. `--init-cosine N` trains nothing: it prints, per
-variant and seed, how alike the initialised model finds the first N train images (the pairwise
-cosine of their embeddings) and, for our towers, the size (RMS) of the patch and class tokens as
-they enter the first block.
+--window steps) and held-out retrieval R@1/R@10 (both directions) and zero-shot top-1 (with
+`--breakdown FIELD`, also R@10 per value of that field of the held-out pairs' .json, e.g. the
+synthetic set's `background`), then one summary line per variant: means over seeds.
+`--init-cosine N` trains nothing: it prints, per variant and seed, how alike the initialised
+model finds the first N train images (the pairwise cosine of their embeddings) and, for our
+towers, the size (RMS) of the patch and class tokens as they enter the first block.
 """
 
 from __future__ import annotations
@@ -76,10 +77,11 @@ from data_tools.transforms import image_transform  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def read_split(folder: Path, size: int) -> tuple[torch.Tensor, list[str], list[int]]:
-    """uint8 images [N, 3, size, size], captions and labels (-1 where none) of every shard."""
+def read_split(folder: Path, size: int) -> tuple[torch.Tensor, list[str], list[int], list[dict]]:
+    """uint8 images [N, 3, size, size], captions, labels (-1 where none) and .json metadata
+    ({} where none) of every shard."""
     tf = image_transform(size)
-    images, captions, labels = [], [], []
+    images, captions, labels, metas = [], [], [], []
     for shard in sorted(folder.glob("*.tar")):
         with tarfile.open(shard) as tar:
             members: dict[str, dict[str, bytes]] = {}
@@ -95,7 +97,8 @@ def read_split(folder: Path, size: int) -> tuple[torch.Tensor, list[str], list[i
             images.append(torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy()))
             captions.append(fields.get("txt", b"").decode().strip())
             labels.append(int(fields["cls"]) if "cls" in fields else -1)
-    return torch.stack(images), captions, labels
+            metas.append(json.loads(fields["json"]) if "json" in fields else {})
+    return torch.stack(images), captions, labels, metas
 
 
 def augment(images: torch.Tensor, tf) -> torch.Tensor:
@@ -232,7 +235,9 @@ def initial_cosine(variant: str, seed: int, args, images: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, images, captions, labels, classnames, templates, tokenizer, device) -> dict:
+def evaluate(
+    model, images, captions, labels, classnames, templates, tokenizer, device, groups=None
+) -> dict:
     model.eval()
     feats = []
     for chunk in images.split(256):
@@ -245,6 +250,8 @@ def evaluate(model, images, captions, labels, classnames, templates, tokenizer, 
         rank = (s > s.diag().unsqueeze(1)).sum(1)  # items scored above the true one
         out[f"{direction}_R@1"] = 100 * (rank < 1).float().mean().item()
         out[f"{direction}_R@10"] = 100 * (rank < 10).float().mean().item()
+        for value, members in (groups or {}).items():  # ranked among all pairs
+            out[f"{direction}_R@10[{value}]"] = 100 * (rank[members] < 10).float().mean().item()
     if classnames:
         w = []
         for c in classnames:
@@ -302,7 +309,15 @@ def train_one(variant: str, seed: int, args, data: dict, device) -> dict:
         losses.append(loss.item())
     seconds = time.perf_counter() - start
     metrics = evaluate(
-        model, data["ret_images"], data["ret_captions"], None, None, None, data["tokenizer"], device
+        model,
+        data["ret_images"],
+        data["ret_captions"],
+        None,
+        None,
+        None,
+        data["tokenizer"],
+        device,
+        data.get("ret_groups"),
     )
     if data.get("zs_images") is not None:
         zs = evaluate(
@@ -359,6 +374,12 @@ def main(argv=None) -> None:
         action="store_true",
         help="the trainers' random resized crop (area 90-100%%) on every training batch",
     )
+    p.add_argument(
+        "--breakdown",
+        metavar="FIELD",
+        help="also the retrieval R@10 per value of this field of the held-out pairs' .json "
+        "(each pair still ranked among all), e.g. the synthetic set's background",
+    )
     args = p.parse_args(argv)
     for variant in args.variants:
         check_variant(variant)
@@ -369,7 +390,7 @@ def main(argv=None) -> None:
     size = load_config(ROOT / "configs" / "bench_tiny.yaml", ["data.train=x"]).model.image.img_size
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=32)
     data: dict = {"tokenizer": tokenizer}
-    data["train_images"], caps, _ = read_split(root / "train", size)
+    data["train_images"], caps, _, _ = read_split(root / "train", size)
     if args.init_cosine:
         for seed in args.seeds:
             for variant in args.variants:
@@ -377,10 +398,17 @@ def main(argv=None) -> None:
                 print(json.dumps(r), flush=True)
         return
     data["train_tokens"] = tokenizer(caps)
-    data["ret_images"], data["ret_captions"], _ = read_split(root / "retrieval", size)
+    data["ret_images"], data["ret_captions"], _, metas = read_split(root / "retrieval", size)
+    if args.breakdown:
+        values = [str(m.get(args.breakdown)) for m in metas]
+        if all(v == "None" for v in values):
+            raise SystemExit(f"--breakdown {args.breakdown}: no held-out pair's .json has it")
+        data["ret_groups"] = {
+            v: torch.tensor([x == v for x in values], device=device) for v in sorted(set(values))
+        }
     zs = root / "zeroshot"
     if zs.is_dir():
-        data["zs_images"], data["zs_captions"], data["zs_labels"] = read_split(zs, size)
+        data["zs_images"], data["zs_captions"], data["zs_labels"], _ = read_split(zs, size)
         data["classnames"] = (zs / "classnames.txt").read_text().splitlines()
         data["templates"] = (zs / "templates.txt").read_text().splitlines()
     if device.type == "cuda" and not args.augment:  # crops are drawn on the host
