@@ -402,7 +402,10 @@ def main(argv=None) -> None:
     if args.breakdown:
         values = [str(m.get(args.breakdown)) for m in metas]
         if all(v == "None" for v in values):
-            raise SystemExit(f"--breakdown {args.breakdown}: no held-out pair's .json has it")
+            raise SystemExit(
+                f"--breakdown {args.breakdown}: no .json of {root / 'retrieval'} has that field; "
+                "name one they have (clip-data synth writes background, colour, kind, ...)"
+            )
         data["ret_groups"] = {
             v: torch.tensor([x == v for x in values], device=device) for v in sorted(set(values))
         }
