@@ -400,14 +400,15 @@ def main(argv=None) -> None:
     data["train_tokens"] = tokenizer(caps)
     data["ret_images"], data["ret_captions"], _, metas = read_split(root / "retrieval", size)
     if args.breakdown:
-        values = [str(m.get(args.breakdown)) for m in metas]
-        if all(v == "None" for v in values):
+        values = [m.get(args.breakdown) for m in metas]  # None: a pair without the field
+        if all(v is None for v in values):
             raise SystemExit(
                 f"--breakdown {args.breakdown}: no .json of {root / 'retrieval'} has that field; "
                 "name one they have (clip-data synth writes background, colour, kind, ...)"
             )
+        names = [str(v) for v in values]
         data["ret_groups"] = {
-            v: torch.tensor([x == v for x in values], device=device) for v in sorted(set(values))
+            v: torch.tensor([x == v for x in names], device=device) for v in sorted(set(names))
         }
     zs = root / "zeroshot"
     if zs.is_dir():
