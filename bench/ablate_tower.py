@@ -77,27 +77,32 @@ from data_tools.transforms import image_transform  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def read_samples(folder: Path) -> dict[str, dict[str, bytes]]:
+    """{key: {extension: bytes}} of every sample of the folder's shards, in shard order."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                if m.isfile():
+                    key, _, ext = m.name.partition(".")
+                    samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return samples
+
+
 def read_split(folder: Path, size: int) -> tuple[torch.Tensor, list[str], list[int], list[dict]]:
     """uint8 images [N, 3, size, size], captions, labels (-1 where none) and .json metadata
     ({} where none) of every shard."""
     tf = image_transform(size)
     images, captions, labels, metas = [], [], [], []
-    for shard in sorted(folder.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            members: dict[str, dict[str, bytes]] = {}
-            for m in tar.getmembers():
-                if m.isfile():
-                    key, _, ext = m.name.partition(".")
-                    members.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        for fields in members.values():
-            jpg = fields.get("jpg") or fields.get("png")
-            if jpg is None:
-                continue
-            img = tf.resize_pil(Image.open(io.BytesIO(jpg)))
-            images.append(torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy()))
-            captions.append(fields.get("txt", b"").decode().strip())
-            labels.append(int(fields["cls"]) if "cls" in fields else -1)
-            metas.append(json.loads(fields["json"]) if "json" in fields else {})
+    for fields in read_samples(folder).values():
+        jpg = fields.get("jpg") or fields.get("png")
+        if jpg is None:
+            continue
+        img = tf.resize_pil(Image.open(io.BytesIO(jpg)))
+        images.append(torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy()))
+        captions.append(fields.get("txt", b"").decode().strip())
+        labels.append(int(fields["cls"]) if "cls" in fields else -1)
+        metas.append(json.loads(fields["json"]) if "json" in fields else {})
     return torch.stack(images), captions, labels, metas
 
 

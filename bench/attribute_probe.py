@@ -23,7 +23,6 @@ import argparse
 import io
 import json
 import sys
-import tarfile
 from pathlib import Path
 
 import torch
@@ -32,8 +31,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_tools import synth
-from data_tools.errors import DataError
+from ablate_tower import read_samples  # noqa: E402  (bench/, beside this file)
+
+from data_tools import synth  # noqa: E402
+from data_tools.errors import DataError  # noqa: E402
 
 VALUES: dict[str, tuple] = {
     "kind": synth.KINDS,
@@ -46,16 +47,9 @@ VALUES: dict[str, tuple] = {
 
 
 def read_pairs(folder: Path) -> list[tuple[Image.Image, dict]]:
-    """(image, attributes) of every held-out pair, in key order."""
-    found: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(folder.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for m in tar.getmembers():
-                if m.isfile():
-                    key, _, ext = m.name.partition(".")
-                    found.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    """(image, attributes) of every held-out pair, in shard order."""
     pairs = []
-    for key, fields in sorted(found.items()):
+    for key, fields in read_samples(folder).items():
         meta = json.loads(fields.get("json", b"{}"))
         missing = [a for a in VALUES if a not in meta]
         if "jpg" not in fields or missing:
@@ -88,32 +82,22 @@ def questions(metas: list[dict]) -> list[tuple[int, str, list[str], int]]:
     return out
 
 
-@torch.no_grad()
 def probe(model: str, pairs: list[tuple[Image.Image, dict]], qs: list, device: str) -> dict:
     """Per-attribute accuracy (percent) of one model."""
+    from clip_eval._common import inference
     from clip_eval.cli import load_encoder
+    from clip_eval.text import encode_texts
 
     try:
         encoder = load_encoder(model, None, device)
     except DataError as exc:
         raise SystemExit(str(exc)) from None
-    if isinstance(encoder, torch.nn.Module):
-        encoder.eval()
     texts = list(dict.fromkeys(c for q in qs for c in q[2]))
     column = {t: j for j, t in enumerate(texts)}
     images = torch.stack([encoder.preprocess(img) for img, _ in pairs]).to(device)
-    image_f = torch.cat(
-        [
-            encoder.encode_image(images[i : i + 256], normalize=True)
-            for i in range(0, len(images), 256)
-        ]
-    )
-    text_f = torch.cat(
-        [
-            encoder.encode_text(encoder.tokenizer(texts[i : i + 2048]).to(device), normalize=True)
-            for i in range(0, len(texts), 2048)
-        ]
-    )
+    with inference(encoder):  # the held-out split is small (500 pairs): one image batch
+        image_f = encoder.encode_image(images, normalize=True).float()
+        text_f = encode_texts(encoder, texts, device)
     sims = (image_f @ text_f.T).cpu()
     right = {a: 0 for a in VALUES}
     asked = {a: 0 for a in VALUES}
