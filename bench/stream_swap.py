@@ -9,21 +9,25 @@ the model's init, the training step or the data stream. The step is open_clip_tr
 (tests/clip_train/test_openclip_parity.py), so this bench holds the rest still: per seed it
 records each arm's stream, then trains `configs/bench_tiny.yaml` from the same initial weights
 (drawn from the seed) with clip-train's step on each, and evaluates with `clip-eval` on the
-held-out splits. What differs between two rows of a seed is the stream and nothing else. Arms:
+held-out splits. What differs between two rows of a seed's model is the stream and nothing else.
+Arms:
 - `openclip`: open_clip_train's own pipeline (`open_clip_train.data.get_wds_dataset`: shards
   shuffled per pass and dealt to its 2 workers, a 5000-sample buffer, its preprocess and
   tokenizer), run in the bench venv by this file (`--record-openclip`, internal);
 - `ours`: our loader as `clip-train train` opens it (epoch mode, each worker a fixed half of the
   shards, a --shuffle-buffer buffer, the trainer's crop);
 - `full`: ours with one worker and a buffer as large as the set (a full shuffle every pass).
+`--models ours openclip` also trains open_clip's own `CLIP` of the same sizes (its ViT with
+`ln_pre`, its init, open_clip_train's decay groups) on each stream, its weights drawn with the
+seed, so the model can be swapped with the stream held still too.
 A stream is --epochs passes of the batches open_clip_train's epoch mode gives (with 2 workers),
 kept as uint8 pixels (open_clip's normalised floats mapped back exactly) and tokens in --work,
 about 0.4 GB per arm at the default sizes, deleted after its run unless --keep.
 
 Hyper-parameters are bench/time_to_quality.py's (batch 128, lr 1e-3, warmup 100, cosine, weight
 decay 0.1, AdamW 0.9/0.999/1e-8). Prints one JSON line per run (final loss, the loss curve per
---window steps, clip-eval's metrics in percent) and a summary: per arm the means over seeds and
-the mean paired difference from the first arm with a t interval.
+--window steps, clip-eval's metrics in percent) and a summary: per arm (`model:arm` with several
+models) the means over seeds and the mean paired difference from the first with a t interval.
 """
 
 from __future__ import annotations
@@ -155,15 +159,47 @@ def record_ours(
     torch.save({"images": torch.stack(images), "tokens": torch.stack(tokens)}, out)
 
 
-def train_on(cfg, stream: Path, seed: int, data: Path, out: Path, device: str, window: int) -> dict:
-    """bench_tiny from the seed's initial weights, clip-train's step over every batch of `stream`,
-    exported and evaluated by clip-eval (metrics in percent)."""
+def build(cfg, name: str) -> torch.nn.Module:
+    """`ours` (configs/bench_tiny.yaml) or open_clip's own `CLIP` of the same sizes."""
+    if name == "ours":
+        from clip_train.model import build_model
+
+        return build_model(cfg.model)
+    import open_clip
+    from train_step import openclip_sizes
+
+    return open_clip.CLIP(**openclip_sizes(cfg), output_dict=True)
+
+
+def save_open_clip(model: torch.nn.Module, name: str, cfg, out: Path) -> Path:
+    """An open_clip folder (`local-dir:`) of the trained model: our export, or open_clip's own
+    weights and config as bench/time_to_quality.py writes them."""
+    from train_step import openclip_sizes
+
+    from clip_train.export import export_model
+
+    if name == "ours":
+        export_model(model, out)
+        return out / "open_clip"
+    local = out / "open_clip"
+    local.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), local / "open_clip_pytorch_model.bin")
+    config = {"model_cfg": openclip_sizes(cfg), "preprocess_cfg": {}}
+    (local / "open_clip_config.json").write_text(json.dumps(config))
+    return local
+
+
+def train_on(
+    cfg, name: str, stream: Path, seed: int, data: Path, out: Path, device: str, window: int
+) -> dict:
+    """Model `name` from the seed's initial weights, clip-train's step over every batch of
+    `stream`, saved for open_clip and evaluated by clip-eval (metrics in percent)."""
+    import dataclasses
+
     import time_to_quality as tq
     from train_step import LOSS_UNTILED
 
-    from clip_train.export import export_model
     from clip_train.losses import build_loss
-    from clip_train.model import build_model
     from clip_train.optim import build_optimizer, build_scheduler
     from clip_train.step import forward_backward
     from data_tools.transforms import ImageTransform
@@ -173,9 +209,14 @@ def train_on(cfg, stream: Path, seed: int, data: Path, out: Path, device: str, w
     steps = images.shape[0]
     dev = torch.device(device)
     torch.manual_seed(seed)
-    model = build_model(cfg.model).to(dev).train()
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps)
+    model = build(cfg, name).to(dev).train()
+    # open_clip's parameter names under open_clip_train's decay rule (as its main builds them)
+    optim_cfg = (
+        cfg.optim if name == "ours" else dataclasses.replace(cfg.optim, decay_rule="open_clip")
+    )
+    optimizer = build_optimizer(model, optim_cfg)
+    scheduler = build_scheduler(optimizer, optim_cfg, steps)
+    max_scale = math.log(cfg.model.max_logit_scale)
     loss_fn = build_loss("clip", **LOSS_UNTILED)
     normalize = ImageTransform(cfg.model.image.img_size).normalize
     losses, start = [], time.perf_counter()
@@ -191,20 +232,18 @@ def train_on(cfg, stream: Path, seed: int, data: Path, out: Path, device: str, w
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        model.clamp_logit_scale()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, max_scale)
         losses.append(out_["loss"].item())
     train_s = time.perf_counter() - start
-    export_model(model.cpu().eval(), out)
+    local = save_open_clip(model.cpu().eval(), name, cfg, out)
     result = {
         "steps": steps,
         "train_s": round(train_s, 1),
         "final_loss": round(statistics.fmean(losses[-20:]), 4),
         "loss_curve": tq.curve(losses, window),
     }
-    return {
-        **result,
-        **tq.evaluate(["--model", f"local-dir:{out / 'open_clip'}"], data, out, device),
-    }
+    return {**result, **tq.evaluate(["--model", f"local-dir:{local}"], data, out, device)}
 
 
 def paired(diffs: list[float]) -> dict:
@@ -218,15 +257,17 @@ def paired(diffs: list[float]) -> dict:
     return {"diff": round(mean, 3), "ci95": [round(mean - half, 3), round(mean + half, 3)]}
 
 
-def summarize(runs: list[dict], arms: list[str]) -> dict:
-    by = {(r["arm"], r["seed"]): r for r in runs}
-    seeds = sorted({r["seed"] for r in runs if all((a, r["seed"]) in by for a in arms)})
+def summarize(runs: list[dict], kinds: list[str]) -> dict:
+    """Per run kind (`arm`, or `model:arm` with several models): means over the seeds every kind
+    ran, and each kind's paired difference from the first."""
+    by = {(r["kind"], r["seed"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs if all((k, r["seed"]) in by for k in kinds)})
     out: dict = {"summary": "stream_swap", "seeds": seeds}
-    for arm in arms:
-        out[arm] = {k: round(statistics.fmean(by[arm, s][k] for s in seeds), 3) for k in METRICS}
-        if arm != arms[0]:
-            out[f"{arm}_minus_{arms[0]}"] = {
-                k: paired([by[arm, s][k] - by[arms[0], s][k] for s in seeds]) for k in METRICS
+    for kind in kinds:
+        out[kind] = {k: round(statistics.fmean(by[kind, s][k] for s in seeds), 3) for k in METRICS}
+        if kind != kinds[0]:
+            out[f"{kind}_minus_{kinds[0]}"] = {
+                k: paired([by[kind, s][k] - by[kinds[0], s][k] for s in seeds]) for k in METRICS
             }
     return out
 
@@ -236,6 +277,7 @@ def main(argv=None) -> None:
     p.add_argument("--data", required=True, help="train/, zeroshot/, retrieval/ (clip-data synth)")
     p.add_argument("--seeds", nargs="+", type=int, default=[20, 21, 22])
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    p.add_argument("--models", nargs="+", choices=("ours", "openclip"), default=["ours"])
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--shuffle-buffer", type=int, default=1000, help="the `ours` arm's buffer")
     p.add_argument("--work", default="/tmp/clip-train-stream-swap")
@@ -295,15 +337,18 @@ def main(argv=None) -> None:
             else:
                 workers, buffer = (WORKERS, a.shuffle_buffer) if arm == "ours" else (1, sum(counts))
                 record_ours(cfg, seed, batches, a.epochs, workers, buffer, stream)
-            log(f"seed {seed}: training on the {arm} stream")
-            model_dir = work / f"model-{arm}-s{seed}"
-            result = train_on(cfg, stream, seed, data, model_dir, a.device, a.window)
+            for name in a.models:
+                kind = arm if len(a.models) == 1 else f"{name}:{arm}"
+                log(f"seed {seed}: training {name} on the {arm} stream")
+                model_dir = work / f"model-{name}-{arm}-s{seed}"
+                result = train_on(cfg, name, stream, seed, data, model_dir, a.device, a.window)
+                run = {"kind": kind, "model": name, "arm": arm, "seed": seed, **result}
+                runs.append(run)
+                print(json.dumps(run), flush=True)
             if not a.keep:
                 stream.unlink()
-            run = {"arm": arm, "seed": seed, **result}
-            runs.append(run)
-            print(json.dumps(run), flush=True)
-    print(json.dumps(summarize(runs, a.arms)), flush=True)
+    kinds = [arm if len(a.models) == 1 else f"{m}:{arm}" for arm in a.arms for m in a.models]
+    print(json.dumps(summarize(runs, kinds)), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,3 +13,15 @@ def tiny_model_cfg() -> ModelConfig:
         ),
         text=TextTowerConfig(context_length=16, width=48, heads=2, layers=2),
     )
+
+
+@pytest.fixture
+def open_clip_train_decay_rule():
+    """open_clip_train's own weight-decay rule, `exclude(name, param)`, read from its installed
+    source (the oracle; not imported, since its data module needs pandas)."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    source = Path(importlib.util.find_spec("open_clip_train.main").origin).read_text()
+    return eval(re.search(r"exclude = (lambda n, p: .+)", source).group(1))

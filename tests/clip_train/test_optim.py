@@ -66,18 +66,7 @@ def test_locked_towers_are_frozen(tiny_model_cfg):
     assert sum(len(g["params"]) for g in opt.param_groups) == 3
 
 
-def _open_clip_train_rule():
-    """open_clip_train's own weight-decay rule, read from its installed source (the oracle; not
-    imported, since its data module needs pandas)."""
-    import importlib.util
-    import re
-    from pathlib import Path
-
-    source = Path(importlib.util.find_spec("open_clip_train.main").origin).read_text()
-    return eval(re.search(r"exclude = (lambda n, p: .+)", source).group(1))
-
-
-def test_open_clip_decay_rule_matches_open_clip_train(tiny_model_cfg):
+def test_open_clip_decay_rule_matches_open_clip_train(tiny_model_cfg, open_clip_train_decay_rule):
     """`optim.decay_rule=open_clip` decays exactly the parameters open_clip_train decays on the
     same model in open_clip's names (pre_norm trunk: open_clip's own ViT, names mapped by the
     export)."""
@@ -89,7 +78,7 @@ def test_open_clip_decay_rule_matches_open_clip_train(tiny_model_cfg):
     assert set(RULES) == set(DECAY_RULES)
     tiny_model_cfg.image.pre_norm = True
     model = build_model(tiny_model_cfg)
-    exclude = _open_clip_train_rule()
+    exclude = open_clip_train_decay_rule
     named = dict(model.named_parameters())
     theirs = openclip_vit.to_open_clip(named, model.visual.trunk)
     ours_to_theirs = dict(zip(named, theirs))  # to_open_clip keeps the order of the keys
