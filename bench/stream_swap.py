@@ -190,10 +190,11 @@ def save_open_clip(model: torch.nn.Module, name: str, cfg, out: Path) -> Path:
 
 
 def train_on(
-    cfg, name: str, stream: Path, seed: int, data: Path, out: Path, device: str, window: int
+    cfg, name: str, stream: dict, seed: int, data: Path, out: Path, device: str, window: int
 ) -> dict:
     """Model `name` from the seed's initial weights, clip-train's step over every batch of
-    `stream`, saved for open_clip and evaluated by clip-eval (metrics in percent)."""
+    `stream` (a recording as loaded: images, tokens), saved for open_clip and evaluated by
+    clip-eval (metrics in percent)."""
     import dataclasses
 
     import time_to_quality as tq
@@ -204,8 +205,7 @@ def train_on(
     from clip_train.step import forward_backward
     from data_tools.transforms import ImageTransform
 
-    saved = torch.load(stream)
-    images, tokens = saved["images"], saved["tokens"]
+    images, tokens = stream["images"], stream["tokens"]
     steps = images.shape[0]
     dev = torch.device(device)
     torch.manual_seed(seed)
@@ -255,6 +255,11 @@ def paired(diffs: list[float]) -> dict:
         return {"diff": round(mean, 3), "ci95": None}
     half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
     return {"diff": round(mean, 3), "ci95": [round(mean - half, 3), round(mean + half, 3)]}
+
+
+def kind_of(model: str, arm: str, models: list[str]) -> str:
+    """A run's name in the summary: the arm, or `model:arm` when several models are trained."""
+    return arm if len(models) == 1 else f"{model}:{arm}"
 
 
 def summarize(runs: list[dict], kinds: list[str]) -> dict:
@@ -337,17 +342,18 @@ def main(argv=None) -> None:
             else:
                 workers, buffer = (WORKERS, a.shuffle_buffer) if arm == "ours" else (1, sum(counts))
                 record_ours(cfg, seed, batches, a.epochs, workers, buffer, stream)
+            recorded = torch.load(stream)  # once for every model trained on it
             for name in a.models:
-                kind = arm if len(a.models) == 1 else f"{name}:{arm}"
                 log(f"seed {seed}: training {name} on the {arm} stream")
                 model_dir = work / f"model-{name}-{arm}-s{seed}"
-                result = train_on(cfg, name, stream, seed, data, model_dir, a.device, a.window)
+                result = train_on(cfg, name, recorded, seed, data, model_dir, a.device, a.window)
+                kind = kind_of(name, arm, a.models)
                 run = {"kind": kind, "model": name, "arm": arm, "seed": seed, **result}
                 runs.append(run)
                 print(json.dumps(run), flush=True)
             if not a.keep:
                 stream.unlink()
-    kinds = [arm if len(a.models) == 1 else f"{m}:{arm}" for arm in a.arms for m in a.models]
+    kinds = [kind_of(m, arm, a.models) for arm in a.arms for m in a.models]
     print(json.dumps(summarize(runs, kinds)), flush=True)
 
 
