@@ -19,10 +19,14 @@ Arms:
 - `full`: ours with one worker and a buffer as large as the set (a full shuffle every pass).
 `--models ours openclip` also trains open_clip's own `CLIP` of the same sizes (its ViT with
 `ln_pre`, its init, open_clip_train's decay groups) on each stream, its weights drawn with the
-seed, so the model can be swapped with the stream held still too.
+seed, so the model can be swapped with the stream held still too; `ours+ln_pre` is ours with
+`model.image.pre_norm=true` (open_clip's ViT on the timm trunk, our decay groups).
 A stream is --epochs passes of the batches open_clip_train's epoch mode gives (with 2 workers),
 kept as uint8 pixels (open_clip's normalised floats mapped back exactly) and tokens in --work,
-about 0.4 GB per arm at the default sizes, deleted after its run unless --keep.
+about 0.4 GB per arm at the default sizes, deleted after its run unless --keep; `--reuse` trains
+more models on kept streams (open_clip_train's is not repeatable: its sample shuffle is not seeded);
+`--rebatch` deals a recording's samples into batches at random within each pass, so a stream's
+samples (pixels, crops) can be told from its order.
 
 Hyper-parameters are bench/time_to_quality.py's (batch 128, lr 1e-3, warmup 100, cosine, weight
 decay 0.1, AdamW 0.9/0.999/1e-8). Prints one JSON line per run (final loss, the loss curve per
@@ -49,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 ARMS = ("openclip", "ours", "full")
+MODELS = ("ours", "ours+ln_pre", "openclip")
 BATCH, WORKERS = 128, 2
 METRICS = [
     "final_loss",
@@ -159,12 +164,31 @@ def record_ours(
     torch.save({"images": torch.stack(images), "tokens": torch.stack(tokens)}, out)
 
 
+def rebatch(stream: dict, per_pass: int, seed: int) -> dict:
+    """The recording's samples (pixels, crops, captions) dealt into batches at random within each
+    pass: the stream's order and batch composition drawn afresh, its samples kept."""
+    steps, batch = stream["tokens"].shape[:2]
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.cat(
+        [p * per_pass * batch + torch.randperm(per_pass * batch, generator=gen)
+         for p in range(steps // per_pass)]
+    )  # fmt: skip
+    return {
+        key: x.reshape(steps * batch, *x.shape[2:])[order].reshape(x.shape)
+        for key, x in ((k, stream[k]) for k in ("images", "tokens"))
+    }
+
+
 def build(cfg, name: str) -> torch.nn.Module:
-    """`ours` (configs/bench_tiny.yaml) or open_clip's own `CLIP` of the same sizes."""
-    if name == "ours":
+    """`ours` (configs/bench_tiny.yaml), `ours+ln_pre` or open_clip's own `CLIP` of the same
+    sizes."""
+    if name.startswith("ours"):
+        import dataclasses
+
         from clip_train.model import build_model
 
-        return build_model(cfg.model)
+        image = dataclasses.replace(cfg.model.image, pre_norm=name == "ours+ln_pre")
+        return build_model(dataclasses.replace(cfg.model, image=image))
     import open_clip
     from train_step import openclip_sizes
 
@@ -178,7 +202,7 @@ def save_open_clip(model: torch.nn.Module, name: str, cfg, out: Path) -> Path:
 
     from clip_train.export import export_model
 
-    if name == "ours":
+    if name.startswith("ours"):
         export_model(model, out)
         return out / "open_clip"
     local = out / "open_clip"
@@ -211,9 +235,9 @@ def train_on(
     torch.manual_seed(seed)
     model = build(cfg, name).to(dev).train()
     # open_clip's parameter names under open_clip_train's decay rule (as its main builds them)
-    optim_cfg = (
-        cfg.optim if name == "ours" else dataclasses.replace(cfg.optim, decay_rule="open_clip")
-    )
+    optim_cfg = cfg.optim
+    if name == "openclip":
+        optim_cfg = dataclasses.replace(cfg.optim, decay_rule="open_clip")
     optimizer = build_optimizer(model, optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, steps)
     max_scale = math.log(cfg.model.max_logit_scale)
@@ -282,13 +306,25 @@ def main(argv=None) -> None:
     p.add_argument("--data", required=True, help="train/, zeroshot/, retrieval/ (clip-data synth)")
     p.add_argument("--seeds", nargs="+", type=int, default=[20, 21, 22])
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
-    p.add_argument("--models", nargs="+", choices=("ours", "openclip"), default=["ours"])
+    p.add_argument("--models", nargs="+", choices=MODELS, default=["ours"])
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--shuffle-buffer", type=int, default=1000, help="the `ours` arm's buffer")
     p.add_argument("--work", default="/tmp/clip-train-stream-swap")
     p.add_argument("--device", default="cpu")
     p.add_argument("--window", type=int, default=20)
     p.add_argument("--keep", action="store_true", help="keep the recorded streams")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="train on the streams a --keep run left in --work (same --data and --epochs) "
+        "instead of recording them again: open_clip_train's stream is not repeatable",
+    )
+    p.add_argument(
+        "--rebatch",
+        action="store_true",
+        help="deal each recording's samples into batches at random within each pass before "
+        "training (its pixels, crops and captions kept; arms shown as ARM-rebatched)",
+    )
     p.add_argument("--openclip-python", help="python of the OpenCLIP venv (bench/openclip_env.sh)")
     p.add_argument("--record-openclip", metavar="FILE", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -332,28 +368,35 @@ def main(argv=None) -> None:
     for seed in a.seeds:
         for arm in a.arms:
             stream = work / f"stream-{arm}-s{seed}.pt"
-            log(f"seed {seed}: recording the {arm} stream")
-            if arm == "openclip":
+            if a.reuse and stream.is_file():
+                log(f"seed {seed}: reusing the recorded {arm} stream {stream}")
+            elif arm == "openclip":
+                log(f"seed {seed}: recording the {arm} stream")
                 subprocess.run(
                     [python, __file__, "--data", str(data), "--seeds", str(seed),
                      "--epochs", str(a.epochs), "--record-openclip", str(stream)],
                     check=True,
                 )  # fmt: skip
             else:
+                log(f"seed {seed}: recording the {arm} stream")
                 workers, buffer = (WORKERS, a.shuffle_buffer) if arm == "ours" else (1, sum(counts))
                 record_ours(cfg, seed, batches, a.epochs, workers, buffer, stream)
             recorded = torch.load(stream)  # once for every model trained on it
+            if a.rebatch:
+                recorded = rebatch(recorded, batches, seed)
+            shown = f"{arm}-rebatched" if a.rebatch else arm
             for name in a.models:
-                log(f"seed {seed}: training {name} on the {arm} stream")
-                model_dir = work / f"model-{name}-{arm}-s{seed}"
+                log(f"seed {seed}: training {name} on the {shown} stream")
+                model_dir = work / f"model-{name}-{shown}-s{seed}"
                 result = train_on(cfg, name, recorded, seed, data, model_dir, a.device, a.window)
-                kind = kind_of(name, arm, a.models)
-                run = {"kind": kind, "model": name, "arm": arm, "seed": seed, **result}
+                kind = kind_of(name, shown, a.models)
+                run = {"kind": kind, "model": name, "arm": shown, "seed": seed, **result}
                 runs.append(run)
                 print(json.dumps(run), flush=True)
             if not a.keep:
                 stream.unlink()
-    kinds = [kind_of(m, arm, a.models) for arm in a.arms for m in a.models]
+    shown = [f"{arm}-rebatched" if a.rebatch else arm for arm in a.arms]
+    kinds = [kind_of(m, arm, a.models) for arm in shown for m in a.models]
     print(json.dumps(summarize(runs, kinds)), flush=True)
 
 
