@@ -198,19 +198,14 @@ def build(cfg, name: str) -> torch.nn.Module:
 def save_open_clip(model: torch.nn.Module, name: str, cfg, out: Path) -> Path:
     """An open_clip folder (`local-dir:`) of the trained model: our export, or open_clip's own
     weights and config as bench/time_to_quality.py writes them."""
-    from train_step import openclip_sizes
+    import time_to_quality as tq
 
     from clip_train.export import export_model
 
     if name.startswith("ours"):
         export_model(model, out)
         return out / "open_clip"
-    local = out / "open_clip"
-    local.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), local / "open_clip_pytorch_model.bin")
-    config = {"model_cfg": openclip_sizes(cfg), "preprocess_cfg": {}}
-    (local / "open_clip_config.json").write_text(json.dumps(config))
-    return local
+    return tq.save_open_clip_dir(model.state_dict(), cfg, out / "open_clip")
 
 
 def train_on(

@@ -107,6 +107,18 @@ def _device_env(device: str) -> dict:
     return env
 
 
+def save_open_clip_dir(state: dict, cfg, local: Path) -> Path:
+    """open_clip's weights of the bench sizes as an open_clip folder (`local-dir:`, clip-eval)."""
+    import torch
+
+    local.mkdir(parents=True, exist_ok=True)
+    torch.save(state, local / "open_clip_pytorch_model.bin")
+    (local / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": openclip_sizes(cfg), "preprocess_cfg": {}})
+    )
+    return local
+
+
 def run_openclip(
     a,
     python: str,
@@ -195,12 +207,7 @@ def run_openclip(
 
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    local = out / name / "open_clip"
-    local.mkdir(exist_ok=True)
-    torch.save(state, local / "open_clip_pytorch_model.bin")
-    (local / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": openclip_sizes(cfg), "preprocess_cfg": {}})
-    )
+    local = save_open_clip_dir(state, cfg, out / name / "open_clip")
     model = ["--model", f"local-dir:{local}"]  # clip-eval finds the weight file as open_clip does
     return {**result, **evaluate(model, data, out / name, a.device)}
 
