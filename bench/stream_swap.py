@@ -24,7 +24,8 @@ seed, so the model can be swapped with the stream held still too; `ours+ln_pre` 
 A stream is --epochs passes of the batches open_clip_train's epoch mode gives (with 2 workers),
 kept as uint8 pixels (open_clip's normalised floats mapped back exactly) and tokens in --work,
 about 0.4 GB per arm at the default sizes, deleted after its run unless --keep; `--reuse` trains
-more models on kept streams (open_clip_train's is not repeatable: its sample shuffle is not seeded);
+more models on kept streams and leaves them in place (open_clip_train's stream is not repeatable:
+its sample shuffle is not seeded);
 `--rebatch` deals a recording's samples into batches at random within each pass, so a stream's
 samples (pixels, crops) can be told from its order.
 
@@ -174,8 +175,8 @@ def rebatch(stream: dict, per_pass: int, seed: int) -> dict:
          for p in range(steps // per_pass)]
     )  # fmt: skip
     return {
-        key: x.reshape(steps * batch, *x.shape[2:])[order].reshape(x.shape)
-        for key, x in ((k, stream[k]) for k in ("images", "tokens"))
+        key: stream[key].flatten(0, 1)[order].reshape(stream[key].shape)
+        for key in ("images", "tokens")
     }
 
 
@@ -360,10 +361,12 @@ def main(argv=None) -> None:
         flush=True,
     )
     runs = []
+    shown = {arm: f"{arm}-rebatched" if a.rebatch else arm for arm in a.arms}
     for seed in a.seeds:
         for arm in a.arms:
             stream = work / f"stream-{arm}-s{seed}.pt"
-            if a.reuse and stream.is_file():
+            reused = a.reuse and stream.is_file()
+            if reused:
                 log(f"seed {seed}: reusing the recorded {arm} stream {stream}")
             elif arm == "openclip":
                 log(f"seed {seed}: recording the {arm} stream")
@@ -379,19 +382,17 @@ def main(argv=None) -> None:
             recorded = torch.load(stream)  # once for every model trained on it
             if a.rebatch:
                 recorded = rebatch(recorded, batches, seed)
-            shown = f"{arm}-rebatched" if a.rebatch else arm
             for name in a.models:
-                log(f"seed {seed}: training {name} on the {shown} stream")
-                model_dir = work / f"model-{name}-{shown}-s{seed}"
+                log(f"seed {seed}: training {name} on the {shown[arm]} stream")
+                model_dir = work / f"model-{name}-{shown[arm]}-s{seed}"
                 result = train_on(cfg, name, recorded, seed, data, model_dir, a.device, a.window)
-                kind = kind_of(name, shown, a.models)
-                run = {"kind": kind, "model": name, "arm": shown, "seed": seed, **result}
+                kind = kind_of(name, shown[arm], a.models)
+                run = {"kind": kind, "model": name, "arm": shown[arm], "seed": seed, **result}
                 runs.append(run)
                 print(json.dumps(run), flush=True)
-            if not a.keep:
+            if not (a.keep or reused):  # a reused recording is a --keep run's, not this run's
                 stream.unlink()
-    shown = [f"{arm}-rebatched" if a.rebatch else arm for arm in a.arms]
-    kinds = [kind_of(m, arm, a.models) for arm in shown for m in a.models]
+    kinds = [kind_of(m, shown[arm], a.models) for arm in a.arms for m in a.models]
     print(json.dumps(summarize(runs, kinds)), flush=True)
 
 
