@@ -15,27 +15,30 @@ resized crop (`data_tools.transforms`, area 90-100%, bicubic), seeded per seed, 
 still sees the same crops.
 
 Variants (`ours`: the model `configs/bench_tiny.yaml` builds, with '+' changes):
-- `ours`: the current default; `openclip`: open_clip's own `CLIP` (its ViT and text tower) with
-  the same sizes, the reference to match; `ours+timm_init`: the old default (timm's N(0, 0.02)).
+- `ours`: the current default (with `ln_pre`, open_clip's ViT); `openclip`: open_clip's own `CLIP`
+  (its ViT and text tower) with the same sizes, the reference to match; `ours+no_ln_pre`: the
+  default before 2026-11-27, which the tables in docs/benchmarks.md up to then call `ours`;
+  `ours+timm_init`: the first default (timm's N(0, 0.02)).
 - `+avg`: mean of the patch tokens instead of the class token.
 - `+openclip_init`: the image trunk's linear layers initialised as open_clip's ViT initialises its
   own (PyTorch defaults: fan-in scaled; qkv Xavier), class/position embeddings N(0, width^-1/2).
 - `+linear_init`: the linear layers alone; `+embed_init`: the class/position embeddings alone;
   `+qkv_init`: the qkv projections alone (each applied after the init chosen, e.g.
   `ours+timm_init+linear_init`).
-- `+ln_pre`: timm's `pre_norm` (open_clip's `ln_pre`, and timm then drops the patch bias, as
-  open_clip's ViT); `+jax_init`: timm's own `weight_init='jax'`.
+- `+no_ln_pre`: timm's ViT without `pre_norm` (open_clip's `no_ln_pre` form, with timm's patch
+  bias); `+ln_pre`: with it (the default now: the older commands in the docs still run);
+  `+jax_init`: timm's own `weight_init='jax'`.
 - `+patch_norm`: `ln_pre` on the patch tokens only; the class token enters the first block as
   initialised (small), not scaled to unit size by the norm.
 - `+decay_embed`: open_clip_train's weight-decay groups (embeddings and class token decayed).
 - `+no_patch_bias`: the patch embedding without its bias (open_clip's conv1 has none; timm's
-  default has one); `+patch_bias`: with `+ln_pre`, keep a patch bias (timm drops it).
+  default has one); `+patch_bias`: with `ln_pre`, keep a patch bias (timm drops it).
 - `+patch_lecun`: `model.image.patch_init=lecun`, the original ViT's patch-embedding init (LeCun
   normal, std 1/sqrt(fan_in), zero bias) instead of PyTorch's conv default (1/sqrt(3 fan_in)).
 - `+patch_x1.5`, `+patch_x2`, `+patch_x3`: the patch embedding's initial weights and bias scaled
   up, so the patch tokens enter the first block at about the size `ln_pre` gives them on
   coloured images.
-Variants combine with '+' (`ours+timm_init+ln_pre`); an unknown change is refused.
+Variants combine with '+' (`ours+timm_init+no_ln_pre`); an unknown change is refused.
 
 Prints one JSON line per (variant, seed) with the train-loss curve (mean over windows of
 --window steps) and held-out retrieval R@1/R@10 (both directions) and zero-shot top-1 (with
@@ -125,6 +128,7 @@ PATCH_SCALES = {"patch_x1.5": 1.5, "patch_x2": 2.0, "patch_x3": 3.0}
 CHANGES = {
     "avg",
     "ln_pre",
+    "no_ln_pre",
     "patch_norm",
     "linear_init",
     "qkv_init",
@@ -146,14 +150,14 @@ def check_variant(name: str) -> tuple[str, set[str]]:
         unknown
         or len(changes & set(INITS)) > 1
         or len(changes & set(PATCH_SCALES)) > 1
-        or ("patch_bias" in changes and not changes & {"ln_pre", "patch_norm"})
+        or ("no_ln_pre" in changes and changes & {"ln_pre", "patch_norm", "patch_bias"})
         or {"patch_bias", "no_patch_bias"} <= changes
         or (base == "openclip" and changes - {"decay_embed"})
     ):
         raise SystemExit(
             f"variant {name!r}: use ours|openclip, then '+' changes from {sorted(CHANGES)} "
-            f"(at most one of {sorted(INITS)} and of {sorted(PATCH_SCALES)}; patch_bias only "
-            "with ln_pre or patch_norm; openclip takes only decay_embed)"
+            f"(at most one of {sorted(INITS)} and of {sorted(PATCH_SCALES)}; no_ln_pre not "
+            "with ln_pre, patch_norm or patch_bias; openclip takes only decay_embed)"
         )
     return base, changes
 
@@ -178,8 +182,7 @@ def build_variant(name: str, cfg) -> tuple[torch.nn.Module, bool]:
     img = cfg.model.image
     if "avg" in changes:
         img.pool = "avg"
-    if changes & {"ln_pre", "patch_norm"}:
-        img.pre_norm = True
+    img.pre_norm = "no_ln_pre" not in changes
     for change in changes & set(INITS):
         img.init = INITS[change]
     if "patch_lecun" in changes:

@@ -19,8 +19,10 @@ Arms:
 - `full`: ours with one worker and a buffer as large as the set (a full shuffle every pass).
 `--models ours openclip` also trains open_clip's own `CLIP` of the same sizes (its ViT with
 `ln_pre`, its init, open_clip_train's decay groups) on each stream, its weights drawn with the
-seed, so the model can be swapped with the stream held still too; `ours+ln_pre` is ours with
-`model.image.pre_norm=true` (open_clip's ViT on the timm trunk, our decay groups).
+seed, so the model can be swapped with the stream held still too; `ours` is the default (with
+`ln_pre`: open_clip's ViT on the timm trunk, our decay groups), `ours+no_ln_pre` ours with
+`model.image.pre_norm=false` (the default before 2026-11-27, which the tables in
+docs/benchmarks.md up to then call `ours`).
 A stream is --epochs passes of the batches open_clip_train's epoch mode gives (with 2 workers),
 kept as uint8 pixels (open_clip's normalised floats mapped back exactly) and tokens in --work,
 about 0.4 GB per arm at the default sizes, deleted after its run unless --keep; `--reuse` trains
@@ -54,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 ARMS = ("openclip", "ours", "full")
-MODELS = ("ours", "ours+ln_pre", "openclip")
+MODELS = ("ours", "ours+no_ln_pre", "openclip")
 BATCH, WORKERS = 128, 2
 METRICS = [
     "final_loss",
@@ -181,14 +183,14 @@ def rebatch(stream: dict, per_pass: int, seed: int) -> dict:
 
 
 def build(cfg, name: str) -> torch.nn.Module:
-    """`ours` (configs/bench_tiny.yaml), `ours+ln_pre` or open_clip's own `CLIP` of the same
+    """`ours` (configs/bench_tiny.yaml), `ours+no_ln_pre` or open_clip's own `CLIP` of the same
     sizes."""
     if name.startswith("ours"):
         import dataclasses
 
         from clip_train.model import build_model
 
-        image = dataclasses.replace(cfg.model.image, pre_norm=name == "ours+ln_pre")
+        image = dataclasses.replace(cfg.model.image, pre_norm=name != "ours+no_ln_pre")
         return build_model(dataclasses.replace(cfg.model, image=image))
     import open_clip
     from train_step import openclip_sizes

@@ -53,11 +53,10 @@ class ImageTowerConfig:
     heads: int | None = 3
     mlp_ratio: float | None = 4.0
     pool: str = "token"  # timm global_pool: "token" (class token) or "avg"
-    # LayerNorm on the embedded tokens (ln_pre) and no patch bias: open_clip's default ViT exactly
-    # (without it: its `no_ln_pre` form; both export to open_clip at any size). Off by default: at
-    # narrow widths it learns later on mostly-blank images (docs/benchmarks.md, "Learning per
-    # step"); the ViT-B recipes set it.
-    pre_norm: bool = False
+    # LayerNorm on the embedded tokens (ln_pre) and no patch bias: open_clip's default ViT exactly,
+    # so the tower learns per step as open_clip's does (docs/benchmarks.md, "Learning per step").
+    # false: its `no_ln_pre` form, with timm's patch bias. Both export to open_clip at any size.
+    pre_norm: bool = True
     # Weight init of the trunk: openclip (fan-in scaled, as open_clip's ViT), timm (N(0, 0.02)),
     # timm-jax.
     # timm's fixed 0.02 stalls narrow towers (width < 768): see clip_train.model.init_image_trunk.

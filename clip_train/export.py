@@ -32,6 +32,7 @@ import torch
 from omegaconf import OmegaConf
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from clip_train import openclip_vit
 from clip_train.checkpoint import MODEL_FILE, CheckpointManager
@@ -66,10 +67,16 @@ def _timm_adapter_incompatibility(cfg: ModelConfig) -> str | None:
     The adapter calls `timm.create_model(name)` without size arguments, so the image trunk must be
     the registered timm model exactly.
     """
-    if cfg.image.pre_norm:
-        return "its timm adapter builds the registered ViT without pre_norm"
     with torch.device("meta"):  # only the sizes are read: no weights allocated or initialised
         registered = timm.create_model(cfg.image.timm_name, pretrained=False, num_classes=0)
+    norm_pre = getattr(registered, "norm_pre", None)
+    registered_pre_norm = norm_pre is not None and not isinstance(norm_pre, nn.Identity)
+    if cfg.image.pre_norm != registered_pre_norm:
+        return (
+            f"its timm adapter builds '{cfg.image.timm_name}' as registered, "
+            f"{'with' if registered_pre_norm else 'without'} pre_norm "
+            f"(set model.image.pre_norm={str(registered_pre_norm).lower()} for that)"
+        )
     defaults = {
         "img_size": registered.patch_embed.img_size[0],
         "patch_size": registered.patch_embed.patch_size[0],

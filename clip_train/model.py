@@ -105,9 +105,8 @@ class ImageTower(nn.Module):
 
     def __init__(self, cfg: ImageTowerConfig, embed_dim: int):
         super().__init__()
-        extra = {}
-        if cfg.pre_norm:
-            extra["pre_norm"] = True
+        # pre_norm both ways: some registered ViTs (timm's CLIP ones) have it on by default
+        extra = {"pre_norm": cfg.pre_norm}
         if cfg.init == "timm-jax":
             extra["weight_init"] = "jax"
         self.trunk = timm.create_model(

@@ -28,6 +28,7 @@ def test_vit2_cfg() -> ModelConfig:
             heads=None,
             mlp_ratio=None,
             pool="avg",
+            pre_norm=False,  # as registered
         ),
         text=TextTowerConfig(context_length=16, width=32, heads=2, layers=2),
     )
@@ -126,6 +127,11 @@ def test_resized_trunk_open_clip_cannot_express_says_why_not(test_vit2_cfg, tmp_
     model = build_model(test_vit2_cfg)
     reason = open_clip_incompatibility(model)
     assert "one class token" in reason and "img_size=32 (registered 160)" in reason
+    test_vit2_cfg.image.img_size = None
+    test_vit2_cfg.image.pre_norm = True
+    reason = open_clip_incompatibility(build_model(test_vit2_cfg))
+    assert "'test_vit2' as registered, without pre_norm" in reason
+    assert "set model.image.pre_norm=false" in reason
     out = export_model(model, tmp_path / "export")
     info = json.loads((out / "export_info.json").read_text())
     assert info["open_clip"] is False and info["open_clip_reason"] == reason

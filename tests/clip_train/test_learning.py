@@ -19,6 +19,7 @@ from clip_train.model import ImageTower
 from data_tools.shards import ShardWriter
 
 KINDS = ("circle", "square", "triangle", "cross", "diamond", "star")
+LOSS_BOUND = 2.6  # the regression run's final loss (mean of the last three logged) must be below
 
 
 def _outline(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float) -> None:
@@ -72,7 +73,7 @@ def write_outline_icons(out, n: int = 768, size: int = 32, seed: int = 0) -> Non
 
 
 def outline_run_losses(tmp_path, *overrides: str) -> list[float]:
-    """The logged losses of the regression run: 60 steps of batch 64 on generated outline icons
+    """The logged losses of the regression run: 120 steps of batch 64 on generated outline icons
     (more or other settings through `overrides`, e.g. `train.seed=3`; bench/outline_icons.py
     sweeps seeds with it)."""
     from clip_train.config import load_config
@@ -110,7 +111,7 @@ def outline_run_losses(tmp_path, *overrides: str) -> list[float]:
             "model.text.width=64",
             "model.embed_dim=64",
             "train.batch_size=64",
-            "train.steps=60",
+            "train.steps=120",
             "train.log_every=5",
             "train.save_every=0",
             "optim.lr=5e-4",
@@ -129,14 +130,16 @@ def outline_run_losses(tmp_path, *overrides: str) -> list[float]:
 
 
 def test_loss_leaves_chance_within_a_few_dozen_steps(tmp_path):
-    """60 steps of batch 64 on outline icons: the loss must fall well below ln(64) = 4.16.
+    """120 steps of batch 64 on outline icons: the loss must fall well below ln(64) = 4.16.
 
-    Measured (bench/outline_icons.py, seeds 0-7): the default ends at 2.2-3.1; timm's
-    N(0, 0.02) init (the regression this guards against) at 3.4-4.2, stuck at exactly ln(64) for
-    one seed of three.
+    Measured (bench/outline_icons.py, CPU): the default (open_clip's ViT, ln_pre) ends at
+    1.65-2.27 over seeds 0-15, every seed below chance by step 50 (at 60 steps, 2 of 16 were
+    still at chance, as open_clip's own model is on this set); with timm's N(0, 0.02) init (the
+    regression this guards against) seed 0, this test's, ends at 3.13 and seeds 0-8 at 1.94-3.26.
     """
     losses = outline_run_losses(tmp_path)
-    assert sum(losses[-3:]) / 3 < 3.0, f"loss stuck near chance ln(64)={math.log(64):.2f}: {losses}"
+    final = sum(losses[-3:]) / 3
+    assert final < LOSS_BOUND, f"loss stuck near chance ln(64)={math.log(64):.2f}: {losses}"
 
 
 def _open_clip_vit(width: int, depth: int, heads: int, patch: int = 8):
@@ -181,6 +184,7 @@ def test_patch_embedding_starts_as_the_original_vit_or_as_open_clip(width, patch
     fan_in = 3 * patch * patch
     torch.manual_seed(0)
     cfg = ModelConfig().image
+    cfg.pre_norm = False  # timm's patch bias, which LeCun's init zeroes (ln_pre has none)
     cfg.width, cfg.heads, cfg.depth, cfg.patch_size = width, 3, 1, patch
     proj = ImageTower(cfg, 64).trunk.patch_embed.proj
     conv1 = _open_clip_vit(width, 1, 3, patch).conv1
