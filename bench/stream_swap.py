@@ -190,7 +190,8 @@ def build(cfg, name: str) -> torch.nn.Module:
 
         from clip_train.model import build_model
 
-        image = dataclasses.replace(cfg.model.image, pre_norm=name != "ours+no_ln_pre")
+        pre_norm = False if name == "ours+no_ln_pre" else cfg.model.image.pre_norm
+        image = dataclasses.replace(cfg.model.image, pre_norm=pre_norm)
         return build_model(dataclasses.replace(cfg.model, image=image))
     import open_clip
     from train_step import openclip_sizes

@@ -1,4 +1,5 @@
 import open_clip
+import pytest
 import torch
 
 from clip_train.model import build_model
@@ -38,3 +39,15 @@ def test_logit_scale_clamp(tiny_model_cfg):
         model.logit_scale.fill_(10.0)
     model.clamp_logit_scale()
     assert torch.isclose(model.logit_scale.exp(), torch.tensor(100.0))
+
+
+@pytest.mark.parametrize("timm_name", ["vit_base_patch16_224", "vit_base_patch16_clip_224"])
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_pre_norm_is_what_the_config_says(tiny_model_cfg, timm_name, pre_norm):
+    """ln_pre and the patch bias follow `model.image.pre_norm` either way, also for a registered
+    ViT whose own default differs (timm's CLIP ViTs have pre_norm on)."""
+    tiny_model_cfg.image.timm_name = timm_name
+    tiny_model_cfg.image.pre_norm = pre_norm
+    trunk = build_model(tiny_model_cfg).visual.trunk
+    assert isinstance(trunk.norm_pre, torch.nn.LayerNorm) is pre_norm
+    assert (trunk.patch_embed.proj.bias is None) is pre_norm
