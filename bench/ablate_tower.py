@@ -31,8 +31,9 @@ Variants (`ours`: the model `configs/bench_tiny.yaml` builds, with '+' changes):
 - `+patch_norm`: `ln_pre` on the patch tokens only; the class token enters the first block as
   initialised (small), not scaled to unit size by the norm.
 - `+decay_embed`: open_clip_train's weight-decay groups (embeddings and class token decayed).
-- `+no_patch_bias`: the patch embedding without its bias (open_clip's conv1 has none; timm's
-  default has one); `+patch_bias`: with `ln_pre`, keep a patch bias (timm drops it).
+- `+no_patch_bias`: with `+no_ln_pre`, the patch embedding without its bias (open_clip's conv1
+  has none; timm's default has one); `+patch_bias`: with `ln_pre`, keep a patch bias (timm drops
+  it).
 - `+patch_lecun`: `model.image.patch_init=lecun`, the original ViT's patch-embedding init (LeCun
   normal, std 1/sqrt(fan_in), zero bias) instead of PyTorch's conv default (1/sqrt(3 fan_in)).
 - `+patch_x1.5`, `+patch_x2`, `+patch_x3`: the patch embedding's initial weights and bias scaled
@@ -151,13 +152,15 @@ def check_variant(name: str) -> tuple[str, set[str]]:
         or len(changes & set(INITS)) > 1
         or len(changes & set(PATCH_SCALES)) > 1
         or ("no_ln_pre" in changes and changes & {"ln_pre", "patch_norm", "patch_bias"})
+        or ("no_patch_bias" in changes and "no_ln_pre" not in changes)  # ln_pre has no bias
         or {"patch_bias", "no_patch_bias"} <= changes
         or (base == "openclip" and changes - {"decay_embed"})
     ):
         raise SystemExit(
             f"variant {name!r}: use ours|openclip, then '+' changes from {sorted(CHANGES)} "
             f"(at most one of {sorted(INITS)} and of {sorted(PATCH_SCALES)}; no_ln_pre not "
-            "with ln_pre, patch_norm or patch_bias; openclip takes only decay_embed)"
+            "with ln_pre, patch_norm or patch_bias; no_patch_bias only with no_ln_pre; "
+            "openclip takes only decay_embed)"
         )
     return base, changes
 

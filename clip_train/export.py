@@ -32,7 +32,6 @@ import torch
 from omegaconf import OmegaConf
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from clip_train import openclip_vit
 from clip_train.checkpoint import MODEL_FILE, CheckpointManager
@@ -69,8 +68,7 @@ def _timm_adapter_incompatibility(cfg: ModelConfig) -> str | None:
     """
     with torch.device("meta"):  # only the sizes are read: no weights allocated or initialised
         registered = timm.create_model(cfg.image.timm_name, pretrained=False, num_classes=0)
-    norm_pre = getattr(registered, "norm_pre", None)
-    registered_pre_norm = norm_pre is not None and not isinstance(norm_pre, nn.Identity)
+    registered_pre_norm = openclip_vit.has_ln_pre(registered)
     if cfg.image.pre_norm != registered_pre_norm:
         return (
             f"its timm adapter builds '{cfg.image.timm_name}' as registered, "

@@ -31,10 +31,16 @@ _BLOCK_NAMES = {
 }
 
 
+def has_ln_pre(trunk: nn.Module) -> bool:
+    """Whether a timm ViT normalises its embedded tokens (timm's `pre_norm`, open_clip's
+    `ln_pre`)."""
+    return not isinstance(getattr(trunk, "norm_pre", nn.Identity()), nn.Identity)
+
+
 def _layer_norm_eps(trunk: VisionTransformer) -> float | None:
     """The one eps of every LayerNorm in the trunk, or None if they differ or are not LayerNorms."""
     norms = [trunk.norm if trunk.global_pool == "token" else trunk.fc_norm]
-    if not isinstance(trunk.norm_pre, nn.Identity):
+    if has_ln_pre(trunk):
         norms.append(trunk.norm_pre)
     for block in trunk.blocks:
         norms += [block.norm1, block.norm2]
@@ -92,7 +98,7 @@ def vision_config(trunk: VisionTransformer) -> dict:
         "pool_type": "tok" if trunk.global_pool == "token" else "avg",
         "final_ln_after_pool": trunk.global_pool == "avg",  # timm's fc_norm follows the average
         "norm_kwargs": {"eps": _layer_norm_eps(trunk)},
-        "no_ln_pre": isinstance(trunk.norm_pre, nn.Identity),
+        "no_ln_pre": not has_ln_pre(trunk),
     }
 
 

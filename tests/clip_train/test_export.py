@@ -127,15 +127,19 @@ def test_resized_trunk_open_clip_cannot_express_says_why_not(test_vit2_cfg, tmp_
     model = build_model(test_vit2_cfg)
     reason = open_clip_incompatibility(model)
     assert "one class token" in reason and "img_size=32 (registered 160)" in reason
-    test_vit2_cfg.image.img_size = None
-    test_vit2_cfg.image.pre_norm = True
-    reason = open_clip_incompatibility(build_model(test_vit2_cfg))
-    assert "'test_vit2' as registered, without pre_norm" in reason
-    assert "set model.image.pre_norm=false" in reason
     out = export_model(model, tmp_path / "export")
     info = json.loads((out / "export_info.json").read_text())
     assert info["open_clip"] is False and info["open_clip_reason"] == reason
     assert not (out / "open_clip").exists()
+
+
+def test_pre_norm_unlike_the_registered_trunk_says_which_value_loads(test_vit2_cfg):
+    """open_clip's timm adapter builds the registered ViT as it is: a trunk with ln_pre where the
+    registered one has none is refused, naming the setting that would load."""
+    test_vit2_cfg.image.pre_norm = True
+    reason = open_clip_incompatibility(build_model(test_vit2_cfg))
+    assert "'test_vit2' as registered, without pre_norm" in reason
+    assert "set model.image.pre_norm=false" in reason
 
 
 def test_towers_alone_and_atomic_replace(tiny_model_cfg, tmp_path):

@@ -134,8 +134,8 @@ def test_loss_leaves_chance_within_a_few_dozen_steps(tmp_path):
 
     Measured (bench/outline_icons.py, CPU): the default (open_clip's ViT, ln_pre) ends at
     1.65-2.27 over seeds 0-15, every seed below chance by step 50 (at 60 steps, 2 of 16 were
-    still at chance, as open_clip's own model is on this set); with timm's N(0, 0.02) init (the
-    regression this guards against) seed 0, this test's, ends at 3.13 and seeds 0-8 at 1.94-3.26.
+    still at chance); with timm's N(0, 0.02) init (the regression this guards against) seed 0,
+    this test's, ends at 3.13 and seeds 0-15 at 1.94-3.26.
     """
     losses = outline_run_losses(tmp_path)
     final = sum(losses[-3:]) / 3
