@@ -229,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
             "prompt templates: open_clip's OpenAI 80, its short 7, or a file with one '{}' per line"
         ),
     )
+    zs.add_argument(
+        "--per-class",
+        action="store_true",
+        help="also report each class's samples, recall and how often it is predicted",
+    )
     _add_cache(zs)
     _add_results(zs)
 
@@ -452,6 +457,7 @@ def _cmd_zero_shot(args: argparse.Namespace) -> int:
             dataset=args.dataset,
             labels=args.labels,
             cache_dir=_cache_dir(args),
+            per_class=args.per_class,
             **opts,
         ),
     )

@@ -72,6 +72,24 @@ def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
     }
 
 
+def per_class_counts(logits: Tensor, labels: Tensor) -> dict[str, list[int]]:
+    """Per class index: `samples` labelled with it, `correct` top-1 hits, `predicted` argmax
+    predictions of it (ties to the lower index, as in `classification_metrics`).
+
+    Top-1 accuracy near chance often says more about the class a model collapses onto than about
+    what it learned; `predicted` shows that collapse, and `correct / samples` is the recall that
+    `mean_per_class_recall` averages over the classes present.
+    """
+    num_classes = logits.shape[1]
+    labels = labels.to(device=logits.device, dtype=torch.long)
+    predicted = logits.float().argmax(dim=1)
+    return {
+        "samples": torch.bincount(labels, minlength=num_classes).tolist(),
+        "correct": torch.bincount(labels[predicted == labels], minlength=num_classes).tolist(),
+        "predicted": torch.bincount(predicted, minlength=num_classes).tolist(),
+    }
+
+
 def _chunk_rows(num_columns: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(1, num_columns))
 

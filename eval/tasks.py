@@ -207,8 +207,13 @@ def zero_shot_task(
     device: str | torch.device = "cpu",
     cache_dir: PathLike | None = None,
     progress: bool = False,
-) -> dict[str, float]:
+    per_class: bool = False,
+) -> dict:
     """Zero-shot classification: acc1, acc5, mean_per_class_recall, num_samples, num_classes.
+
+    `per_class` adds "per_class": one row per class name, in class order, with its `samples`,
+    `recall` (None for a class with no samples) and `predicted` (how many images the model
+    assigned to it), to see which classes a model collapses onto.
 
     `dataset="imagenet"` takes open_clip's ImageNet class names and the OpenAI 80 templates
     (`templates="simple"` for the short set). Otherwise `classnames`/`templates` are lists, files
@@ -257,14 +262,33 @@ def zero_shot_task(
         )
         try:
             metrics = evaluate_zero_shot(
-                encoder, stream, classifier, device, progress=progress, total=stream.total
+                encoder,
+                stream,
+                classifier,
+                device,
+                progress=progress,
+                total=stream.total,
+                per_class=per_class,
             )
         except EvalDataError as exc:
             raise DataError(f"{stream.where}: {exc} (class names from {stream.source})") from exc
     finally:
         stream.close()
     metrics["num_classes"] = len(names)
+    counts = metrics.pop("per_class", None)
     log.info("zero-shot on %s: %s", stream.where, format_metrics(metrics))
+    if counts is not None:
+        metrics["per_class"] = [
+            {
+                "class": name,
+                "samples": n,
+                "recall": hits / n if n else None,
+                "predicted": guessed,
+            }
+            for name, n, hits, guessed in zip(
+                names, counts["samples"], counts["correct"], counts["predicted"], strict=True
+            )
+        ]
     return metrics
 
 

@@ -21,7 +21,7 @@ from clip_eval._common import EvalDataError, inference, precision_name, progress
 from clip_eval.cache import cache_key, load_classifier, model_identity, save_classifier
 from clip_eval.encoder import Encoder
 from clip_eval.image_pass import CPU_CHUNK, image_features
-from clip_eval.metrics import classification_metrics
+from clip_eval.metrics import classification_metrics, per_class_counts
 from clip_eval.prompts import Template
 from clip_eval.text import encode_texts
 from data_tools.errors import ConfigError
@@ -117,10 +117,12 @@ def evaluate_zero_shot(
     progress: bool = False,
     total: int | None = None,
     cpu_chunk: int | None = CPU_CHUNK,
-) -> dict[str, float]:
+    per_class: bool = False,
+) -> dict:
     """Classify every image of `batches` (dicts with "image" and "label") against `classifier`.
 
-    Returns acc1, acc5, mean_per_class_recall and num_samples. The encoder must already be on
+    Returns acc1, acc5, mean_per_class_recall and num_samples; with `per_class` also
+    "per_class", `clip_eval.metrics.per_class_counts` of the logits. The encoder must already be on
     `device`; it is put in eval mode for the pass and its modes are restored after. `total` is
     the number of batches, for the progress bar only. On the CPU each batch is encoded in chunks
     of `cpu_chunk` images on several threads (`clip_eval.image_pass`; None: whole batches on this
@@ -153,6 +155,8 @@ def evaluate_zero_shot(
     if not all_logits:
         raise EvalDataError("zero-shot evaluation got no samples")
     logits, labels = torch.cat(all_logits), torch.cat(all_labels)
-    metrics: dict[str, float] = dict(classification_metrics(logits, labels))
+    metrics: dict = dict(classification_metrics(logits, labels))
     metrics["num_samples"] = int(labels.numel())
+    if per_class:
+        metrics["per_class"] = per_class_counts(logits, labels)
     return metrics

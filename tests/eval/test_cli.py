@@ -64,6 +64,25 @@ def test_zero_shot_folder_and_cache(tiny_model_name, weights, tree, tmp_path, ca
     assert main(argv[:-4] + ["--no-cache"]) == 0
 
 
+def test_zero_shot_per_class(tiny_model_name, weights, tree, tmp_path, capsys):
+    argv = ["zero-shot", *_model(tiny_model_name, weights), "--data", str(tree), "--no-cache"]
+    assert main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert "per_class" not in plain
+    assert main([*argv, "--per-class", "--results-file", str(tmp_path / "r.json")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    full = json.loads((tmp_path / "r.json").read_text())  # full precision; stdout is rounded
+    rows = full.pop("per_class")
+    assert {k: v for k, v in out.items() if k != "per_class"} == plain == round_floats(full)
+    assert [r["class"] for r in rows] == [r["class"] for r in out["per_class"]]
+    assert len(rows) == plain["num_classes"] == 6
+    assert sum(r["samples"] for r in rows) == sum(r["predicted"] for r in rows) == 18
+    hits = sum(r["recall"] * r["samples"] for r in rows if r["samples"])
+    assert hits / 18 == pytest.approx(full["acc1"], abs=1e-12)
+    present = [r["recall"] for r in rows if r["samples"]]
+    assert sum(present) / len(present) == pytest.approx(full["mean_per_class_recall"], abs=1e-12)
+
+
 def test_zero_shot_default_cache_dir_from_env(
     tiny_model_name, weights, tree, tmp_path, monkeypatch, capsys
 ):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import clip_eval.metrics as metrics_module
-from clip_eval.metrics import classification_metrics, retrieval_metrics
+from clip_eval.metrics import classification_metrics, per_class_counts, retrieval_metrics
 
 # ---------------------------------------------------------------- references
 
@@ -106,6 +106,30 @@ def test_classification_matches_reference(num_classes, integer_logits):
 def test_classification_rejects_bad_labels():
     with pytest.raises(ValueError):
         classification_metrics(torch.zeros(2, 3), torch.tensor([0, 3]))
+
+
+@pytest.mark.parametrize("integer_logits", [False, True])
+def test_per_class_counts_are_the_confusion_matrix_margins(integer_logits):
+    """Oracle: sklearn's confusion matrix of the stable-argsort predictions (row sums are the
+    samples, the diagonal the hits, column sums the predictions), and the counts give back
+    `classification_metrics`' acc1 and mean per-class recall."""
+    confusion_matrix = pytest.importorskip("sklearn.metrics").confusion_matrix
+    g = torch.Generator().manual_seed(3)
+    num_classes = 9
+    logits = torch.randn(300, num_classes, generator=g)
+    if integer_logits:  # many exact ties: the prediction is the lowest tied index
+        logits = torch.randint(0, 3, (300, num_classes), generator=g).float()
+    labels = torch.randint(0, num_classes - 2, (300,), generator=g)  # the last two never appear
+    predicted = [_descending(row)[0] for row in logits]
+    cm = confusion_matrix(labels.tolist(), predicted, labels=list(range(num_classes)))
+    got = per_class_counts(logits, labels)
+    assert got["samples"] == cm.sum(axis=1).tolist()
+    assert got["correct"] == cm.diagonal().tolist()
+    assert got["predicted"] == cm.sum(axis=0).tolist()
+    m = classification_metrics(logits, labels)
+    assert sum(got["correct"]) / 300 == pytest.approx(m["acc1"], abs=1e-12)
+    recalls = [c / n for c, n in zip(got["correct"], got["samples"]) if n]
+    assert sum(recalls) / len(recalls) == pytest.approx(m["mean_per_class_recall"], abs=1e-12)
 
 
 # ---------------------------------------------------------------- retrieval
