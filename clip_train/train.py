@@ -582,6 +582,8 @@ def train(
                         )
             if bool(finite):  # once per step taken: momentum towers, queues (moco), target (byol)
                 loss_fn.after_step()
+            # the lr this step used: the record of step k shows it, as open_clip_train's log does
+            step_lr = scheduler.get_last_lr()[0]
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             unwrapped.clamp_logit_scale()
@@ -609,7 +611,7 @@ def train(
                     "samples_seen": state["samples_seen"],
                     "epoch": state["epoch"],
                     **means,
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": step_lr,
                     "logit_scale": unwrapped.logit_scale.exp().item(),
                     "samples_per_s": window["steps"] * images.shape[0] * world / elapsed,
                     "data_wait_frac": window["data_time"] / elapsed,

@@ -40,6 +40,23 @@ def test_bf16_accumulated_run_with_tensorboard_and_mfu(synth_dir, tmp_path, make
     assert list((tmp_path / "bf16").rglob("events.out.tfevents.*"))
 
 
+def test_logged_lr_is_the_lr_of_the_logged_step(synth_dir, tmp_path, make_cfg):
+    """Step k (1-based) runs at lr x k / warmup during warmup, as open_clip_train's `cosine_lr`
+    sets it and logs it; the record of step k shows that lr, not the next step's."""
+    cfg = make_cfg(
+        synth_dir,
+        tmp_path,
+        "lr",
+        *QUIET,
+        "train.steps=3",
+        "train.log_every=1",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=10",
+    )
+    train(cfg)
+    assert [r["lr"] for r in _metrics(tmp_path / "lr")] == pytest.approx([1e-4, 2e-4, 3e-4])
+
+
 def test_nonfinite_steps_are_skipped_then_stop(synth_dir, tmp_path, make_cfg, monkeypatch):
     real = train_module.forward_backward
     calls = {"n": 0}
