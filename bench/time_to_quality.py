@@ -5,6 +5,7 @@
     .venv/bin/python bench/time_to_quality.py --data ../shared/data/icons --epochs 6 --seeds 0 1 2
     .venv/bin/python bench/time_to_quality.py --data DIR --equal-time   # also ours at OpenCLIP's
                                                                         # wall time
+    .venv/bin/python bench/time_to_quality.py --data DIR --same-init    # one initial draw per seed
 
 --data is a folder with train/, zeroshot/ (classnames.txt, templates.txt) and retrieval/ shards,
 the layout `clip-data synth` writes (the default builds one in --work). Both trainers get:
@@ -30,8 +31,12 @@ OpenCLIP's whole-process wall time of the same seed (its own schedule over those
 The summary also gives, per metric and per point of the loss curve, our mean minus OpenCLIP's
 with Welch's 95% confidence interval over the seeds and a verdict (`ahead`, `behind`, or `level`
 when the interval holds 0): open_clip_train's runs are not repeatable, so "no worse" is a claim
-about means over seeds, not about one run. `--summarize LOG [LOG ...]` trains nothing and prints
-that summary over the runs in earlier invocations' stdout (more seeds, added later).
+about means over seeds, not about one run. `--same-init` starts both trainers of a seed from the
+same weights (open_clip's `CLIP` as it initialises under the seed; ours loads them through
+`model.init_from=open_clip:FILE`, open_clip_train through `--pretrained FILE`): the initial draw,
+which sets much of where a run ends, is then held still, and the summary's intervals pair the
+runs by seed. `--summarize LOG [LOG ...]` trains nothing and prints that summary over the runs in
+earlier invocations' stdout (more seeds, added later).
 """
 
 from __future__ import annotations
@@ -119,6 +124,22 @@ def save_open_clip_dir(state: dict, cfg, local: Path) -> Path:
     return local
 
 
+def initial_weights(cfg, seed: int, work: Path) -> Path:
+    """open_clip's `CLIP` of the bench sizes as it initialises under `seed`, saved for both
+    trainers (`--same-init`): the draw of the initial weights is the largest source of spread
+    between runs, and with it held still a seed pairs the two trainers' runs."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**openclip_sizes(cfg))
+    path = work / f"init-s{seed}.pt"
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
+    return path
+
+
 def run_openclip(
     a,
     python: str,
@@ -130,9 +151,11 @@ def run_openclip(
     tag: str = "openclip",
     env: dict[str, str] | None = None,
     evaluate_after: bool = True,
+    init: Path | None = None,
 ) -> dict:
-    """open_clip_train's `main` on `data`; `env` is added to its environment; the result has
-    its wall time, per-step losses and samples/s and (unless not `evaluate_after`) metrics."""
+    """open_clip_train's `main` on `data`; `env` is added to its environment; `init`, an open_clip
+    state dict, is its starting point (`--pretrained`); the result has its wall time, per-step
+    losses and samples/s and (unless not `evaluate_after`) metrics."""
     name = f"{tag}-s{seed}"
     shutil.rmtree(out / name, ignore_errors=True)
     config = out / "ttq_bench_tiny.json"
@@ -181,6 +204,7 @@ def run_openclip(
         str(a.epochs),
         "--zeroshot-frequency",
         "0",
+        *(["--pretrained", str(init)] if init else []),
     ]
     start = time.perf_counter()
     r = subprocess.run(
@@ -195,6 +219,8 @@ def run_openclip(
     if r.returncode != 0 or not logfile.is_file():
         raise SystemExit(f"open_clip_train failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
     log_text = logfile.read_text()
+    if init and str(init) not in log_text:  # open_clip logs the file it loads weights from
+        raise SystemExit(f"open_clip_train did not say it loaded {init}: see {logfile}")
     losses = [float(x) for x in re.findall(r"Contrastive_loss: ([-+0-9.eE]+|nan|inf) ", log_text)]
     speeds = [float(x) for x in re.findall(r" ([0-9.]+)/s/gpu", log_text)]
     result = {"side": tag, "seed": seed, "steps": len(losses), "wall_s": round(wall, 1)}
@@ -221,8 +247,10 @@ def run_ours(
     tag: str = "ours",
     env: dict[str, str] | None = None,
     evaluate_after: bool = True,
+    init: Path | None = None,
 ) -> dict:
-    """`clip-train train` on `data` (overrides `a.ours` added); as `run_openclip`."""
+    """`clip-train train` on `data` (overrides `a.ours` added); as `run_openclip` (`init` through
+    `model.init_from=open_clip:FILE`)."""
     name = f"{tag}-s{seed}"
     shutil.rmtree(out / name, ignore_errors=True)
     overrides = [
@@ -245,6 +273,7 @@ def run_ours(
         "run.progress=false",
         f"run.output_dir={out}",
         f"run.name={name}",
+        *([f"model.init_from=open_clip:{init}"] if init else []),
         *a.ours,
     ]
     env = {**_device_env(a.device), **(env or {})}
@@ -332,22 +361,33 @@ KEYS = [
 LOWER_IS_BETTER = {"final_loss", "wall_s"}
 
 
-def difference(ours: list[float], theirs: list[float], lower_is_better: bool) -> dict:
-    """Mean of ours minus mean of OpenCLIP's over seeds, with Welch's 95% confidence interval
-    (scipy), and a verdict: `ahead` or `behind` when the interval excludes 0, else `level`.
+def difference(
+    ours: list[float], theirs: list[float], lower_is_better: bool, paired: bool = False
+) -> dict:
+    """Mean of ours minus mean of OpenCLIP's over seeds, with a 95% confidence interval (scipy),
+    and a verdict: `ahead` or `behind` when the interval excludes 0, else `level`.
 
-    Unpaired: open_clip_train's data order is not repeatable, so a seed does not pair two runs.
+    Welch's interval by default: with their own initial weights a seed does not pair two runs
+    (each trainer draws its own, and open_clip_train's data order is not repeatable). `paired`
+    (both started from the same weights, `--same-init`, runs in seed order): the t interval of
+    the per-seed differences.
     """
     import warnings
 
-    from scipy.stats import ttest_ind
+    from scipy.stats import ttest_ind, ttest_rel
 
     diff = statistics.fmean(ours) - statistics.fmean(theirs)
     row: dict = {"diff": round(diff, 4), "ci95": None, "verdict": None}
-    if len(ours) > 1 and len(theirs) > 1 and (statistics.pstdev(ours) or statistics.pstdev(theirs)):
+    spread = (
+        statistics.pstdev(o - t for o, t in zip(ours, theirs))
+        if paired
+        else statistics.pstdev(ours) or statistics.pstdev(theirs)
+    )
+    if len(ours) > 1 and len(theirs) > 1 and spread:
         with warnings.catch_warnings():  # a side whose runs agree to rounding: still a CI
             warnings.simplefilter("ignore", RuntimeWarning)
-            lo, hi = ttest_ind(ours, theirs, equal_var=False).confidence_interval(0.95)
+            test = ttest_rel(ours, theirs) if paired else ttest_ind(ours, theirs, equal_var=False)
+            lo, hi = test.confidence_interval(0.95)
         better, worse = (hi < 0, lo > 0) if lower_is_better else (lo > 0, hi < 0)
         row["ci95"] = [round(float(lo), 4), round(float(hi), 4)]
         row["verdict"] = "ahead" if better else "behind" if worse else "level"
@@ -375,20 +415,27 @@ def summarize(runs: list[dict], steps: int, window: int) -> dict:
             round(statistics.fmean(c), 3) for c in zip(*(r["loss_curve"][:points] for r in rs))
         ]
     for side in [s for s in sides if s != "openclip" and "openclip" in sides]:
-        ours, theirs = sides[side], sides["openclip"]
+        ours, theirs = (sorted(sides[s], key=lambda r: r["seed"]) for s in (side, "openclip"))
+        # Runs from the same initial weights pair by seed (`--same-init`).
+        paired = [r["seed"] for r in ours] == [r["seed"] for r in theirs] and all(
+            r.get("init") == "shared" for r in ours + theirs
+        )
+        out[f"{side}_minus_openclip_paired"] = paired
         out[f"{side}_ratio"] = {
             k: round(out[side][k] / out["openclip"][k], 3)
             for k in KEYS
             if out[side].get(k) and out["openclip"].get(k)
         }
         out[f"{side}_minus_openclip"] = {
-            k: difference([r[k] for r in ours], [r[k] for r in theirs], k in LOWER_IS_BETTER)
+            k: difference(
+                [r[k] for r in ours], [r[k] for r in theirs], k in LOWER_IS_BETTER, paired
+            )
             for k in KEYS
             if k in out[side] and k in out["openclip"] and k != "wall_s"
         }
         if all(r["steps"] == steps for r in ours):  # same schedule: the curves compare
             out[f"{side}_minus_openclip"]["loss_curve"] = [
-                difference(list(o), list(t), True)
+                difference(list(o), list(t), True, paired)
                 for o, t in zip(
                     zip(*(r["loss_curve"][:points] for r in ours)),
                     zip(*(r["loss_curve"][:points] for r in theirs)),
@@ -399,6 +446,7 @@ def summarize(runs: list[dict], steps: int, window: int) -> dict:
                 what = f"loss, steps to {min(steps, (i + 1) * window)}" if k == "loss_curve" else k
                 ci = "[{:+.3f}, {:+.3f}]".format(*row["ci95"]) if row["ci95"] else ""
                 verdict = row["verdict"] or "one run"
+                verdict += " (paired)" if paired and row["ci95"] else ""
                 log(f"{side} - openclip: {what:32s} {row['diff']:+8.3f} {ci:20s} {verdict}")
     return out
 
@@ -459,6 +507,11 @@ def main(argv=None) -> None:
     p.add_argument(
         "--equal-time", action="store_true", help="also train ours for OpenCLIP's wall time"
     )
+    p.add_argument(
+        "--same-init",
+        action="store_true",
+        help="start both trainers from the same weights per seed (open_clip's init; pairs runs)",
+    )
     p.add_argument("--ours", nargs="*", default=[], help="extra clip-train overrides (an ablation)")
     p.add_argument(
         "--openclip-python", help="python of the OpenCLIP venv (default: bench/openclip_env.sh)"
@@ -515,6 +568,7 @@ def main(argv=None) -> None:
                 "device": a.device,
                 "ours_overrides": a.ours,
                 "ours_shuffle_buffer": a.shuffle_buffer,
+                "init": "shared (open_clip's, per seed)" if a.same_init else "each trainer's own",
                 "differs": "data order (ours: epoch mode, shuffle buffer above; "
                 "OpenCLIP: shard shuffle, "
                 "5000 buffer); ours fused AdamW; OpenCLIP decays embeddings and class token",
@@ -531,18 +585,22 @@ def main(argv=None) -> None:
         # alternate which side runs first so machine load drifts do not favour one
         order = ("ours", "openclip") if seed % 2 == 0 else ("openclip", "ours")
         res = {}
+        init = initial_weights(cfg, seed, work) if a.same_init else None
         for side in order:
             log(f"seed {seed}: {side}, {steps} steps")
             res[side] = (
-                run_ours(a, data, seed, steps, work)
+                run_ours(a, data, seed, steps, work, init=init)
                 if side == "ours"
-                else run_openclip(a, python, data, seed, spe, work, cfg)
+                else run_openclip(a, python, data, seed, spe, work, cfg, init=init)
             )
         if a.equal_time:
             eq_steps = int(steps * res["openclip"]["wall_s"] / res["ours"]["wall_s"])
             log(f"seed {seed}: ours at OpenCLIP's wall time, {eq_steps} steps")
-            res["ours_equal_time"] = run_ours(a, data, seed, eq_steps, work, tag="ours_equal_time")
+            res["ours_equal_time"] = run_ours(
+                a, data, seed, eq_steps, work, tag="ours_equal_time", init=init
+            )
         for r in res.values():
+            r["init"] = "shared" if init else "own"
             w = min(a.window, len(r["losses"]))
             r["final_loss"] = round(statistics.fmean(r["losses"][-w:]), 4)
             runs.append(
