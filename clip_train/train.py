@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -584,7 +585,13 @@ def train(
                 loss_fn.after_step()
             # the lr this step used: the record of step k shows it, as open_clip_train's log does
             step_lr = scheduler.get_last_lr()[0]
-            scheduler.step()
+            with warnings.catch_warnings():
+                if not bool(finite):  # a skipped step advances the schedule too, by design;
+                    # PyTorch's order check calls that a mistake when no step was taken yet
+                    warnings.filterwarnings(
+                        "ignore", "Detected call of `lr_scheduler.step", UserWarning
+                    )
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             unwrapped.clamp_logit_scale()
 
