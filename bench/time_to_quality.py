@@ -131,12 +131,13 @@ def initial_weights(cfg, seed: int, work: Path) -> Path:
     import open_clip
     import torch
 
+    from data_tools.io import atomic_path
+
     torch.manual_seed(seed)
     model = open_clip.CLIP(**openclip_sizes(cfg))
     path = work / f"init-s{seed}.pt"
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
     return path
 
 
