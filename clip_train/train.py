@@ -557,13 +557,14 @@ def train(
                 # fp16: the loss scaler skips overflowing steps and lowers its scale by itself;
                 # such a skip is routine, so it is counted but never stops the run.
                 optimizer.step()
-                finite = torch.tensor(not accelerator.optimizer_step_was_skipped)
-                state["nonfinite_skipped"] += int(not finite)
+                stepped = not accelerator.optimizer_step_was_skipped
+                state["nonfinite_skipped"] += int(not stepped)
             else:
                 finite = torch.isfinite(grad_norm) & torch.isfinite(losses["loss"])
                 if world > 1:  # every process must take the same decision
                     finite = accelerator.reduce(finite.float(), reduction="sum") == world
-                if bool(finite):
+                stepped = bool(finite)  # the one device sync of the decision
+                if stepped:
                     optimizer.step()
                     nonfinite_in_a_row = 0
                 else:
@@ -581,12 +582,12 @@ def train(
                             f"{state['step'] + 1}); lower optim.lr or set optim.grad_clip; "
                             f"the last good checkpoint is in {ckpts.root}"
                         )
-            if bool(finite):  # once per step taken: momentum towers, queues (moco), target (byol)
+            if stepped:  # once per step taken: momentum towers, queues (moco), target (byol)
                 loss_fn.after_step()
             # the lr this step used: the record of step k shows it, as open_clip_train's log does
             step_lr = scheduler.get_last_lr()[0]
             with warnings.catch_warnings():
-                if not bool(finite):  # a skipped step advances the schedule too, by design;
+                if not stepped:  # a skipped step advances the schedule too, by design;
                     # PyTorch's order check calls that a mistake when no step was taken yet
                     warnings.filterwarnings(
                         "ignore", "Detected call of `lr_scheduler.step", UserWarning
@@ -599,7 +600,7 @@ def train(
             state["batch_in_epoch"] += 1
             state["samples_seen"] += images.shape[0] * world
             ledger.write(state["step"], state["epoch"], batch["key"])
-            if bool(finite):  # a skipped step's loss is not part of the window mean
+            if stepped:  # a skipped step's loss is not part of the window mean
                 window["finite"] += 1
                 for k, v in losses.items():
                     loss_sums[k] = loss_sums.get(k, 0.0) + v.float()
