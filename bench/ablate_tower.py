@@ -30,7 +30,8 @@ Variants (`ours`: the model `configs/bench_tiny.yaml` builds, with '+' changes):
   `+jax_init`: timm's own `weight_init='jax'`.
 - `+patch_norm`: `ln_pre` on the patch tokens only; the class token enters the first block as
   initialised (small), not scaled to unit size by the norm.
-- `+decay_embed`: open_clip_train's weight-decay groups (embeddings and class token decayed).
+- `+decay_embed`: open_clip_train's weight-decay groups (position and token embeddings decayed;
+  its class token is 1-d and is not).
 - `+no_patch_bias`: with `+no_ln_pre`, the patch embedding without its bias (open_clip's conv1
   has none; timm's default has one); `+patch_bias`: with `ln_pre`, keep a patch bias (timm drops
   it).

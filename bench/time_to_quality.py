@@ -6,6 +6,8 @@
     .venv/bin/python bench/time_to_quality.py --data DIR --equal-time   # also ours at OpenCLIP's
                                                                         # wall time
     .venv/bin/python bench/time_to_quality.py --data DIR --same-init    # one initial draw per seed
+    .venv/bin/python bench/time_to_quality.py --data DIR --same-init --against ours \
+        --ours optim.decay_rule=open_clip                          # an ablation of ours, paired
 
 --data is a folder with train/, zeroshot/ (classnames.txt, templates.txt) and retrieval/ shards,
 the layout `clip-data synth` writes (the default builds one in --work). Both trainers get:
@@ -20,7 +22,7 @@ the layout `clip-data synth` writes (the default builds one in --work). Both tra
 What differs, by design, is listed in the setup line: the trainers' own data orders (ours: epoch
 mode, shards split by worker, a --shuffle-buffer sample buffer; OpenCLIP: its shard shuffle and
 5000-sample buffer), our fused AdamW, and the weight-decay groups (open_clip_train decays the
-embeddings and class token).
+position and token embeddings; `--against ours --ours optim.decay_rule=open_clip` measures that).
 
 Both runs are evaluated by `clip-eval` on the held-out splits (zero-shot and retrieval). Prints a
 side-by-side train-loss curve (means over --window steps) on stderr and JSON lines on stdout: one
@@ -36,7 +38,15 @@ same weights (open_clip's `CLIP` as it initialises under the seed; ours loads th
 `model.init_from=open_clip:FILE`, open_clip_train through `--pretrained FILE`): the initial draw,
 which sets much of where a run ends, is then held still, and the summary's intervals pair the
 runs by seed. `--summarize LOG [LOG ...]` trains nothing and prints that summary over the runs in
-earlier invocations' stdout (more seeds, added later).
+earlier invocations' stdout (more seeds, added later; a seed run by several invocations pairs by
+the mean of its runs on each side).
+
+`--against ours` changes the reference side from open_clip_train to our default (no `--ours`
+overrides): each seed trains ours twice, as configured (side `ours`) and with the overrides (side
+`ours_ablation`), and the summary gives the ablation minus the default. With `--same-init` both
+start from the same weights and our stream is seeded, so the pair differs in the overrides alone
+and the intervals are paired: one change at a time, several seeds, without open_clip_train's
+unseeded stream in the spread.
 """
 
 from __future__ import annotations
@@ -249,9 +259,10 @@ def run_ours(
     env: dict[str, str] | None = None,
     evaluate_after: bool = True,
     init: Path | None = None,
+    extra: list[str] | None = None,
 ) -> dict:
-    """`clip-train train` on `data` (overrides `a.ours` added); as `run_openclip` (`init` through
-    `model.init_from=open_clip:FILE`)."""
+    """`clip-train train` on `data` (overrides `extra` added, by default `a.ours`); as
+    `run_openclip` (`init` through `model.init_from=open_clip:FILE`)."""
     name = f"{tag}-s{seed}"
     shutil.rmtree(out / name, ignore_errors=True)
     overrides = [
@@ -275,7 +286,7 @@ def run_ours(
         f"run.output_dir={out}",
         f"run.name={name}",
         *([f"model.init_from=open_clip:{init}"] if init else []),
-        *a.ours,
+        *(a.ours if extra is None else extra),
     ]
     env = {**_device_env(a.device), **(env or {})}
     start = time.perf_counter()
@@ -384,20 +395,44 @@ def difference(
         if paired
         else statistics.pstdev(ours) or statistics.pstdev(theirs)
     )
-    if len(ours) > 1 and len(theirs) > 1 and spread:
-        with warnings.catch_warnings():  # a side whose runs agree to rounding: still a CI
-            warnings.simplefilter("ignore", RuntimeWarning)
-            test = ttest_rel(ours, theirs) if paired else ttest_ind(ours, theirs, equal_var=False)
-            lo, hi = test.confidence_interval(0.95)
+    if len(ours) > 1 and len(theirs) > 1:
+        lo = hi = diff  # no spread: every seed differs by the same amount (often 0)
+        if spread:
+            with warnings.catch_warnings():  # a side whose runs agree to rounding: still a CI
+                warnings.simplefilter("ignore", RuntimeWarning)
+                test = (
+                    ttest_rel(ours, theirs) if paired else ttest_ind(ours, theirs, equal_var=False)
+                )
+                lo, hi = test.confidence_interval(0.95)
         better, worse = (hi < 0, lo > 0) if lower_is_better else (lo > 0, hi < 0)
         row["ci95"] = [round(float(lo), 4), round(float(hi), 4)]
         row["verdict"] = "ahead" if better else "behind" if worse else "level"
     return row
 
 
-def summarize(runs: list[dict], steps: int, window: int) -> dict:
-    """Means over seeds per side, ratios to OpenCLIP's, and each of our sides' difference from
-    OpenCLIP's (`difference`) per metric and per point of the loss curve up to `steps`."""
+def per_seed(runs: list[dict], points: int) -> list[dict]:
+    """One row per seed, in seed order: the mean of the seed's runs per metric and loss-curve point.
+    Runs of one start from several invocations (`--summarize` over them) then pair as one: the
+    stream of open_clip_train differs between invocations, so their mean estimates it better."""
+    rows = []
+    for seed in sorted({r["seed"] for r in runs}):
+        rs = [r for r in runs if r["seed"] == seed]
+        row = {
+            "seed": seed,
+            "steps": rs[0]["steps"] if all(r["steps"] == rs[0]["steps"] for r in rs) else None,
+        }
+        row.update({k: statistics.fmean(r[k] for r in rs) for k in KEYS if all(k in r for r in rs)})
+        row["loss_curve"] = [
+            statistics.fmean(c) for c in zip(*(r["loss_curve"][:points] for r in rs))
+        ]
+        rows.append(row)
+    return rows
+
+
+def summarize(runs: list[dict], steps: int, window: int, reference: str = "openclip") -> dict:
+    """Means over seeds per side, ratios to the `reference` side's (OpenCLIP's, or our default's
+    for `--against ours`), and each other side's difference from it (`difference`) per metric and
+    per point of the loss curve up to `steps`."""
     sides: dict[str, list[dict]] = {}
     for r in runs:
         sides.setdefault(r["side"], []).append(r)
@@ -415,46 +450,48 @@ def summarize(runs: list[dict], steps: int, window: int) -> dict:
         out[side]["loss_curve"] = [
             round(statistics.fmean(c), 3) for c in zip(*(r["loss_curve"][:points] for r in rs))
         ]
-    for side in [s for s in sides if s != "openclip" and "openclip" in sides]:
-        ours, theirs = (sorted(sides[s], key=lambda r: r["seed"]) for s in (side, "openclip"))
+    for side in [s for s in sides if s != reference and reference in sides]:
+        ours, theirs = sides[side], sides[reference]
         # Runs from the same initial weights pair by seed (`--same-init`).
-        paired = [r["seed"] for r in ours] == [r["seed"] for r in theirs] and all(
+        paired = {r["seed"] for r in ours} == {r["seed"] for r in theirs} and all(
             r.get("init") == "shared" for r in ours + theirs
         )
-        out[f"{side}_minus_openclip_paired"] = paired
+        if paired:
+            ours, theirs = per_seed(ours, points), per_seed(theirs, points)
+        out[f"{side}_minus_{reference}_paired"] = paired
         out[f"{side}_ratio"] = {
-            k: round(out[side][k] / out["openclip"][k], 3)
+            k: round(out[side][k] / out[reference][k], 3)
             for k in KEYS
-            if out[side].get(k) and out["openclip"].get(k)
+            if out[side].get(k) and out[reference].get(k)
         }
-        out[f"{side}_minus_openclip"] = {
+        out[f"{side}_minus_{reference}"] = {
             k: difference(
                 [r[k] for r in ours], [r[k] for r in theirs], k in LOWER_IS_BETTER, paired
             )
             for k in KEYS
-            if k in out[side] and k in out["openclip"] and k != "wall_s"
+            if k in out[side] and k in out[reference] and k != "wall_s"
         }
         if all(r["steps"] == steps for r in ours):  # same schedule: the curves compare
-            out[f"{side}_minus_openclip"]["loss_curve"] = [
+            out[f"{side}_minus_{reference}"]["loss_curve"] = [
                 difference(list(o), list(t), True, paired)
                 for o, t in zip(
                     zip(*(r["loss_curve"][:points] for r in ours)),
                     zip(*(r["loss_curve"][:points] for r in theirs)),
                 )
             ]
-        for k, d in out[f"{side}_minus_openclip"].items():
+        for k, d in out[f"{side}_minus_{reference}"].items():
             for i, row in enumerate(d if k == "loss_curve" else [d]):
                 what = f"loss, steps to {min(steps, (i + 1) * window)}" if k == "loss_curve" else k
                 ci = "[{:+.3f}, {:+.3f}]".format(*row["ci95"]) if row["ci95"] else ""
                 verdict = row["verdict"] or "one run"
                 verdict += " (paired)" if paired and row["ci95"] else ""
-                log(f"{side} - openclip: {what:32s} {row['diff']:+8.3f} {ci:20s} {verdict}")
+                log(f"{side} - {reference}: {what:32s} {row['diff']:+8.3f} {ci:20s} {verdict}")
     return out
 
 
 def summarize_logs(paths: list[str]) -> dict:
     """`summarize` over the per-run JSON lines of earlier runs' stdout (several seeds' logs)."""
-    runs, steps = [], None
+    runs, steps, reference = [], None, "openclip"
     for path in paths:
         for line in Path(path).read_text().splitlines():
             if not line.startswith("{"):
@@ -464,20 +501,22 @@ def summarize_logs(paths: list[str]) -> dict:
                 if steps not in (None, row["steps"]):
                     raise SystemExit(f"{path}: {row['steps']} steps, other logs {steps}")
                 steps = row["steps"]
+                reference = row.get("against", reference)
             elif "side" in row:
                 runs.append(row)
     if not runs or steps is None:
         raise SystemExit(f"no time_to_quality runs in {' '.join(paths)}")
-    return summarize(runs, steps, runs[0].get("window", 20))
+    return summarize(runs, steps, runs[0].get("window", 20), reference)
 
 
 def compare(ours: dict, theirs: dict, keys: list[str]) -> dict:
+    """Per metric: both sides' values (named by their `side`) and the ratio of the first's."""
     row = {}
     for k in keys:
         if k in ours and k in theirs:
             row[k] = {
-                "ours": ours[k],
-                "openclip": theirs[k],
+                ours["side"]: ours[k],
+                theirs["side"]: theirs[k],
                 "ratio": round(ours[k] / theirs[k], 3) if theirs[k] else None,
             }
     return row
@@ -515,6 +554,12 @@ def main(argv=None) -> None:
     )
     p.add_argument("--ours", nargs="*", default=[], help="extra clip-train overrides (an ablation)")
     p.add_argument(
+        "--against",
+        choices=["openclip", "ours"],
+        default="openclip",
+        help="the reference side: open_clip_train, or ours without the --ours overrides",
+    )
+    p.add_argument(
         "--openclip-python", help="python of the OpenCLIP venv (default: bench/openclip_env.sh)"
     )
     p.add_argument(
@@ -527,6 +572,10 @@ def main(argv=None) -> None:
     if a.summarize:
         print(json.dumps(summarize_logs(a.summarize)), flush=True)
         return
+    if a.against == "ours" and not a.ours:
+        p.error("--against ours compares ours with and without --ours overrides: give some")
+    if a.against == "ours" and a.equal_time:
+        p.error("--equal-time is OpenCLIP's wall time: not with --against ours")
 
     from clip_train.config import load_config
 
@@ -534,17 +583,18 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     data = Path(a.data).resolve() if a.data else build_synth(work, a.synth_samples)
     cfg = load_config(ROOT / "configs" / "bench_tiny.yaml", [f"data.train={data / 'train'}"])
-    python = (
-        a.openclip_python
-        or subprocess.run(
-            ["bash", str(ROOT / "bench" / "openclip_env.sh")],
-            check=True,
-            capture_output=True,
-            text=True,
+    python = a.openclip_python
+    if a.against == "openclip" and not python:
+        python = (
+            subprocess.run(
+                ["bash", str(ROOT / "bench" / "openclip_env.sh")],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
         )
-        .stdout.strip()
-        .splitlines()[-1]
-    )
     counts = shard_counts(data / "train")
     spe = openclip_steps_per_epoch(counts, a.batch, a.workers)
     steps = spe * a.epochs
@@ -570,9 +620,12 @@ def main(argv=None) -> None:
                 "ours_overrides": a.ours,
                 "ours_shuffle_buffer": a.shuffle_buffer,
                 "init": "shared (open_clip's, per seed)" if a.same_init else "each trainer's own",
+                "against": a.against,
                 "differs": "data order (ours: epoch mode, shuffle buffer above; "
                 "OpenCLIP: shard shuffle, "
-                "5000 buffer); ours fused AdamW; OpenCLIP decays embeddings and class token",
+                "5000 buffer); ours fused AdamW; OpenCLIP decays the position and token embeddings"
+                if a.against == "openclip"
+                else "the ours_overrides alone (same seeded stream; same start with --same-init)",
                 "cpus": os.cpu_count(),
                 "python": platform.python_version(),
                 "date": time.strftime("%Y-%m-%d"),
@@ -584,15 +637,25 @@ def main(argv=None) -> None:
     rows = []
     for seed in a.seeds:
         # alternate which side runs first so machine load drifts do not favour one
-        order = ("ours", "openclip") if seed % 2 == 0 else ("openclip", "ours")
+        test, ref = ("ours_ablation", "ours") if a.against == "ours" else ("ours", "openclip")
+        order = (test, ref) if seed % 2 == 0 else (ref, test)
         res = {}
         init = initial_weights(cfg, seed, work) if a.same_init else None
         for side in order:
             log(f"seed {seed}: {side}, {steps} steps")
             res[side] = (
-                run_ours(a, data, seed, steps, work, init=init)
-                if side == "ours"
-                else run_openclip(a, python, data, seed, spe, work, cfg, init=init)
+                run_openclip(a, python, data, seed, spe, work, cfg, init=init)
+                if side == "openclip"
+                else run_ours(
+                    a,
+                    data,
+                    seed,
+                    steps,
+                    work,
+                    tag=side,
+                    init=init,
+                    extra=[] if side == ref else None,
+                )
             )
         if a.equal_time:
             eq_steps = int(steps * res["openclip"]["wall_s"] / res["ours"]["wall_s"])
@@ -614,15 +677,15 @@ def main(argv=None) -> None:
             )
             print(json.dumps(runs[-1]), flush=True)
         rows.append(res)
-        n = min(len(res["ours"]["losses"]), len(res["openclip"]["losses"]))
+        n = min(len(res[test]["losses"]), len(res[ref]["losses"]))
         log(
             f"seed {seed}: train loss by step (mean over {a.window} steps)\n"
             + "\n".join(
-                f"  step {i + a.window:5d}  ours {o:.3f}  openclip {c:.3f}"
+                f"  step {i + a.window:5d}  {test} {o:.3f}  {ref} {c:.3f}"
                 for i, o, c in zip(
                     range(0, n, a.window),
-                    curve(res["ours"]["losses"][:n], a.window),
-                    curve(res["openclip"]["losses"][:n], a.window),
+                    curve(res[test]["losses"][:n], a.window),
+                    curve(res[ref]["losses"][:n], a.window),
                 )
             )
         )
@@ -630,7 +693,7 @@ def main(argv=None) -> None:
             json.dumps(
                 {
                     "seed": seed,
-                    "equal_steps": compare(res["ours"], res["openclip"], KEYS),
+                    "equal_steps": compare(res[test], res[ref], KEYS),
                     **(
                         {"equal_time": compare(res["ours_equal_time"], res["openclip"], KEYS)}
                         if a.equal_time
@@ -641,7 +704,7 @@ def main(argv=None) -> None:
             flush=True,
         )
 
-    print(json.dumps(summarize(runs, steps, a.window)), flush=True)
+    print(json.dumps(summarize(runs, steps, a.window, ref)), flush=True)
     if any(math.isnan(v) for r in rows for s in r.values() for v in s["losses"]):
         raise SystemExit("a run produced a NaN loss")
 
