@@ -442,13 +442,17 @@ def summarize(runs: list[dict], steps: int, window: int, reference: str = "openc
         "steps": steps,
     }
     points = -(-steps // window)
-    for side, rs in sides.items():
+    # Means over seeds (a seed run more than once counts once), as the paired differences take them.
+    by_seed = {side: per_seed(rs, points) for side, rs in sides.items()}
+    for side, rows in by_seed.items():
         out[side] = {
-            k: round(statistics.fmean(r[k] for r in rs), 4) for k in KEYS if all(k in r for r in rs)
+            k: round(statistics.fmean(r[k] for r in rows), 4)
+            for k in KEYS
+            if all(k in r for r in rows)
         }
-        out[side]["runs"] = len(rs)
+        out[side]["runs"] = len(sides[side])
         out[side]["loss_curve"] = [
-            round(statistics.fmean(c), 3) for c in zip(*(r["loss_curve"][:points] for r in rs))
+            round(statistics.fmean(c), 3) for c in zip(*(r["loss_curve"] for r in rows))
         ]
     for side in [s for s in sides if s != reference and reference in sides]:
         ours, theirs = sides[side], sides[reference]
@@ -457,7 +461,7 @@ def summarize(runs: list[dict], steps: int, window: int, reference: str = "openc
             r.get("init") == "shared" for r in ours + theirs
         )
         if paired:
-            ours, theirs = per_seed(ours, points), per_seed(theirs, points)
+            ours, theirs = by_seed[side], by_seed[reference]
         out[f"{side}_minus_{reference}_paired"] = paired
         out[f"{side}_ratio"] = {
             k: round(out[side][k] / out[reference][k], 3)
