@@ -51,7 +51,13 @@ from clip_train.step import forward_backward
 from clip_train.throughput import TrainFlops, device_peak_flops
 from data_tools.errors import ClipTrainError, ConfigError, DataError
 from data_tools.io import write_text_atomic
-from data_tools.loader import BadSampleBudget, epoch_batches, expand_shards, make_loader
+from data_tools.loader import (
+    BadSampleBudget,
+    ShardLoader,
+    epoch_batches,
+    expand_shards,
+    make_loader,
+)
 from data_tools.transforms import image_transform
 
 log = logging.getLogger(__name__)
@@ -420,9 +426,13 @@ def train(
     if rank_state.get("bad_samples"):
         budget.load_state_dict(rank_state["bad_samples"])
 
-    def open_loader(epoch: int, position: list[dict[str, Any]] | dict[str, Any] | None = None):
+    def open_loader(
+        epoch: int,
+        position: list[dict[str, Any]] | dict[str, Any] | None = None,
+        reuse: ShardLoader | None = None,
+    ) -> ShardLoader:
         """One pass of batches; `position` (every process's loader state, or this one's) resumes
-        mid-pass without decoding the rest.
+        mid-pass without decoding the rest; the `reuse`d pass's workers go on with this one.
 
         The loader feeds `budget` (stopping the run, naming bad keys, past data.max_bad_fraction),
         including the samples of each pass's dropped tail, which reach no batch."""
@@ -448,6 +458,7 @@ def train(
             with_label=needs_labels,
             image_views=2 if needs_views else 1,  # "image_2": SimCLR's augmentation
             uint8_images=cfg.data.uint8_images,  # normalised per micro-batch in forward_backward
+            reuse=reuse,
         )
 
     # ---------------------------------------------------------------- publish
@@ -523,8 +534,7 @@ def train(
                     )
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
-                loader.close()
-                loader = open_loader(state["epoch"])
+                loader = open_loader(state["epoch"], reuse=loader)
                 data_iter = iter(loader)
                 continue
             window["data_time"] += time.perf_counter() - t0

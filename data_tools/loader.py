@@ -211,6 +211,7 @@ def make_loader(
     image_views: int = 1,
     view_transform: Callable[[Image.Image], torch.Tensor] | None = None,
     uint8_images: bool = False,
+    reuse: ShardLoader | None = None,
 ) -> ShardLoader:
     """Stream batches from WebDataset shards for one rank (see the module docstring).
 
@@ -232,6 +233,10 @@ def make_loader(
     "image" (and "image_2") as uint8 pixels, a quarter of the bytes; the consumer normalises them
     with `image_transform.normalize` (bit-identical to the float32 batch), per micro-batch on its
     device. It needs `ImageTransform`s, the second view's with the first's mean and std.
+    `reuse`, the previous pass's loader, is taken over: when this pass differs from its pass in
+    the epoch alone (no `state`; the same transform and tokenizer objects, num_workers,
+    pin_memory, prefetch_factor), its workers go on with this pass instead of new ones being
+    started; otherwise they are shut down. The batches are the same either way.
     """
     if mode not in ("epoch", "resampled"):
         raise DataError(f"loader mode must be 'epoch' or 'resampled', got {mode!r}")
@@ -388,13 +393,18 @@ def make_loader(
             world_size * workers,
         )
     dataset = ShardStream(plan, image_transform, tokenizer, view_transform, uint8_images)
-    dataloader = DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=pin_memory,
-        worker_init_fn=worker_init if num_workers > 0 else None,
-        prefetch_factor=prefetch_factor if num_workers > 0 else None,
-    )
+    args = {
+        "num_workers": num_workers,
+        "pin_memory": pin_memory,
+        "prefetch_factor": prefetch_factor if num_workers > 0 else None,
+    }
+    dataloader = reuse.hand_over(dataset, **args) if reuse is not None else None
+    if dataloader is None:
+        dataloader = DataLoader(
+            dataset,
+            batch_size=None,
+            persistent_workers=num_workers > 0,
+            worker_init_fn=worker_init if num_workers > 0 else None,
+            **args,
+        )
     return ShardLoader(dataloader, plan, config, start, limit, regime, budget, rest_batches)

@@ -14,7 +14,7 @@ import functools
 import itertools
 import random
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -80,6 +80,10 @@ class ReadPlan:
     def on_demand(self) -> bool:
         """Workers read tar headers and load only the samples that are theirs."""
         return self.sample_split or self.rest is not None
+
+    def fresh(self, epoch: int) -> ReadPlan:
+        """The plan of pass `epoch` from its start on this layout (no resume, no re-deal)."""
+        return replace(self, epoch=epoch, offset=0, resume=None, segment=0, rest=None)
 
     def worker_rng(self, worker: int, *what: object) -> random.Random:
         """The RNG of one stream of logical worker `worker` (shards, buffer, augment ...);

@@ -30,7 +30,8 @@ STATE_FORMAT = "clip-train-loader/1"
 class ShardLoader:
     """An iterable of batches for one pass (one epoch, or endless in resampled mode).
 
-    Make a new one per epoch with `epoch=e`; call `close()` (or drop it) to stop workers.
+    Make a new one per epoch with `epoch=e` (pass `reuse=` the previous one to keep its
+    workers); call `close()` (or drop it) to stop workers.
     Iterating it again repeats the same pass (from `state`, when one was given).
     `state_dict()` says where the consumer is; see the module docstring.
     """
@@ -63,6 +64,8 @@ class ShardLoader:
         st = json.loads(json.dumps(self._start))
         self._state = st
         self.skipped, self.seen = Counter(), 0
+        if self.dataloader is None:
+            raise RuntimeError("this pass's workers were handed to the next pass's loader")
         if self.limit is not None and st["batches"] >= self.limit:
             return
         try:
@@ -133,8 +136,37 @@ class ShardLoader:
         )[self.plan.rank]
         return n if self.limit is None else min(n, self.limit)
 
+    def hand_over(self, stream: Any, **loader_args: Any) -> DataLoader | None:
+        """This pass's DataLoader, its workers told to read `stream`'s pass next, when that pass
+        differs from this one in its epoch alone and `loader_args` (num_workers, pin_memory,
+        prefetch_factor) are the same; else None, the workers shut down. Either way this
+        loader is done (iterating it raises)."""
+        dataloader, ours = self.dataloader, getattr(self.dataloader, "dataset", None)
+        new = stream.plan
+        same = (
+            dataloader is not None
+            and dataloader.num_workers > 0
+            and all(getattr(dataloader, k) == v for k, v in loader_args.items())
+            and new == new.fresh(new.epoch)  # a pass from its start
+            and ours.plan.fresh(new.epoch) == new
+            and all(
+                getattr(ours, k) is getattr(stream, k)
+                for k in ("image_transform", "tokenizer", "view_transform")
+            )
+            and ours.uint8_images == stream.uint8_images
+        )
+        if not same:
+            self.close()
+            self.dataloader = None
+            return None
+        ours.next_pass(new.epoch)
+        self.dataloader = None
+        return dataloader
+
     def close(self) -> None:
         """Shut down persistent workers now rather than at garbage collection."""
+        if self.dataloader is None:
+            return
         it = getattr(self.dataloader, "_iterator", None)
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()

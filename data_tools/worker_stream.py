@@ -4,12 +4,19 @@ Each logical worker reads its own stream (`data_tools.read_plan`), shuffles raw 
 buffer, decodes them into batches (`data_tools.decode`, `data_tools.batching`) and attaches
 to each batch its bad-sample report (`data_tools.bad_samples`) and its position
 (``_worker``, ``_batch``, ``_emitted``), from which `ShardLoader.state_dict` is built.
+
+The workers outlive a pass: `ShardStream.next_pass` tells them, through shared memory they
+inherit, which pass their next iteration reads (torch's persistent workers re-iterate the
+dataset they started with). Starting new workers for every epoch would fork the trainer each
+time, and its first step after a fork pays a copy-on-write fault for every page it writes
+(seconds per epoch for a small model on a CPU).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import multiprocessing
 import random
 import signal
 from collections.abc import Callable, Iterable, Iterator
@@ -45,11 +52,23 @@ class ShardStream(IterableDataset):
         self.image_transform = image_transform
         self.tokenizer = tokenizer
         self.view_transform = view_transform  # a second view of every image ("image_2")
+        # (passes begun since `plan`, epoch of the latest): workers read it at each iteration
+        self._pass = multiprocessing.RawArray("q", [0, plan.epoch])
+
+    def next_pass(self, epoch: int) -> None:
+        """Make the next iteration read pass `epoch` from its start (the main process calls
+        this before iterating again; workers see it through the shared array)."""
+        self._pass[0] += 1
+        self._pass[1] = epoch
+
+    def pass_plan(self) -> ReadPlan:
+        """The plan of the pass an iteration reads now: `plan` until `next_pass` is called."""
+        return self.plan if self._pass[0] == 0 else self.plan.fresh(self._pass[1])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         physical = info.id if info is not None else 0
-        p = self.plan
+        p = self.pass_plan()
         worker = (physical + p.offset) % p.workers
         start_batches, start_emitted = p.resume[worker] if p.resume else (0, 0)
         report = BadSampleLog(where=f"rank {p.rank} worker {worker}")
@@ -80,7 +99,7 @@ class ShardStream(IterableDataset):
         batch_index = start_batches
         in_worker = info is not None
         try:
-            self._reseed(worker, batch_index, in_worker)
+            self._reseed(p, worker, batch_index, in_worker)
             while nxt is not None:
                 s, emitted = nxt, emitted + 1
                 report.seen += 1
@@ -95,7 +114,7 @@ class ShardStream(IterableDataset):
                     if batcher.n == p.batch_size:
                         done = self._finish(batcher, worker, batch_index, emitted)
                         batch_index += 1
-                        self._reseed(worker, batch_index, in_worker)
+                        self._reseed(p, worker, batch_index, in_worker)
                 nxt = next(it, None)
                 if done is not None:
                     done.update(report.take())
@@ -124,8 +143,7 @@ class ShardStream(IterableDataset):
         batch.update({"_worker": worker, "_batch": index, "_emitted": emitted})
         return batch
 
-    def _reseed(self, worker: int, batch_index: int, in_worker: bool) -> None:
-        p = self.plan
+    def _reseed(self, p: ReadPlan, worker: int, batch_index: int, in_worker: bool) -> None:
         seed = p.worker_rng(worker, "augment", batch_index).getrandbits(63)
         reseed = getattr(self.image_transform, "reseed", None)
         if callable(reseed):
